@@ -1,0 +1,330 @@
+"""Typed configuration: nested dataclasses, YAML + dotted ``key=value`` overrides, validation.
+
+The string literal written under a field is its help text (read back with :func:`field_docs`), so the
+README's config reference and ``--help`` come from this one file.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A problem with the user's configuration; the message says what to change."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """Hugging Face model: a local folder, a hub id, or a folder with only config.json + tokenizer files
+    (random init, see model.init_seed)."""
+    tokenizer_path: str = ""
+    """Tokenizer folder or hub id; empty means model.path."""
+    dtype: str = "fp32"
+    """fp32 | bf16 (bf16 compute, fp32 master weights and optimizer state)."""
+    attn_implementation: str = "sdpa"
+    """sdpa | eager | flash_attention_2 (needs flash-attn installed)."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with a hub model. Off unless you trust the model's author."""
+    init_seed: int = 0
+    """Seed of the random initialization when model.path holds no weights."""
+    enable_gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+
+@dataclass
+class DataConfig:
+    train_files: Any = None
+    """Training data: a path, a glob, a list of paths, or a verl-style string "['a.parquet','b.parquet']"."""
+    val_files: Any = None
+    """Validation data, same forms as data.train_files; empty means no validation."""
+    format: str = "auto"
+    """auto | messages | sharegpt | alpaca | prompt_response. auto detects it from each row's keys."""
+    messages_key: str = "messages"
+    """Column holding OpenAI-style messages (list of {role, content, tool_calls?}) or its JSON string."""
+    tools_key: str = "tools"
+    """Column holding the tools schema (list or JSON string) passed to the chat template."""
+    prompt_key: str = "prompt"
+    """Column of the prompt for the prompt_response format (a string or a list of messages)."""
+    response_key: str = "response"
+    """Column of the response for the prompt_response format."""
+    chat_template: str = ""
+    """Override the tokenizer's chat template: a path to a .jinja file or an inline Jinja string."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Extra variables for the chat template, e.g. {enable_thinking: false}."""
+    train_on: str = "assistant"
+    """assistant | last_assistant | all: which tokens get loss. A message's own "train"/"loss_mask" wins."""
+    max_length: int = 4096
+    """Maximum tokens per sample; longer samples follow data.truncation."""
+    truncation: str = "error"
+    """error | left | right | drop, applied to samples longer than data.max_length, decided before training."""
+    bad_rows: str = "error"
+    """error: stop at the first malformed row; skip: drop it and report counts per reason."""
+    num_proc: int = 1
+    """Processes used to tokenize."""
+    cache_dir: str = ""
+    """Tokenization cache folder; empty means $SFTFORGE_CACHE or ~/.cache/sftforge; "none" disables it."""
+    train_batch_size: int = 8
+    """GLOBAL number of sequences per optimizer step (all micro-batches, all ranks)."""
+    micro_batch_size_per_gpu: int = 1
+    """Sequences per forward pass on one device."""
+    packing: bool = True
+    """Padding-free packing of the micro-batch's sequences into one row with per-sample attention."""
+    max_tokens_per_micro_batch: int = 0
+    """Upper bound on tokens in one packed micro-batch (0 = no bound)."""
+    shuffle: bool = True
+    """Shuffle training samples every epoch with trainer.seed."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    """Peak learning rate."""
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    weight_decay: float = 0.01
+    """AdamW weight decay; never applied to norms, biases or tied embeddings."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_ratio: float = 0.0
+    """Warmup steps as a share of total steps (ignored when optim.warmup_steps > 0)."""
+    warmup_steps: int = 0
+    """Warmup steps; overrides optim.warmup_ratio when > 0."""
+    lr_scheduler: str = "cosine"
+    """cosine | linear | constant | wsd."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a share of optim.lr."""
+    decay_ratio: float = 0.1
+    """wsd only: share of total steps spent in the final decay."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value (0 = no clipping)."""
+
+
+@dataclass
+class TrainerConfig:
+    output_dir: str = "outputs/run"
+    """Where metrics.jsonl, config.yaml, step_<N>/ checkpoints and final/ go."""
+    total_epochs: int = 1
+    """Passes over the training data (ignored when trainer.max_steps > 0)."""
+    max_steps: int = 0
+    """Total optimizer steps; overrides trainer.total_epochs when > 0."""
+    seed: int = 42
+    """Seed of data order and dropout."""
+    save_freq: int = 0
+    """Save a checkpoint every N steps (0 = only at the end)."""
+    test_freq: int = 0
+    """Validate every N steps (0 = only at the end)."""
+    log_freq: int = 1
+    """Print one summary line every N steps."""
+    resume: str = "auto"
+    """auto (newest complete checkpoint in output_dir) | never | PATH to a step_<N> folder."""
+    stop_at_step: int = 0
+    """End the run after this step as if interrupted (checkpoint written, schedule unchanged)."""
+    logger: list = field(default_factory=lambda: ["console", "jsonl"])
+    """Any of console | jsonl | tensorboard | wandb."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+CHOICES = {
+    "model.dtype": ("fp32", "bf16"),
+    "data.format": ("auto", "messages", "sharegpt", "alpaca", "prompt_response"),
+    "data.train_on": ("assistant", "last_assistant", "all"),
+    "data.truncation": ("error", "left", "right", "drop"),
+    "data.bad_rows": ("error", "skip"),
+    "optim.lr_scheduler": ("cosine", "linear", "constant", "wsd"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+}
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Help text of each field: the string literal written right under it in the class body."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to the field's type, or explain why not."""
+    if typ is Any:
+        return value
+    if isinstance(typ, str):  # postponed annotations
+        typ = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict, "Any": Any}[typ]
+        if typ is Any:
+            return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if value is None:
+            return ""
+    elif typ is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, str):
+            return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+    elif typ is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        if value is None:
+            return {}
+    name = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"{key} must be {name}, got {value!r} ({type(value).__name__}).")
+
+
+def _apply(obj: Any, values: dict, prefix: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {values!r}.")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"Unknown config key '{key}'.{_suggest(k, names)}")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            _apply(cur, v if v is not None else {}, f"{key}.")
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"Override '{item}' must look like section.key=value, e.g. optim.lr=1e-5.")
+    key, raw = item.split("=", 1)
+    key = key.strip().lstrip("+")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a validated :class:`Config` from an optional YAML file and ``key=value`` overrides."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Config file {p} does not exist.")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Config file {p} is not valid YAML: {e}") from None
+        _apply(cfg, raw, "")
+    for item in overrides or []:
+        parts, value = _parse_override(item)
+        nested: Any = value
+        for part in reversed(parts):
+            nested = {part: nested}
+        _apply(cfg, nested, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check every choice-valued and range-bounded field; report all problems at once."""
+    problems = []
+    for dotted, choices in CHOICES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            problems.append(f"{dotted} must be one of {' | '.join(choices)}, got {value!r}.{_suggest(str(value), choices)}")
+    positive = ["data.max_length", "data.train_batch_size", "data.micro_batch_size_per_gpu", "data.num_proc"]
+    for dotted in positive:
+        section, name = dotted.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            problems.append(f"{dotted} must be >= 1, got {getattr(getattr(cfg, section), name)}.")
+    if not isinstance(cfg.data.chat_template_kwargs, dict):
+        problems.append("data.chat_template_kwargs must be a mapping, e.g. {enable_thinking: false}.")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_reference() -> str:
+    """Markdown table of every key, its default and its help text."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory  # type: ignore[misc]
+        docs = field_docs(cls)
+        inst = cls()
+        for f in dataclasses.fields(cls):
+            default = getattr(inst, f.name)
+            lines.append(f"| `{section.name}.{f.name}` | `{default!r}` | {docs.get(f.name, '')} |")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainerConfig",
+    "config_reference",
+    "field_docs",
+    "load_config",
+    "to_dict",
+]

@@ -1,0 +1,62 @@
+"""Shared test fixtures.
+
+Tokenizers in tests/fixtures/tokenizers are copies of ../shared/assets/tokenizers (Qwen3, Qwen2.5: Qwen2 BPE
+vocabulary from llama.cpp's ggml-vocab-qwen2.gguf with the public added tokens and chat templates, Apache-2.0;
+Phi-3: ggml-vocab-phi-3.gguf with the Phi-3.5-mini-instruct template, MIT), with tokenizer.json xz-compressed.
+tests/fixtures/textcraft holds the first 40 rows of ../shared/data/textcraft (platoon-textcraft, MIT).
+tests/fixtures/model_configs holds config.json shapes from ../shared/assets/model_configs.
+"""
+
+from __future__ import annotations
+
+import lzma
+import shutil
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOKENIZER_NAMES = ("qwen3", "qwen2.5", "phi3")
+
+
+def unpack_tokenizer(name: str, dest_root: Path) -> Path:
+    """Decompress a vendored tokenizer into dest_root/name and return that folder."""
+    src = FIXTURES / "tokenizers" / name
+    dest = dest_root / name
+    if not (dest / "tokenizer.json").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.name.endswith(".xz"):
+                (dest / f.name[:-3]).write_bytes(lzma.decompress(f.read_bytes()))
+            else:
+                shutil.copy(f, dest / f.name)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tokenizers")
+    return {n: unpack_tokenizer(n, root) for n in TOKENIZER_NAMES}
+
+
+@pytest.fixture(scope="session")
+def tokenizers(tokenizer_dirs):
+    from transformers import AutoTokenizer
+
+    return {n: AutoTokenizer.from_pretrained(str(p)) for n, p in tokenizer_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def textcraft_dir() -> Path:
+    return FIXTURES / "textcraft"
+
+
+@pytest.fixture(scope="session")
+def model_config_dir() -> Path:
+    return FIXTURES / "model_configs"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    # Never write the tokenization cache into the user's home during tests.
+    monkeypatch.setenv("SFTFORGE_CACHE", str(tmp_path / "sftforge-cache"))
