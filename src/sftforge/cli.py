@@ -1,39 +1,112 @@
-"""Command line: ``sftforge train|data ...``; ``python -m sftforge`` is the same (and works under torchrun)."""
+"""sftforge command line. ``python -m sftforge`` is the same (and works under torchrun).
+
+  sftforge train [CONFIG.yaml] [key=value ...]
+  sftforge data tokenize [CONFIG.yaml] [key=value ...] --output FILE.jsonl
+  sftforge data preview  [CONFIG.yaml] [key=value ...] [--index N]
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 
 from sftforge.config import ConfigError, load_config
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
+    """The first argument is a YAML file unless it looks like key=value."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="YAML config and dotted overrides")
 
 
-def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
-    path = None
-    if args and "=" not in args[0]:
-        path, args = args[0], args[1:]
-    return path, args
+def _load(args) -> tuple:
+    from sftforge.data import build_dataset, load_tokenizer
+
+    path, overrides = _split_config(args.args)
+    cfg = load_config(path, overrides)
+    tok = load_tokenizer(cfg)
+    t0 = time.perf_counter()
+    ds = build_dataset(cfg.data, tok)
+    return cfg, tok, ds, time.perf_counter() - t0
+
+
+def cmd_tokenize(args) -> int:
+    cfg, tok, ds, seconds = _load(args)
+    with open(args.output, "w", encoding="utf-8") as f:
+        for s in ds.samples:
+            f.write(json.dumps({"input_ids": s.input_ids, "loss_mask": s.loss_mask}) + "\n")
+    for line in ds.report.lines():
+        print(line, file=sys.stderr)
+    rate = ds.report.rows / max(seconds, 1e-9)
+    print(f"wrote {len(ds)} samples to {args.output} ({seconds:.2f}s, {rate:,.0f} rows/s)", file=sys.stderr)
+    return 0
+
+
+def cmd_preview(args) -> int:
+    from rich.console import Console
+    from rich.text import Text
+
+    cfg, tok, ds, _ = _load(args)
+    if not 0 <= args.index < len(ds):
+        raise ConfigError(f"--index {args.index} is out of range: the dataset has {len(ds)} samples (0..{len(ds) - 1}).")
+    s = ds[args.index]
+    console = Console(force_terminal=args.color or None, no_color=args.no_color, highlight=False, soft_wrap=True)
+    # Decode each token from the text span it covers, so spaces and multi-byte characters show as rendered.
+    text = Text()
+    for tid, m in zip(s.input_ids, s.loss_mask):
+        piece = tok.decode([tid], skip_special_tokens=False)
+        text.append(piece, style="bold black on green" if m else "dim")
+    console.rule(f"sample {args.index} — {s.source}")
+    console.print(text)
+    console.rule()
+    n_trained = sum(s.loss_mask)
+    console.print(
+        f"tokens: {len(s.input_ids)}   trained (highlighted): {n_trained} ({n_trained / len(s.input_ids):.1%})   "
+        f"dataset: {len(ds)} samples"
+    )
+    for line in ds.report.lines():
+        console.print(line)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sftforge", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sftforge", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p_train = sub.add_parser("train", help="train a model (no config: the built-in CPU demo)")
-    _add_config_args(p_train)
+    p_train = sub.add_parser("train", help="train a model (no config and no model.path: the built-in CPU demo)")
+    _config_args(p_train)
+
+    p_data = sub.add_parser("data", help="inspect and tokenize data without loading a model")
+    data_sub = p_data.add_subparsers(dest="data_command", required=True)
+    p_tok = data_sub.add_parser("tokenize", help="write input_ids + loss_mask per sample as jsonl")
+    _config_args(p_tok)
+    p_tok.add_argument("--output", "-o", required=True, help="output .jsonl file")
+    p_prev = data_sub.add_parser("preview", help="show a rendered sample with its trained tokens highlighted")
+    _config_args(p_prev)
+    p_prev.add_argument("--index", type=int, default=0, help="sample index (default 0)")
+    p_prev.add_argument("--color", action="store_true", help="force colors even when not writing to a terminal")
+    p_prev.add_argument("--no-color", action="store_true", help="no colors")
 
     args = parser.parse_args(argv)
+    from sftforge.chat import TemplateError
+    from sftforge.data import DataError
+
     try:
-        path, overrides = _split_config(args.args)
         if args.command == "train":
             from sftforge.train import train_main
 
+            path, overrides = _split_config(args.args)
             return train_main(path, overrides)
-    except ConfigError as e:
+        if args.command == "data":
+            return {"tokenize": cmd_tokenize, "preview": cmd_preview}[args.data_command](args)
+    except (ConfigError, DataError, TemplateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
