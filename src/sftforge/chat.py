@@ -159,13 +159,14 @@ def end_of_turn_token_ids(tokenizer, kwargs: dict | None = None) -> list[int]:
 
 
 def _as_json(value: Any, what: str) -> Any:
-    if isinstance(value, str):
-        s = value.strip()
-        if s[:1] in "[{":
-            try:
-                return json.loads(s)
-            except json.JSONDecodeError as e:
-                raise RowError("invalid JSON", f"{what} is a string that is not valid JSON: {e}") from None
+    """Decode a JSON string column (parquet files often hold messages/tools as JSON, sometimes encoded twice)."""
+    for _ in range(3):
+        if not isinstance(value, str) or value.strip()[:1] not in ("[", "{", '"'):
+            return value
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise RowError("invalid JSON", f"{what} is a string that is not valid JSON: {e}") from None
     return value
 
 

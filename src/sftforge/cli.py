@@ -58,11 +58,14 @@ def cmd_preview(args) -> int:
         raise ConfigError(f"--index {args.index} is out of range: the dataset has {len(ds)} samples (0..{len(ds) - 1}).")
     s = ds[args.index]
     console = Console(force_terminal=args.color or None, no_color=args.no_color, highlight=False, soft_wrap=True)
-    # Decode each token from the text span it covers, so spaces and multi-byte characters show as rendered.
+    # Decode whole runs of equally-masked tokens: per-token decoding loses SentencePiece spaces.
     text = Text()
-    for tid, m in zip(s.input_ids, s.loss_mask):
-        piece = tok.decode([tid], skip_special_tokens=False)
-        text.append(piece, style="bold black on green" if m else "dim")
+    start = 0
+    for i in range(1, len(s.input_ids) + 1):
+        if i == len(s.input_ids) or s.loss_mask[i] != s.loss_mask[start]:
+            piece = tok.decode(s.input_ids[start:i], skip_special_tokens=False)
+            text.append(piece, style="bold black on green" if s.loss_mask[start] else "dim")
+            start = i
     console.rule(f"sample {args.index} — {s.source}")
     console.print(text)
     console.rule()
