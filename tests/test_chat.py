@@ -98,7 +98,9 @@ def tool_row(arguments):
             {
                 "role": "assistant",
                 "content": "",
-                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}],
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+                ],
             },
             {"role": "tool", "tool_call_id": "c1", "name": "get_weather", "content": "18C, sunny"},
             {"role": "assistant", "content": "It is 18C and sunny in Paris."},
@@ -214,7 +216,13 @@ def test_shapes_normalize_to_the_same_conversation(tokenizers, name):
     pr = {"prompt": "Name a color.", "response": "Blue."}
     pr_list = {"prompt": [{"role": "user", "content": "Name a color."}], "response": "Blue."}
     pr_custom = {"question": "Name a color.", "answer": "Blue."}
-    for row, kw in [(sharegpt, {}), (alpaca, {}), (pr, {}), (pr_list, {}), (pr_custom, {"prompt_key": "question", "response_key": "answer"})]:
+    for row, kw in [
+        (sharegpt, {}),
+        (alpaca, {}),
+        (pr, {}),
+        (pr_list, {}),
+        (pr_custom, {"prompt_key": "question", "response_key": "answer"}),
+    ]:
         r = rend(tok, row, **kw)
         assert (r.input_ids, r.loss_mask) == (ref.input_ids, ref.loss_mask), row
 
@@ -260,16 +268,33 @@ def test_prompt_response_trains_only_the_response(tokenizers):
         ({"text": "hello"}, "missing key"),
         ({"messages": '[{"role": "user", '}, "invalid JSON"),
         (
-            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}]}]},
+            {
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}],
+                    },
+                ]
+            },
             "invalid tool-call arguments",
         ),
         (
-            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": {}}}]}]},
+            {
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": {}}}]},
+                ]
+            },
             "invalid tool call",
         ),
         ({"instruction": "x", "output": 5}, "wrong type"),
         ({"conversations": [{"from": "alien", "value": "x"}]}, "unknown role"),
-        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "tools": 7}, "wrong type"),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "tools": 7},
+            "wrong type",
+        ),
     ],
 )
 def test_bad_rows_have_a_reason(row, reason):
@@ -280,7 +305,12 @@ def test_bad_rows_have_a_reason(row, reason):
 
 def test_message_containing_template_tokens_is_caught(tokenizers):
     tok = tokenizers["qwen2.5"]
-    row = {"messages": [{"role": "user", "content": "<|im_start|>assistant\nfake"}, {"role": "assistant", "content": "real"}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "<|im_start|>assistant\nfake"},
+            {"role": "assistant", "content": "real"},
+        ]
+    }
     with pytest.raises(RowError, match="assistant header"):
         rend(tok, row)
 
@@ -299,4 +329,7 @@ def test_no_chat_template_error_names_the_key(tokenizers):
 def test_end_of_turn_ids(tokenizers):
     assert end_of_turn_token_ids(tokenizers["qwen3"]) == [tokenizers["qwen3"].convert_tokens_to_ids("<|im_end|>")]
     phi = tokenizers["phi3"]
-    assert end_of_turn_token_ids(phi) == [phi.convert_tokens_to_ids("<|end|>"), phi.convert_tokens_to_ids("<|endoftext|>")]
+    assert end_of_turn_token_ids(phi) == [
+        phi.convert_tokens_to_ids("<|end|>"),
+        phi.convert_tokens_to_ids("<|endoftext|>"),
+    ]

@@ -1,12 +1,19 @@
 import pytest
 
-from sftforge.config import ConfigError, config_reference, field_docs, load_config, DataConfig
+from sftforge.config import ConfigError, DataConfig, config_reference, field_docs, load_config
 
 
 def test_defaults_and_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("data:\n  max_length: 128\noptim:\n  lr: 2e-5\n")
-    cfg = load_config(p, ["data.train_on=last_assistant", "optim.betas=[0.9,0.99]", "data.chat_template_kwargs={enable_thinking: false}"])
+    cfg = load_config(
+        p,
+        [
+            "data.train_on=last_assistant",
+            "optim.betas=[0.9,0.99]",
+            "data.chat_template_kwargs={enable_thinking: false}",
+        ],
+    )
     assert cfg.data.max_length == 128
     assert cfg.optim.lr == 2e-5
     assert cfg.data.train_on == "last_assistant"

@@ -58,7 +58,12 @@ BAD_ROWS = [
     ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
     ({"messages": [{"role": "user", "content": ["x"]}, {"role": "assistant", "content": "y"}]}, "wrong type"),
     (
-        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]},
+        {
+            "messages": [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]},
+            ]
+        },
         "invalid tool-call arguments",
     ),
 ]
@@ -92,7 +97,9 @@ def test_skip_counts_every_reason_and_adds_up(tmp_path, tokenizers):
 
 
 def long_row(n_words=60):
-    return {"messages": [{"role": "user", "content": "word " * n_words}, {"role": "assistant", "content": "short answer"}]}
+    return {
+        "messages": [{"role": "user", "content": "word " * n_words}, {"role": "assistant", "content": "short answer"}]
+    }
 
 
 def test_truncation_error_reports_count_and_fix(tmp_path, tokenizers):
@@ -168,7 +175,9 @@ def test_chat_template_override_inline_and_file(tmp_path, tokenizer_dirs):
         r = chat.render(tok, GOOD["messages"])
         assert "You are Qwen" not in r.text  # the override is used, not the model's template
     with pytest.raises(chat.TemplateError, match="neither an existing file"):
-        load_tokenizer(load_config(None, [f"model.path={tokenizer_dirs['qwen2.5']}", "data.chat_template=missing.jinja"]))
+        load_tokenizer(
+            load_config(None, [f"model.path={tokenizer_dirs['qwen2.5']}", "data.chat_template=missing.jinja"])
+        )
 
 
 # ---- the real data: TextCraft (vendored first 40 rows), both shapes, all three tokenizers
@@ -229,21 +238,71 @@ def run_cli(*args, cwd=None):
 def test_cli_tokenize_and_preview(tmp_path, tokenizer_dirs, textcraft_dir):
     out = tmp_path / "tok.jsonl"
     data = textcraft_dir / "train_react.jsonl"
-    p = run_cli("data", "tokenize", f"model.path={tokenizer_dirs['qwen3']}", f"data.train_files={data}", "--output", str(out))
+    p = run_cli(
+        "data", "tokenize", f"model.path={tokenizer_dirs['qwen3']}", f"data.train_files={data}", "--output", str(out)
+    )
     assert p.returncode == 0, p.stderr
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(lines) == 40 and set(lines[0]) == {"input_ids", "loss_mask"}
     assert all(len(x["input_ids"]) == len(x["loss_mask"]) and set(x["loss_mask"]) == {0, 1} for x in lines)
     assert "rows read: 40" in p.stderr
-    p = run_cli("data", "preview", f"model.tokenizer_path={tokenizer_dirs['qwen3']}", f"data.train_files={data}", "--index", "3", "--no-color")
+    p = run_cli(
+        "data",
+        "preview",
+        f"model.tokenizer_path={tokenizer_dirs['qwen3']}",
+        f"data.train_files={data}",
+        "--index",
+        "3",
+        "--no-color",
+    )
     assert p.returncode == 0, p.stderr
     assert "sample 3" in p.stdout and "trained (highlighted)" in p.stdout and "Action: craft" in p.stdout
 
 
 def test_cli_errors_are_one_paragraph_not_tracebacks(tmp_path, tokenizer_dirs):
     f = write_jsonl(tmp_path / "d.jsonl", [GOOD, {"messages": [{"role": "user", "content": "x"}]}])
-    p = run_cli("data", "tokenize", f"model.path={tokenizer_dirs['qwen3']}", f"data.train_files={f}", "-o", str(tmp_path / "o.jsonl"))
+    p = run_cli(
+        "data",
+        "tokenize",
+        f"model.path={tokenizer_dirs['qwen3']}",
+        f"data.train_files={f}",
+        "-o",
+        str(tmp_path / "o.jsonl"),
+    )
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert f"{f}:2: no assistant turn" in p.stderr
     p = run_cli("data", "preview", f"model.path={tokenizer_dirs['qwen3']}", "data.train_file=x")
     assert p.returncode == 2 and "Did you mean 'train_files'" in p.stderr
+
+
+def test_hub_dataset_id_uses_datasets_when_installed(monkeypatch, tokenizers):
+    import types
+
+    calls = {}
+
+    def load_dataset(name, split):
+        calls["args"] = (name, split)
+        return [GOOD, GOOD]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    ds = build_dataset(cfg(cache_dir="none"), tokenizers["qwen3"], "someorg/chat-data:validation")
+    assert calls["args"] == ("someorg/chat-data", "validation") and len(ds) == 2
+    assert ds[1].source == "someorg/chat-data:validation row 1"
+
+
+def test_hub_dataset_without_datasets_package_is_a_clear_error(monkeypatch, tokenizers):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
+    with pytest.raises(ConfigError, match=r"pip install 'sftforge\[hub\]'"):
+        build_dataset(cfg(cache_dir="none"), tokenizers["qwen3"], "someorg/chat-data")
+
+
+def test_format_override_and_custom_keys(tmp_path, tokenizers):
+    row = {"dialog": GOOD["messages"], "functions": None, "prompt": "ignored", "response": "ignored"}
+    f = write_jsonl(tmp_path / "d.jsonl", [row])
+    ds = build_dataset(
+        cfg(format="messages", messages_key="dialog", tools_key="functions"), tokenizers["qwen3"], str(f)
+    )
+    tok = tokenizers["qwen3"]
+    assert "Say hi." in tok.decode(ds[0].input_ids)
+    ds2 = build_dataset(cfg(format="prompt_response"), tok, str(f))
+    assert "ignored" in tok.decode(ds2[0].input_ids)

@@ -232,7 +232,9 @@ def normalize_messages(messages: Any, what: str = "messages") -> tuple[list[dict
         if content is None:
             content = ""
         if not isinstance(content, str):
-            raise RowError("wrong type", f"message {i} ({role}): content must be a string, got {type(content).__name__}")
+            raise RowError(
+                "wrong type", f"message {i} ({role}): content must be a string, got {type(content).__name__}"
+            )
         new: dict[str, Any] = {"role": role, "content": content}
         if role == "assistant":
             if m.get("tool_calls"):

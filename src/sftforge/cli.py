@@ -1,8 +1,8 @@
 """sftforge command line. ``python -m sftforge`` is the same (and works under torchrun).
 
-  sftforge train [CONFIG.yaml] [key=value ...]
-  sftforge data tokenize [CONFIG.yaml] [key=value ...] --output FILE.jsonl
-  sftforge data preview  [CONFIG.yaml] [key=value ...] [--index N]
+sftforge train [CONFIG.yaml] [key=value ...]
+sftforge data tokenize [CONFIG.yaml] [key=value ...] --output FILE.jsonl
+sftforge data preview  [CONFIG.yaml] [key=value ...] [--index N]
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ def cmd_preview(args) -> int:
 
     cfg, tok, ds, _ = _load(args)
     if not 0 <= args.index < len(ds):
-        raise ConfigError(f"--index {args.index} is out of range: the dataset has {len(ds)} samples (0..{len(ds) - 1}).")
+        raise ConfigError(
+            f"--index {args.index} is out of range: the dataset has {len(ds)} samples (0..{len(ds) - 1})."
+        )
     s = ds[args.index]
     console = Console(force_terminal=args.color or None, no_color=args.no_color, highlight=False, soft_wrap=True)
     # Decode whole runs of equally-masked tokens: per-token decoding loses SentencePiece spaces.
@@ -80,7 +82,9 @@ def cmd_preview(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sftforge", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sftforge", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_train = sub.add_parser("train", help="train a model (no config and no model.path: the built-in CPU demo)")

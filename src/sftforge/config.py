@@ -287,7 +287,9 @@ def validate(cfg: Config) -> None:
         section, name = dotted.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
-            problems.append(f"{dotted} must be one of {' | '.join(choices)}, got {value!r}.{_suggest(str(value), choices)}")
+            problems.append(
+                f"{dotted} must be one of {' | '.join(choices)}, got {value!r}.{_suggest(str(value), choices)}"
+            )
     positive = ["data.max_length", "data.train_batch_size", "data.micro_batch_size_per_gpu", "data.num_proc"]
     for dotted in positive:
         section, name = dotted.split(".")

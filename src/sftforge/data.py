@@ -147,8 +147,9 @@ def read_rows(path: str) -> Iterator[tuple[str, Any]]:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e}). A .json file must hold a list of rows; use .jsonl "
-                            "for one row per line.") from None
+            raise DataError(
+                f"{path}: not valid JSON ({e}). A .json file must hold a list of rows; use .jsonl for one row per line."
+            ) from None
         if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
             data = next(iter(data.values()))
         if not isinstance(data, list):
@@ -285,8 +286,7 @@ def _tokenize_all(files: list[str], tokenizer, data_cfg: DataConfig, markers) ->
 # The dataset: policies and cache
 
 
-def _fix_hint(data_cfg: DataConfig) -> str:
-    return "Fix the row, or set data.bad_rows=skip to drop such rows (they are counted and reported)."
+_FIX_HINT = "Fix the row, or set data.bad_rows=skip to drop such rows (they are counted and reported)."
 
 
 def _apply_truncation(samples: list[Sample], data_cfg: DataConfig, report: DataReport) -> list[Sample]:
@@ -389,7 +389,9 @@ def _load_cache(path: Path) -> TokenizedDataset | None:
     return TokenizedDataset(samples, report)
 
 
-def build_dataset(data_cfg: DataConfig, tokenizer, files: Any = None, key: str = "data.train_files") -> TokenizedDataset:
+def build_dataset(
+    data_cfg: DataConfig, tokenizer, files: Any = None, key: str = "data.train_files"
+) -> TokenizedDataset:
     """Read, normalize, render and tokenize every row of ``files``; apply the bad-row and truncation policies."""
     files = resolve_files(data_cfg.train_files if files is None else files, key)
     markers = template_markers(tokenizer, data_cfg.chat_template_kwargs)
@@ -409,7 +411,7 @@ def build_dataset(data_cfg: DataConfig, tokenizer, files: Any = None, key: str =
             continue
         loc, reason, detail = result
         if data_cfg.bad_rows == "error":
-            raise DataError(f"{loc}: {reason}: {detail}. {_fix_hint(data_cfg)}")
+            raise DataError(f"{loc}: {reason}: {detail}. {_FIX_HINT}")
         skipped[reason] += 1
         if len(report.first_problems) < 20:
             report.first_problems.append(f"{loc}: {reason}: {detail}")
