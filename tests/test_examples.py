@@ -1,0 +1,23 @@
+"""Every shipped example config validates; the TextCraft one carries the seed hyper-parameters."""
+
+from pathlib import Path
+
+import pytest
+
+from sftforge.config import load_config
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.model.path and cfg.data.train_files
+
+
+def test_textcraft_seed_hyper_parameters():
+    cfg = load_config(Path(__file__).parent.parent / "examples" / "textcraft_qwen3.yaml")
+    assert (cfg.data.train_batch_size, cfg.data.micro_batch_size_per_gpu, cfg.optim.lr) == (256, 2, 1e-5)
+    assert cfg.optim.betas == [0.9, 0.95] and cfg.optim.weight_decay == 0.01 and cfg.optim.warmup_ratio == 0.1
+    assert cfg.optim.clip_grad == 1.0 and cfg.optim.lr_scheduler == "cosine"
+    assert cfg.trainer.total_epochs == 10 and cfg.data.max_length == 4096
