@@ -333,3 +333,19 @@ def test_end_of_turn_ids(tokenizers):
         phi.convert_tokens_to_ids("<|end|>"),
         phi.convert_tokens_to_ids("<|endoftext|>"),
     ]
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen2.5", "phi3"])
+def test_unicode_content_masks_whole_characters(tokenizers, name):
+    tok = tokenizers[name]
+    row = {"messages": [{"role": "user", "content": "Say hello in Chinese 🌍"}, {"role": "assistant", "content": "你好，世界 🌍!"}]}
+    segs = segments(tok, rend(tok, row))
+    assert segs[-1].endswith("你好，世界 🌍!" + EOT[name]) and len(segs) == 1
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen2.5", "phi3"])
+def test_ids_equal_transformers_apply_chat_template(tokenizers, name):
+    tok = tokenizers[name]
+    r = rend(tok, SIMPLE)
+    ref = tok.apply_chat_template(SIMPLE["messages"], tokenize=True, return_dict=True)["input_ids"]
+    assert r.input_ids == list(ref)
