@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="train a model (no config and no model.path: the built-in CPU demo)")
     _config_args(p_train)
 
+    p_ref = sub.add_parser("config", help="print every config key with its default and meaning (markdown)")
+    p_ref.set_defaults(reference=True)
+
     p_data = sub.add_parser("data", help="inspect and tokenize data without loading a model")
     data_sub = p_data.add_subparsers(dest="data_command", required=True)
     p_tok = data_sub.add_parser("tokenize", help="write input_ids + loss_mask per sample as jsonl")
@@ -111,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
 
             path, overrides = _split_config(args.args)
             return train_main(path, overrides)
+        if args.command == "config":
+            from sftforge.config import config_reference
+
+            print(config_reference())
+            return 0
         if args.command == "data":
             return {"tokenize": cmd_tokenize, "preview": cmd_preview}[args.data_command](args)
     except (ConfigError, DataError, TemplateError) as e:

@@ -314,7 +314,8 @@ def config_reference() -> str:
         inst = cls()
         for f in dataclasses.fields(cls):
             default = getattr(inst, f.name)
-            lines.append(f"| `{section.name}.{f.name}` | `{default!r}` | {docs.get(f.name, '')} |")
+            text = docs.get(f.name, "").replace("|", "\\|")
+            lines.append(f"| `{section.name}.{f.name}` | `{default!r}` | {text} |")
     return "\n".join(lines)
 
 
