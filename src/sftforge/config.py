@@ -40,6 +40,9 @@ class ModelConfig:
     """Seed of the random initialization when model.path holds no weights."""
     enable_gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    loss_chunk_size: int = 4096
+    """Supervised positions per chunk when computing the LM head + cross-entropy (0 = all at once); bounds the
+    memory of the logits to chunk × vocabulary."""
 
 
 @dataclass
@@ -129,7 +132,8 @@ class TrainerConfig:
     resume: str = "auto"
     """auto (newest complete checkpoint in output_dir) | never | PATH to a step_<N> folder."""
     stop_at_step: int = 0
-    """End the run after this step as if interrupted (checkpoint written, schedule unchanged)."""
+    """End the run after this step as if interrupted (checkpoint written, schedule unchanged). Ignored by a run that
+    resumes at or after this step, so rerunning the same command continues to the end."""
     logger: list = field(default_factory=lambda: ["console", "jsonl"])
     """Any of console | jsonl | tensorboard | wandb."""
     device: str = "auto"

@@ -1,0 +1,67 @@
+"""Cross-entropy on supervised positions only.
+
+The decoder's final hidden states are gathered at the positions that have a target; the LM head runs only there, a
+chunk at a time, and each chunk's logits are recomputed in the backward pass instead of being kept (memory is bounded
+by chunk × vocabulary). The result is a SUM and a COUNT: the trainer divides by the global number of supervised
+tokens of the whole optimizer step (all micro-batches, all ranks) — a mean of micro-batch means would weigh a token
+of a short micro-batch more than one of a long micro-batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from sftforge.packing import IGNORE_INDEX, MicroBatch
+
+
+def hidden_states(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
+    """Final hidden states [B, L, H] from the model's decoder (no LM head, no patched forward)."""
+    decoder = model.get_decoder()
+    out = decoder(**batch.model_inputs(), use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _chunk_ce(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None):
+    logits = F.linear(h, weight, bias).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+def supervised_ce(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    lm_head: torch.nn.Module,
+    chunk_size: int = 0,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Sum of cross-entropy of ``lm_head(hidden)`` against ``targets``; hidden is [N, H] (supervised rows only)."""
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    n = hidden.shape[0]
+    if n == 0:
+        return hidden.sum() * 0.0 + weight.sum() * 0.0  # keeps the graph (and ranks' collectives) consistent
+    if chunk_size <= 0 or chunk_size >= n:
+        return _chunk_ce(hidden, targets, weight, bias, softcap)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk_size):
+        h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_ce, h, y, weight, bias, softcap, use_reentrant=False)
+        else:
+            total = total + _chunk_ce(h, y, weight, bias, softcap)
+    return total
+
+
+def loss_sum(model: torch.nn.Module, batch: MicroBatch, chunk_size: int = 0) -> tuple[torch.Tensor, int]:
+    """(sum of CE over the micro-batch's supervised positions, number of those positions)."""
+    hidden = hidden_states(model, batch)
+    keep = batch.labels != IGNORE_INDEX
+    h = hidden[keep]
+    y = batch.labels[keep]
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return supervised_ce(h, y, model.get_output_embeddings(), chunk_size, softcap), int(y.numel())
+
+
+__all__ = ["hidden_states", "loss_sum", "supervised_ce"]

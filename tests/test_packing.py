@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from sftforge.config import ModelConfig
+from sftforge.loss import hidden_states
+from sftforge.model import load_model
+from sftforge.packing import IGNORE_INDEX, block_causal_mask, collate, pack, pad_collate, shift_labels, split_to_budget
+
+
+def _samples(vocab: int, lens=(7, 12, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lens:
+        ids = torch.randint(10, vocab, (n,), generator=g).tolist()
+        mask = [0] * (n // 2) + [1] * (n - n // 2)
+        out.append((ids, mask))
+    return out
+
+
+def test_shift_labels_never_cross_a_boundary():
+    assert shift_labels([1, 2, 3, 4], [0, 0, 1, 1]) == [IGNORE_INDEX, 3, 4, IGNORE_INDEX]
+    b = pack([([1, 2, 3], [0, 1, 1]), ([4, 5], [1, 1])])
+    # the last position of sample 1 must not predict sample 2's first token (even though that token has mask 1)
+    assert b.labels.tolist() == [[2, 3, IGNORE_INDEX, 5, IGNORE_INDEX]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 0, 1]]
+    assert b.n_tokens == 5 and b.n_supervised == 3
+
+
+def test_block_causal_mask():
+    m = block_causal_mask([2, 3])[0, 0]
+    expected = torch.tensor(
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.bool
+    )
+    assert torch.equal(m, expected)
+    f = block_causal_mask([2, 3], "float")[0, 0]
+    assert torch.equal(f == 0, expected)
+
+
+def test_pad_collate():
+    b = pad_collate([([1, 2, 3], [0, 1, 1]), ([4, 5], [1, 1])], pad_id=9)
+    assert b.input_ids.tolist() == [[1, 2, 3], [4, 5, 9]]
+    assert b.labels.tolist() == [[2, 3, IGNORE_INDEX], [5, IGNORE_INDEX, IGNORE_INDEX]]
+    assert b.attention_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert b.n_tokens == 5
+
+
+def test_flash_kwargs():
+    b = pack([([1, 2, 3], [1, 1, 1]), ([4, 5], [1, 1])], attn_implementation="flash_attention_2")
+    assert b.attention_mask is None
+    assert b.extra["cu_seq_lens_q"].tolist() == [0, 3, 5] and b.extra["max_length_q"] == 3
+
+
+def test_split_to_budget():
+    lens = [5, 3, 8, 2, 6]
+    groups = split_to_budget(lens, 10)
+    assert sorted(i for g in groups for i in g) == list(range(5))
+    assert all(sum(lens[i] for i in g) <= 10 for g in groups)
+    assert len(groups) == 3  # 24 tokens, budget 10 -> 3 bins
+    assert split_to_budget(lens, 0) == [[0, 1, 2, 3, 4]]
+    assert split_to_budget([20, 1], 10) == [[0], [1]]  # an over-budget sample goes alone
+    padded = split_to_budget(lens, 12, packing=False)
+    assert all(len(g) * max(lens[i] for i in g) <= 12 for g in padded if len(g) > 1)
+    assert sorted(i for g in padded for i in g) == list(range(5))
+
+
+@pytest.mark.parametrize("name", ["qwen3-tiny", "phi3-tiny"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_logits_equal_unpacked(name, attn, model_config_dir):
+    model = load_model(ModelConfig(path=str(model_config_dir / name), attn_implementation=attn))
+    model.eval()
+    samples = _samples(model.config.vocab_size)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        packed = head(hidden_states(model, collate(samples, packing=True, attn_implementation=attn)))[0]
+        padded = head(hidden_states(model, collate(samples, packing=False)))
+        start = 0
+        for i, (ids, _) in enumerate(samples):
+            alone = head(hidden_states(model, pack([samples[i]], attn)))[0]
+            n = len(ids)
+            torch.testing.assert_close(packed[start : start + n], alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(padded[i, :n], alone, rtol=1e-5, atol=1e-5)
+            start += n
