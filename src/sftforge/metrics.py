@@ -1,0 +1,160 @@
+"""Where the numbers of a run go: metrics.jsonl, the console (rich progress bar + a summary line every
+trainer.log_freq steps), and optionally tensorboard / wandb.
+
+metrics.jsonl has one JSON object per optimizer step::
+
+    {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "supervised_tokens", "elapsed_s"[, "val_loss"]}
+
+``tokens`` counts non-padding input tokens of the step, ``supervised_tokens`` the trained targets. The last line is
+``{"event": "end", "train_runtime_s", "tokens", "tokens_per_s"}``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from sftforge.config import ConfigError
+
+LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
+_PIP = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
+
+
+def check_loggers(names: list[str]) -> None:
+    """Fail before training if trainer.logger names an unknown logger or one whose package is missing."""
+    for name in names:
+        if name not in LOGGERS:
+            raise ConfigError(f"trainer.logger: unknown logger {name!r}; choose from {' | '.join(LOGGERS)}.")
+        if name in _PIP and importlib.util.find_spec(name) is None:
+            raise ConfigError(
+                f"trainer.logger includes {name!r} but the {name} package is not installed: {_PIP[name]} "
+                f"(or remove {name} from trainer.logger)."
+            )
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.3e}" if (x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e4)) else f"{x:.4f}"
+    return str(x)
+
+
+class MetricsLogger:
+    """Fan-out of step records to the chosen loggers. Only the main rank should create one with enabled=True."""
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        loggers: list[str],
+        total_steps: int,
+        log_freq: int = 1,
+        start_step: int = 0,
+        run_config: dict | None = None,
+        enabled: bool = True,
+    ):
+        check_loggers(loggers)
+        self.enabled = enabled
+        self.log_freq = max(1, log_freq)
+        self.total_steps = total_steps
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._jsonl = None
+        self._tb = None
+        self._wandb = None
+        self._progress = None
+        self._console = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if "jsonl" in loggers:
+            # A resumed run continues the file: records after the checkpoint's step (and the old end line) are
+            # dropped, so every step appears exactly once.
+            kept = [r for r in read_metrics(self.path) if "step" in r and r["step"] <= start_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self._jsonl = self.path.open("a", encoding="utf-8")
+        if "tensorboard" in loggers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+        if "wandb" in loggers:
+            import wandb
+
+            self._wandb = wandb.init(config=run_config, dir=str(output_dir), resume="allow")
+        if "console" in loggers:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._console = Console(stderr=True, highlight=False)
+            self._progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=self._console,
+                transient=True,
+                disable=not self._console.is_terminal,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=total_steps, completed=start_step, info="")
+
+    def print(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self._console is not None:
+            self._console.print(message)
+        else:
+            print(message, file=sys.stderr)
+
+    def log_step(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        step = record["step"]
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(f"train/{k}" if k != "val_loss" else "val/loss", v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+        if self._progress is not None:
+            tps = record.get("tokens_per_s", 0.0)
+            info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {tps:,.0f} tok/s"
+            self._progress.update(self._task, completed=step, info=info)
+            if step % self.log_freq == 0 or step == self.total_steps or "val_loss" in record:
+                self._console.print(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+
+    def close(self, end: dict[str, Any] | None = None) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.stop()
+        if end is not None:
+            if self._jsonl is not None:
+                self._jsonl.write(json.dumps({"event": "end", **end}) + "\n")
+            if self._console is not None:
+                self._console.print(" ".join(f"{k}={_fmt(v)}" for k, v in end.items()))
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def is_finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+__all__ = ["LOGGERS", "MetricsLogger", "check_loggers", "is_finite", "read_metrics"]

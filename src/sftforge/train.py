@@ -1,0 +1,275 @@
+"""``train(cfg)``: batches -> step -> log -> validate -> save, in one loop.
+
+Batch arithmetic: data.train_batch_size is the GLOBAL number of sequences per optimizer step. Each rank takes its
+share (train_batch_size / world_size), runs it as micro-batches of data.micro_batch_size_per_gpu sequences (gradient
+accumulation = train_batch_size / (micro × world_size)), and splits a micro-batch further when it exceeds
+data.max_tokens_per_micro_batch. Whatever the split, the loss of the step is the sum of CE over every supervised token
+of the step divided by the number of those tokens in the whole global batch, so 1×8, 2×4 and packed give one loss.
+
+Epochs: the order of an epoch is a permutation seeded with trainer.seed + epoch (same on every rank and on resume);
+an incomplete last batch of an epoch is dropped (drop_last) — the number is printed at the start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from sftforge.checkpoint import export_hf, load_checkpoint, resolve_resume, save_checkpoint
+from sftforge.config import Config, ConfigError, load_config, to_dict
+from sftforge.loss import loss_sum
+from sftforge.metrics import MetricsLogger, check_loggers
+from sftforge.model import autocast, compute_dtype, load_model
+from sftforge.optim import build_optimizer, lr_at, set_lr
+from sftforge.packing import collate, n_supervised, split_to_budget
+
+
+def world() -> tuple[int, int]:
+    """(world_size, rank): the one place the trainer asks about distribution."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def grad_accum_steps(train_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    per_step = micro_batch_size * world_size
+    if train_batch_size % per_step:
+        lower = max(per_step, train_batch_size // per_step * per_step)
+        divisors = [d for d in range(1, micro_batch_size + 1) if (train_batch_size // world_size) % d == 0]
+        hint = f" or data.micro_batch_size_per_gpu={max(divisors)}" if train_batch_size % world_size == 0 else ""
+        raise ConfigError(
+            f"data.train_batch_size ({train_batch_size}) must be a multiple of data.micro_batch_size_per_gpu "
+            f"({micro_batch_size}) × world size ({world_size}) = {per_step}. Fix: set data.train_batch_size={lower} "
+            f"or {lower + per_step}{hint}."
+        )
+    return train_batch_size // per_step
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> tuple[int, ...]:
+    """Sample indices of one epoch: a permutation seeded with seed + epoch (deterministic, same on every rank)."""
+    if not shuffle:
+        return tuple(range(n))
+    g = torch.Generator().manual_seed(seed + epoch)
+    return tuple(torch.randperm(n, generator=g).tolist())
+
+
+@dataclass
+class Plan:
+    world_size: int
+    rank: int
+    grad_accum: int
+    steps_per_epoch: int
+    total_steps: int
+    dropped_per_epoch: int
+
+
+def make_plan(cfg: Config, n_samples: int, world_size: int = 1, rank: int = 0) -> Plan:
+    d, t = cfg.data, cfg.trainer
+    accum = grad_accum_steps(d.train_batch_size, d.micro_batch_size_per_gpu, world_size)
+    spe = n_samples // d.train_batch_size
+    if spe == 0:
+        raise ConfigError(
+            f"The training set has {n_samples} samples, fewer than data.train_batch_size ({d.train_batch_size}): "
+            "lower data.train_batch_size or add data."
+        )
+    total = t.max_steps if t.max_steps > 0 else t.total_epochs * spe
+    return Plan(world_size, rank, accum, spe, total, n_samples - spe * d.train_batch_size)
+
+
+def step_micro_batches(dataset, step: int, cfg: Config, plan: Plan) -> tuple[int, int, list[list], int, int]:
+    """(epoch, batch index in the epoch, this rank's micro-batches as sample lists, global supervised, global tokens)."""
+    d = cfg.data
+    epoch, b = divmod(step, plan.steps_per_epoch)
+    order = epoch_order(len(dataset), cfg.trainer.seed, epoch, d.shuffle)
+    batch = [dataset[i] for i in order[b * d.train_batch_size : (b + 1) * d.train_batch_size]]
+    per_rank = d.train_batch_size // plan.world_size
+    mine = batch[plan.rank * per_rank : (plan.rank + 1) * per_rank]
+    micro = []
+    for k in range(0, per_rank, d.micro_batch_size_per_gpu):
+        chunk = mine[k : k + d.micro_batch_size_per_gpu]
+        for group in split_to_budget([len(s.input_ids) for s in chunk], d.max_tokens_per_micro_batch, d.packing):
+            micro.append([chunk[i] for i in group])
+    n_sup = sum(n_supervised(s) for s in batch)
+    n_tok = sum(len(s.input_ids) for s in batch)
+    return epoch, b, micro, n_sup, n_tok
+
+
+class _Runner:
+    """Turns sample lists into a loss on the device; holds what every micro-batch needs."""
+
+    def __init__(self, cfg: Config, model, device, pad_id: int):
+        self.cfg, self.model, self.device, self.pad_id = cfg, model, device, pad_id
+
+    def loss(self, samples) -> tuple[torch.Tensor, int]:
+        c = self.cfg
+        mb = collate(samples, c.data.packing, c.model.attn_implementation, self.pad_id, torch.float32).to(self.device)
+        with autocast(c.model.dtype, self.device):
+            return loss_sum(self.model, mb, c.model.loss_chunk_size)
+
+    @torch.no_grad()
+    def validate(self, dataset, world_size: int, rank: int) -> float:
+        """Token-weighted loss over every validation sample (sum of CE / number of supervised tokens)."""
+        self.model.eval()
+        d = self.cfg.data
+        mine = [dataset[i] for i in range(rank, len(dataset), world_size)]
+        total, count = 0.0, 0
+        for k in range(0, len(mine), d.micro_batch_size_per_gpu):
+            chunk = mine[k : k + d.micro_batch_size_per_gpu]
+            for group in split_to_budget([len(s.input_ids) for s in chunk], d.max_tokens_per_micro_batch, d.packing):
+                s, n = self.loss([chunk[i] for i in group])
+                total, count = total + float(s), count + n
+        self.model.train()
+        return total / max(count, 1)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is available; set trainer.device=auto or cpu.")
+    return torch.device(name)
+
+
+def _load_data(cfg: Config, tokenizer, train_dataset, val_dataset):
+    from sftforge.data import build_dataset, load_tokenizer
+
+    if tokenizer is None and (cfg.model.tokenizer_path or train_dataset is None):
+        tokenizer = load_tokenizer(cfg)
+    if train_dataset is None:
+        train_dataset = build_dataset(cfg.data, tokenizer, cfg.data.train_files, key="data.train_files")
+    if val_dataset is None and cfg.data.val_files:
+        val_dataset = build_dataset(cfg.data, tokenizer, cfg.data.val_files, key="data.val_files")
+    return tokenizer, train_dataset, val_dataset
+
+
+def _eos_ids(tokenizer, cfg: Config) -> list[int]:
+    if tokenizer is None:
+        return []
+    from sftforge.chat import end_of_turn_token_ids
+
+    try:
+        return end_of_turn_token_ids(tokenizer, cfg.data.chat_template_kwargs)
+    except Exception:  # a tokenizer without a chat template: its eos only
+        return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def train(cfg: Config, *, model=None, tokenizer=None, train_dataset=None, val_dataset=None) -> dict[str, Any]:
+    """Train per ``cfg``; returns a summary (step, loss, val_loss, output_dir, final_dir, stopped_early, ...).
+
+    ``model``/``tokenizer``/``train_dataset``/``val_dataset`` may be passed in (datasets: any sequence of objects with
+    input_ids and loss_mask); otherwise they are built from the config.
+    """
+    t, o = cfg.trainer, cfg.optim
+    world_size, rank = world()
+    main = rank == 0
+    check_loggers(t.logger)
+    device = _device(t.device)
+    out = Path(t.output_dir)
+    tokenizer, train_ds, val_ds = _load_data(cfg, tokenizer, train_dataset, val_dataset)
+    plan = make_plan(cfg, len(train_ds), world_size, rank)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    model = model if model is not None else load_model(cfg.model, device)
+    optimizer = build_optimizer(model, o)
+    pad_id = next((i for i in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
+                   if i is not None), 0)  # fmt: skip
+    runner = _Runner(cfg, model, device, pad_id)
+    start, prior_elapsed = 0, 0.0
+    ckpt = resolve_resume(t.resume, out)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+        start, prior_elapsed = int(state["step"]), float(state.get("elapsed_s", 0.0))
+    stop = t.stop_at_step if start < t.stop_at_step < plan.total_steps else plan.total_steps
+    log = MetricsLogger(out, t.logger, plan.total_steps, t.log_freq, start, to_dict(cfg), enabled=main)
+    log.print(
+        f"{len(train_ds)} samples, {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, grad accumulation "
+        f"{plan.grad_accum}, world size {world_size}; drop_last leaves out {plan.dropped_per_epoch} samples per epoch"
+        + (f"; resumed from {ckpt} at step {start}" if ckpt is not None else "")
+    )
+    t0, run_tokens = time.perf_counter(), 0
+    record: dict[str, Any] = {}
+    val_loss = None
+    for step in range(start, stop):
+        epoch, index, micro_batches, n_sup, n_tok = step_micro_batches(train_ds, step, cfg, plan)
+        lr = lr_at(step, plan.total_steps, o)
+        set_lr(optimizer, lr)
+        step_loss = 0.0
+        for samples in micro_batches:
+            s, _ = runner.loss(samples)
+            (s / max(n_sup, 1)).backward()  # divided by the GLOBAL supervised count of the step
+            step_loss += float(s.detach())
+        loss_value = step_loss / max(n_sup, 1)  # a later all-reduce sums step_loss over ranks
+        max_norm = o.clip_grad if o.clip_grad > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            raise FloatingPointError(
+                f"step {step + 1}: loss={loss_value} grad_norm={grad_norm} is not finite; lower optim.lr or check data."
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        run_tokens += n_tok
+        elapsed = prior_elapsed + time.perf_counter() - t0
+        record = {"step": done, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": n_tok, "supervised_tokens": n_sup, "elapsed_s": round(elapsed, 4),
+                  "tokens_per_s": run_tokens / max(time.perf_counter() - t0, 1e-9)}  # fmt: skip
+        if val_ds is not None and ((t.test_freq > 0 and done % t.test_freq == 0) or done == plan.total_steps):
+            val_loss = runner.validate(val_ds, world_size, rank)
+            record["val_loss"] = val_loss
+        log.log_step(record)
+        if done == stop or (t.save_freq > 0 and done % t.save_freq == 0):
+            if main:
+                position = {"epoch": epoch, "index_in_epoch": index + 1, "elapsed_s": elapsed}
+                save_checkpoint(out, done, model, optimizer, position, to_dict(cfg))
+    runtime = time.perf_counter() - t0
+    finished = stop == plan.total_steps
+    final_dir = None
+    if finished and main:
+        final_dir = export_hf(model, out / "final", tokenizer, _eos_ids(tokenizer, cfg), compute_dtype(cfg.model.dtype))
+    end = {"train_runtime_s": round(runtime, 4), "tokens": run_tokens, "tokens_per_s": run_tokens / max(runtime, 1e-9)}
+    log.close(end)
+    return {"step": stop, "total_steps": plan.total_steps, "loss": record.get("loss"), "val_loss": val_loss,
+            "stopped_early": not finished, "output_dir": str(out), "final_dir": str(final_dir) if final_dir else None,
+            "plan": dataclasses.asdict(plan), **end}  # fmt: skip
+
+
+def train_main(path: str | None, overrides: list[str]) -> int:
+    """Entry point of ``sftforge train``. With no config file and no model.path: the built-in CPU demo."""
+    overrides = list(overrides or [])
+    if path is None and not any(o.split("=", 1)[0].strip().lstrip("+") == "model.path" for o in overrides):
+        return _demo(overrides)
+    train(load_config(path, overrides))
+    return 0
+
+
+def _demo(user_overrides: list[str]) -> int:
+    from sftforge import demo
+    from sftforge.data import load_tokenizer
+
+    out = next((o.split("=", 1)[1] for o in user_overrides if o.startswith("trainer.output_dir=")), "outputs/demo")
+    paths = demo.prepare(Path(out) / "assets")
+    cfg = load_config(None, demo.demo_overrides(paths, Path(out)) + user_overrides)
+    tok = load_tokenizer(cfg)
+    result = train(cfg, tokenizer=tok)
+    if result["final_dir"]:
+        from transformers import AutoModelForCausalLM
+
+        trained = AutoModelForCausalLM.from_pretrained(result["final_dir"])
+        score, shown = demo.exact_match(trained, tok, paths["test"])
+        print(f"demo: exact match of assistant answers on held-out conversations after training: {score:.1%}")
+        for line in shown:
+            print("  " + line)
+    return 0
+
+
+__all__ = ["Plan", "epoch_order", "grad_accum_steps", "make_plan", "step_micro_batches", "train", "train_main", "world"]
