@@ -274,7 +274,7 @@ def _from_sharegpt(conv: Any) -> list[dict]:
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise RowError("missing key", f"conversations[{i}] must have 'from' and 'value'")
         src = turn["from"]
-        if src not in _SHAREGPT_ROLES:
+        if not isinstance(src, str) or src not in _SHAREGPT_ROLES:
             raise RowError(
                 "unknown role", f"conversations[{i}] has from={src!r}; expected one of {', '.join(_SHAREGPT_ROLES)}"
             )
@@ -297,13 +297,17 @@ FORMATS = ("messages", "sharegpt", "alpaca", "prompt_response")
 
 
 def detect_format(row: dict, data_cfg) -> str:
-    if data_cfg.messages_key in row:
+    # A parquet file with mixed shapes has every column in every row, null where absent: ignore nulls.
+    def has(key: str) -> bool:
+        return row.get(key) is not None
+
+    if has(data_cfg.messages_key):
         return "messages"
-    if "conversations" in row:
+    if has("conversations"):
         return "sharegpt"
-    if "instruction" in row and "output" in row:
+    if has("instruction") and has("output"):
         return "alpaca"
-    if data_cfg.prompt_key in row and data_cfg.response_key in row:
+    if has(data_cfg.prompt_key) and has(data_cfg.response_key):
         return "prompt_response"
     keys = ", ".join(sorted(map(str, row))[:12])
     raise RowError(
