@@ -106,7 +106,7 @@ def test_fuzz_error_mode_names_file_and_row(tmp_path, tokenizers, fmt):
     tok = tokenizers["qwen2.5"]
     good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     checked = 0
-    for i, row in enumerate(rows):
+    for row in rows:
         if fmt == "jsonl":
             f = tmp_path / "one.jsonl"
             f.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
