@@ -61,7 +61,11 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.nn
         raise ConfigError(f"model.path={cfg.path!r}: could not load the model ({type(e).__name__}: {e}).") from None
     model.config.use_cache = False
     if cfg.enable_gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.to(device)
     model.train()
     return model
