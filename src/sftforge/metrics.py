@@ -72,6 +72,8 @@ class MetricsLogger:
         self._wandb = None
         self._progress = None
         self._console = None
+        self._first_step: int | None = None
+        self._first_elapsed = 0.0
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +95,7 @@ class MetricsLogger:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self._console = Console(stderr=True, highlight=False)
+            self._console = Console(stderr=True, highlight=False, soft_wrap=True)
             self._progress = Progress(
                 TextColumn("[bold]train"),
                 BarColumn(),
@@ -119,6 +121,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         step = record["step"]
+        if self._first_step is None:  # the ETA measures from the first step of this process (not a resumed past)
+            self._first_step, self._first_elapsed = step, record["elapsed_s"]
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
@@ -133,7 +137,20 @@ class MetricsLogger:
             info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {tps:,.0f} tok/s"
             self._progress.update(self._task, completed=step, info=info)
             if step % self.log_freq == 0 or step == self.total_steps or "val_loss" in record:
-                self._console.print(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+                self._console.print(self.summary(record))
+
+    def summary(self, record: dict[str, Any]) -> str:
+        """One line: step/total, epoch, loss, [val_loss], lr, grad_norm, tokens/s, ETA."""
+        step = record["step"]
+        parts = [f"step {step}/{self.total_steps}", f"epoch {record['epoch']}", f"loss {record['loss']:.4f}"]
+        if "val_loss" in record:
+            parts.append(f"val_loss {record['val_loss']:.4f}")
+        parts += [f"lr {record['lr']:.2e}", f"grad_norm {record['grad_norm']:.3f}"]
+        parts.append(f"{record.get('tokens_per_s', 0.0):,.0f} tok/s")
+        if self._first_step is not None and step > self._first_step and step < self.total_steps:
+            per_step = (record["elapsed_s"] - self._first_elapsed) / (step - self._first_step)
+            parts.append(f"ETA {int(per_step * (self.total_steps - step))}s")
+        return "  ".join(parts)
 
     def close(self, end: dict[str, Any] | None = None) -> None:
         if not self.enabled:
