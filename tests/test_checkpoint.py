@@ -138,3 +138,14 @@ def test_train_main_end_to_end_with_data_pipeline(tmp_path, model_config_dir, to
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
     cfg = load_config(tmp_path / "run" / "config.yaml")
     assert cfg.trainer.max_steps == 2 and cfg.model.dtype == "bf16"
+
+
+def test_resume_warns_about_changed_batch_or_schedule(tmp_path):
+    from sftforge.config import to_dict
+    from sftforge.train import _resume_differences
+
+    saved = load_config(None, ["data.train_batch_size=8"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(to_dict(saved)))
+    assert _resume_differences(tmp_path, saved) == []
+    lines = _resume_differences(tmp_path, load_config(None, ["data.train_batch_size=16", "trainer.stop_at_step=3"]))
+    assert len(lines) == 1 and "data.train_batch_size was 8" in lines[0]

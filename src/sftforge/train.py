@@ -162,6 +162,26 @@ def _eos_ids(tokenizer, cfg: Config) -> list[int]:
         return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
+# Keys that decide which samples make up step N or the learning rate of step N: changing them between a checkpoint
+# and its resume silently changes the run, so the resume says so.
+_RESUME_KEYS = ("data.train_batch_size", "data.shuffle", "trainer.seed", "trainer.max_steps", "trainer.total_epochs",
+                "optim.lr", "optim.lr_scheduler", "optim.warmup_steps", "optim.warmup_ratio", "optim.min_lr_ratio")  # fmt: skip
+
+
+def _resume_differences(ckpt: Path, cfg: Config) -> list[str]:
+    saved_path = Path(ckpt) / "config.yaml"
+    if not saved_path.exists():
+        return []
+    saved, now = yaml.safe_load(saved_path.read_text()) or {}, to_dict(cfg)
+    out = []
+    for key in _RESUME_KEYS:
+        section, name = key.split(".")
+        old, new = saved.get(section, {}).get(name), now[section][name]
+        if old is not None and old != new:
+            out.append(f"warning: {key} was {old!r} in {ckpt} and is {new!r} now; data order or schedule will differ.")
+    return out
+
+
 def train(cfg: Config, *, model=None, tokenizer=None, train_dataset=None, val_dataset=None) -> dict[str, Any]:
     """Train per ``cfg``; returns a summary (step, loss, val_loss, output_dir, final_dir, stopped_early, ...).
 
@@ -185,10 +205,13 @@ def train(cfg: Config, *, model=None, tokenizer=None, train_dataset=None, val_da
                    if i is not None), 0)  # fmt: skip
     runner = _Runner(cfg, model, device, pad_id)
     start, prior_elapsed = 0, 0.0
+    log_lines = list(getattr(getattr(train_ds, "report", None), "lines", list)())
     ckpt = resolve_resume(t.resume, out)
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
         start, prior_elapsed = int(state["step"]), float(state.get("elapsed_s", 0.0))
+        for line in _resume_differences(ckpt, cfg):
+            log_lines.append(line)
     stop = t.stop_at_step if start < t.stop_at_step < plan.total_steps else plan.total_steps
     log = MetricsLogger(out, t.logger, plan.total_steps, t.log_freq, start, to_dict(cfg), enabled=main)
     log.print(
@@ -196,6 +219,8 @@ def train(cfg: Config, *, model=None, tokenizer=None, train_dataset=None, val_da
         f"{plan.grad_accum}, world size {world_size}; drop_last leaves out {plan.dropped_per_epoch} samples per epoch"
         + (f"; resumed from {ckpt} at step {start}" if ckpt is not None else "")
     )
+    for line in log_lines:
+        log.print(line)
     t0, run_tokens = time.perf_counter(), 0
     record: dict[str, Any] = {}
     val_loss = None
