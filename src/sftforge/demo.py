@@ -176,3 +176,29 @@ def exact_match(model, tokenizer, path: Path, limit: int = 100, max_new_tokens: 
                     dialog = " | ".join(f"{x['role']}: {x['content']}" for x in msgs[1:i])
                     shown.append(f"{dialog} | assistant -> {answer!r} ({'ok' if ok else 'expected ' + m['content']})")
     return hits / max(total, 1), shown
+
+
+def run_demo(user_overrides: list[str]) -> int:
+    """`sftforge train` with no config: prepare the assets, score the untrained model, train, score again."""
+    from sftforge.config import load_config
+    from sftforge.data import load_tokenizer
+    from sftforge.model import load_model
+    from sftforge.train import train
+
+    out = next((o.split("=", 1)[1] for o in user_overrides if o.startswith("trainer.output_dir=")), "outputs/demo")
+    paths = prepare(Path(out) / "assets")
+    cfg = load_config(None, demo_overrides(paths, Path(out)) + user_overrides)
+    tok = load_tokenizer(cfg)
+    before, _ = exact_match(load_model(cfg.model), tok, paths["test"])
+    print(f"demo: exact match of assistant answers on held-out conversations before training: {before:.1%}")
+    result = train(cfg, tokenizer=tok)
+    if result["final_dir"]:
+        from transformers import AutoModelForCausalLM
+
+        trained = AutoModelForCausalLM.from_pretrained(result["final_dir"])
+        score, shown = exact_match(trained, tok, paths["test"])
+        print(f"demo: exact match of assistant answers on held-out conversations after training: {score:.1%}")
+        print("demo: sample generations (greedy, stopped at <|im_end|>):")
+        for line in shown:
+            print("  " + line)
+    return 0

@@ -272,28 +272,10 @@ def train_main(path: str | None, overrides: list[str]) -> int:
     """Entry point of ``sftforge train``. With no config file and no model.path: the built-in CPU demo."""
     overrides = list(overrides or [])
     if path is None and not any(o.split("=", 1)[0].strip().lstrip("+") == "model.path" for o in overrides):
-        return _demo(overrides)
+        from sftforge.demo import run_demo
+
+        return run_demo(overrides)
     train(load_config(path, overrides))
-    return 0
-
-
-def _demo(user_overrides: list[str]) -> int:
-    from sftforge import demo
-    from sftforge.data import load_tokenizer
-
-    out = next((o.split("=", 1)[1] for o in user_overrides if o.startswith("trainer.output_dir=")), "outputs/demo")
-    paths = demo.prepare(Path(out) / "assets")
-    cfg = load_config(None, demo.demo_overrides(paths, Path(out)) + user_overrides)
-    tok = load_tokenizer(cfg)
-    result = train(cfg, tokenizer=tok)
-    if result["final_dir"]:
-        from transformers import AutoModelForCausalLM
-
-        trained = AutoModelForCausalLM.from_pretrained(result["final_dir"])
-        score, shown = demo.exact_match(trained, tok, paths["test"])
-        print(f"demo: exact match of assistant answers on held-out conversations after training: {score:.1%}")
-        for line in shown:
-            print("  " + line)
     return 0
 
 
