@@ -4,7 +4,7 @@
 # multi-GB CUDA build. When torch is already there (any version >= 2.6), it is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q "torch>=2.6" --index-url https://download.pytorch.org/whl/cpu
 fi

@@ -16,6 +16,6 @@ def test_readme_config_reference_is_current():
 
 def test_readme_has_the_two_commands():
     text = (ROOT / "README.md").read_text()
-    assert "bash scripts/setup.sh && sftforge train" in text
+    assert "bash scripts/setup.sh && python -m sftforge train" in text
     assert "bash scripts/setup.sh && python -m pytest -q" in text
     assert "python -m pytest -q" in (ROOT / ".ci" / "run").read_text()
