@@ -138,6 +138,15 @@ class TrainerConfig:
     """Any of console | jsonl | tensorboard | wandb."""
     device: str = "auto"
     """auto | cpu | cuda."""
+    n_gpus_per_node: int = 0
+    """GPUs per node (0 = every visible GPU, 1 on CPU). World size = trainer.n_gpus_per_node × trainer.nnodes, used by
+    `sftforge plan` and trainer.preset (a torchrun launch uses its own world size)."""
+    nnodes: int = 1
+    """Number of nodes (see trainer.n_gpus_per_node)."""
+    preset: str = "none"
+    """none | auto. auto picks data.micro_batch_size_per_gpu and model.enable_gradient_checkpointing to fit the GPU
+    memory with the highest estimated throughput; `sftforge plan` explains the choice."""
+
 
 
 @dataclass
@@ -156,6 +165,7 @@ CHOICES = {
     "data.bad_rows": ("error", "skip"),
     "optim.lr_scheduler": ("cosine", "linear", "constant", "wsd"),
     "trainer.device": ("auto", "cpu", "cuda"),
+    "trainer.preset": ("none", "auto"),
 }
 
 
@@ -262,6 +272,115 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# verl compatibility: a verl SFT user's keys are renamed to ours before the dataclasses see them (YAML and overrides
+# alike), each with one info line on stderr. Keys that already mean the same here (model.enable_gradient_checkpointing,
+# trainer.logger, data.micro_batch_size_per_gpu, trainer.n_gpus_per_node, ...) need no entry.
+
+
+def _truthy(value: Any) -> bool:
+    return _coerce(value, bool, "data.multiturn.enable")
+
+
+def _multiturn(value: Any) -> list[tuple[str, Any]]:
+    # verl's single-turn dataset reads data.prompt_key/data.response_key; its multi-turn one reads messages, which
+    # data.format=auto already recognizes (as well as sharegpt/alpaca rows).
+    return [] if _truthy(value) else [("data.format", "prompt_response")]
+
+
+def _ulysses(value: Any) -> list[tuple[str, Any]]:
+    size = _coerce(value, int, "ulysses_sequence_parallel_size")
+    if size > 1:
+        raise ConfigError(
+            f"ulysses_sequence_parallel_size={size}: sftforge has no sequence parallelism yet. Set it to 1 and fit long "
+            "samples with model.enable_gradient_checkpointing=true, a smaller data.micro_batch_size_per_gpu or "
+            "data.max_tokens_per_micro_batch (`sftforge plan` shows the memory)."
+        )
+    return []
+
+
+def _wandb_env(var: str) -> Any:
+    def apply(value: Any) -> list[tuple[str, Any]]:
+        import os
+
+        os.environ.setdefault(var, str(value))  # read by wandb.init when trainer.logger has wandb
+        return []
+
+    return apply
+
+
+def _rename(ours: str, convert=None):
+    return lambda value: [(ours, convert(value) if convert else value)]
+
+
+VERL_ALIASES: dict[str, tuple[str, Any]] = {
+    "data.micro_batch_size": ("data.micro_batch_size_per_gpu", _rename("data.micro_batch_size_per_gpu")),
+    "data.multiturn.enable": ("data.format=prompt_response when false, else data.format=auto", _multiturn),
+    "data.multiturn.messages_key": ("data.messages_key", _rename("data.messages_key")),
+    "data.multiturn.tools_key": ("data.tools_key", _rename("data.tools_key")),
+    "model.partial_pretrain": ("model.path", _rename("model.path")),
+    "optim.lr_warmup_steps_ratio": ("optim.warmup_ratio", _rename("optim.warmup_ratio")),
+    "trainer.default_local_dir": ("trainer.output_dir", _rename("trainer.output_dir")),
+    "trainer.total_training_steps": (
+        "trainer.max_steps",
+        _rename("trainer.max_steps", lambda v: 0 if v is None else v),
+    ),
+    "use_remove_padding": ("data.packing", _rename("data.packing")),
+    "model.use_remove_padding": ("data.packing", _rename("data.packing")),
+    "ulysses_sequence_parallel_size": ("nothing (only 1 is supported)", _ulysses),
+    "trainer.project_name": ("$WANDB_PROJECT (wandb's project)", _wandb_env("WANDB_PROJECT")),
+    "trainer.experiment_name": ("$WANDB_NAME (wandb's run name)", _wandb_env("WANDB_NAME")),
+}
+
+
+def _pop_path(d: dict, parts: list[str]) -> tuple[bool, Any]:
+    node = d
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            return False, None
+    if parts[-1] not in node:
+        return False, None
+    value = node.pop(parts[-1])
+    for depth in range(len(parts) - 1, 0, -1):  # drop parents left empty (data.multiturn: {})
+        parent = d
+        for part in parts[: depth - 1]:
+            parent = parent[part]
+        if parent[parts[depth - 1]] == {}:
+            del parent[parts[depth - 1]]
+    return True, value
+
+
+def _set_path(d: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = d
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[last] = value
+
+
+def apply_verl_aliases(raw: dict, log=None) -> dict:
+    """Rename verl's keys in a nested mapping to ours (in place, returned), one info line per key; raise
+    :class:`ConfigError` for a verl setting with no equivalent yet."""
+    import sys
+
+    if not isinstance(raw, dict):
+        return raw
+    log = log or (lambda line: print(line, file=sys.stderr))
+    for verl_key, (ours, convert) in VERL_ALIASES.items():
+        found, value = _pop_path(raw, verl_key.split("."))
+        if not found:
+            continue
+        mapped = convert(value)
+        for key, new in mapped:
+            _set_path(raw, key, new)
+        shown = ", ".join(f"{k}={v!r}" for k, v in mapped) or ours
+        log(f"info: verl key {verl_key}={value!r} -> {shown}")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Build a validated :class:`Config` from an optional YAML file and ``key=value`` overrides."""
     cfg = Config()
@@ -273,13 +392,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"Config file {p} is not valid YAML: {e}") from None
-        _apply(cfg, raw, "")
+        _apply(cfg, apply_verl_aliases(raw), "")
     for item in overrides or []:
         parts, value = _parse_override(item)
         nested: Any = value
         for part in reversed(parts):
             nested = {part: nested}
-        _apply(cfg, nested, "")
+        _apply(cfg, apply_verl_aliases(nested), "")
     validate(cfg)
     return cfg
 
@@ -299,6 +418,12 @@ def validate(cfg: Config) -> None:
         section, name = dotted.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             problems.append(f"{dotted} must be >= 1, got {getattr(getattr(cfg, section), name)}.")
+    if cfg.trainer.nnodes < 1:
+        problems.append(f"trainer.nnodes must be >= 1, got {cfg.trainer.nnodes}.")
+    if cfg.trainer.n_gpus_per_node < 0:
+        problems.append(
+            f"trainer.n_gpus_per_node must be >= 0 (0 = every visible GPU), got {cfg.trainer.n_gpus_per_node}."
+        )
     if not isinstance(cfg.data.chat_template_kwargs, dict):
         problems.append("data.chat_template_kwargs must be a mapping, e.g. {enable_thinking: false}.")
     if problems:
@@ -330,6 +455,8 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "TrainerConfig",
+    "VERL_ALIASES",
+    "apply_verl_aliases",
     "config_reference",
     "field_docs",
     "load_config",
