@@ -148,7 +148,6 @@ class TrainerConfig:
     memory with the highest estimated throughput; `sftforge plan` explains the choice."""
 
 
-
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
