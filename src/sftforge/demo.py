@@ -2,10 +2,9 @@
 
 A from-scratch tiny Qwen3-shaped model learns a synthetic multi-turn calculator task in a few minutes on a CPU:
 
-    system: You are a calculator.
     user: add 3 4          assistant: 7
-    user: times 3          assistant: 21
-    user: minus 5          assistant: 16
+    user: times 2          assistant: 14
+    user: minus 5          assistant: 9
 
 Every answer depends on the previous one, so the model must read the conversation, not only the last message.
 Everything the run needs is generated into the output folder: a character-level tokenizer with a ChatML template,
@@ -26,7 +25,6 @@ CHATML = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-SYSTEM = "You are a calculator."
 
 
 def make_tokenizer(folder: Path):
@@ -78,16 +76,11 @@ def make_model_config(folder: Path, vocab_size: int) -> None:
 def conversation(rng: random.Random, turns: int = 3) -> dict:
     a, b = rng.randint(0, 9), rng.randint(0, 9)
     value = a + b
-    messages = [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": f"add {a} {b}"},
-        {"role": "assistant", "content": str(value)},
-    ]
+    messages = [{"role": "user", "content": f"add {a} {b}"}, {"role": "assistant", "content": str(value)}]
     for _ in range(turns - 1):
         if rng.random() < 0.5:
-            k = rng.randint(2, 3)
-            value *= k
-            op = f"times {k}"
+            value *= 2
+            op = "times 2"
         else:
             k = rng.randint(1, min(value, 9)) if value > 0 else 0
             value -= k
@@ -133,9 +126,9 @@ def demo_overrides(paths: dict[str, Path], output_dir: Path) -> list[str]:
         "optim.warmup_steps=20",
         "optim.lr_scheduler=cosine",
         "optim.min_lr_ratio=0.1",
-        "trainer.max_steps=400",
-        "trainer.test_freq=100",
-        "trainer.log_freq=50",
+        "trainer.max_steps=800",
+        "trainer.test_freq=200",
+        "trainer.log_freq=100",
         f"trainer.output_dir={output_dir}",
     ]
 
@@ -173,7 +166,7 @@ def exact_match(model, tokenizer, path: Path, limit: int = 100, max_new_tokens: 
                 hits += ok
                 total += 1
                 if len(shown) < 3 and i == len(msgs) - 1:
-                    dialog = " | ".join(f"{x['role']}: {x['content']}" for x in msgs[1:i])
+                    dialog = " | ".join(f"{x['role']}: {x['content']}" for x in msgs[:i])
                     shown.append(f"{dialog} | assistant -> {answer!r} ({'ok' if ok else 'expected ' + m['content']})")
     return hits / max(total, 1), shown
 
