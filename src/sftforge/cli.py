@@ -3,6 +3,7 @@
 sftforge train [CONFIG.yaml] [key=value ...]
 sftforge data tokenize [CONFIG.yaml] [key=value ...] --output FILE.jsonl
 sftforge data preview  [CONFIG.yaml] [key=value ...] [--index N]
+sftforge eval --model DIR|HUB_ID --data FILE --task TASK [--output results.jsonl] [gen options] [key=value ...]
 """
 
 from __future__ import annotations
@@ -104,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     p_prev.add_argument("--color", action="store_true", help="force colors even when not writing to a terminal")
     p_prev.add_argument("--no-color", action="store_true", help="no colors")
 
+    p_eval = sub.add_parser("eval", help="generate on a data file and score the answers (accuracy, 95% interval)")
+    from sftforge.evaluate import add_eval_arguments
+
+    add_eval_arguments(p_eval)
+
     args = parser.parse_args(argv)
     from sftforge.chat import TemplateError
     from sftforge.data import DataError
@@ -119,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(config_reference())
             return 0
+        if args.command == "eval":
+            from sftforge.evaluate import eval_main
+
+            return eval_main(args)
         if args.command == "data":
             return {"tokenize": cmd_tokenize, "preview": cmd_preview}[args.data_command](args)
     except (ConfigError, DataError, TemplateError) as e:

@@ -134,41 +134,24 @@ def demo_overrides(paths: dict[str, Path], output_dir: Path) -> list[str]:
 
 
 def exact_match(model, tokenizer, path: Path, limit: int = 100, max_new_tokens: int = 8) -> tuple[float, list[str]]:
-    """Share of assistant answers reproduced exactly by greedy generation, given the gold conversation so far."""
-    import torch
+    """Share of assistant answers reproduced exactly by greedy generation, given the gold conversation so far
+    (sftforge.evaluate with task exact on every assistant turn)."""
+    from sftforge.config import DataConfig
+    from sftforge.data import read_rows
+    from sftforge.evaluate import GenerationOptions, evaluate, hf_generator, samples_from_rows
 
-    from sftforge.chat import end_of_turn_token_ids
-
-    stop = end_of_turn_token_ids(tokenizer)
-    rows = [json.loads(line) for line in open(path)][:limit]
-    hits, total, shown = 0, 0, []
-    model.eval()
-    with torch.no_grad():
-        for row in rows:
-            msgs = row["messages"]
-            for i, m in enumerate(msgs):
-                if m["role"] != "assistant":
-                    continue
-                prompt = tokenizer.apply_chat_template(msgs[:i], add_generation_prompt=True, tokenize=False)
-                ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-                out = model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    eos_token_id=stop,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-                new = out[0, ids.shape[1] :].tolist()
-                stopped = bool(new) and new[-1] in stop
-                answer = tokenizer.decode(new[:-1] if stopped else new)
-                ok = stopped and answer.strip() == m["content"]
-                hits += ok
-                total += 1
-                if len(shown) < 3 and i == len(msgs) - 1:
-                    dialog = " | ".join(f"{x['role']}: {x['content']}" for x in msgs[:i])
-                    shown.append(f"{dialog} | assistant -> {answer!r} ({'ok' if ok else 'expected ' + m['content']})")
-    return hits / max(total, 1), shown
+    rows = list(read_rows(str(path)))[:limit]
+    samples = samples_from_rows(rows, DataConfig(), turns="all")
+    gen = hf_generator(model, tokenizer, GenerationOptions(max_new_tokens=max_new_tokens, batch_size=64))
+    result = evaluate(gen, samples, "exact")
+    shown = []
+    for s, r in zip(samples, result.records):
+        last = len(s.messages) + 1 == len(s.row["messages"])
+        if len(shown) < 3 and last:
+            dialog = " | ".join(f"{x['role']}: {x['content']}" for x in s.messages if x["role"] != "system")
+            ok = r["score"] == 1.0
+            shown.append(f"{dialog} | assistant -> {r['generation']!r} ({'ok' if ok else 'expected ' + s.reference})")
+    return result.summary["accuracy"], shown
 
 
 def run_demo(user_overrides: list[str]) -> int:
