@@ -51,6 +51,9 @@ class DataConfig:
     """Training data: a path, a glob, a list of paths, or a verl-style string "['a.parquet','b.parquet']"."""
     val_files: Any = None
     """Validation data, same forms as data.train_files; empty means no validation."""
+    eval_files: Any = None
+    """Generation-eval data scored every trainer.eval_freq steps with trainer.eval_task (same forms as
+    data.train_files); the prompt is each row minus its last assistant turn, that turn is the reference."""
     format: str = "auto"
     """auto | messages | sharegpt | alpaca | prompt_response. auto detects it from each row's keys."""
     messages_key: str = "messages"
@@ -127,6 +130,11 @@ class TrainerConfig:
     """Save a checkpoint every N steps (0 = only at the end)."""
     test_freq: int = 0
     """Validate every N steps (0 = only at the end)."""
+    eval_freq: int = 0
+    """Generate on data.eval_files and score with trainer.eval_task every N steps and at the end (0 = never); logs
+    eval_accuracy in metrics.jsonl. Greedy, up to 256 new tokens."""
+    eval_task: str = "exact"
+    """Scorer of trainer.eval_freq: exact | gsm8k | mcq | tool_call | textcraft | module:function."""
     log_freq: int = 1
     """Print one summary line every N steps."""
     resume: str = "auto"
@@ -423,6 +431,12 @@ def validate(cfg: Config) -> None:
         problems.append(
             f"trainer.n_gpus_per_node must be >= 0 (0 = every visible GPU), got {cfg.trainer.n_gpus_per_node}."
         )
+    if cfg.trainer.eval_freq > 0 and not cfg.data.eval_files:
+        problems.append(
+            f"trainer.eval_freq={cfg.trainer.eval_freq} needs data.eval_files (or set trainer.eval_freq=0)."
+        )
+    if cfg.trainer.eval_freq < 0:
+        problems.append(f"trainer.eval_freq must be >= 0 (0 = never), got {cfg.trainer.eval_freq}.")
     if not isinstance(cfg.data.chat_template_kwargs, dict):
         problems.append("data.chat_template_kwargs must be a mapping, e.g. {enable_thinking: false}.")
     if problems:

@@ -25,6 +25,7 @@ import yaml
 
 from sftforge.checkpoint import export_hf, load_checkpoint, resolve_resume, save_checkpoint
 from sftforge.config import Config, ConfigError, load_config, to_dict
+from sftforge.evaluate import TrainingEval
 from sftforge.loss import loss_sum
 from sftforge.metrics import MetricsLogger, check_loggers
 from sftforge.model import autocast, compute_dtype, load_model
@@ -204,6 +205,7 @@ def train(cfg: Config, *, model=None, tokenizer=None, train_dataset=None, val_da
     pad_id = next((i for i in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
                    if i is not None), 0)  # fmt: skip
     runner = _Runner(cfg, model, device, pad_id)
+    evaluator = TrainingEval(cfg, tokenizer) if t.eval_freq > 0 else None  # generation eval on data.eval_files
     start, prior_elapsed = 0, 0.0
     log_lines = list(getattr(getattr(train_ds, "report", None), "lines", list)())
     ckpt = resolve_resume(t.resume, out)
@@ -251,6 +253,9 @@ def train(cfg: Config, *, model=None, tokenizer=None, train_dataset=None, val_da
         if val_ds is not None and ((t.test_freq > 0 and done % t.test_freq == 0) or done == plan.total_steps):
             val_loss = runner.validate(val_ds, world_size, rank)
             record["val_loss"] = val_loss
+        if evaluator is not None and (done % t.eval_freq == 0 or done == plan.total_steps):
+            record.update(evaluator(model))
+            log.print(f"step {done}: eval {t.eval_task} accuracy {record['eval_accuracy']:.1%} on data.eval_files")
         log.log_step(record)
         if done == stop or (t.save_freq > 0 and done % t.save_freq == 0):
             if main:
