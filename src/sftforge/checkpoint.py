@@ -8,12 +8,21 @@
   config.yaml            the resolved config
   COMPLETE               written last: a folder without it is an interrupted save and is never resumed from
 
-The folder is written as ``step_<N>.tmp`` and renamed, so a crash mid-save leaves no folder that looks complete.
+The folder is written as ``step_<N>.tmp`` (files fsynced, marker last) and renamed, so a crash or SIGKILL at any
+moment of a save leaves no folder that looks complete and the previous checkpoint untouched. A checkpoint is deleted
+(keep-last-N, or replaced) by first removing its marker, so an interrupted deletion never leaves a half folder that
+looks complete. :func:`clean_incomplete` removes the leftovers (``step_<N>.tmp``, unmarked ``step_<N>``,
+``step_<N>.trash``) at the start of a run.
+
+Every path written here is a fixed name or ``step_<int>`` built by us, checked by :func:`child` to stay inside
+trainer.output_dir (a planted symlink pointing elsewhere is refused, not followed).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import random
 import re
 import shutil
@@ -23,13 +32,57 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
+from sftforge import faults
 from sftforge.config import ConfigError
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_LEFTOVER = re.compile(r"^step_\d+(\.tmp|\.trash)?$")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint folder that cannot be resumed from; the message names the file and what to do."""
+
+
+def child(output_dir: str | Path, name: str) -> Path:
+    """``output_dir / name`` for a single plain path component, refusing anything that would land outside output_dir
+    (``..``, separators, absolute names, or an existing symlink that points elsewhere)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).is_absolute():
+        raise ConfigError(f"Refusing to write {name!r}: only plain names inside trainer.output_dir are allowed.")
+    out = Path(output_dir)
+    p = out / name
+    if p.is_symlink() or (p.exists() and p.resolve().parent != out.resolve()):
+        raise ConfigError(
+            f"{p} is a symlink (to {p.resolve()}); sftforge writes only inside trainer.output_dir and does not follow "
+            "links there. Remove the link or choose another trainer.output_dir."
+        )
+    return p
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_tree(p: Path) -> None:
+    """Delete a checkpoint folder so that no moment of the deletion leaves something that looks complete."""
+    if p.is_symlink() or not p.is_dir():
+        p.unlink(missing_ok=True)
+        return
+    (p / MARKER).unlink(missing_ok=True)
+    trash = p.with_name(p.name.split(".")[0] + ".trash")
+    if p != trash:
+        if trash.exists():
+            _remove_tree(trash)
+        p.rename(trash)
+    shutil.rmtree(trash)
 
 
 def rng_state() -> dict[str, Any]:
@@ -63,22 +116,67 @@ def save_checkpoint(
 ) -> Path:
     """Write ``step_<step>/`` atomically; ``state`` holds plain numbers (epoch, batch index, elapsed_s, ...)."""
     out = Path(output_dir)
-    final = out / f"step_{step}"
-    tmp = out / f"step_{step}.tmp"
+    out.mkdir(parents=True, exist_ok=True)
+    final = child(out, f"step_{int(step)}")
+    tmp = child(out, f"step_{int(step)}.tmp")
     if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+        _remove_tree(tmp)
+    tmp.mkdir()
     st_save_model(model, str(tmp / "model.safetensors"))
+    faults.in_save(step, "weights")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"step": step, **state, "rng": rng_state()}, tmp / "trainer_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
     if config is not None:
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    for f in tmp.iterdir():  # on disk before the marker says so (power loss, not only a killed process)
+        _fsync(f)
     (tmp / MARKER).write_text("ok\n")
-    if final.exists():
-        shutil.rmtree(final)
+    _fsync(tmp / MARKER)
+    faults.in_save(step, "marker")
+    if final.exists():  # re-saving a step (a resume from an older folder): unmark the old one first
+        _remove_tree(final)
     tmp.rename(final)
+    _fsync(out)
     return final
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete step_<N> folder, oldest first."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = []
+    for p in out.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and not p.is_symlink() and is_complete(p):
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
+    """Keep the newest ``keep`` complete checkpoints (0 = all); returns the deleted folders. The newest is never
+    deleted, and checkpoints written by earlier runs in the same output_dir count too."""
+    if keep <= 0:
+        return []
+    doomed = [p for _, p in complete_checkpoints(output_dir)[: -max(keep, 1)]]
+    for p in doomed:
+        _remove_tree(p)
+    return doomed
+
+
+def clean_incomplete(output_dir: str | Path) -> list[str]:
+    """Remove interrupted saves and deletions (step_<N>.tmp, step_<N>.trash, step_<N> without marker); returns
+    their names. Only entries whose names sftforge itself creates are touched; symlinks are unlinked, never followed."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    removed = []
+    for p in sorted(out.iterdir()):
+        if _LEFTOVER.match(p.name) and (p.is_symlink() or not (_STEP_DIR.match(p.name) and is_complete(p))):
+            _remove_tree(p)
+            removed.append(p.name)
+    return removed
 
 
 def is_complete(path: str | Path) -> bool:
@@ -87,15 +185,8 @@ def is_complete(path: str | Path) -> bool:
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The complete step_<N> folder with the largest N, or None."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return None
-    found = []
-    for p in out.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and is_complete(p):
-            found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
+    found = complete_checkpoints(output_dir)
+    return found[-1][1] if found else None
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
@@ -118,7 +209,11 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load weights (and optimizer state) in place; returns the trainer state (step, epoch, ...); restores RNG."""
     p = Path(path)
-    missing, unexpected = st_load_model(model, str(p / "model.safetensors"), strict=False)
+    fix = f"Delete {p} (the previous complete checkpoint is then used) or set trainer.resume=never to start fresh."
+    try:
+        missing, unexpected = st_load_model(model, str(p / "model.safetensors"), strict=False)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{p / 'model.safetensors'} cannot be read ({type(e).__name__}: {e}). {fix}") from None
     if missing or unexpected:
         raise ConfigError(
             f"Checkpoint {p} does not match the model (missing {sorted(missing)[:5]}, unexpected "
@@ -126,12 +221,27 @@ def load_checkpoint(
         )
     if optimizer is not None:
         device = next(model.parameters()).device
-        optimizer.load_state_dict(torch.load(p / "optimizer.pt", map_location=device, weights_only=True))
-    state = torch.load(p / "trainer_state.pt", weights_only=True)
+        optimizer.load_state_dict(_safe_torch_load(p / "optimizer.pt", fix, map_location=device))
+    state = _safe_torch_load(p / "trainer_state.pt", fix)
     rng = state.pop("rng", None)
     if restore_rng and rng is not None:
         set_rng_state(rng)
     return state
+
+
+def _safe_torch_load(path: Path, fix: str, **kwargs) -> Any:
+    """torch.load restricted to tensors and plain containers: a pickle that would run code is refused, not run."""
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        why = next((ln.split("error:", 1)[-1].split(". Please")[0].strip() for ln in str(e).splitlines()
+                    if "WeightsUnpickler" in ln), "it is not a weights-only pickle")  # fmt: skip
+        raise CheckpointError(
+            f"{path} holds more than tensors and plain values and was NOT loaded ({why}); sftforge only reads its own "
+            f"weights-only state, so the file was not written by sftforge or was replaced. {fix}"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e}). {fix}") from None
 
 
 def export_hf(
@@ -149,6 +259,7 @@ def export_hf(
     from transformers import GenerationConfig
 
     out = Path(out_dir)
+    child(out.parent, out.name)
     out.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
     old_dtype = getattr(model.config, "dtype", None)
@@ -170,6 +281,11 @@ def export_hf(
 
 __all__ = [
     "MARKER",
+    "CheckpointError",
+    "child",
+    "clean_incomplete",
+    "complete_checkpoints",
+    "prune_checkpoints",
     "export_hf",
     "is_complete",
     "latest_checkpoint",

@@ -1,6 +1,8 @@
 """sftforge command line. ``python -m sftforge`` is the same (and works under torchrun).
 
 sftforge train [CONFIG.yaml] [key=value ...]
+    exit code 0 done | 1 non-finite loss (trainer.nan_policy=error) | 2 bad config, data or checkpoint |
+    128+N stopped by signal N after saving a checkpoint (143 SIGTERM, 130 SIGINT): rerun the same command to resume
 sftforge data tokenize [CONFIG.yaml] [key=value ...] --output FILE.jsonl
 sftforge data preview  [CONFIG.yaml] [key=value ...] [--index N]
 sftforge eval --model DIR|HUB_ID --data FILE --task TASK [--output results.jsonl] [gen options] [key=value ...]
@@ -13,7 +15,7 @@ import json
 import sys
 import time
 
-from sftforge.config import ConfigError, load_config
+from sftforge.config import ConfigError, load_config, scrub
 
 
 def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
@@ -132,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             return {"tokenize": cmd_tokenize, "preview": cmd_preview}[args.data_command](args)
     except (ConfigError, DataError, TemplateError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {scrub(str(e))}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # trainer.nan_policy=error: the message names the step, the rank and the fixes
+        print(f"error: {scrub(str(e))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before the training loop (inside it, the loop saves and returns 130 itself)
+        print("interrupted", file=sys.stderr)
+        return 128 + 2
     return 0

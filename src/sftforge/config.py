@@ -11,6 +11,8 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +141,12 @@ class TrainerConfig:
     """Print one summary line every N steps."""
     resume: str = "auto"
     """auto (newest complete checkpoint in output_dir) | never | PATH to a step_<N> folder."""
+    max_ckpt_to_keep: int = 0
+    """Keep only the newest N complete step_<N> checkpoints in trainer.output_dir, counting those of earlier runs
+    there (0 = keep all). The newest complete checkpoint is never deleted."""
+    nan_policy: str = "error"
+    """error: stop before the optimizer step when the loss or gradient norm is not finite (NaN/inf), naming the step
+    (the last good state is saved); skip_step: drop that step's update, count it and log it in metrics.jsonl."""
     stop_at_step: int = 0
     """End the run after this step as if interrupted (checkpoint written, schedule unchanged). Ignored by a run that
     resumes at or after this step, so rerunning the same command continues to the end."""
@@ -173,6 +181,7 @@ CHOICES = {
     "optim.lr_scheduler": ("cosine", "linear", "constant", "wsd"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.preset": ("none", "auto"),
+    "trainer.nan_policy": ("error", "skip_step"),
 }
 
 
@@ -248,7 +257,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if value is None:
             return {}
     name = getattr(typ, "__name__", str(typ))
-    raise ConfigError(f"{key} must be {name}, got {value!r} ({type(value).__name__}).")
+    shown = REDACTED if is_secret_key(key.rsplit(".", 1)[-1]) else repr(value)
+    raise ConfigError(f"{key} must be {name}, got {shown} ({type(value).__name__}).")
 
 
 def _apply(obj: Any, values: dict, prefix: str) -> None:
@@ -425,6 +435,8 @@ def validate(cfg: Config) -> None:
         section, name = dotted.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             problems.append(f"{dotted} must be >= 1, got {getattr(getattr(cfg, section), name)}.")
+    if cfg.trainer.max_ckpt_to_keep < 0:
+        problems.append(f"trainer.max_ckpt_to_keep must be >= 0 (0 = keep all), got {cfg.trainer.max_ckpt_to_keep}.")
     if cfg.trainer.nnodes < 1:
         problems.append(f"trainer.nnodes must be >= 1, got {cfg.trainer.nnodes}.")
     if cfg.trainer.n_gpus_per_node < 0:
@@ -445,6 +457,59 @@ def validate(cfg: Config) -> None:
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Secrets: never printed, logged or saved.
+
+REDACTED = "***"
+SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+"""Always treated as secrets; any other environment variable whose name looks secret (see is_secret_key) too."""
+_SECRET_NAME = re.compile(
+    r"(^|[_\-.])(token|secret|password|passwd|api[_\-]?key|access[_\-]?key|secret[_\-]?key|private[_\-]?key|"
+    r"auth|credentials?)$|^(key|secret)$",
+    re.IGNORECASE,
+)
+_NOT_SECRET = re.compile(r"^(bos|eos|pad|unk|sep|cls|mask)_token$", re.IGNORECASE)  # template kwargs, not secrets
+_seen_secrets: set[str] = set()
+
+
+def is_secret_key(name: str) -> bool:
+    """True for names like hf_token, WANDB_API_KEY, secret, db_password; False for tokenizer_path, messages_key."""
+    return bool(_SECRET_NAME.search(str(name))) and not _NOT_SECRET.match(str(name))
+
+
+def _secret_values() -> list[str]:
+    env = [v for k, v in os.environ.items() if (k in SECRET_ENV or is_secret_key(k)) and len(v) >= 8]
+    return sorted({*env, *_seen_secrets}, key=len, reverse=True)
+
+
+def scrub(text: str) -> str:
+    """``text`` with every known secret value (secret-looking environment variables and config values) replaced."""
+    for value in _secret_values():
+        text = text.replace(value, REDACTED)
+    return text
+
+
+def redacted(obj: Any) -> Any:
+    """A copy of a config dict (nested dicts/lists) safe to print, log or save: values under secret-looking keys
+    become ``***`` and known secret values inside any string are replaced. Use it for everything that shows a config.
+    """
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if is_secret_key(k) and v not in (None, "", [], {}):
+                if isinstance(v, str) and len(v) >= 6:
+                    _seen_secrets.add(v)
+                out[k] = REDACTED
+            else:
+                out[k] = redacted(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [redacted(v) for v in obj]
+    if isinstance(obj, str):
+        return scrub(obj)
+    return obj
 
 
 def config_reference() -> str:
@@ -472,6 +537,9 @@ __all__ = [
     "apply_verl_aliases",
     "config_reference",
     "field_docs",
+    "is_secret_key",
     "load_config",
+    "redacted",
+    "scrub",
     "to_dict",
 ]

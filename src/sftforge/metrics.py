@@ -6,7 +6,12 @@ metrics.jsonl has one JSON object per optimizer step::
     {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "supervised_tokens", "elapsed_s"[, "val_loss"]}
 
 ``tokens`` counts non-padding input tokens of the step, ``supervised_tokens`` the trained targets. The last line is
-``{"event": "end", "train_runtime_s", "tokens", "tokens_per_s"}``.
+``{"event": "end", "train_runtime_s", "tokens", "tokens_per_s"[, "skipped_steps", "interrupted_by"]}``. A step skipped
+by trainer.nan_policy=skip_step has ``"skipped": true, "skipped_steps": <count so far>``; non-finite numbers are
+written as the strings "nan" / "inf" / "-inf" so the file stays strict JSON.
+
+Every message and the run config given to wandb pass through :func:`sftforge.config.redacted` / ``scrub``: secrets
+never reach the console or a logger.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sftforge.config import ConfigError
+from sftforge.config import ConfigError, redacted, scrub
 
 LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
 _PIP = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
@@ -41,6 +46,10 @@ def read_metrics(path: str | Path) -> list[dict]:
     if not p.exists():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def _strict(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
 def _fmt(x: Any) -> str:
@@ -90,7 +99,7 @@ class MetricsLogger:
         if "wandb" in loggers:
             import wandb
 
-            self._wandb = wandb.init(config=run_config, dir=str(output_dir), resume="allow")
+            self._wandb = wandb.init(config=redacted(run_config or {}), dir=str(output_dir), resume="allow")
         if "console" in loggers:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -112,6 +121,7 @@ class MetricsLogger:
     def print(self, message: str) -> None:
         if not self.enabled:
             return
+        message = scrub(message)
         if self._console is not None:
             self._console.print(message)
         else:
@@ -124,7 +134,7 @@ class MetricsLogger:
         if self._first_step is None:  # the ETA measures from the first step of this process (not a resumed past)
             self._first_step, self._first_elapsed = step, record["elapsed_s"]
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.write(json.dumps(_strict(record)) + "\n")
             self._jsonl.flush()
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self._tb is not None:

@@ -32,13 +32,30 @@ def check_attn_implementation(name: str) -> None:
         )
 
 
+def check_model_options(cfg: ModelConfig) -> None:
+    """What can be checked without loading anything: model.path set and, when it is a local path, present;
+    model.attn_implementation valid and its package installed."""
+    if not cfg.path:
+        raise ConfigError("Set model.path to a model folder, a hub id, or a folder with only config.json.")
+    for key in ("path", "tokenizer_path"):
+        value = getattr(cfg, key)
+        if value and _looks_local(value) and not Path(value).expanduser().exists():
+            raise ConfigError(
+                f"model.{key}={value!r} does not exist; point it to a model folder or a hub id (org/name)."
+            )
+    check_attn_implementation(cfg.attn_implementation)
+
+
+def _looks_local(path: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything absolute, relative with ./ ../ ~, or deeper is a local path."""
+    return path.startswith(("/", ".", "~", "\\")) or path.count("/") > 1 or (len(path) > 1 and path[1] == ":")
+
+
 def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The model in fp32 on ``device``, in train mode, with use_cache off (and gradient checkpointing if asked)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if not cfg.path:
-        raise ConfigError("Set model.path to a model folder, a hub id, or a folder with only config.json.")
-    check_attn_implementation(cfg.attn_implementation)
+    check_model_options(cfg)
     common = {"trust_remote_code": cfg.trust_remote_code, "attn_implementation": cfg.attn_implementation}
     local = Path(cfg.path)
     try:
@@ -91,4 +108,4 @@ def compute_dtype(dtype: str) -> torch.dtype:
     return torch.bfloat16 if dtype == "bf16" else torch.float32
 
 
-__all__ = ["autocast", "check_attn_implementation", "compute_dtype", "has_weights", "load_model"]
+__all__ = ["autocast", "check_attn_implementation", "check_model_options", "compute_dtype", "has_weights", "load_model"]

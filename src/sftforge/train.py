@@ -6,6 +6,13 @@ accumulation = train_batch_size / (micro × world_size)), and splits a micro-bat
 data.max_tokens_per_micro_batch. Whatever the split, the loss of the step is the sum of CE over every supervised token
 of the step divided by the number of those tokens in the whole global batch, so 1×8, 2×4 and packed give one loss.
 
+Interruption: SIGTERM/SIGINT during the loop finishes the current optimizer step (all its micro-batches), writes a
+checkpoint and ends the run with exit code 128+signal; the same command resumes from it exactly. A second signal stops
+at once (the previous complete checkpoint stays usable).
+
+Non-finite loss or gradient norm: checked before the optimizer step (on every rank); trainer.nan_policy=error stops
+with an error naming the step and rank after saving the last good state, skip_step drops the update and counts it.
+
 Epochs: the order of an epoch is a permutation seeded with trainer.seed + epoch (same on every rank and on resume);
 an incomplete last batch of an epoch is dropped (drop_last) — the number is printed at the start.
 """
@@ -15,6 +22,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +33,27 @@ from typing import Any
 import torch
 import yaml
 
-from sftforge.checkpoint import export_hf, load_checkpoint, resolve_resume, save_checkpoint
-from sftforge.config import Config, ConfigError, load_config, to_dict
+from sftforge import faults
+from sftforge.checkpoint import (
+    child,
+    clean_incomplete,
+    export_hf,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+)
+from sftforge.config import Config, ConfigError, load_config, redacted, to_dict
 from sftforge.evaluate import TrainingEval
 from sftforge.loss import loss_sum
 from sftforge.metrics import MetricsLogger, check_loggers
-from sftforge.model import autocast, compute_dtype, load_model
+from sftforge.model import autocast, check_model_options, compute_dtype, load_model
 from sftforge.optim import build_optimizer, lr_at, set_lr
 from sftforge.packing import collate, n_supervised, split_to_budget
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or gradient norm of a step is NaN/inf (trainer.nan_policy=error)."""
 
 
 def world() -> tuple[int, int]:
@@ -132,6 +155,49 @@ class _Runner:
         return total / max(count, 1)
 
 
+def _any_rank(value: int) -> int:
+    """The largest of ``value`` over all ranks, so that every rank takes the same decision."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([value], dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+    return value
+
+
+def _nonfinite_ranks(loss_value: float, grad_norm: float, world_size: int, rank: int) -> list[int]:
+    bad = torch.zeros(world_size, dtype=torch.int64)
+    bad[rank] = int(not (math.isfinite(loss_value) and math.isfinite(grad_norm)))
+    if world_size > 1:
+        torch.distributed.all_reduce(bad)
+    return [r for r in range(world_size) if bad[r]]
+
+
+class _Signals:
+    """Records the first SIGTERM/SIGINT while the loop runs (the loop acts on it after the optimizer step); a second
+    one restores the default action and re-raises it, stopping the process at once."""
+
+    def __init__(self):
+        self.received = 0
+        self._old: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.received:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signum  # no printing here: the handler may interrupt a write to the same stream
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -193,29 +259,38 @@ def train(cfg: Config, *, model=None, tokenizer=None, train_dataset=None, val_da
     world_size, rank = world()
     main = rank == 0
     check_loggers(t.logger)
+    if model is None:
+        check_model_options(cfg.model)  # before the (slow) data loading
+    grad_accum_steps(cfg.data.train_batch_size, cfg.data.micro_batch_size_per_gpu, world_size)
     device = _device(t.device)
     out = Path(t.output_dir)
+    saved_config = redacted(to_dict(cfg))
     tokenizer, train_ds, val_ds = _load_data(cfg, tokenizer, train_dataset, val_dataset)
     plan = make_plan(cfg, len(train_ds), world_size, rank)
+    log_lines = list(getattr(getattr(train_ds, "report", None), "lines", list)())
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        for name in ("config.yaml", "metrics.jsonl", "final", "tensorboard"):
+            child(out, name)  # refuse planted symlinks before training, not after
+        for name in clean_incomplete(out):
+            log_lines.append(f"removed {out / name}: left by an interrupted save")
+        child(out, "config.yaml").write_text(yaml.safe_dump(saved_config, sort_keys=False))
     model = model if model is not None else load_model(cfg.model, device)
     optimizer = build_optimizer(model, o)
     pad_id = next((i for i in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
                    if i is not None), 0)  # fmt: skip
     runner = _Runner(cfg, model, device, pad_id)
     evaluator = TrainingEval(cfg, tokenizer) if t.eval_freq > 0 else None  # generation eval on data.eval_files
-    start, prior_elapsed = 0, 0.0
-    log_lines = list(getattr(getattr(train_ds, "report", None), "lines", list)())
+    start, prior_elapsed, skipped = 0, 0.0, 0
     ckpt = resolve_resume(t.resume, out)
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
         start, prior_elapsed = int(state["step"]), float(state.get("elapsed_s", 0.0))
+        skipped = int(state.get("skipped_steps", 0))
         for line in _resume_differences(ckpt, cfg):
             log_lines.append(line)
     stop = t.stop_at_step if start < t.stop_at_step < plan.total_steps else plan.total_steps
-    log = MetricsLogger(out, t.logger, plan.total_steps, t.log_freq, start, to_dict(cfg), enabled=main)
+    log = MetricsLogger(out, t.logger, plan.total_steps, t.log_freq, start, saved_config, enabled=main)
     log.print(
         f"{len(train_ds)} samples, {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, grad accumulation "
         f"{plan.grad_accum}, world size {world_size}; drop_last leaves out {plan.dropped_per_epoch} samples per epoch"
@@ -226,50 +301,92 @@ def train(cfg: Config, *, model=None, tokenizer=None, train_dataset=None, val_da
     t0, run_tokens = time.perf_counter(), 0
     record: dict[str, Any] = {}
     val_loss = None
-    for step in range(start, stop):
-        epoch, index, micro_batches, n_sup, n_tok = step_micro_batches(train_ds, step, cfg, plan)
-        lr = lr_at(step, plan.total_steps, o)
-        set_lr(optimizer, lr)
-        step_loss = 0.0
-        for samples in micro_batches:
-            s, _ = runner.loss(samples)
-            (s / max(n_sup, 1)).backward()  # divided by the GLOBAL supervised count of the step
-            step_loss += float(s.detach())
-        loss_value = step_loss / max(n_sup, 1)  # a later all-reduce sums step_loss over ranks
-        max_norm = o.clip_grad if o.clip_grad > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            raise FloatingPointError(
-                f"step {step + 1}: loss={loss_value} grad_norm={grad_norm} is not finite; lower optim.lr or check data."
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        run_tokens += n_tok
+
+    def save(done: int) -> None:
+        """step_<done>: the state after ``done`` optimizer steps; then keep-last-N."""
+        if not main:
+            return
+        epoch, index = divmod(done - 1, plan.steps_per_epoch)
         elapsed = prior_elapsed + time.perf_counter() - t0
-        record = {"step": done, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                  "tokens": n_tok, "supervised_tokens": n_sup, "elapsed_s": round(elapsed, 4),
-                  "tokens_per_s": run_tokens / max(time.perf_counter() - t0, 1e-9)}  # fmt: skip
-        if val_ds is not None and ((t.test_freq > 0 and done % t.test_freq == 0) or done == plan.total_steps):
-            val_loss = runner.validate(val_ds, world_size, rank)
-            record["val_loss"] = val_loss
-        if evaluator is not None and (done % t.eval_freq == 0 or done == plan.total_steps):
-            record.update(evaluator(model))
-            log.print(f"step {done}: eval {t.eval_task} accuracy {record['eval_accuracy']:.1%} on data.eval_files")
-        log.log_step(record)
-        if done == stop or (t.save_freq > 0 and done % t.save_freq == 0):
-            if main:
-                position = {"epoch": epoch, "index_in_epoch": index + 1, "elapsed_s": elapsed}
-                save_checkpoint(out, done, model, optimizer, position, to_dict(cfg))
+        position = {"epoch": epoch, "index_in_epoch": index + 1, "elapsed_s": elapsed, "skipped_steps": skipped}
+        save_checkpoint(out, done, model, optimizer, position, saved_config)
+        for p in prune_checkpoints(out, t.max_ckpt_to_keep):
+            log.print(f"removed {p} (trainer.max_ckpt_to_keep={t.max_ckpt_to_keep})")
+
+    interrupted = 0
+    with _Signals() as signals:
+        for step in range(start, stop):
+            epoch, index, micro_batches, n_sup, n_tok = step_micro_batches(train_ds, step, cfg, plan)
+            lr = lr_at(step, plan.total_steps, o)
+            set_lr(optimizer, lr)
+            step_loss = 0.0
+            for m, samples in enumerate(micro_batches):
+                faults.before_micro_batch(step + 1, m)
+                s, _ = runner.loss(samples)
+                (s / max(n_sup, 1)).backward()  # divided by the GLOBAL supervised count of the step
+                step_loss += float(s.detach())
+            loss_value = step_loss / max(n_sup, 1)  # a later all-reduce sums step_loss over ranks
+            max_norm = o.clip_grad if o.clip_grad > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            bad_ranks = _nonfinite_ranks(loss_value, grad_norm, world_size, rank)
+            if not bad_ranks:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            if bad_ranks and t.nan_policy == "error":
+                if step > start:
+                    save(step)  # nothing since the last save or resume is lost
+                kept = f"the state after step {step} is saved in {out / f'step_{step}'}" if step > start else (
+                    "nothing was lost since the last checkpoint")  # fmt: skip
+                raise NonFiniteError(
+                    f"step {done}: the loss ({loss_value}) or gradient norm ({grad_norm}) is not finite on rank(s) "
+                    f"{', '.join(map(str, bad_ranks))} (this is rank {rank}); the update was not applied and "
+                    f"{kept}. Lower optim.lr, set optim.clip_grad, check the data of this step, or set "
+                    "trainer.nan_policy=skip_step to skip such steps."
+                )
+            skipped += bool(bad_ranks)
+            run_tokens += n_tok
+            elapsed = prior_elapsed + time.perf_counter() - t0
+            record = {"step": done, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                      "tokens": n_tok, "supervised_tokens": n_sup, "elapsed_s": round(elapsed, 4),
+                      "tokens_per_s": run_tokens / max(time.perf_counter() - t0, 1e-9)}  # fmt: skip
+            if bad_ranks:
+                record.update(skipped=True, skipped_steps=skipped)
+                log.print(f"warning: step {done} skipped: loss {loss_value}, grad_norm {grad_norm} (nan_policy)")
+            if val_ds is not None and ((t.test_freq > 0 and done % t.test_freq == 0) or done == plan.total_steps):
+                val_loss = runner.validate(val_ds, world_size, rank)
+                record["val_loss"] = val_loss
+            if evaluator is not None and (done % t.eval_freq == 0 or done == plan.total_steps):
+                record.update(evaluator(model))
+                log.print(f"step {done}: eval {t.eval_task} accuracy {record['eval_accuracy']:.1%} on data.eval_files")
+            log.log_step(record)
+            saved = done == stop or (t.save_freq > 0 and done % t.save_freq == 0)
+            if saved:
+                save(done)
+            interrupted = _any_rank(signals.received)
+            if interrupted and done < stop:
+                if not saved:
+                    save(done)
+                stop = done
+                log.print(
+                    f"{signal.Signals(interrupted).name}: stopped after step {done} with a checkpoint in "
+                    f"{out / f'step_{done}'}; run the same command again to resume."
+                )
+                break
+            interrupted = 0  # a signal during the last step: the run is complete anyway
     runtime = time.perf_counter() - t0
     finished = stop == plan.total_steps
     final_dir = None
     if finished and main:
         final_dir = export_hf(model, out / "final", tokenizer, _eos_ids(tokenizer, cfg), compute_dtype(cfg.model.dtype))
     end = {"train_runtime_s": round(runtime, 4), "tokens": run_tokens, "tokens_per_s": run_tokens / max(runtime, 1e-9)}
+    if skipped:
+        end["skipped_steps"] = skipped
+    if interrupted:
+        end["interrupted_by"] = signal.Signals(interrupted).name
     log.close(end)
     return {"step": stop, "total_steps": plan.total_steps, "loss": record.get("loss"), "val_loss": val_loss,
-            "stopped_early": not finished, "output_dir": str(out), "final_dir": str(final_dir) if final_dir else None,
+            "stopped_early": not finished, "interrupted": interrupted, "skipped_steps": skipped, "output_dir": str(out), "final_dir": str(final_dir) if final_dir else None,
             "plan": dataclasses.asdict(plan), **end}  # fmt: skip
 
 
@@ -280,8 +397,18 @@ def train_main(path: str | None, overrides: list[str]) -> int:
         from sftforge.demo import run_demo
 
         return run_demo(overrides)
-    train(load_config(path, overrides))
-    return 0
+    result = train(load_config(path, overrides))
+    return 128 + result["interrupted"] if result["interrupted"] else 0
 
 
-__all__ = ["Plan", "epoch_order", "grad_accum_steps", "make_plan", "step_micro_batches", "train", "train_main", "world"]
+__all__ = [
+    "NonFiniteError",
+    "Plan",
+    "epoch_order",
+    "grad_accum_steps",
+    "make_plan",
+    "step_micro_batches",
+    "train",
+    "train_main",
+    "world",
+]
