@@ -6,6 +6,9 @@ sftforge train [CONFIG.yaml] [key=value ...]
 sftforge data tokenize [CONFIG.yaml] [key=value ...] --output FILE.jsonl
 sftforge data preview  [CONFIG.yaml] [key=value ...] [--index N]
 sftforge eval --model DIR|HUB_ID --data FILE --task TASK [--output results.jsonl] [gen options] [key=value ...]
+sftforge data check    FILE ... [key=value ...] [--json]
+sftforge data convert  IN OUT [--from F] [key=value ...]
+sftforge plan [CONFIG.yaml] [key=value ...] [--json] [--gpu-memory 80GB]
 """
 
 from __future__ import annotations
@@ -107,12 +110,36 @@ def main(argv: list[str] | None = None) -> int:
     p_prev.add_argument("--color", action="store_true", help="force colors even when not writing to a terminal")
     p_prev.add_argument("--no-color", action="store_true", help="no colors")
 
+    p_check = data_sub.add_parser("check", help="stats and problems per file (exit code 1 on problems)")
+    p_check.add_argument("files", nargs="+", metavar="FILE", help="data files; trailing key=value are config overrides")
+    p_check.add_argument("--json", action="store_true", help="one JSON object per file")
+    p_conv = data_sub.add_parser("convert", help="convert rows to messages jsonl/parquet (by the output's suffix)")
+    p_conv.add_argument("input", help=".jsonl / .json / .parquet file")
+    p_conv.add_argument("output", help=".jsonl or .parquet file")
+    p_conv.add_argument(
+        "--from",
+        dest="source_format",
+        default="auto",
+        help="auto | messages | sharegpt | alpaca | prompt_response | multiple_choice | gsm8k | copy (default auto)",
+    )
+    p_conv.add_argument("overrides", nargs="*", metavar="key=value", help="data.* keys, e.g. data.messages_key=conv")
+
+    p_plan = sub.add_parser("plan", help="data, batch and step arithmetic, memory per GPU and warnings; trains nothing")
+    _config_args(p_plan)
+    p_plan.add_argument("--json", action="store_true", help="print one JSON object")
+    p_plan.add_argument("--gpu-memory", default=None, help="GPU memory to fit, e.g. 80GB (default: the visible GPU)")
+
     p_eval = sub.add_parser("eval", help="generate on a data file and score the answers (accuracy, 95% interval)")
     from sftforge.evaluate import add_eval_arguments
 
     add_eval_arguments(p_eval)
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides written after an option (sftforge plan --json data.max_length=8192) belong to the args.
+    if extra and args.command == "plan" and all("=" in e and not e.startswith("-") for e in extra):
+        args.args += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from sftforge.chat import TemplateError
     from sftforge.data import DataError
 
@@ -127,6 +154,18 @@ def main(argv: list[str] | None = None) -> int:
 
             print(config_reference())
             return 0
+        if args.command == "plan":
+            from sftforge.plan import plan_main
+
+            path, overrides = _split_config(args.args)
+            return plan_main(path, overrides, as_json=args.json, gpu_memory=args.gpu_memory)
+        if args.command == "data" and args.data_command in ("check", "convert"):
+            from sftforge import convert
+
+            if args.data_command == "check":
+                files = [f for f in args.files if "=" not in f]
+                return convert.check_main(files, [f for f in args.files if "=" in f], as_json=args.json)
+            return convert.convert_main(args.input, args.output, args.source_format, args.overrides)
         if args.command == "eval":
             from sftforge.evaluate import eval_main
 

@@ -1,0 +1,534 @@
+"""``sftforge plan``: the numbers of a run before it spends a GPU — data, batches, steps, memory, warnings.
+
+The batch and schedule arithmetic is the trainer's own (:func:`sftforge.train.make_plan`,
+:func:`sftforge.train.grad_accum_steps`, :func:`sftforge.optim.warmup_steps`), so the plan cannot disagree with the
+run. The memory estimate is per GPU and counts, from the model's config.json alone (no weights are read):
+
+* parameters: fp32 master weights (model.dtype=bf16 is bf16 autocast over fp32 weights), plus the bf16 copies
+  autocast keeps for the step;
+* gradients (fp32) and AdamW's two fp32 moments, for the trainable parameters;
+* activations saved for the backward pass, per layer and per token of the micro-batch (only the layer inputs plus one
+  layer when model.enable_gradient_checkpointing), the packed block-diagonal mask, and a backward workspace;
+* logits: the LM head runs only on supervised positions, model.loss_chunk_size at a time, recomputed in the
+  backward pass, so only one chunk × vocabulary of logits (and its gradients) is alive at once.
+
+Each GPU holds the whole model (no sharding yet); benchmarks/memory_estimate.py compares the estimate with measured
+peaks (README: "Planning a run").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from sftforge.config import Config, ConfigError
+from sftforge.optim import warmup_steps
+from sftforge.train import grad_accum_steps, make_plan
+
+GIB = 1 << 30
+# Fixed GPU cost outside the tensors counted below: CUDA context, cuBLAS/NCCL workspaces, allocator slack.
+GPU_OVERHEAD_BYTES = int(1.0 * GIB)
+# Throughput of a step with gradient checkpointing relative to one without (one extra forward: ~4/3 of the work).
+CHECKPOINTING_SPEED = 0.75
+LR_HIGH_FOR_FINE_TUNING = 2e-4
+
+
+def parse_memory(text: str | float | int | None) -> int | None:
+    """'80GB', '80G', '80GiB', '24000MB', '80' (GB) -> bytes. GB and GiB both mean 2**30, as GPU tools print them."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, (int, float)):
+        return int(float(text) * GIB)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), flags=re.I)
+    if not m:
+        raise ConfigError(f"--gpu-memory {text!r}: write it like 80GB, 24GiB or 40000MB.")
+    unit = {"": GIB, "K": 1 << 10, "M": 1 << 20, "G": GIB, "T": 1 << 40}[m.group(2).upper()]
+    return int(float(m.group(1)) * unit)
+
+
+def visible_gpu_memory() -> int | None:
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return None
+
+
+def world_size(cfg: Config) -> int:
+    """trainer.n_gpus_per_node × trainer.nnodes; n_gpus_per_node=0 means every visible GPU (1 on CPU)."""
+    n = cfg.trainer.n_gpus_per_node
+    if n <= 0:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    return max(1, n) * cfg.trainer.nnodes
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Model shape and memory
+
+
+@dataclass
+class ModelShape:
+    n_params: int
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qk_norm: bool
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShape:
+        """Exact parameter count from the config, by building the model on the meta device (no memory, no weights)."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        names = [n for n, _ in model.named_modules()]
+        return cls(
+            n_params=sum(p.numel() for p in model.parameters()),
+            hidden=text.hidden_size,
+            layers=text.num_hidden_layers,
+            intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+            heads=heads,
+            kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            vocab=text.vocab_size,
+            tied=bool(getattr(text, "tie_word_embeddings", False)),
+            qk_norm=any(n.endswith("q_norm") for n in names),
+        )
+
+    @classmethod
+    def from_path(cls, path: str, trust_remote_code: bool = False) -> ModelShape:
+        from transformers import AutoConfig
+
+        if not path:
+            raise ConfigError("Set model.path: the plan reads the model's config.json (no weights).")
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise ConfigError(f"model.path={path!r}: could not read its config ({type(e).__name__}: {e}).") from None
+        return cls.from_config(config)
+
+    def activation_bytes_per_token_layer(self, dtype: str) -> int:
+        """Bytes one decoder layer saves for the backward pass per token (RMSNorm + GQA attention + gated MLP).
+
+        The residual stream and the RMSNorms are fp32 (RMSNorm upcasts); under bf16 autocast the projections'
+        inputs are saved as bf16 copies and their outputs are bf16.
+        """
+        b = 2 if dtype == "bf16" else 4
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        norms = 2 * (3 * 4 * h + (h * b if b == 2 else 0))  # input, normalized, output (+ bf16 cast for the linears)
+        qk_norm = (q + kv) * (3 * 4) if self.qk_norm else 0  # per-head RMSNorm on q and k, in fp32
+        # rotated q, k and v (saved by sdpa), sdpa's output and its contiguous copy (o_proj's input), log-sum-exp
+        attention = (q + kv) * b + kv * b + q * b * 2 + self.heads * 4
+        mlp = 4 * i * b  # gate out, up out, silu(gate), their product (the down projection's input)
+        return norms + qk_norm + attention + mlp
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU; ``total`` is the peak during a step."""
+
+    params: int
+    autocast_copies: int
+    grads: int
+    optimizer: int
+    activations: int
+    logits: int
+    attention_mask: int
+    workspace: int
+    overhead: int
+    total: int
+    tokens_per_micro_batch: int
+    supervised_per_micro_batch: int
+    gradient_checkpointing: bool
+    micro_batch_size: int
+    gpu_memory: int | None = None
+    fits: bool | None = None
+
+    def gib(self) -> dict[str, float]:
+        return {k: round(v / GIB, 3) for k, v in dataclasses.asdict(self).items() if k in _PARTS}
+
+
+_PARTS = ("params", "autocast_copies", "grads", "optimizer", "activations", "logits", "attention_mask", "workspace",
+          "overhead", "total")  # fmt: skip
+
+
+def estimate_memory(
+    shape: ModelShape,
+    cfg: Config,
+    tokens_per_micro_batch: int,
+    supervised_per_micro_batch: int | None = None,
+    *,
+    micro_batch_size: int | None = None,
+    gradient_checkpointing: bool | None = None,
+    gpu_memory: int | None = None,
+    overhead: int | None = None,
+) -> MemoryEstimate:
+    """Peak bytes per GPU of one training step with ``tokens_per_micro_batch`` tokens in a forward pass."""
+    m, d = cfg.model, cfg.data
+    gc = m.enable_gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    mbs = d.micro_batch_size_per_gpu if micro_batch_size is None else micro_batch_size
+    tokens = max(1, tokens_per_micro_batch)
+    sup = tokens if supervised_per_micro_batch is None else max(0, min(supervised_per_micro_batch, tokens))
+    b = 2 if m.dtype == "bf16" else 4
+    n = shape.n_params
+    params, grads, optimizer = 4 * n, 4 * n, 8 * n
+    autocast_copies = 2 * n if m.dtype == "bf16" else 0
+    per_layer = shape.activation_bytes_per_token_layer(m.dtype) * tokens
+    h = shape.hidden
+    outside = tokens * (4 * h + 3 * 4 * h) + sup * 4 * h  # embeddings out, final norm, gathered supervised rows
+    if gc:  # only each layer's input is kept; one layer is recomputed at a time in the backward pass
+        activations = shape.layers * tokens * 4 * h + per_layer + outside
+    else:
+        activations = shape.layers * per_layer + outside
+    chunk = sup if m.loss_chunk_size <= 0 else min(sup, m.loss_chunk_size)
+    # One chunk at a time, recomputed in backward: fp32 logits, their log-softmax/gradient, and the gradient of the
+    # logits (+ the bf16 logits under autocast).
+    logits = chunk * shape.vocab * (3 * 4 + (2 if b == 2 else 0))
+    # Packed rows get an explicit block-diagonal mask [1, 1, L, L]; per row when unpacked.
+    row = tokens if d.packing else max(1, tokens // max(1, mbs))
+    mask_rows = 1 if d.packing else mbs
+    attention_mask = mask_rows * row * row * (1 if m.attn_implementation == "sdpa" else 4)
+    workspace = 2 * per_layer + 2 * tokens * 4 * h  # activation gradients of the layer in flight
+    ovh = (GPU_OVERHEAD_BYTES if gpu_memory is not None else 0) if overhead is None else overhead
+    total = params + autocast_copies + grads + optimizer + activations + logits + attention_mask + workspace + ovh
+    fits = None if gpu_memory is None else total <= gpu_memory
+    return MemoryEstimate(params, autocast_copies, grads, optimizer, activations, logits, attention_mask, workspace,
+                          ovh, total, tokens, sup, gc, mbs, gpu_memory, fits)  # fmt: skip
+
+
+def micro_batch_tokens(cfg: Config, micro_batch_size: int, longest: int | None = None) -> int:
+    """Worst-case tokens in one forward pass: micro-batch × the longest sample (data.max_length when the data is not
+    known), capped by data.max_tokens_per_micro_batch."""
+    longest = min(cfg.data.max_length, longest) if longest else cfg.data.max_length
+    tokens = micro_batch_size * longest
+    if cfg.data.max_tokens_per_micro_batch > 0:
+        tokens = min(tokens, max(cfg.data.max_tokens_per_micro_batch, longest))
+    return tokens
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Preset
+
+
+@dataclass
+class PresetChoice:
+    micro_batch_size: int
+    gradient_checkpointing: bool
+    memory: MemoryEstimate
+    reason: str
+    candidates: list[dict] = field(default_factory=list)
+
+    def overrides(self) -> list[str]:
+        return [
+            f"data.micro_batch_size_per_gpu={self.micro_batch_size}",
+            f"model.enable_gradient_checkpointing={str(self.gradient_checkpointing).lower()}",
+        ]
+
+
+def _throughput(tokens: int, gc: bool) -> float:
+    # A GPU is near full utilization from a few thousand tokens per forward; bigger micro-batches add little.
+    return tokens / (tokens + 2048) * (CHECKPOINTING_SPEED if gc else 1.0)
+
+
+def choose_preset(
+    shape: ModelShape, cfg: Config, gpu_memory: int, world: int, longest: int | None = None, max_sup_share: float = 1.0
+) -> PresetChoice:
+    """trainer.preset=auto: the (micro-batch, gradient checkpointing) that fits ``gpu_memory`` with the highest
+    estimated throughput. Micro-batches divide the per-GPU batch, so accumulation stays exact."""
+    per_gpu = max(1, cfg.data.train_batch_size // world)
+    sizes = [s for s in range(1, min(per_gpu, 64) + 1) if per_gpu % s == 0]
+    best, rows = None, []
+    for gc in (False, True):
+        for s in sizes:
+            tokens = micro_batch_tokens(cfg, s, longest)
+            mem = estimate_memory(shape, cfg, tokens, int(tokens * max_sup_share), micro_batch_size=s,
+                                  gradient_checkpointing=gc, gpu_memory=gpu_memory)  # fmt: skip
+            score = _throughput(tokens, gc)
+            rows.append({"micro_batch_size": s, "gradient_checkpointing": gc, "total_gib": round(mem.total / GIB, 2),
+                         "fits": mem.fits, "relative_throughput": round(score, 3)})  # fmt: skip
+            key = (score, -mem.total)
+            if mem.fits and (best is None or key > best[0]):
+                best = (key, s, gc, mem)
+    if best is None:
+        tokens = micro_batch_tokens(cfg, 1, longest)
+        mem = estimate_memory(shape, cfg, tokens, int(tokens * max_sup_share), micro_batch_size=1,
+                              gradient_checkpointing=True, gpu_memory=gpu_memory)  # fmt: skip
+        reason = (f"nothing fits {gpu_memory / GIB:.1f} GiB: even micro-batch 1 with gradient checkpointing needs "
+                  f"{mem.total / GIB:.1f} GiB; lower data.max_length or data.max_tokens_per_micro_batch, or use a "
+                  "bigger GPU")  # fmt: skip
+        return PresetChoice(1, True, mem, reason, rows)
+    _, s, gc, mem = best
+    reason = (f"micro-batch {s} ({mem.tokens_per_micro_batch:,} tokens/forward) "
+              f"{'with' if gc else 'without'} gradient checkpointing: {mem.total / GIB:.1f} of "
+              f"{gpu_memory / GIB:.1f} GiB, the highest estimated throughput among {len(rows)} candidates "
+              f"({sum(bool(r['fits']) for r in rows)} fit)")  # fmt: skip
+    if gc:
+        reason += "; without checkpointing no micro-batch fits"
+    return PresetChoice(s, gc, mem, reason, rows)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The plan
+
+
+def _count(total: int, freq: int) -> int:
+    """Events at every multiple of ``freq`` plus one at the end (the trainer always saves/validates at the end)."""
+    if total <= 0:
+        return 0
+    if freq <= 0:
+        return 1
+    return total // freq + (1 if total % freq else 0)
+
+
+def length_stats(lengths: list[int]) -> dict[str, int]:
+    if not lengths:
+        return {"min": 0, "median": 0, "p95": 0, "max": 0}
+    s = sorted(lengths)
+    p95 = s[min(len(s) - 1, math.ceil(0.95 * len(s)) - 1)]
+    return {"min": s[0], "median": int(statistics.median(s)), "p95": p95, "max": s[-1]}
+
+
+def histogram(lengths: list[int], bins: int = 8, width: int = 30) -> list[str]:
+    if not lengths:
+        return []
+    lo, hi = min(lengths), max(lengths)
+    step = max(1, math.ceil((hi - lo + 1) / bins))
+    counts = [0] * bins
+    for n in lengths:
+        counts[min(bins - 1, (n - lo) // step)] += 1
+    top = max(counts)
+    return [f"{lo + k * step:>7}-{lo + (k + 1) * step - 1:<7} {'█' * round(width * c / top):<{width}} {c}"
+            for k, c in enumerate(counts) if lo + k * step <= hi]  # fmt: skip
+
+
+def build_plan(
+    cfg: Config,
+    lengths: list[int],
+    supervised: list[int] | None = None,
+    *,
+    shape: ModelShape | None = None,
+    gpu_memory: int | None = None,
+    report: Any = None,
+    val_samples: int | None = None,
+) -> dict[str, Any]:
+    """Everything ``sftforge plan`` prints, as one JSON-able dict (``warnings`` name the config key to change)."""
+    d, o, t = cfg.data, cfg.optim, cfg.trainer
+    warnings: list[str] = []
+    notes: list[str] = []
+    n = len(lengths)
+    supervised = supervised if supervised is not None else [0] * n
+    ws = world_size(cfg)
+    out: dict[str, Any] = {"samples": n, "world_size": ws}
+    tokens, sup_tokens = sum(lengths), sum(supervised)
+    out["tokens"], out["supervised_tokens"] = tokens, sup_tokens
+    out["supervised_share"] = round(sup_tokens / tokens, 4) if tokens else 0.0
+    out["length"] = length_stats(lengths)
+    if report is not None:
+        out["over_max_length"] = {"count": report.over_length, "truncation": d.truncation, "truncated": report.truncated,
+                                  "dropped": report.dropped_over_length,
+                                  "dropped_no_trained_tokens": report.dropped_no_trained_tokens,
+                                  "rows_read": report.rows, "skipped_rows": dict(report.skipped)}  # fmt: skip
+
+    # Batch arithmetic: the trainer's functions, their errors turned into warnings so the plan shows everything.
+    accum = None
+    try:
+        accum = grad_accum_steps(d.train_batch_size, d.micro_batch_size_per_gpu, ws)
+    except ConfigError as e:
+        warnings.append(str(e))
+    steps_per_epoch = total = dropped = 0
+    try:
+        p = make_plan(dataclasses.replace(cfg, data=dataclasses.replace(d, micro_batch_size_per_gpu=1)), n, 1)
+        steps_per_epoch, total, dropped = p.steps_per_epoch, p.total_steps, p.dropped_per_epoch
+    except ConfigError as e:
+        warnings.append(str(e))
+    warm = warmup_steps(o, total)
+    out.update(
+        micro_batch_size_per_gpu=d.micro_batch_size_per_gpu,
+        grad_accum_steps=accum,
+        sequences_per_step=d.train_batch_size,
+        tokens_per_step=round(tokens / n * d.train_batch_size) if n else 0,
+        supervised_tokens_per_step=round(sup_tokens / n * d.train_batch_size) if n else 0,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        epochs=round(total / steps_per_epoch, 3) if steps_per_epoch else 0,
+        dropped_per_epoch=dropped,
+        warmup_steps=warm,
+        num_checkpoints=_count(total, t.save_freq),
+        num_validations=_count(total, t.test_freq) if d.val_files else 0,
+        val_samples=val_samples,
+    )
+
+    if total and t.save_freq > total:
+        warnings.append(f"trainer.save_freq ({t.save_freq}) is larger than the total steps ({total}): only the final "
+                        f"checkpoint is written; set trainer.save_freq <= {total} for intermediate ones.")  # fmt: skip
+    if total and t.test_freq > total:
+        warnings.append(f"trainer.test_freq ({t.test_freq}) is larger than the total steps ({total}): validation runs "
+                        f"only at the end; set trainer.test_freq <= {total}.")  # fmt: skip
+    if t.test_freq > 0 and not d.val_files:
+        warnings.append(f"trainer.test_freq ({t.test_freq}) is set but data.val_files is empty: nothing is validated.")
+    if total and warm == 0 and o.lr_scheduler != "constant":
+        warnings.append(f"optim.warmup_ratio / optim.warmup_steps give 0 warmup steps with the decaying "
+                        f"optim.lr_scheduler={o.lr_scheduler}: the first steps run at the full optim.lr; set "
+                        f"optim.warmup_ratio=0.03..0.1.")  # fmt: skip
+    if total and warm >= total:
+        warnings.append(f"optim.warmup_steps/warmup_ratio give {warm} warmup steps of {total}: the learning rate "
+                        "never leaves warmup; lower it.")  # fmt: skip
+    if d.val_files and _same_files(d.val_files, d.train_files):
+        warnings.append("data.val_files is the same as data.train_files: the validation loss measures memorization, "
+                        "not generalization; hold out separate validation data.")  # fmt: skip
+    if o.lr > LR_HIGH_FOR_FINE_TUNING:
+        warnings.append(f"optim.lr ({o.lr:g}) is unusually high for full fine-tuning (typical 1e-6 .. 5e-5); "
+                        "check the value.")  # fmt: skip
+    if steps_per_epoch and dropped > 0.1 * n:
+        warnings.append(f"data.train_batch_size ({d.train_batch_size}) leaves {dropped} of {n} samples out of every "
+                        f"epoch (drop_last); choose a batch size that divides {n} more evenly.")  # fmt: skip
+    if steps_per_epoch and total < 10 and t.max_steps <= 0:
+        notes.append(f"only {total} optimizer steps in total: consider a smaller data.train_batch_size or more "
+                     "trainer.total_epochs.")  # fmt: skip
+
+    # Memory
+    longest = out["length"]["max"] or None
+    max_share = max((s / max(1, L) for s, L in zip(supervised, lengths)), default=1.0) if n else 1.0
+    memory = None
+    if shape is not None:
+        mb_tokens = micro_batch_tokens(cfg, d.micro_batch_size_per_gpu, longest)
+        mb_sup = min(mb_tokens, d.micro_batch_size_per_gpu * max(supervised, default=mb_tokens)) if n else mb_tokens
+        est = estimate_memory(shape, cfg, mb_tokens, mb_sup, gpu_memory=gpu_memory)
+        memory = {**est.gib(), "n_params": shape.n_params, "tokens_per_micro_batch": est.tokens_per_micro_batch,
+                  "supervised_per_micro_batch": est.supervised_per_micro_batch, "dtype": cfg.model.dtype,
+                  "gradient_checkpointing": est.gradient_checkpointing,
+                  "gpu_memory_gib": round(gpu_memory / GIB, 2) if gpu_memory else None, "fits": est.fits}  # fmt: skip
+        if est.fits is False:
+            warnings.append(f"estimated peak {est.total / GIB:.1f} GiB per GPU exceeds the {gpu_memory / GIB:.1f} GiB "
+                            "of --gpu-memory: set model.enable_gradient_checkpointing=true, lower "
+                            "data.micro_batch_size_per_gpu or data.max_tokens_per_micro_batch, or trainer.preset=auto.")  # fmt: skip
+        if t.preset == "auto":
+            if gpu_memory is None:
+                notes.append("trainer.preset=auto needs the GPU memory: pass --gpu-memory (no GPU is visible).")
+            else:
+                choice = choose_preset(shape, cfg, gpu_memory, ws, longest, max_share)
+                out["preset"] = {"micro_batch_size_per_gpu": choice.micro_batch_size,
+                                 "enable_gradient_checkpointing": choice.gradient_checkpointing,
+                                 "reason": choice.reason, "total_gib": round(choice.memory.total / GIB, 2),
+                                 "candidates": choice.candidates}  # fmt: skip
+    out["memory"] = memory
+    out["warnings"] = warnings
+    out["notes"] = notes
+    return out
+
+
+def _same_files(a: Any, b: Any) -> bool:
+    import os
+
+    def norm(x):
+        items = x if isinstance(x, (list, tuple)) else [x]
+        return sorted(os.path.abspath(os.path.expanduser(str(i))) for i in items)
+
+    return norm(a) == norm(b)
+
+
+def plan_from_config(cfg: Config, gpu_memory: str | int | None = None) -> tuple[dict[str, Any], list[int]]:
+    """(the plan, the sample lengths): reads (and tokenizes, cached) the data and the model's config; no weights."""
+    from sftforge.data import build_dataset, load_tokenizer
+
+    mem = parse_memory(gpu_memory) if not isinstance(gpu_memory, int) else gpu_memory
+    mem = mem if mem is not None else visible_gpu_memory()
+    tok = load_tokenizer(cfg)
+    ds = build_dataset(cfg.data, tok)
+    val_n = None
+    if cfg.data.val_files:
+        val_n = len(build_dataset(cfg.data, tok, cfg.data.val_files, key="data.val_files"))
+    shape = ModelShape.from_path(cfg.model.path, cfg.model.trust_remote_code)
+    lengths = [len(s.input_ids) for s in ds.samples]
+    supervised = [sum(s.loss_mask) for s in ds.samples]
+    plan = build_plan(cfg, lengths, supervised, shape=shape, gpu_memory=mem, report=ds.report, val_samples=val_n)
+    return plan, lengths
+
+
+def format_plan(p: dict[str, Any], lengths: list[int] | None = None) -> str:
+    L = p["length"]
+    lines = [
+        f"data: {p['samples']:,} samples, {p['tokens']:,} tokens, supervised {p['supervised_tokens']:,} "
+        f"({p['supervised_share']:.1%})"
+        + (f"; validation: {p['val_samples']:,} samples" if p.get("val_samples") else ""),
+        f"tokens per sample: min {L['min']}, median {L['median']}, p95 {L['p95']}, max {L['max']}",
+    ]
+    lines += ["  " + h for h in histogram(lengths or [])]
+    ov = p.get("over_max_length")
+    if ov:
+        lines.append(
+            f"over data.max_length: {ov['count']} (data.truncation={ov['truncation']}: truncated {ov['truncated']}, "
+            f"dropped {ov['dropped']}, dropped with no trained token left {ov['dropped_no_trained_tokens']})"
+        )
+        if ov["skipped_rows"]:
+            lines.append(f"skipped rows (data.bad_rows=skip): {ov['skipped_rows']}")
+    accum = p["grad_accum_steps"] if p["grad_accum_steps"] is not None else "— (does not divide)"
+    lines += [
+        f"world size {p['world_size']} × micro-batch {p['micro_batch_size_per_gpu']} × accumulation {accum} = "
+        f"{p['sequences_per_step']} sequences/step (~{p['tokens_per_step']:,} tokens, "
+        f"~{p['supervised_tokens_per_step']:,} supervised)",
+        f"steps: {p['steps_per_epoch']}/epoch, {p['total_steps']} total ({p['epochs']} epochs), warmup "
+        f"{p['warmup_steps']}; drop_last leaves out {p['dropped_per_epoch']} samples/epoch",
+        f"checkpoints: {p['num_checkpoints']}; validations: {p['num_validations']}",
+    ]
+    m = p.get("memory")
+    if m:
+        fit = "" if m["fits"] is None else (" — fits" if m["fits"] else " — DOES NOT FIT")
+        gpu = f" of {m['gpu_memory_gib']} GiB" if m["gpu_memory_gib"] else " (no GPU memory given: --gpu-memory 80GB)"
+        lines.append(
+            f"memory per GPU ({m['n_params'] / 1e6:,.1f}M params, {m['dtype']}, "
+            f"{'with' if m['gradient_checkpointing'] else 'no'} gradient checkpointing, "
+            f"{m['tokens_per_micro_batch']:,} tokens/forward, {m['supervised_per_micro_batch']:,} supervised): "
+            f"{m['total']:.2f} GiB{gpu}{fit}"
+        )
+        lines.append("  " + ", ".join(f"{k} {m[k]:.2f}" for k in _PARTS[:-1] if m[k]))
+    if p.get("preset"):
+        pr = p["preset"]
+        lines.append(
+            f"trainer.preset=auto: data.micro_batch_size_per_gpu={pr['micro_batch_size_per_gpu']}, "
+            f"model.enable_gradient_checkpointing={str(pr['enable_gradient_checkpointing']).lower()} — {pr['reason']}"
+        )
+    lines += [f"note: {x}" for x in p.get("notes", [])]
+    lines += [f"warning: {w}" for w in p["warnings"]]
+    return "\n".join(lines)
+
+
+def plan_main(path: str | None, overrides: list[str], as_json: bool = False, gpu_memory: str | None = None) -> int:
+    from sftforge.config import load_config
+
+    cfg = load_config(path, overrides)
+    p, lengths = plan_from_config(cfg, gpu_memory)
+    print(json.dumps(p, indent=2) if as_json else format_plan(p, lengths))
+    return 0
+
+
+__all__ = [
+    "MemoryEstimate",
+    "ModelShape",
+    "PresetChoice",
+    "build_plan",
+    "choose_preset",
+    "estimate_memory",
+    "format_plan",
+    "micro_batch_tokens",
+    "parse_memory",
+    "plan_from_config",
+    "plan_main",
+    "world_size",
+]

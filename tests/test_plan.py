@@ -1,0 +1,199 @@
+"""sftforge plan: the trainer's arithmetic on tricky cases, every warning, --json fields, memory estimate, preset."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sftforge.cli import main
+from sftforge.config import load_config
+from sftforge.plan import (
+    GIB,
+    ModelShape,
+    build_plan,
+    choose_preset,
+    estimate_memory,
+    parse_memory,
+    world_size,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _plan(n=100, length=100, sup=30, **kw):
+    overrides = [f"{k.replace('__', '.')}={v}" for k, v in kw.items()]
+    cfg = load_config(None, ["trainer.n_gpus_per_node=1", *overrides])
+    return build_plan(cfg, [length] * n, [sup] * n)
+
+
+def test_textcraft_374_samples_at_global_batch_256_is_one_step_per_epoch():
+    p = _plan(374, data__train_batch_size=256, data__micro_batch_size_per_gpu=2, trainer__n_gpus_per_node=8,
+              trainer__total_epochs=10, optim__warmup_ratio=0.1)  # fmt: skip
+    assert p["steps_per_epoch"] == 1 and p["total_steps"] == 10 and p["grad_accum_steps"] == 16
+    assert p["dropped_per_epoch"] == 118 and p["warmup_steps"] == 1 and p["world_size"] == 8
+    assert any("data.train_batch_size (256) leaves 118 of 374" in w for w in p["warnings"])
+
+
+@pytest.mark.parametrize("ws,accum", [(1, 16), (2, 8), (8, 2)])
+def test_world_sizes(ws, accum):
+    p = _plan(100, data__train_batch_size=32, data__micro_batch_size_per_gpu=2, trainer__n_gpus_per_node=ws)
+    assert (p["grad_accum_steps"], p["steps_per_epoch"], p["world_size"]) == (accum, 3, ws)
+    assert p["sequences_per_step"] == 32
+
+
+def test_uneven_last_batch_is_dropped_and_counted():
+    p = _plan(70, data__train_batch_size=32, trainer__total_epochs=3)
+    assert (p["steps_per_epoch"], p["total_steps"], p["dropped_per_epoch"]) == (2, 6, 6)
+
+
+def test_nodes_multiply_world_size():
+    cfg = load_config(None, ["trainer.n_gpus_per_node=4", "trainer.nnodes=2"])
+    assert world_size(cfg) == 8
+    assert world_size(load_config(None, [])) >= 1  # 0 = what is visible (1 on CPU)
+
+
+def test_accumulation_not_dividing_is_a_warning_naming_the_keys():
+    p = _plan(100, data__train_batch_size=30, data__micro_batch_size_per_gpu=4, trainer__n_gpus_per_node=2)
+    assert p["grad_accum_steps"] is None
+    assert any(
+        "data.train_batch_size (30) must be a multiple of data.micro_batch_size_per_gpu" in w for w in p["warnings"]
+    )
+    assert p["steps_per_epoch"] == 3  # the rest of the plan is still computed
+
+
+def test_max_steps_overrides_epochs_and_counts_checkpoints_and_validations():
+    p = _plan(100, data__train_batch_size=10, trainer__max_steps=25, trainer__save_freq=10, trainer__test_freq=5,
+              data__val_files="v.jsonl")  # fmt: skip
+    assert p["total_steps"] == 25 and p["num_checkpoints"] == 3 and p["num_validations"] == 5
+
+
+WARNINGS = [
+    (dict(trainer__save_freq=1000), "trainer.save_freq (1000) is larger than the total steps"),
+    (dict(trainer__test_freq=1000, data__val_files="v.jsonl"), "trainer.test_freq (1000) is larger than the total"),
+    (dict(trainer__test_freq=2), "trainer.test_freq (2) is set but data.val_files is empty"),
+    (dict(optim__warmup_ratio=0.0), "0 warmup steps with the decaying optim.lr_scheduler=cosine"),
+    (dict(optim__warmup_steps=1000), "the learning rate never leaves warmup"),
+    (dict(data__train_files="t.jsonl", data__val_files="t.jsonl"), "data.val_files is the same as data.train_files"),
+    (dict(optim__lr=1e-3), "optim.lr (0.001) is unusually high"),
+    (dict(data__train_batch_size=512), "fewer than data.train_batch_size (512)"),
+    (dict(data__train_batch_size=64), "data.train_batch_size (64) leaves 36 of 100 samples"),
+    (dict(data__train_batch_size=6, data__micro_batch_size_per_gpu=4), "must be a multiple of"),
+]
+
+
+@pytest.mark.parametrize("kw,text", WARNINGS, ids=[t for _, t in WARNINGS])
+def test_every_warning(kw, text):
+    base = dict(data__train_batch_size=10, optim__warmup_ratio=0.1)
+    p = _plan(100, **{**base, **kw})
+    assert any(text in w for w in p["warnings"]), p["warnings"]
+
+
+def test_a_clean_config_has_no_warnings():
+    p = _plan(100, data__train_batch_size=10, optim__warmup_ratio=0.1, optim__lr=1e-5)
+    assert p["warnings"] == []
+
+
+def test_constant_schedule_needs_no_warmup():
+    p = _plan(100, data__train_batch_size=10, optim__lr_scheduler="constant")
+    assert not any("warmup" in w for w in p["warnings"])
+
+
+@pytest.fixture(scope="module")
+def small_shape(model_config_dir):
+    return ModelShape.from_path(str(model_config_dir / "qwen3-small"))
+
+
+def test_shape_counts_parameters_exactly(model_config_dir, small_shape):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_config_dir / "qwen3-small"))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert small_shape.n_params == sum(p.numel() for p in model.parameters())
+    assert small_shape.tied and small_shape.qk_norm and small_shape.vocab == 151936
+
+
+def test_memory_is_monotonic_and_sane(small_shape):
+    cfg = load_config(None, [])
+    m = [estimate_memory(small_shape, cfg, t, t // 4).total for t in (256, 1024, 4096, 16384)]
+    assert m == sorted(m) and len(set(m)) == 4
+    fp32 = estimate_memory(small_shape, cfg, 4096, 1024)
+    assert fp32.params == 4 * small_shape.n_params and fp32.optimizer == 8 * small_shape.n_params
+    gc = estimate_memory(small_shape, cfg, 4096, 1024, gradient_checkpointing=True)
+    assert gc.activations < fp32.activations and gc.total < fp32.total
+    chunked = estimate_memory(small_shape, load_config(None, ["model.loss_chunk_size=256"]), 4096, 1024)
+    assert chunked.logits == fp32.logits // 4
+    bf16 = estimate_memory(small_shape, load_config(None, ["model.dtype=bf16"]), 4096, 1024)
+    assert bf16.autocast_copies == 2 * small_shape.n_params and bf16.activations < fp32.activations
+    assert estimate_memory(small_shape, cfg, 4096, 1024, gpu_memory=80 * GIB).fits is True
+    assert estimate_memory(small_shape, cfg, 4096, 1024, gpu_memory=1 * GIB).fits is False
+
+
+def test_parse_memory():
+    assert parse_memory("80GB") == parse_memory("80GiB") == parse_memory("80") == 80 * GIB
+    assert parse_memory("40000MB") == 40000 * (1 << 20) and parse_memory(None) is None
+    with pytest.raises(Exception, match="--gpu-memory"):
+        parse_memory("lots")
+
+
+def test_preset_picks_the_fastest_fitting_choice(small_shape):
+    cfg = load_config(None, ["data.train_batch_size=64", "data.max_length=4096", "trainer.preset=auto"])
+    big = choose_preset(small_shape, cfg, 80 * GIB, 1)
+    assert big.micro_batch_size > 1 and not big.gradient_checkpointing and big.memory.fits
+    small = choose_preset(small_shape, cfg, 12 * GIB, 1)
+    assert small.memory.total <= 12 * GIB and small.micro_batch_size < big.micro_batch_size
+    none = choose_preset(small_shape, cfg, int(0.5 * GIB), 1)
+    assert "nothing fits" in none.reason and none.gradient_checkpointing
+    assert 64 % big.micro_batch_size == 0 and "highest estimated throughput" in big.reason
+
+
+def test_memory_estimate_within_measured_error_on_a_tiny_shape():
+    """The benchmark's smallest case, measured here: the estimate is within the error stated in the README."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memory_estimate", ROOT / "benchmarks" / "memory_estimate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    (row,) = mod.run(mod.CASES[:1])
+    assert abs(row["error"]) < 0.25, row
+
+
+@pytest.fixture
+def textcraft_cfg(tmp_path, model_config_dir, tokenizer_dirs, textcraft_dir):
+    return [
+        f"model.path={model_config_dir / 'qwen3-tiny'}",
+        f"model.tokenizer_path={tokenizer_dirs['qwen3']}",
+        f"data.train_files={textcraft_dir / 'train_tools.jsonl'}",
+        "data.train_batch_size=16",
+        "data.micro_batch_size_per_gpu=2",
+        "trainer.n_gpus_per_node=1",
+        "trainer.save_freq=100",
+    ]
+
+
+def test_cli_json_has_the_fields(textcraft_cfg, capsys):
+    assert main(["plan", *textcraft_cfg, "--json", "--gpu-memory", "80GB", "trainer.preset=auto"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    for key in ("grad_accum_steps", "steps_per_epoch", "total_steps", "warmup_steps", "num_checkpoints", "memory",
+                "warnings"):  # fmt: skip
+        assert key in p, key
+    assert p["samples"] == 40 and p["grad_accum_steps"] == 8 and p["steps_per_epoch"] == 2
+    assert p["memory"]["fits"] is True and p["memory"]["total"] > 0 and p["preset"]["micro_batch_size_per_gpu"] >= 1
+    assert any(w.startswith("trainer.save_freq (100)") for w in p["warnings"])
+    assert p["length"]["min"] <= p["length"]["median"] <= p["length"]["p95"] <= p["length"]["max"]
+
+
+def test_cli_text_report(textcraft_cfg, capsys):
+    assert main(["plan", *textcraft_cfg, "data.max_length=600", "data.truncation=drop"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens per sample: min" in out and "█" in out and "steps:" in out and "memory per GPU" in out
+    assert "over data.max_length:" in out and "data.truncation=drop" in out
+
+
+def test_cli_plan_reads_the_verl_example(textcraft_cfg, capsys):
+    verl = ROOT / "examples" / "textcraft_verl.yaml"
+    assert main(["plan", str(verl), *textcraft_cfg[:3], "--json", "--gpu-memory", "80GB"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["world_size"] == 8 and p["sequences_per_step"] == 256 and p["steps_per_epoch"] == 0
+    assert any("fewer than data.train_batch_size (256)" in w for w in p["warnings"])  # 40 fixture rows
