@@ -145,6 +145,23 @@ def test_nan_loss_stops_before_the_update_and_saves_last_good_state(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_nan_through_cli_is_a_clean_error_exit_1(
+    tmp_path, model_config_dir, tokenizer_dirs, textcraft_dir, monkeypatch, capsys
+):
+    from sftforge.cli import main
+
+    _nan_at_call(monkeypatch, 1)
+    args = [f"model.path={model_config_dir / 'qwen3-tiny'}", f"model.tokenizer_path={tokenizer_dirs['qwen3']}",
+            f"data.train_files={textcraft_dir / 'train_tools.jsonl'}", "data.max_length=2048", "data.truncation=drop",
+            "data.train_batch_size=2", "trainer.max_steps=1", "trainer.logger=[jsonl]", f"trainer.output_dir={tmp_path}"]  # fmt: skip
+    assert main(["train", *args]) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the data report lines
+    assert (
+        last.startswith("error: step 1: the loss (nan)") and "nan_policy=skip_step" in last and "Traceback" not in err
+    )
+
+
 def test_nan_grad_norm_skip_step_policy(tmp_path, model_config_dir, tokenizer_dirs):
     model = load_model(ModelConfig(path=str(model_config_dir / "qwen3-tiny")))
     norm = model.model.norm.weight

@@ -74,6 +74,7 @@ def _steps(out):
     return [r["step"] for r in read_metrics(out / "metrics.jsonl") if "step" in r]
 
 
+@pytest.mark.slow  # 4 (3) subprocess runs, ~20-40 s on 2 busy cores
 def test_sigterm_sigint_mid_accumulation_and_at_epoch_boundaries_resume_exactly(tmp_path, tiny, reference):
     out = tmp_path / "run"
     args = _args(tiny, out)
@@ -116,6 +117,7 @@ def _kill_in_save(args, fault: str) -> str:
     return "".join(lines)
 
 
+@pytest.mark.slow  # 4 (3) subprocess runs, ~20-40 s on 2 busy cores
 def test_sigkill_during_saves_keeps_previous_checkpoint_and_keep_last_n(tmp_path, tiny, reference):
     out = tmp_path / "run"
     args = _args(tiny, out, "trainer.save_freq=1", "trainer.max_ckpt_to_keep=2")
