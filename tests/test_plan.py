@@ -197,3 +197,27 @@ def test_cli_plan_reads_the_verl_example(textcraft_cfg, capsys):
     p = json.loads(capsys.readouterr().out)
     assert p["world_size"] == 8 and p["sequences_per_step"] == 256 and p["steps_per_epoch"] == 0
     assert any("fewer than data.train_batch_size (256)" in w for w in p["warnings"])  # 40 fixture rows
+
+
+def test_train_with_preset_auto_uses_the_plans_choice(textcraft_cfg, tmp_path, capsys):
+    from sftforge.train import train_main
+
+    out = tmp_path / "run"
+    args = [*textcraft_cfg, "trainer.preset=auto", "trainer.gpu_memory=80GB", "trainer.max_steps=1",
+            f"trainer.output_dir={out}", "trainer.logger=[jsonl]", "data.max_length=8192"]  # fmt: skip
+    assert train_main(None, args) == 0
+    err = capsys.readouterr().err
+    assert "info: trainer.preset=auto: data.micro_batch_size_per_gpu=" in err
+    chosen = int(err.split("data.micro_batch_size_per_gpu=")[1].split()[0])
+    saved = (out / "config.yaml").read_text()
+    assert f"micro_batch_size_per_gpu: {chosen}" in saved and chosen != 2  # 80 GB: more than the config's 2 fits
+
+
+def test_preset_auto_without_gpu_memory_keeps_the_config(textcraft_cfg, capsys):
+    from sftforge.plan import apply_preset
+
+    cfg = load_config(None, [*textcraft_cfg, "trainer.preset=auto"])
+    if cfg.trainer.gpu_memory or __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert apply_preset(cfg, None, [*textcraft_cfg, "trainer.preset=auto"]) is cfg
+    assert "no GPU memory known" in capsys.readouterr().err

@@ -162,6 +162,8 @@ class TrainerConfig:
     preset: str = "none"
     """none | auto. auto picks data.micro_batch_size_per_gpu and model.enable_gradient_checkpointing to fit the GPU
     memory with the highest estimated throughput; `sftforge plan` explains the choice."""
+    gpu_memory: str = ""
+    """Memory per GPU for trainer.preset=auto and `sftforge plan`, e.g. 80GB; empty = the visible GPU's."""
 
 
 @dataclass

@@ -447,6 +447,7 @@ def plan_from_config(cfg: Config, gpu_memory: str | int | None = None) -> tuple[
     """(the plan, the sample lengths): reads (and tokenizes, cached) the data and the model's config; no weights."""
     from sftforge.data import build_dataset, load_tokenizer
 
+    gpu_memory = gpu_memory or cfg.trainer.gpu_memory or None
     mem = parse_memory(gpu_memory) if not isinstance(gpu_memory, int) else gpu_memory
     mem = mem if mem is not None else visible_gpu_memory()
     tok = load_tokenizer(cfg)
@@ -509,6 +510,25 @@ def format_plan(p: dict[str, Any], lengths: list[int] | None = None) -> str:
     return "\n".join(lines)
 
 
+def apply_preset(cfg: Config, path: str | None, overrides: list[str]) -> Config:
+    """trainer.preset=auto for a training run: the plan's choice of micro-batch and gradient checkpointing, as
+    overrides applied after the user's (the choice is printed with its reason)."""
+    import sys
+
+    from sftforge.config import load_config
+
+    p, _ = plan_from_config(cfg)
+    if "preset" not in p:
+        print("info: trainer.preset=auto: no GPU memory known (no GPU visible and trainer.gpu_memory empty); keeping "
+              f"data.micro_batch_size_per_gpu={cfg.data.micro_batch_size_per_gpu}.", file=sys.stderr)  # fmt: skip
+        return cfg
+    pr = p["preset"]
+    chosen = [f"data.micro_batch_size_per_gpu={pr['micro_batch_size_per_gpu']}",
+              f"model.enable_gradient_checkpointing={str(pr['enable_gradient_checkpointing']).lower()}"]  # fmt: skip
+    print(f"info: trainer.preset=auto: {' '.join(chosen)} — {pr['reason']}", file=sys.stderr)
+    return load_config(path, list(overrides) + chosen)
+
+
 def plan_main(path: str | None, overrides: list[str], as_json: bool = False, gpu_memory: str | None = None) -> int:
     from sftforge.config import load_config
 
@@ -520,6 +540,7 @@ def plan_main(path: str | None, overrides: list[str], as_json: bool = False, gpu
 
 __all__ = [
     "MemoryEstimate",
+    "apply_preset",
     "ModelShape",
     "PresetChoice",
     "build_plan",

@@ -397,7 +397,12 @@ def train_main(path: str | None, overrides: list[str]) -> int:
         from sftforge.demo import run_demo
 
         return run_demo(overrides)
-    result = train(load_config(path, overrides))
+    cfg = load_config(path, overrides)
+    if cfg.trainer.preset == "auto":
+        from sftforge.plan import apply_preset
+
+        cfg = apply_preset(cfg, path, overrides)
+    result = train(cfg)
     return 128 + result["interrupted"] if result["interrupted"] else 0
 
 
