@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p_plan.add_argument("--json", action="store_true", help="print one JSON object")
     p_plan.add_argument("--gpu-memory", default=None, help="GPU memory to fit, e.g. 80GB (default: the visible GPU)")
 
-    p_eval = sub.add_parser("eval", help="generate on a data file and score the answers (accuracy, 95% interval)")
+    p_eval = sub.add_parser("eval", help="generate on a data file and score the answers (accuracy, 95%% interval)")
     from sftforge.evaluate import add_eval_arguments
 
     add_eval_arguments(p_eval)
