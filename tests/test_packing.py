@@ -4,7 +4,16 @@ import torch
 from sftforge.config import ModelConfig
 from sftforge.loss import hidden_states
 from sftforge.model import load_model
-from sftforge.packing import IGNORE_INDEX, block_causal_mask, collate, pack, pad_collate, shift_labels, split_to_budget
+from sftforge.packing import (
+    IGNORE_INDEX,
+    block_causal_mask,
+    collate,
+    pack,
+    pad_collate,
+    padded_tokens,
+    shift_labels,
+    split_to_budget,
+)
 
 
 def _samples(vocab: int, lens=(7, 12, 5), seed=0):
@@ -61,6 +70,14 @@ def test_split_to_budget():
     padded = split_to_budget(lens, 12, packing=False)
     assert all(len(g) * max(lens[i] for i in g) <= 12 for g in padded if len(g) > 1)
     assert sorted(i for g in padded for i in g) == list(range(5))
+
+
+def test_padded_tokens_is_what_collate_builds():
+    samples = _samples(100, lens=(7, 12, 5))
+    lens = [len(x) for x, _ in samples]
+    for packing in (True, False):
+        assert padded_tokens(lens, packing) == collate(samples, packing).input_ids.numel()
+    assert padded_tokens(lens, False) == 36 and padded_tokens(lens, True) == 24
 
 
 @pytest.mark.parametrize("name", ["qwen3-tiny", "phi3-tiny"])

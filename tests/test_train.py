@@ -123,6 +123,7 @@ def test_metrics_jsonl_and_final_export(tmp_path, model_config_dir, tokenizer_di
         assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "supervised_tokens", "elapsed_s"} <= r.keys()
         assert "val_loss" in r
     assert steps[0]["tokens"] > steps[0]["supervised_tokens"] > 0
+    assert all(r["padding_fraction"] == 0 for r in steps)  # packed (data.packing defaults to true)
     assert end["event"] == "end" and {"train_runtime_s", "tokens", "tokens_per_s"} <= end.keys()
     assert end["tokens"] == sum(r["tokens"] for r in steps)
     assert json.loads(json.dumps(result["val_loss"])) == steps[-1]["val_loss"]

@@ -9,6 +9,7 @@ sftforge eval --model DIR|HUB_ID --data FILE --task TASK [--output results.jsonl
 sftforge data check    FILE ... [key=value ...] [--json]
 sftforge data convert  IN OUT [--from F] [key=value ...]
 sftforge plan [CONFIG.yaml] [key=value ...] [--json] [--gpu-memory 80GB]
+sftforge bench [--batch 8 16] [--steps 3] [--no-trl] [--model-config DIR] [--data FILE]
 """
 
 from __future__ import annotations
@@ -134,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
 
     add_eval_arguments(p_eval)
 
+    p_bench = sub.add_parser("bench", help="tokens/s, step time, peak memory, MFU: sftforge vs TRL SFTTrainer (CPU)")
+    from sftforge.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p_bench)
+
     args, extra = parser.parse_known_args(argv)
     # key=value overrides written after an option (sftforge plan --json data.max_length=8192) belong to the args.
     if extra and args.command == "plan" and all("=" in e and not e.startswith("-") for e in extra):
@@ -166,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
                 files = [f for f in args.files if "=" not in f]
                 return convert.check_main(files, [f for f in args.files if "=" in f], as_json=args.json)
             return convert.convert_main(args.input, args.output, args.source_format, args.overrides)
+        if args.command == "bench":
+            from sftforge.bench import bench_main
+
+            return bench_main(args)
         if args.command == "eval":
             from sftforge.evaluate import eval_main
 

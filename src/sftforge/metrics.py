@@ -3,9 +3,12 @@ trainer.log_freq steps), and optionally tensorboard / wandb.
 
 metrics.jsonl has one JSON object per optimizer step::
 
-    {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "supervised_tokens", "elapsed_s"[, "val_loss"]}
+    {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "supervised_tokens", "padding_fraction", "elapsed_s"
+     [, "val_loss"]}
 
-``tokens`` counts non-padding input tokens of the step, ``supervised_tokens`` the trained targets. The last line is
+``tokens`` counts non-padding input tokens of the step, ``supervised_tokens`` the trained targets,
+``padding_fraction`` the share of padding in this rank's micro-batches (0 with data.packing; packing efficiency is
+1 - padding_fraction). The last line is
 ``{"event": "end", "train_runtime_s", "tokens", "tokens_per_s"[, "skipped_steps", "interrupted_by"]}``. A step skipped
 by trainer.nan_policy=skip_step has ``"skipped": true, "skipped_steps": <count so far>``; non-finite numbers are
 written as the strings "nan" / "inf" / "-inf" so the file stays strict JSON.

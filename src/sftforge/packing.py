@@ -155,6 +155,11 @@ def collate(
     return pad_collate(samples, pad_id)
 
 
+def padded_tokens(lengths: Sequence[int], packing: bool = True) -> int:
+    """Token slots one micro-batch occupies: the sum of lengths when packed, rows × longest row when padded."""
+    return sum(lengths) if packing else len(lengths) * max(lengths, default=0)
+
+
 def split_to_budget(lengths: Sequence[int], max_tokens: int, packing: bool = True) -> list[list[int]]:
     """Split one micro-batch (given its samples' lengths) into groups of indices, each within ``max_tokens``.
 
@@ -197,6 +202,7 @@ __all__ = [
     "n_supervised",
     "pack",
     "pad_collate",
+    "padded_tokens",
     "shift_labels",
     "split_to_budget",
 ]

@@ -49,7 +49,7 @@ from sftforge.loss import loss_sum
 from sftforge.metrics import MetricsLogger, check_loggers
 from sftforge.model import autocast, check_model_options, compute_dtype, load_model
 from sftforge.optim import build_optimizer, lr_at, set_lr
-from sftforge.packing import collate, n_supervised, split_to_budget
+from sftforge.packing import collate, n_supervised, padded_tokens, split_to_budget
 
 
 class NonFiniteError(FloatingPointError):
@@ -320,6 +320,8 @@ def train(cfg: Config, *, model=None, tokenizer=None, train_dataset=None, val_da
             lr = lr_at(step, plan.total_steps, o)
             set_lr(optimizer, lr)
             step_loss = 0.0
+            lens = [[len(s.input_ids) for s in samples] for samples in micro_batches]  # this rank's
+            padding = 1 - sum(map(sum, lens)) / max(sum(padded_tokens(x, cfg.data.packing) for x in lens), 1)
             for m, samples in enumerate(micro_batches):
                 faults.before_micro_batch(step + 1, m)
                 s, _ = runner.loss(samples)
@@ -348,8 +350,8 @@ def train(cfg: Config, *, model=None, tokenizer=None, train_dataset=None, val_da
             run_tokens += n_tok
             elapsed = prior_elapsed + time.perf_counter() - t0
             record = {"step": done, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": n_tok, "supervised_tokens": n_sup, "elapsed_s": round(elapsed, 4),
-                      "tokens_per_s": run_tokens / max(time.perf_counter() - t0, 1e-9)}  # fmt: skip
+                      "tokens": n_tok, "supervised_tokens": n_sup, "padding_fraction": round(padding, 4),
+                      "elapsed_s": round(elapsed, 4), "tokens_per_s": run_tokens / max(time.perf_counter() - t0, 1e-9)}  # fmt: skip
             if bad_ranks:
                 record.update(skipped=True, skipped_steps=skipped)
                 log.print(f"warning: step {done} skipped: loss {loss_value}, grad_norm {grad_norm} (nan_policy)")

@@ -1,0 +1,377 @@
+"""``sftforge bench``: the same data, model and batch trained through sftforge and through TRL's SFTTrainer.
+
+Every case (trainer × global batch) runs in a fresh child process, so its peak memory is that process's own VmHWM
+(``/proc/self/status``; not ``ru_maxrss``, which survives execve and would report the parent's peak). Cases run
+alternately (sftforge 8, TRL 8, sftforge 16, TRL 16): on a shared machine, load changes hit both trainers alike.
+
+What is identical: the tokens (both get sftforge's one render of each conversation: ``input_ids`` + the assistant
+loss mask; TRL receives them pre-tokenized as ``input_ids`` + ``assistant_masks`` and builds its labels from them), the
+samples of every step (the first samples in file order, no shuffling), the model (same config, same random init,
+fp32, sdpa attention, no gradient checkpointing), global batch and micro-batch size, AdamW.
+
+TRL runs with SFTConfig's defaults except: ``bf16=False`` (fp32 like sftforge; TRL's default bf16 needs a GPU),
+``gradient_checkpointing=False`` (TRL defaults to True; sftforge's default is off — leaving it on would slow TRL by
+the recomputation), ``max_length=None`` (TRL's default 1024 would truncate long conversations and train fewer
+tokens), ``train_sampling_strategy="sequential"`` (same samples per step), ``use_cpu=True``, no saving/reporting.
+So TRL keeps its defaults that matter for speed: right padding to the longest sample of each micro-batch
+(``padding_free=False``, ``packing=False``), full logits over the vocabulary at every position, and its per-step
+token accuracy/entropy metrics. Its loss is assistant-only through the ``assistant_masks`` column (TRL's own
+``assistant_only_loss=True`` needs ``{% generation %}`` markers that the Qwen3 template does not have).
+
+MFU (one formula for both trainers, counting only useful work — non-padding tokens, each sample's own context)::
+
+    FLOPs per step = 6 · N · T  +  12 · L · d_attn · Σ_samples s² / 2
+
+N = parameters without the embedding / LM head matrices, T = non-padding tokens of the step, L = layers, d_attn =
+heads × head_dim, s = sample length (causal attention sees on average s/2 keys: 12·L·d_attn·S_eff per token with
+S_eff = s/2). MFU = FLOPs per step / step time / peak FLOP/s, the peak being measured by an fp32 matmul probe on
+the same threads. The LM head is left out (standard for MFU), so MFU ratios equal tokens/s ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+INSTALL_HINT = "pip install 'sftforge[bench]' (from a checkout: pip install -e '.[bench]')"
+COLUMNS = ("trainer", "batch", "step s", "tokens/s", "padding", "peak MiB", "MFU")
+
+
+def default_data() -> Path:
+    shared = ROOT.parent / "shared" / "data" / "textcraft" / "train_react.jsonl"
+    return shared if shared.exists() else FIXTURES / "textcraft" / "train_react.jsonl"
+
+
+def unpack_tokenizer(name: str, dest_root: Path) -> Path:
+    """The vendored tokenizer fixture (tokenizer.json xz-compressed) as a plain folder under dest_root."""
+    src, dest = FIXTURES / "tokenizers" / name, dest_root / name
+    if not (dest / "tokenizer.json").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.name.endswith(".xz"):
+                (dest / f.name[:-3]).write_bytes(lzma.decompress(f.read_bytes()))
+            else:
+                shutil.copy(f, dest / f.name)
+    return dest
+
+
+def trl_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
+
+
+def matmul_peak_flops(n: int = 1024, seconds: float = 1.0) -> float:
+    """Best fp32 matmul FLOP/s over ~``seconds`` of n×n products (the CPU peak the MFU column divides by)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+def model_flops(config: Any, seq_lens: list[int]) -> float:
+    """6·N·T + 12·L·d_attn·Σ s²/2 (see the module docstring) for one step's samples."""
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hd = getattr(config, "head_dim", None) or h // heads
+    # per layer: q, k, v, o projections + gated MLP (3 matrices); norms and biases are negligible
+    n = layers * (h * heads * hd + 2 * h * kv * hd + heads * hd * h + 3 * h * inter)
+    tokens = sum(seq_lens)
+    return 6 * n * tokens + 12 * layers * heads * hd * sum(s * s / 2 for s in seq_lens)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Children (one per case)
+
+
+def _vmhwm() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _setup(spec: dict):
+    import torch
+
+    from sftforge.config import load_config
+    from sftforge.data import build_dataset, load_tokenizer
+
+    torch.manual_seed(0)
+    cfg = load_config(None, spec["overrides"])
+    tok = load_tokenizer(cfg)
+    t0 = time.perf_counter()
+    ds = build_dataset(cfg.data, tok)
+    n = spec["batch"] * (spec["steps"] + 1)
+    if len(ds) < n:
+        raise SystemExit(f"bench: {n} samples needed ({spec['steps']}+1 steps × batch {spec['batch']}), {len(ds)} read")
+    return cfg, tok, ds, n, time.perf_counter() - t0
+
+
+def _child_sftforge(spec: dict) -> dict:
+    import torch
+
+    from sftforge.loss import loss_sum
+    from sftforge.model import load_model
+    from sftforge.optim import build_optimizer
+    from sftforge.packing import collate
+    from sftforge.train import make_plan, step_micro_batches
+
+    cfg, tok, ds, n, tok_s = _setup(spec)
+    model = load_model(cfg.model, "cpu")
+    opt = build_optimizer(model, cfg.optim)
+    plan = make_plan(cfg, len(ds))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    steps = []
+    for step in range(spec["steps"] + 1):
+        t0 = time.perf_counter()
+        _, _, micro, n_sup, n_tok = step_micro_batches(ds, step, cfg, plan)
+        cells = 0
+        for samples in micro:
+            mb = collate(samples, cfg.data.packing, cfg.model.attn_implementation, pad, torch.float32)
+            cells += mb.input_ids.numel()
+            s, _ = loss_sum(model, mb, cfg.model.loss_chunk_size)
+            (s / max(n_sup, 1)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else 1e9)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        lens = [len(x.input_ids) for group in micro for x in group]
+        steps.append({"s": time.perf_counter() - t0, "tokens": n_tok, "cells": cells, "lens": lens})
+    return {"steps": steps, "tokenize_s": tok_s, "rows": len(ds), "config": model.config.to_dict()}
+
+
+def _child_trl(spec: dict) -> dict:
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from sftforge.model import load_model
+
+    cfg, tok, ds, n, tok_s = _setup(spec)
+    rows = ds.samples[:n]
+    data = datasets.Dataset.from_dict(
+        {"input_ids": [s.input_ids for s in rows], "assistant_masks": [s.loss_mask for s in rows]}
+    )
+    model = load_model(cfg.model, "cpu")
+    stamps: list[float] = []
+    counts: list[list[int]] = [[0, 0]]
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+            counts.append([0, 0])
+
+    class Counting(SFTTrainer):
+        def training_step(self, model, inputs, *a, **kw):
+            counts[-1][0] += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else 0
+            counts[-1][1] += int(inputs["input_ids"].numel())
+            return super().training_step(model, inputs, *a, **kw)
+
+    micro = cfg.data.micro_batch_size_per_gpu
+    args = SFTConfig(
+        output_dir=spec["tmp"],
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=spec["batch"] // micro,
+        max_steps=spec["steps"] + 1,
+        learning_rate=cfg.optim.lr,
+        bf16=False,
+        gradient_checkpointing=False,
+        max_length=None,
+        train_sampling_strategy="sequential",
+        use_cpu=True,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    trainer = Counting(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[Timer()])
+    torch.manual_seed(0)
+    trainer.train()
+    steps = []
+    for k in range(len(stamps) - 1):
+        batch = rows[k * spec["batch"] : (k + 1) * spec["batch"]]
+        lens = [len(s.input_ids) for s in batch]
+        steps.append({"s": stamps[k + 1] - stamps[k], "tokens": sum(lens), "cells": counts[k][1], "lens": lens,
+                      "counted_tokens": counts[k][0]})  # fmt: skip
+    return {"steps": steps, "tokenize_s": tok_s, "rows": len(ds), "config": model.config.to_dict()}
+
+
+def _child_main(spec: dict) -> None:
+    out = _child_trl(spec) if spec["trainer"] == "trl" else _child_sftforge(spec)
+    out["peak"] = _vmhwm()
+    print("BENCH_RESULT " + json.dumps(out))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parent
+
+
+def run_case(spec: dict, verbose: bool = False) -> dict:
+    threads = str(spec.get("threads") or os.cpu_count() or 1)
+    env = dict(os.environ, OMP_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    with tempfile.TemporaryDirectory(prefix="sftforge-bench-") as tmp:
+        spec = {**spec, "tmp": tmp}
+        cmd = [sys.executable, "-m", "sftforge.bench", "--child", json.dumps(spec)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if verbose:
+        sys.stderr.write(proc.stderr[-3000:])
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"bench case {spec['trainer']} batch {spec['batch']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("BENCH_RESULT ") :])
+
+
+def summarize(trainer: str, batch: int, result: dict, peak_flops: float) -> dict:
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**result["config"])
+    timed = result["steps"][1:] or result["steps"]  # the first step is warmup
+    secs = sum(s["s"] for s in timed)
+    tokens = sum(s["tokens"] for s in timed)
+    cells = sum(s["cells"] for s in timed)
+    flops = sum(model_flops(config, s["lens"]) for s in timed)
+    return {
+        "trainer": trainer,
+        "batch": batch,
+        "steps": len(timed),
+        "step_s": secs / len(timed),
+        "tokens_per_s": tokens / secs,
+        "padding": 1 - tokens / max(cells, 1),
+        "peak_mib": result["peak"] / 2**20,
+        "mfu": flops / secs / peak_flops,
+        "tokenize_s": result["tokenize_s"],
+        "rows": result["rows"],
+    }
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| " + " | ".join(COLUMNS) + " |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(
+            f"| {r['trainer']} | {r['batch']} | {r['step_s']:.2f} | {r['tokens_per_s']:,.0f} | {r['padding']:.1%} | "
+            f"{r['peak_mib']:,.0f} | {r['mfu']:.2%} |"
+        )
+    for batch in sorted({r["batch"] for r in rows}):
+        ours = [r for r in rows if r["batch"] == batch and r["trainer"] == "sftforge"]
+        trl = [r for r in rows if r["batch"] == batch and r["trainer"].startswith("trl")]
+        if ours and trl:
+            out.append(
+                f"\nbatch {batch}: sftforge / TRL tokens/s = {ours[0]['tokens_per_s'] / trl[0]['tokens_per_s']:.1f}×, "
+                f"peak memory {ours[0]['peak_mib'] / trl[0]['peak_mib']:.2f}×"
+            )
+    return "\n".join(out)
+
+
+def bench(
+    model_config: str | Path,
+    data: str | Path,
+    batches: list[int],
+    steps: int = 3,
+    micro: int = 2,
+    with_trl: bool | None = None,
+    overrides: list[str] | None = None,
+    verbose: bool = False,
+    print_fn=print,
+    threads: int = 0,
+) -> list[dict]:
+    with_trl = trl_available() if with_trl is None else with_trl
+    tok_root = Path(tempfile.gettempdir()) / "sftforge-bench-tokenizers"
+    tokenizer = unpack_tokenizer("qwen3", tok_root)
+    base = [
+        f"model.path={model_config}",
+        f"model.tokenizer_path={tokenizer}",
+        f"data.train_files={data}",
+        f"data.micro_batch_size_per_gpu={micro}",
+        "data.shuffle=false",
+        *(overrides or []),
+    ]
+    import torch
+
+    threads = threads or os.cpu_count() or 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the probe runs on the threads the cases get
+    try:
+        peak = matmul_peak_flops()
+    finally:
+        torch.set_num_threads(before)
+    print_fn(
+        f"model {model_config}, data {data}, micro-batch {micro}, {steps} timed steps after 1 warmup, fp32, "
+        f"{threads} threads; peak {peak / 1e9:.1f} GFLOP/s (fp32 matmul probe, {threads} threads)"
+    )
+    if not with_trl:
+        print_fn(f"TRL is not installed: sftforge rows only. For the comparison: {INSTALL_HINT}")
+    rows = []
+    for batch in batches:
+        trainers = ["sftforge", "trl"] if with_trl else ["sftforge"]
+        for trainer in trainers:
+            spec = {"trainer": trainer, "batch": batch, "steps": steps, "threads": threads,
+                    "overrides": [*base, f"data.train_batch_size={batch}"]}  # fmt: skip
+            t0 = time.perf_counter()
+            result = run_case(spec, verbose)
+            row = summarize(trainer, batch, result, peak)
+            rows.append(row)
+            print_fn(
+                f"  {trainer} batch {batch}: {row['tokens_per_s']:,.0f} tokens/s ({time.perf_counter() - t0:.0f}s)"
+            )
+    print_fn(table(rows))
+    return rows
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-config", default=None, help="folder with a config.json (default: qwen3-small fixture)")
+    p.add_argument("--data", default=None, help="conversations file (default: ../shared/data/textcraft or the fixture)")
+    p.add_argument("--batch", type=int, nargs="+", default=[8, 16], help="global batch sizes (default 8 16)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after 1 warmup step (default 3)")
+    p.add_argument("--micro", type=int, default=2, help="micro-batch size (default 2)")
+    p.add_argument("--no-trl", action="store_true", help="sftforge rows only")
+    p.add_argument("--threads", type=int, default=0, help="torch threads of every case (default: all CPU cores)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="extra sftforge config overrides")
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    model_config = args.model_config or FIXTURES / "model_configs" / "qwen3-small"
+    data = args.data or default_data()
+    if not Path(model_config, "config.json").exists() or not Path(data).exists():
+        print(f"error: need {model_config}/config.json and {data} (run from a source checkout)", file=sys.stderr)
+        return 2
+    if args.no_trl:
+        with_trl = False
+    else:
+        with_trl = trl_available()
+    rows = bench(model_config, data, args.batch, args.steps, args.micro, with_trl, args.overrides, threads=args.threads)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        _child_main(json.loads(sys.argv[2]))
+    else:
+        ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(ap)
+        sys.exit(bench_main(ap.parse_args()))
