@@ -250,6 +250,7 @@ def export_hf(
     tokenizer=None,
     eos_token_ids: list[int] | None = None,
     dtype: torch.dtype = torch.float32,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save a folder ``AutoModelForCausalLM.from_pretrained`` loads: safetensors, config, tokenizer, generation config.
 
@@ -261,7 +262,9 @@ def export_hf(
     out = Path(out_dir)
     child(out.parent, out.name)
     out.mkdir(parents=True, exist_ok=True)
-    state_dict = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
+    # state_dict: full weights gathered from FSDP2 shards (see gather_full_state_dict); else the model's own
+    source = model.state_dict() if state_dict is None else state_dict
+    state_dict = {k: v.detach().to("cpu", dtype) for k, v in source.items()}
     old_dtype = getattr(model.config, "dtype", None)
     model.config.use_cache, model.config.dtype = True, dtype
     try:
@@ -279,6 +282,155 @@ def export_hf(
     return out
 
 
+# --- distributed checkpoints (torch.distributed.checkpoint) -------------------------------------------------------
+# A run with several processes writes ``step_<N>/dcp/`` with DCP (each rank writes its own shards, FQN-keyed model
+# and optimizer state that any world size and any strategy can read back) instead of model.safetensors/optimizer.pt;
+# trainer_state/config/COMPLETE are as above, written by rank 0 after a barrier. :func:`load_any` reads both formats
+# on any world size: a DCP folder is resharded by DCP, a one-process safetensors folder is read as full state dicts.
+
+
+def _dist_on() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _barrier() -> None:
+    if _dist_on():
+        torch.distributed.barrier()
+
+
+def _broadcast_ok(ok: bool) -> None:
+    """Every rank learns whether rank 0 could prepare the folder (so an error does not leave others waiting)."""
+    if _dist_on():
+        t = torch.tensor([int(ok)])
+        torch.distributed.broadcast(t, src=0)
+        ok = bool(t.item())
+    if not ok:
+        raise CheckpointError("rank 0 could not prepare the checkpoint folder; see its error above.")
+
+
+def save_distributed_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    config: dict | None = None,
+) -> Path:
+    """Collective (every rank calls it): DCP shards of model + optimizer into ``step_<step>.tmp/dcp``, then rank 0
+    writes the trainer state, fsyncs, writes the marker and renames, after a barrier."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank = torch.distributed.get_rank() if _dist_on() else 0
+    out = Path(output_dir)
+    final = child(out, f"step_{int(step)}")
+    tmp = child(out, f"step_{int(step)}.tmp")
+    ok = False
+    try:
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                _remove_tree(tmp)
+            (tmp / "dcp").mkdir(parents=True)
+        ok = True
+    finally:
+        _broadcast_ok(ok)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    faults.in_save(step, "weights")
+    _barrier()  # every shard is written before rank 0 marks the folder complete
+    if rank == 0:
+        torch.save({"step": step, **state, "rng": rng_state()}, tmp / "trainer_state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
+        if config is not None:
+            (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        for f in (tmp / "dcp").iterdir():
+            _fsync(f)
+        for f in tmp.iterdir():
+            if f.is_file():
+                _fsync(f)
+        (tmp / MARKER).write_text("ok\n")
+        _fsync(tmp / MARKER)
+        faults.in_save(step, "marker")
+        if final.exists():
+            _remove_tree(final)
+        tmp.rename(final)
+        _fsync(out)
+    _barrier()  # nobody goes on (prunes, resumes, exits) before the folder is complete
+    return final
+
+
+def _optimizer_by_name(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """A one-process optimizer.pt (keyed by position) keyed by parameter name instead, matched through the current
+    optimizer's parameter order (the same :func:`build_optimizer` made both)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    index = {i: order[k] for k, i in enumerate(i for g in saved["param_groups"] for i in g["params"])}
+    return {
+        "state": {index[int(i)]: s for i, s in saved["state"].items()},
+        "param_groups": [{**g, "params": [index[i] for i in g["params"]]} for g in saved["param_groups"]],
+    }
+
+
+def load_any(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True
+) -> dict[str, Any]:
+    """Load a checkpoint written by any number of processes into ``model`` (plain, DDP or FSDP2) on any number."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+        set_state_dict,
+    )
+
+    p = Path(path)
+    fix = f"Delete {p} (the previous complete checkpoint is then used) or set trainer.resume=never to start fresh."
+    sharded = any(hasattr(t, "full_tensor") for t in model.parameters())  # FSDP2 DTensor shards
+    if not (p / "dcp").is_dir():
+        if not sharded:
+            return load_checkpoint(p, model, optimizer, restore_rng)
+        full = StateDictOptions(full_state_dict=True, strict=False)
+        try:
+            weights = load_file(str(p / "model.safetensors"))
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(
+                f"{p / 'model.safetensors'} cannot be read ({type(e).__name__}: {e}). {fix}"
+            ) from None
+        set_model_state_dict(model, weights, options=full)
+        if optimizer is not None:
+            saved = _safe_torch_load(p / "optimizer.pt", fix)
+            set_optimizer_state_dict(model, optimizer, _optimizer_by_name(saved, model, optimizer), options=full)
+    else:
+        if optimizer is None:
+            raise CheckpointError(f"{p} is a distributed checkpoint; loading it needs the optimizer too.")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        try:
+            dcp.load(state, checkpoint_id=str(p / "dcp"))
+        except Exception as e:  # DCP raises several types (CheckpointException, ValueError, OSError)
+            raise CheckpointError(f"{p / 'dcp'} cannot be read ({type(e).__name__}: {e}). {fix}") from None
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    state = _safe_torch_load(p / "trainer_state.pt", fix)
+    rng = state.pop("rng", None)
+    if restore_rng and rng is not None:
+        set_rng_state(rng)
+    return state
+
+
+def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) weights on rank 0's CPU, gathered one tensor at a time (never every shard twice); an empty
+    dict on other ranks. Collective for FSDP2."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # a tied weight appears under both names; keep the first (as model.state_dict() + save_pretrained would)
+    unique = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in full.items() if k in unique}
+
+
 __all__ = [
     "MARKER",
     "CheckpointError",
@@ -287,6 +439,9 @@ __all__ = [
     "complete_checkpoints",
     "prune_checkpoints",
     "export_hf",
+    "gather_full_state_dict",
+    "load_any",
+    "save_distributed_checkpoint",
     "is_complete",
     "latest_checkpoint",
     "load_checkpoint",

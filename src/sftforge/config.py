@@ -164,6 +164,11 @@ class TrainerConfig:
     memory with the highest estimated throughput; `sftforge plan` explains the choice."""
     gpu_memory: str = ""
     """Memory per GPU for trainer.preset=auto and `sftforge plan`, e.g. 80GB; empty = the visible GPU's."""
+    strategy: str = "auto"
+    """auto | none | ddp | fsdp2. How several processes (torchrun) share the work: fsdp2 shards weights, gradients and
+    optimizer state (FSDP2 fully_shard), ddp replicates them. auto: none for one process, fsdp2 on GPUs, ddp on CPU."""
+    offload: bool = False
+    """Keep FSDP2 shards of parameters, gradients and optimizer state in CPU memory (trainer.strategy=fsdp2 only)."""
 
 
 @dataclass
@@ -184,6 +189,7 @@ CHOICES = {
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.preset": ("none", "auto"),
     "trainer.nan_policy": ("error", "skip_step"),
+    "trainer.strategy": ("auto", "none", "ddp", "fsdp2"),
 }
 
 

@@ -38,18 +38,33 @@ from sftforge.checkpoint import (
     child,
     clean_incomplete,
     export_hf,
-    load_checkpoint,
+    gather_full_state_dict,
+    load_any,
     prune_checkpoints,
     resolve_resume,
     save_checkpoint,
+    save_distributed_checkpoint,
 )
 from sftforge.config import Config, ConfigError, load_config, redacted, to_dict
 from sftforge.evaluate import TrainingEval
-from sftforge.loss import loss_sum
 from sftforge.metrics import MetricsLogger, check_loggers
 from sftforge.model import autocast, check_model_options, compute_dtype, load_model
 from sftforge.optim import build_optimizer, lr_at, set_lr
 from sftforge.packing import collate, n_supervised, padded_tokens, split_to_budget
+from sftforge.parallel import (
+    all_reduce_sum,
+    barrier,
+    build_mesh,
+    destroy,
+    grad_scale,
+    init_distributed,
+    is_fsdp,
+    local_device,
+    no_grad_sync,
+    parallelize,
+    resolve_strategy,
+    to_float,
+)
 
 
 class NonFiniteError(FloatingPointError):
@@ -130,14 +145,15 @@ def step_micro_batches(dataset, step: int, cfg: Config, plan: Plan) -> tuple[int
 class _Runner:
     """Turns sample lists into a loss on the device; holds what every micro-batch needs."""
 
-    def __init__(self, cfg: Config, model, device, pad_id: int):
-        self.cfg, self.model, self.device, self.pad_id = cfg, model, device, pad_id
+    def __init__(self, cfg: Config, engine, device, pad_id: int):
+        # engine: the model under its strategy (parallel.parallelize), engine(micro_batch) -> (loss sum, count)
+        self.cfg, self.model, self.device, self.pad_id = cfg, engine, device, pad_id
 
     def loss(self, samples) -> tuple[torch.Tensor, int]:
         c = self.cfg
         mb = collate(samples, c.data.packing, c.model.attn_implementation, self.pad_id, torch.float32).to(self.device)
         with autocast(c.model.dtype, self.device):
-            return loss_sum(self.model, mb, c.model.loss_chunk_size)
+            return self.model(mb)
 
     @torch.no_grad()
     def validate(self, dataset, world_size: int, rank: int) -> float:
@@ -145,12 +161,18 @@ class _Runner:
         self.model.eval()
         d = self.cfg.data
         mine = [dataset[i] for i in range(rank, len(dataset), world_size)]
-        total, count = 0.0, 0
+        groups = []
         for k in range(0, len(mine), d.micro_batch_size_per_gpu):
             chunk = mine[k : k + d.micro_batch_size_per_gpu]
             for group in split_to_budget([len(s.input_ids) for s in chunk], d.max_tokens_per_micro_batch, d.packing):
-                s, n = self.loss([chunk[i] for i in group])
+                groups.append([chunk[i] for i in group])
+        total, count = 0.0, 0
+        for k in range(_any_rank(len(groups)) if world_size > 1 else len(groups)):
+            # FSDP2 gathers weights in every forward: every rank runs as many as the busiest (extra ones count 0)
+            s, n = self.loss(groups[k] if k < len(groups) else [dataset[0]])
+            if k < len(groups):
                 total, count = total + float(s), count + n
+        total, count = all_reduce_sum(total, count)  # token-weighted over all ranks
         self.model.train()
         return total / max(count, 1)
 
@@ -255,14 +277,27 @@ def train(cfg: Config, *, model=None, tokenizer=None, train_dataset=None, val_da
     ``model``/``tokenizer``/``train_dataset``/``val_dataset`` may be passed in (datasets: any sequence of objects with
     input_ids and loss_mask); otherwise they are built from the config.
     """
+    device = _device(cfg.trainer.device)
+    created_group = init_distributed(device.type)  # under torchrun (WORLD_SIZE > 1)
+    try:
+        return _train(cfg, device, model, tokenizer, train_dataset, val_dataset)
+    finally:
+        if created_group:
+            destroy()
+
+
+def _train(cfg: Config, device, model, tokenizer, train_dataset, val_dataset) -> dict[str, Any]:
     t, o = cfg.trainer, cfg.optim
     world_size, rank = world()
     main = rank == 0
+    device = local_device(device)
     check_loggers(t.logger)
     if model is None:
         check_model_options(cfg.model)  # before the (slow) data loading
     grad_accum_steps(cfg.data.train_batch_size, cfg.data.micro_batch_size_per_gpu, world_size)
-    device = _device(t.device)
+    strategy = resolve_strategy(t.strategy, device, world_size)
+    if t.offload and strategy != "fsdp2":
+        raise ConfigError(f"trainer.offload=true needs trainer.strategy=fsdp2 (it is {strategy}).")
     out = Path(t.output_dir)
     saved_config = redacted(to_dict(cfg))
     tokenizer, train_ds, val_ds = _load_data(cfg, tokenizer, train_dataset, val_dataset)
@@ -275,16 +310,20 @@ def train(cfg: Config, *, model=None, tokenizer=None, train_dataset=None, val_da
         for name in clean_incomplete(out):
             log_lines.append(f"removed {out / name}: left by an interrupted save")
         child(out, "config.yaml").write_text(yaml.safe_dump(saved_config, sort_keys=False))
+    barrier()  # output_dir is prepared by rank 0 before anyone reads or writes it
     model = model if model is not None else load_model(cfg.model, device)
+    mesh = build_mesh(device, world_size)
+    engine = parallelize(model, strategy, mesh, cfg.model.dtype, t.offload, cfg.model.loss_chunk_size)
+    scale = grad_scale(engine, world_size)  # wrappers average gradients over ranks; the loss needs their sum
     optimizer = build_optimizer(model, o)
     pad_id = next((i for i in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
                    if i is not None), 0)  # fmt: skip
-    runner = _Runner(cfg, model, device, pad_id)
+    runner = _Runner(cfg, engine, device, pad_id)
     evaluator = TrainingEval(cfg, tokenizer) if t.eval_freq > 0 else None  # generation eval on data.eval_files
     start, prior_elapsed, skipped = 0, 0.0, 0
     ckpt = resolve_resume(t.resume, out)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
+        state = load_any(ckpt, model, optimizer)
         start, prior_elapsed = int(state["step"]), float(state.get("elapsed_s", 0.0))
         skipped = int(state.get("skipped_steps", 0))
         for line in _resume_differences(ckpt, cfg):
@@ -293,7 +332,7 @@ def train(cfg: Config, *, model=None, tokenizer=None, train_dataset=None, val_da
     log = MetricsLogger(out, t.logger, plan.total_steps, t.log_freq, start, saved_config, enabled=main)
     log.print(
         f"{len(train_ds)} samples, {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, grad accumulation "
-        f"{plan.grad_accum}, world size {world_size}; drop_last leaves out {plan.dropped_per_epoch} samples per epoch"
+        f"{plan.grad_accum}, world size {world_size} (trainer.strategy={strategy}); drop_last leaves out {plan.dropped_per_epoch} samples per epoch"
         + (f"; resumed from {ckpt} at step {start}" if ckpt is not None else "")
     )
     for line in log_lines:
@@ -303,13 +342,17 @@ def train(cfg: Config, *, model=None, tokenizer=None, train_dataset=None, val_da
     val_loss = None
 
     def save(done: int) -> None:
-        """step_<done>: the state after ``done`` optimizer steps; then keep-last-N."""
-        if not main:
-            return
+        """step_<done>: the state after ``done`` optimizer steps; then keep-last-N. Collective with several
+        processes (DCP: each rank writes its shards)."""
         epoch, index = divmod(done - 1, plan.steps_per_epoch)
         elapsed = prior_elapsed + time.perf_counter() - t0
         position = {"epoch": epoch, "index_in_epoch": index + 1, "elapsed_s": elapsed, "skipped_steps": skipped}
-        save_checkpoint(out, done, model, optimizer, position, saved_config)
+        if world_size > 1:
+            save_distributed_checkpoint(out, done, model, optimizer, position, saved_config)
+        elif main:
+            save_checkpoint(out, done, model, optimizer, position, saved_config)
+        if not main:
+            return
         for p in prune_checkpoints(out, t.max_ckpt_to_keep):
             log.print(f"removed {p} (trainer.max_ckpt_to_keep={t.max_ckpt_to_keep})")
 
@@ -322,14 +365,22 @@ def train(cfg: Config, *, model=None, tokenizer=None, train_dataset=None, val_da
             step_loss = 0.0
             lens = [[len(s.input_ids) for s in samples] for samples in micro_batches]  # this rank's
             padding = 1 - sum(map(sum, lens)) / max(sum(padded_tokens(x, cfg.data.packing) for x in lens), 1)
-            for m, samples in enumerate(micro_batches):
+            # every rank runs as many micro-batches as the busiest one (FSDP2 gathers weights in each forward; DDP
+            # syncs on the last backward only); the extra ones are a repeat with weight 0
+            n_micro = _any_rank(len(micro_batches)) if world_size > 1 else len(micro_batches)
+            for m in range(n_micro):
                 faults.before_micro_batch(step + 1, m)
-                s, _ = runner.loss(samples)
-                (s / max(n_sup, 1)).backward()  # divided by the GLOBAL supervised count of the step
-                step_loss += float(s.detach())
-            loss_value = step_loss / max(n_sup, 1)  # a later all-reduce sums step_loss over ranks
+                real = m < len(micro_batches)
+                with no_grad_sync(engine, sync=m == n_micro - 1):
+                    s, _ = runner.loss(micro_batches[m] if real else micro_batches[0])
+                    # divided by the GLOBAL supervised count of the step; × world size undoes the wrappers' average
+                    (s * (scale if real else 0.0) / max(n_sup, 1)).backward()
+                step_loss += float(s.detach()) if real else 0.0
+            (step_loss,) = all_reduce_sum(step_loss)  # the loss of the whole global batch, the same on every rank
+            loss_value = step_loss / max(n_sup, 1)
             max_norm = o.clip_grad if o.clip_grad > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            # DDP: gradients are already identical on all ranks; FSDP2: the norm of the sharded DTensors is global
+            grad_norm = to_float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
             bad_ranks = _nonfinite_ranks(loss_value, grad_norm, world_size, rank)
             if not bad_ranks:
                 optimizer.step()
@@ -379,7 +430,13 @@ def train(cfg: Config, *, model=None, tokenizer=None, train_dataset=None, val_da
     runtime = time.perf_counter() - t0
     finished = stop == plan.total_steps
     final_dir = None
-    if finished and main:
+    if finished and is_fsdp(engine):  # every rank takes part in the gather; rank 0 ends up with the full weights
+        full = gather_full_state_dict(model)
+        if main:
+            final_dir = export_hf(model, out / "final", tokenizer, _eos_ids(tokenizer, cfg),
+                                  compute_dtype(cfg.model.dtype), state_dict=full)  # fmt: skip
+        barrier()
+    elif finished and main:
         final_dir = export_hf(model, out / "final", tokenizer, _eos_ids(tokenizer, cfg), compute_dtype(cfg.model.dtype))
     end = {"train_runtime_s": round(runtime, 4), "tokens": run_tokens, "tokens_per_s": run_tokens / max(runtime, 1e-9)}
     if skipped:

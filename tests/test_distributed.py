@@ -1,0 +1,115 @@
+"""Distributed engine on CPU (gloo, 2 processes via torchrun): world-size invariance per strategy, and resume across
+world sizes (stop on 2 -> resume on 1, stop on 1 -> resume on 2) with the same final weights."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sftforge.metrics import read_metrics
+
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+QA = [(f"What is {a} plus {b}? Answer briefly.", f"{a} plus {b} is {a + b}.") for a in range(7) for b in range(3)]
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    p = tmp_path / "qa.jsonl"
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def run(
+    nproc: int, out: Path, data: Path, model_config_dir, tokenizer_dirs, *extra: str
+) -> subprocess.CompletedProcess:
+    args = [
+        "train", f"model.path={model_config_dir / 'qwen3-tiny'}", f"model.tokenizer_path={tokenizer_dirs['qwen3']}",
+        f"data.train_files={data}", "data.train_batch_size=8", "data.micro_batch_size_per_gpu=2",
+        "optim.lr=1e-3", "optim.warmup_steps=1", "optim.clip_grad=1.0", "trainer.max_steps=4",
+        "trainer.device=cpu", "trainer.logger=[jsonl]", f"trainer.output_dir={out}", *extra,
+    ]  # fmt: skip
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "sftforge", *args]
+    else:
+        cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "sftforge", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    errors = [ln for ln in p.stderr.splitlines() if "Error" in ln or "error" in ln or "what()" in ln]
+    assert p.returncode == 0, p.stdout[-2000:] + "\n".join(errors[-20:]) + p.stderr[-3000:]
+    return p
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "final" / "model.safetensors")
+
+
+def max_diff(a: dict, b: dict) -> tuple[float, float]:
+    assert a.keys() == b.keys()
+    abs_d = max(float((a[k] - b[k]).abs().max()) for k in a)
+    rel_d = max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in a)
+    return abs_d, rel_d
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, model_config_dir, tokenizer_dirs):
+    """One uninterrupted single-process run (the reference for every other run)."""
+    tmp = tmp_path_factory.mktemp("ref")
+    data = tmp / "qa.jsonl"
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run(1, tmp / "one", data, model_config_dir, tokenizer_dirs)
+    return data, tmp / "one"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_equal_one(strategy, reference, tmp_path, model_config_dir, tokenizer_dirs):
+    data, one = reference
+    two = tmp_path / "two"
+    p = run(2, two, data, model_config_dir, tokenizer_dirs, f"trainer.strategy={strategy}")
+    assert f"world size 2 (trainer.strategy={strategy})" in p.stdout + p.stderr
+    l1, l2 = losses(one), losses(two)
+    assert len(l1) == len(l2) == 4
+    assert l1 == pytest.approx(l2, rel=1e-4)
+    norms = [[r["grad_norm"] for r in read_metrics(o / "metrics.jsonl") if "grad_norm" in r] for o in (one, two)]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)  # the global norm (clipping at 1.0 is active)
+    abs_d, rel_d = max_diff(weights(two), weights(one))
+    print(f"{strategy}: 1 vs 2 processes: max abs diff {abs_d:.3g}, max rel diff {rel_d:.3g}")
+    assert rel_d < 1e-4
+    assert (two / "step_4" / "dcp").is_dir() and (two / "step_4" / "COMPLETE").is_file()
+
+
+@pytest.mark.slow
+def test_stop_on_two_resume_on_one(reference, tmp_path, model_config_dir, tokenizer_dirs):
+    data, one = reference
+    out = tmp_path / "run"
+    run(2, out, data, model_config_dir, tokenizer_dirs, "trainer.stop_at_step=2")
+    assert (out / "step_2" / "dcp").is_dir() and not (out / "final").exists()
+    run(1, out, data, model_config_dir, tokenizer_dirs)
+    assert losses(out) == pytest.approx(losses(one), rel=1e-4)
+    abs_d, rel_d = max_diff(weights(out), weights(one))
+    print(f"2 -> 1 resume: max abs diff {abs_d:.3g}, max rel diff {rel_d:.3g}")
+    assert rel_d < 1e-4
+
+
+@pytest.mark.slow
+def test_stop_on_one_resume_on_two(reference, tmp_path, model_config_dir, tokenizer_dirs):
+    data, one = reference
+    out = tmp_path / "run"
+    run(1, out, data, model_config_dir, tokenizer_dirs, "trainer.stop_at_step=2")
+    assert (out / "step_2" / "model.safetensors").is_file()
+    run(2, out, data, model_config_dir, tokenizer_dirs, "trainer.strategy=fsdp2")
+    assert losses(out) == pytest.approx(losses(one), rel=1e-4)
+    abs_d, rel_d = max_diff(weights(out), weights(one))
+    print(f"1 -> 2 resume: max abs diff {abs_d:.3g}, max rel diff {rel_d:.3g}")
+    assert rel_d < 1e-4
