@@ -30,7 +30,7 @@ def run(
 ) -> subprocess.CompletedProcess:
     args = [
         "train", f"model.path={model_config_dir / 'qwen3-tiny'}", f"model.tokenizer_path={tokenizer_dirs['qwen3']}",
-        f"data.train_files={data}", "data.train_batch_size=8", "data.micro_batch_size_per_gpu=2",
+        f"data.train_files={data}", f"data.val_files={data}", "data.train_batch_size=8", "data.micro_batch_size_per_gpu=2",
         "optim.lr=1e-3", "optim.warmup_steps=1", "optim.clip_grad=1.0", "trainer.max_steps=4",
         "trainer.device=cpu", "trainer.logger=[jsonl]", f"trainer.output_dir={out}", *extra,
     ]  # fmt: skip
@@ -83,6 +83,8 @@ def test_two_processes_equal_one(strategy, reference, tmp_path, model_config_dir
     assert l1 == pytest.approx(l2, rel=1e-4)
     norms = [[r["grad_norm"] for r in read_metrics(o / "metrics.jsonl") if "grad_norm" in r] for o in (one, two)]
     assert norms[0] == pytest.approx(norms[1], rel=1e-4)  # the global norm (clipping at 1.0 is active)
+    vals = [[r["val_loss"] for r in read_metrics(o / "metrics.jsonl") if "val_loss" in r] for o in (one, two)]
+    assert len(vals[0]) == 1 and vals[0] == pytest.approx(vals[1], rel=1e-5)  # token-weighted over both ranks
     abs_d, rel_d = max_diff(weights(two), weights(one))
     print(f"{strategy}: 1 vs 2 processes: max abs diff {abs_d:.3g}, max rel diff {rel_d:.3g}")
     assert rel_d < 1e-4

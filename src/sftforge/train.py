@@ -298,6 +298,8 @@ def _train(cfg: Config, device, model, tokenizer, train_dataset, val_dataset) ->
     strategy = resolve_strategy(t.strategy, device, world_size)
     if t.offload and strategy != "fsdp2":
         raise ConfigError(f"trainer.offload=true needs trainer.strategy=fsdp2 (it is {strategy}).")
+    if t.offload and device.type != "cuda":
+        raise ConfigError("trainer.offload=true needs GPUs (on trainer.device=cpu all of it is in CPU memory).")
     out = Path(t.output_dir)
     saved_config = redacted(to_dict(cfg))
     tokenizer, train_ds, val_ds = _load_data(cfg, tokenizer, train_dataset, val_dataset)
