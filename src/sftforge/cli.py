@@ -140,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
 
     add_bench_arguments(p_bench)
 
+    p_export = sub.add_parser("export", help="write a Hugging Face folder from a step_<N> checkpoint (or a run folder)")
+    p_export.add_argument(
+        "checkpoint", help="a step_<N> folder, or a run's output_dir (its newest complete checkpoint)"
+    )
+    p_export.add_argument("--output", "-o", required=True, help="folder to write")
+    p_export.add_argument("--merge", action="store_true", help="LoRA run: merge the adapter into the base weights "
+                          "(default: write the adapter only)")  # fmt: skip
+
     args, extra = parser.parse_known_args(argv)
     # key=value overrides written after an option (sftforge plan --json data.max_length=8192) belong to the args.
     if extra and args.command == "plan" and all("=" in e and not e.startswith("-") for e in extra):
@@ -176,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             from sftforge.bench import bench_main
 
             return bench_main(args)
+        if args.command == "export":
+            from sftforge.lora import export_checkpoint
+
+            print(f"wrote {export_checkpoint(args.checkpoint, args.output, merge=args.merge)}")
+            return 0
         if args.command == "eval":
             from sftforge.evaluate import eval_main
 

@@ -26,6 +26,18 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank through peft (0 = off: full fine-tuning). With LoRA only the adapter weights are trained."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: the update is (alpha / rank) × B A."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: list = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt (e.g. [q_proj, v_proj]); all-linear = every linear layer except the LM head."""
+
+
+@dataclass
 class ModelConfig:
     path: str = ""
     """Hugging Face model: a local folder, a hub id, or a folder with only config.json + tokenizer files
@@ -45,6 +57,12 @@ class ModelConfig:
     loss_chunk_size: int = 4096
     """Supervised positions per chunk when computing the LM head + cross-entropy (0 = all at once); bounds the
     memory of the logits to chunk × vocabulary."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters (model.lora.rank > 0 turns them on)."""
+    trainable: list = field(default_factory=list)
+    """Regex patterns over parameter names (re.search): train only the matching parameters, freeze the rest."""
+    frozen: list = field(default_factory=list)
+    """Regex patterns over parameter names (re.search): freeze the matching parameters (not with model.trainable)."""
 
 
 @dataclass
@@ -525,19 +543,28 @@ def config_reference() -> str:
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for section in dataclasses.fields(Config):
         cls = section.default_factory  # type: ignore[misc]
-        docs = field_docs(cls)
         inst = cls()
-        for f in dataclasses.fields(cls):
-            default = getattr(inst, f.name)
-            text = docs.get(f.name, "").replace("|", "\\|")
-            lines.append(f"| `{section.name}.{f.name}` | `{default!r}` | {text} |")
+        lines += _reference_rows(cls, inst, section.name)
     return "\n".join(lines)
+
+
+def _reference_rows(cls: type, inst: Any, prefix: str) -> list[str]:
+    docs, rows = field_docs(cls), []
+    for f in dataclasses.fields(cls):
+        default = getattr(inst, f.name)
+        if dataclasses.is_dataclass(default):  # a nested section (model.lora): its own keys
+            rows += _reference_rows(type(default), default, f"{prefix}.{f.name}")
+            continue
+        text = docs.get(f.name, "").replace("|", "\\|")
+        rows.append(f"| `{prefix}.{f.name}` | `{default!r}` | {text} |")
+    return rows
 
 
 __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "LoraConfig",
     "ModelConfig",
     "OptimConfig",
     "TrainerConfig",

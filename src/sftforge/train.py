@@ -47,6 +47,7 @@ from sftforge.checkpoint import (
 )
 from sftforge.config import Config, ConfigError, load_config, redacted, to_dict
 from sftforge.evaluate import TrainingEval
+from sftforge.lora import export_model, prepare_model
 from sftforge.metrics import MetricsLogger, check_loggers
 from sftforge.model import autocast, check_model_options, compute_dtype, load_model
 from sftforge.optim import build_optimizer, lr_at, set_lr
@@ -220,6 +221,12 @@ class _Signals:
             signal.signal(sig, old)
 
 
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -314,6 +321,8 @@ def _train(cfg: Config, device, model, tokenizer, train_dataset, val_dataset) ->
         child(out, "config.yaml").write_text(yaml.safe_dump(saved_config, sort_keys=False))
     barrier()  # output_dir is prepared by rank 0 before anyone reads or writes it
     model = model if model is not None else load_model(cfg.model, device)
+    model = prepare_model(model, cfg.model, console=_console() if main else None)  # LoRA / freezing
+    torch.manual_seed(t.seed)  # dropout (e.g. LoRA's); a resume restores the checkpoint's RNG instead
     mesh = build_mesh(device, world_size)
     engine = parallelize(model, strategy, mesh, cfg.model.dtype, t.offload, cfg.model.loss_chunk_size)
     scale = grad_scale(engine, world_size)  # wrappers average gradients over ranks; the loss needs their sum
@@ -439,7 +448,8 @@ def _train(cfg: Config, device, model, tokenizer, train_dataset, val_dataset) ->
                                   compute_dtype(cfg.model.dtype), state_dict=full)  # fmt: skip
         barrier()
     elif finished and main:
-        final_dir = export_hf(model, out / "final", tokenizer, _eos_ids(tokenizer, cfg), compute_dtype(cfg.model.dtype))
+        final_dir = export_model(model, out / "final", tokenizer, _eos_ids(tokenizer, cfg), compute_dtype(cfg.model.dtype),
+                                 adapter_dir=out / "final" / "adapter", base_path=cfg.model.path)  # fmt: skip
     end = {"train_runtime_s": round(runtime, 4), "tokens": run_tokens, "tokens_per_s": run_tokens / max(runtime, 1e-9)}
     if skipped:
         end["skipped_steps"] = skipped
