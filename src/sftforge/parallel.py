@@ -10,7 +10,8 @@ The model file stays plain (``model.py`` builds an ordinary HF module); :func:`p
 - ``none``: the model as is (one process).
 
 Default (``trainer.strategy=auto``): ``none`` for one process, ``fsdp2`` on GPUs, ``ddp`` on CPU with several processes
-(gloo has no reduce-scatter, which FSDP2 otherwise needs; fsdp2 on CPU is tested and works but is slower).
+(one gradient all-reduce per step instead of per-layer all-gathers on every micro-batch; fsdp2 on CPU/gloo also works
+and is tested).
 
 Both DDP and FSDP2 AVERAGE gradients over ranks. The trainer's loss is already the sum of CE divided by the GLOBAL
 supervised-token count, so the right gradient is the SUM over ranks: :func:`grad_scale` is the factor the trainer
