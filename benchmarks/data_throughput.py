@@ -8,7 +8,6 @@ DIR defaults to ../shared/data/textcraft when it exists, else the repo's 40-row 
 from __future__ import annotations
 
 import argparse
-import lzma
 import shutil
 import sys
 import tempfile
@@ -17,22 +16,12 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from sftforge.bench import unpack_tokenizer
 from sftforge.config import DataConfig
 from sftforge.data import build_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
-
-
-def unpack(name: str, dest: Path) -> Path:
-    out = dest / name
-    out.mkdir(parents=True, exist_ok=True)
-    for f in (FIXTURES / "tokenizers" / name).iterdir():
-        if f.suffix == ".xz":
-            (out / f.stem).write_bytes(lzma.decompress(f.read_bytes()))
-        else:
-            shutil.copy(f, out / f.name)
-    return out
 
 
 def main() -> None:
@@ -46,7 +35,7 @@ def main() -> None:
     print("| tokenizer | file | rows | num_proc | cold conv/s | cached conv/s | tokens | trained share |")
     print("|---|---|---|---|---|---|---|---|")
     for name in ("qwen3", "qwen2.5", "phi3"):
-        tok = AutoTokenizer.from_pretrained(str(unpack(name, tmp)))
+        tok = AutoTokenizer.from_pretrained(str(unpack_tokenizer(name, tmp)))
         for shape in ("react", "tools"):
             if name == "phi3" and shape == "tools":
                 continue  # Phi-3's template does not render tool calls (sftforge refuses that data for it)

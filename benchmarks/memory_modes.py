@@ -45,9 +45,7 @@ def child(case: str, tokens: int, micro: int, steps: int) -> None:
 
     import torch
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import unpack_tokenizer
-
+    from sftforge.bench import unpack_tokenizer
     from sftforge.config import load_config
     from sftforge.data import Sample
     from sftforge.lora import parameter_report  # noqa: F401 (imported before the baseline)

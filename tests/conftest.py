@@ -9,28 +9,14 @@ tests/fixtures/model_configs holds config.json shapes from ../shared/assets/mode
 
 from __future__ import annotations
 
-import lzma
-import shutil
 from pathlib import Path
 
 import pytest
 
+from sftforge.bench import unpack_tokenizer  # the one unpacker of the vendored tokenizers (bench uses it too)
+
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER_NAMES = ("qwen3", "qwen2.5", "phi3")
-
-
-def unpack_tokenizer(name: str, dest_root: Path) -> Path:
-    """Decompress a vendored tokenizer into dest_root/name and return that folder."""
-    src = FIXTURES / "tokenizers" / name
-    dest = dest_root / name
-    if not (dest / "tokenizer.json").exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in src.iterdir():
-            if f.name.endswith(".xz"):
-                (dest / f.name[:-3]).write_bytes(lzma.decompress(f.read_bytes()))
-            else:
-                shutil.copy(f, dest / f.name)
-    return dest
 
 
 @pytest.fixture(scope="session")
