@@ -59,3 +59,30 @@ def test_linear_constant_wsd():
     wsd = [_f("wsd", s, total=10, decay_ratio=0.2, min_lr_ratio=0.1) for s in range(10)]
     assert wsd[:8] == [1.0] * 8
     assert wsd[8] == pytest.approx(0.55) and wsd[9] == pytest.approx(0.1)
+
+
+def _adamw_weights(impl: str, model_config_dir) -> list[torch.Tensor]:
+    model = load_model(ModelConfig(path=str(model_config_dir / "qwen3-tiny")))
+    opt = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1, implementation=impl))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_adamw_fused_and_foreach_equal_the_per_parameter_loop(model_config_dir):
+    ref = _adamw_weights("for_loop", model_config_dir)
+    for impl in ("fused", "foreach", "auto"):
+        got = _adamw_weights(impl, model_config_dir)
+        for a, b in zip(ref, got):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_adamw_auto_picks_fused_on_cpu(model_config_dir):
+    model = load_model(ModelConfig(path=str(model_config_dir / "qwen3-tiny")))
+    opt = build_optimizer(model, OptimConfig())
+    assert all(g["fused"] for g in opt.param_groups)
+    opt = build_optimizer(model, OptimConfig(implementation="for_loop"))
+    assert not any(g["fused"] for g in opt.param_groups) and not any(g["foreach"] for g in opt.param_groups)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sftforge.config import VERL_ALIASES, ConfigError, load_config
+from sftforge.config import VERL_ALIASES, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,6 +23,7 @@ CASES = [
     ("use_remove_padding=false", "data.packing", False),
     ("model.use_remove_padding=true", "data.packing", True),
     ("ulysses_sequence_parallel_size=1", "data.packing", True),
+    ("ulysses_sequence_parallel_size=4", "trainer.sp_size", 4),
 ]
 
 
@@ -60,9 +61,8 @@ def test_native_verl_keys_need_no_alias(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_ulysses_above_one_is_a_clear_error():
-    with pytest.raises(ConfigError, match=r"ulysses_sequence_parallel_size=4: sftforge has no sequence parallelism"):
-        load_config(None, ["ulysses_sequence_parallel_size=4"])
+def test_ulysses_is_sp_size():
+    assert load_config(None, ["ulysses_sequence_parallel_size=2"]).trainer.sp_size == 2
 
 
 def test_aliases_in_yaml_nested_sections(tmp_path):

@@ -134,6 +134,9 @@ class OptimConfig:
     """wsd only: share of total steps spent in the final decay."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this value (0 = no clipping)."""
+    implementation: str = "auto"
+    """AdamW kernel: auto | fused | foreach | for_loop. auto = fused (one kernel over all parameters, same math)
+    where torch supports it for the parameters' device, else foreach."""
 
 
 @dataclass
@@ -187,6 +190,10 @@ class TrainerConfig:
     optimizer state (FSDP2 fully_shard), ddp replicates them. auto: none for one process, fsdp2 on GPUs, ddp on CPU."""
     offload: bool = False
     """Keep FSDP2 shards of parameters, gradients and optimizer state in CPU memory (trainer.strategy=fsdp2 only)."""
+    sp_size: int = 1
+    """Ulysses sequence parallelism: ranks in groups of sp_size share each packed micro-batch, each holding 1/sp_size
+    of its tokens (attention all-to-all over the group). Data-parallel size = world size / sp_size. Needs
+    data.packing=true and heads divisible by sp_size."""
 
 
 @dataclass
@@ -204,6 +211,7 @@ CHOICES = {
     "data.truncation": ("error", "left", "right", "drop"),
     "data.bad_rows": ("error", "skip"),
     "optim.lr_scheduler": ("cosine", "linear", "constant", "wsd"),
+    "optim.implementation": ("auto", "fused", "foreach", "for_loop"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.preset": ("none", "auto"),
     "trainer.nan_policy": ("error", "skip_step"),
@@ -331,17 +339,6 @@ def _multiturn(value: Any) -> list[tuple[str, Any]]:
     return [] if _truthy(value) else [("data.format", "prompt_response")]
 
 
-def _ulysses(value: Any) -> list[tuple[str, Any]]:
-    size = _coerce(value, int, "ulysses_sequence_parallel_size")
-    if size > 1:
-        raise ConfigError(
-            f"ulysses_sequence_parallel_size={size}: sftforge has no sequence parallelism yet. Set it to 1 and fit long "
-            "samples with model.enable_gradient_checkpointing=true, a smaller data.micro_batch_size_per_gpu or "
-            "data.max_tokens_per_micro_batch (`sftforge plan` shows the memory)."
-        )
-    return []
-
-
 def _wandb_env(var: str) -> Any:
     def apply(value: Any) -> list[tuple[str, Any]]:
         import os
@@ -370,7 +367,7 @@ VERL_ALIASES: dict[str, tuple[str, Any]] = {
     ),
     "use_remove_padding": ("data.packing", _rename("data.packing")),
     "model.use_remove_padding": ("data.packing", _rename("data.packing")),
-    "ulysses_sequence_parallel_size": ("nothing (only 1 is supported)", _ulysses),
+    "ulysses_sequence_parallel_size": ("trainer.sp_size", _rename("trainer.sp_size")),
     "trainer.project_name": ("$WANDB_PROJECT (wandb's project)", _wandb_env("WANDB_PROJECT")),
     "trainer.experiment_name": ("$WANDB_NAME (wandb's run name)", _wandb_env("WANDB_NAME")),
 }

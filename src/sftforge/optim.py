@@ -43,10 +43,27 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def _fused_supported(params: list[torch.Tensor]) -> bool:
+    """torch's fused AdamW runs on CPU and on accelerators with floating-point parameters."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    return all(p.device.type in devices and torch.is_floating_point(p) for p in params)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; ``optim.implementation`` picks the kernel (the math is the same: fused
+    and the per-parameter loop agree to float rounding, see tests/test_optim.py)."""
     groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, cfg.weight_decay)]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False)
+    impl = getattr(cfg, "implementation", "auto")
+    params = [p for g in groups for p in g["params"]]
+    if impl == "auto":
+        impl = "fused" if params and _fused_supported(params) else "foreach"
+    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
+    if impl not in kernel:
+        raise ValueError(f"optim.implementation={impl!r} is not one of auto | fused | foreach | for_loop.")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kernel[impl])
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:

@@ -17,7 +17,9 @@ Both DDP and FSDP2 AVERAGE gradients over ranks. The trainer's loss is already t
 supervised-token count, so the right gradient is the SUM over ranks: :func:`grad_scale` is the factor the trainer
 multiplies the loss by (world size for a wrapped model) so that the average equals the sum.
 
-The mesh is 1-D (``dp``) now; a sequence-parallel axis is a second dimension of the same mesh later.
+With ``trainer.sp_size`` > 1 (Ulysses, see ulysses.py) the ranks also form a (dp, sp) mesh: its ``sp`` groups share
+micro-batches and exchange attention heads; DDP / FSDP2 still span the whole world (the SP ranks' partial gradients of
+one micro-batch are summed like those of different micro-batches).
 """
 
 from __future__ import annotations
@@ -62,6 +64,17 @@ def build_mesh(device: torch.device, world_size: int):
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
+
+
+def build_sp_group(device: torch.device, world_size: int, sp_size: int):
+    """This rank's sequence-parallel process group: the ``sp`` axis of a (dp, sp) mesh, i.e. ranks
+    k·sp … k·sp + sp - 1 together (neighbours, so on one node when sp_size <= GPUs per node); None when sp_size is 1."""
+    if sp_size <= 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world_size // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
+    return mesh["sp"].get_group()
 
 
 def resolve_strategy(strategy: str, device: torch.device, world_size: int) -> str:
@@ -207,6 +220,7 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "build_mesh",
+    "build_sp_group",
     "destroy",
     "grad_scale",
     "init_distributed",

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import yaml
 
-from sftforge import faults
+from sftforge import faults, ulysses
 from sftforge.checkpoint import (
     child,
     clean_incomplete,
@@ -56,6 +56,7 @@ from sftforge.parallel import (
     all_reduce_sum,
     barrier,
     build_mesh,
+    build_sp_group,
     destroy,
     grad_scale,
     init_distributed,
@@ -66,6 +67,7 @@ from sftforge.parallel import (
     resolve_strategy,
     to_float,
 )
+from sftforge.ulysses import sp_group_layout
 
 
 class NonFiniteError(FloatingPointError):
@@ -153,22 +155,23 @@ class _Runner:
     def loss(self, samples) -> tuple[torch.Tensor, int]:
         c = self.cfg
         mb = collate(samples, c.data.packing, c.model.attn_implementation, self.pad_id, torch.float32).to(self.device)
+        mb = ulysses.shard(mb)  # this rank's slice of the row under sequence parallelism (else mb itself)
         with autocast(c.model.dtype, self.device):
             return self.model(mb)
 
     @torch.no_grad()
-    def validate(self, dataset, world_size: int, rank: int) -> float:
+    def validate(self, dataset, dp_size: int, dp_rank: int) -> float:
         """Token-weighted loss over every validation sample (sum of CE / number of supervised tokens)."""
         self.model.eval()
         d = self.cfg.data
-        mine = [dataset[i] for i in range(rank, len(dataset), world_size)]
+        mine = [dataset[i] for i in range(dp_rank, len(dataset), dp_size)]
         groups = []
         for k in range(0, len(mine), d.micro_batch_size_per_gpu):
             chunk = mine[k : k + d.micro_batch_size_per_gpu]
             for group in split_to_budget([len(s.input_ids) for s in chunk], d.max_tokens_per_micro_batch, d.packing):
                 groups.append([chunk[i] for i in group])
         total, count = 0.0, 0
-        for k in range(_any_rank(len(groups)) if world_size > 1 else len(groups)):
+        for k in range(_any_rank(len(groups)) if dp_size > 1 else len(groups)):
             # FSDP2 gathers weights in every forward: every rank runs as many as the busiest (extra ones count 0)
             s, n = self.loss(groups[k] if k < len(groups) else [dataset[0]])
             if k < len(groups):
@@ -301,7 +304,9 @@ def _train(cfg: Config, device, model, tokenizer, train_dataset, val_dataset) ->
     check_loggers(t.logger)
     if model is None:
         check_model_options(cfg.model)  # before the (slow) data loading
-    grad_accum_steps(cfg.data.train_batch_size, cfg.data.micro_batch_size_per_gpu, world_size)
+    dp_size, sp_size = sp_group_layout(world_size, t.sp_size)
+    dp_rank = rank // sp_size  # ranks k·sp … k·sp+sp-1 share data-parallel rank k (ulysses.py)
+    grad_accum_steps(cfg.data.train_batch_size, cfg.data.micro_batch_size_per_gpu, dp_size)
     strategy = resolve_strategy(t.strategy, device, world_size)
     if t.offload and strategy != "fsdp2":
         raise ConfigError(f"trainer.offload=true needs trainer.strategy=fsdp2 (it is {strategy}).")
@@ -310,7 +315,7 @@ def _train(cfg: Config, device, model, tokenizer, train_dataset, val_dataset) ->
     out = Path(t.output_dir)
     saved_config = redacted(to_dict(cfg))
     tokenizer, train_ds, val_ds = _load_data(cfg, tokenizer, train_dataset, val_dataset)
-    plan = make_plan(cfg, len(train_ds), world_size, rank)
+    plan = make_plan(cfg, len(train_ds), dp_size, dp_rank)
     log_lines = list(getattr(getattr(train_ds, "report", None), "lines", list)())
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -323,6 +328,9 @@ def _train(cfg: Config, device, model, tokenizer, train_dataset, val_dataset) ->
     model = model if model is not None else load_model(cfg.model, device)
     model = prepare_model(model, cfg.model, console=_console() if main else None)  # LoRA / freezing
     torch.manual_seed(t.seed)  # dropout (e.g. LoRA's); a resume restores the checkpoint's RNG instead
+    ulysses.check_model(model, sp_size, cfg.model.attn_implementation, cfg.data.packing)
+    if sp_size > 1:
+        ulysses.enable(model, build_sp_group(device, world_size, sp_size), sp_size)
     mesh = build_mesh(device, world_size)
     engine = parallelize(model, strategy, mesh, cfg.model.dtype, t.offload, cfg.model.loss_chunk_size)
     scale = grad_scale(engine, world_size)  # wrappers average gradients over ranks; the loss needs their sum
@@ -343,7 +351,8 @@ def _train(cfg: Config, device, model, tokenizer, train_dataset, val_dataset) ->
     log = MetricsLogger(out, t.logger, plan.total_steps, t.log_freq, start, saved_config, enabled=main)
     log.print(
         f"{len(train_ds)} samples, {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, grad accumulation "
-        f"{plan.grad_accum}, world size {world_size} (trainer.strategy={strategy}); drop_last leaves out {plan.dropped_per_epoch} samples per epoch"
+        f"{plan.grad_accum}, world size {world_size}{f' = dp {dp_size} × sp {sp_size}' if sp_size > 1 else ''} "
+        f"(trainer.strategy={strategy}); drop_last leaves out {plan.dropped_per_epoch} samples per epoch"
         + (f"; resumed from {ckpt} at step {start}" if ckpt is not None else "")
     )
     for line in log_lines:
@@ -418,10 +427,11 @@ def _train(cfg: Config, device, model, tokenizer, train_dataset, val_dataset) ->
                 record.update(skipped=True, skipped_steps=skipped)
                 log.print(f"warning: step {done} skipped: loss {loss_value}, grad_norm {grad_norm} (nan_policy)")
             if val_ds is not None and ((t.test_freq > 0 and done % t.test_freq == 0) or done == plan.total_steps):
-                val_loss = runner.validate(val_ds, world_size, rank)
+                val_loss = runner.validate(val_ds, dp_size, dp_rank)
                 record["val_loss"] = val_loss
             if evaluator is not None and (done % t.eval_freq == 0 or done == plan.total_steps):
-                record.update(evaluator(model))
+                with ulysses.disabled():  # generation: every rank attends over its own full sequences
+                    record.update(evaluator(model))
                 log.print(f"step {done}: eval {t.eval_task} accuracy {record['eval_accuracy']:.1%} on data.eval_files")
             log.log_step(record)
             saved = done == stop or (t.save_freq > 0 and done % t.save_freq == 0)
@@ -440,6 +450,7 @@ def _train(cfg: Config, device, model, tokenizer, train_dataset, val_dataset) ->
             interrupted = 0  # a signal during the last step: the run is complete anyway
     runtime = time.perf_counter() - t0
     finished = stop == plan.total_steps
+    ulysses.restore(model)  # the exported config names the model's own attention
     final_dir = None
     if finished and is_fsdp(engine):  # every rank takes part in the gather; rank 0 ends up with the full weights
         full = gather_full_state_dict(model)
