@@ -13,6 +13,7 @@ from sftforge.plan import (
     build_plan,
     choose_preset,
     estimate_memory,
+    longest_sequence,
     parse_memory,
     world_size,
 )
@@ -125,9 +126,31 @@ def test_memory_is_monotonic_and_sane(small_shape):
     chunked = estimate_memory(small_shape, load_config(None, ["model.loss_chunk_size=256"]), 4096, 1024)
     assert chunked.logits == fp32.logits // 4
     bf16 = estimate_memory(small_shape, load_config(None, ["model.dtype=bf16"]), 4096, 1024)
-    assert bf16.autocast_copies == 2 * small_shape.n_params and bf16.activations < fp32.activations
+    assert bf16.weight_copies == 2 * small_shape.n_params and bf16.activations < fp32.activations
     assert estimate_memory(small_shape, cfg, 4096, 1024, gpu_memory=80 * GIB).fits is True
     assert estimate_memory(small_shape, cfg, 4096, 1024, gpu_memory=1 * GIB).fits is False
+
+
+def test_memory_with_sequence_parallelism_and_fsdp2(small_shape):
+    cfg = load_config(None, [])
+    one = estimate_memory(small_shape, cfg, 8192, 2048)
+    two = estimate_memory(small_shape, cfg, 8192, 2048, sp_size=2)
+    assert one.attention_mask > 0 and two.attention_mask == 0  # SP attends per sample: no L x L mask
+    assert two.activations < 0.55 * one.activations and two.tokens_per_micro_batch == 8192
+    sharded = estimate_memory(small_shape, cfg, 8192, 2048, shard_over=4)
+    assert sharded.optimizer == -(-8 * small_shape.n_params // 4) and sharded.params < one.params
+    longest = [longest_sequence(small_shape, cfg, 8 * GIB, sp_size=sp, shard_over=1) for sp in (1, 2, 4)]
+    assert longest[0] < longest[1] < longest[2] and all(n % 1024 == 0 for n in longest)
+    fits = estimate_memory(small_shape, cfg, longest[1], longest[1] // 2, micro_batch_size=1, sp_size=2,
+                           gpu_memory=8 * GIB)  # fmt: skip
+    assert fits.fits and not estimate_memory(small_shape, cfg, longest[1] + 4096, (longest[1] + 4096) // 2,
+                                             micro_batch_size=1, sp_size=2, gpu_memory=8 * GIB).fits  # fmt: skip
+
+
+def test_plan_shows_sp_layout():
+    p = _plan(n=64, trainer__n_gpus_per_node=4, trainer__sp_size=2, data__train_batch_size=8,
+              data__micro_batch_size_per_gpu=2)  # fmt: skip
+    assert p["sp_size"] == 2 and p["grad_accum_steps"] == 2  # 8 sequences / (2 data-parallel ranks × 2)
 
 
 def test_parse_memory():

@@ -13,7 +13,7 @@ from sftforge.config import ConfigError, ModelConfig
 from sftforge.metrics import read_metrics
 from sftforge.model import load_model
 from sftforge.packing import IGNORE_INDEX, collate
-from sftforge.ulysses import _padded_mask, check_model, shard, sp_group_layout
+from sftforge.ulysses import check_model, shard, sp_group_layout
 
 FIXTURE = Path(__file__).parent / "fixtures" / "textcraft" / "train_react.jsonl"
 
@@ -38,22 +38,11 @@ def test_shard_pads_to_a_multiple_and_slices_contiguously(attn):
     assert labels[:7].tolist() == mb.labels[0].tolist() and labels[7] == IGNORE_INDEX
     pos = torch.cat([p.position_ids for p in parts], dim=1)[0].tolist()
     assert pos == [0, 1, 2, 0, 1, 2, 3, 0]
-    # every slice keeps the whole row's mask (attention runs on the gathered sequence); the pad sees only itself
-    full = parts[0].attention_mask
-    assert full.shape[-2:] == (8, 8) and parts[1].attention_mask.equal(full)
-    allowed = full if full.dtype == torch.bool else full == 0
-    assert allowed[0, 0, :7, :7].equal(mb.attention_mask[0, 0] if attn == "sdpa" else mb.attention_mask[0, 0] == 0)
-    assert allowed[0, 0, 7].tolist() == [False] * 7 + [True] and not allowed[0, 0, :7, 7].any()
+    # no L x L mask: attention runs per sample of the gathered row; the pad is a sample of its own
+    assert all(p.attention_mask is None and p.extra["sp_cu_seqlens"] == (0, 3, 7, 8) for p in parts)
     assert shard(mb, 1, 0) is mb
     exact = _packed([2, 2])
-    assert shard(exact, 2, 1).input_ids.shape == (1, 2) and shard(exact, 2, 1).attention_mask.shape[-1] == 4
-
-
-def test_padded_mask_float():
-    m = torch.zeros(1, 1, 2, 2)
-    out = _padded_mask(m, 2)
-    lo = torch.finfo(torch.float32).min
-    assert out[0, 0, 2:, 2:].tolist() == [[0, lo], [0, 0]] and (out[0, 0, 2:, :2] == lo).all()
+    assert shard(exact, 2, 1).input_ids.shape == (1, 2) and shard(exact, 2, 1).extra["sp_cu_seqlens"] == (0, 2, 4)
 
 
 def test_layout_and_model_errors(model_config_dir):

@@ -12,8 +12,12 @@ run. The memory estimate is per GPU and counts, from the model's config.json alo
 * logits: the LM head runs only on supervised positions, model.loss_chunk_size at a time, recomputed in the
   backward pass, so only one chunk × vocabulary of logits (and its gradients) is alive at once.
 
-Each GPU holds the whole model (no sharding yet); benchmarks/memory_estimate.py compares the estimate with measured
-peaks (README: "Planning a run").
+With FSDP2 over S ranks (trainer.strategy=fsdp2, or auto with several GPUs) the weights, gradients and optimizer state
+are 1/S per GPU, plus the gathered full weights of the layers in flight (two decoder layers: the current one and the
+prefetched next) and of the root (embeddings, LM head). With Ulysses sequence parallelism (trainer.sp_size) every
+per-token term is for the rank's 1/sp slice of the micro-batch, while the packed row's attention mask stays whole
+(attention runs on the gathered sequence). benchmarks/memory_estimate.py compares the estimate with measured peaks
+(README: "Planning a run"); benchmarks/long_context.py gives the longest sequence that fits per sp_size.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 from sftforge.config import Config, ConfigError
 from sftforge.optim import warmup_steps
 from sftforge.train import grad_accum_steps, make_plan
+from sftforge.ulysses import sp_group_layout
 
 GIB = 1 << 30
 # Fixed GPU cost outside the tensors counted below: CUDA context, cuBLAS/NCCL workspaces, allocator slack.
@@ -123,6 +128,18 @@ class ModelShape:
             raise ConfigError(f"model.path={path!r}: could not read its config ({type(e).__name__}: {e}).") from None
         return cls.from_config(config)
 
+    @property
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer (attention + MLP + norms), from the shape."""
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h + (2 * self.head_dim if self.qk_norm else 0)
+        return attn + 3 * h * self.intermediate + 2 * h
+
+    @property
+    def root_params(self) -> int:
+        """Parameters outside the decoder layers: embeddings, LM head (unless tied), final norm."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
     def activation_bytes_per_token_layer(self, dtype: str) -> int:
         """Bytes one decoder layer saves for the backward pass per token (RMSNorm + GQA attention + gated MLP).
 
@@ -144,7 +161,8 @@ class MemoryEstimate:
     """Bytes per GPU; ``total`` is the peak during a step."""
 
     params: int
-    autocast_copies: int
+    weight_copies: int
+    """bf16 autocast copies of the weights; with FSDP2, the gathered full weights of the root and two layers."""
     grads: int
     optimizer: int
     activations: int
@@ -159,12 +177,14 @@ class MemoryEstimate:
     micro_batch_size: int
     gpu_memory: int | None = None
     fits: bool | None = None
+    sp_size: int = 1
+    shard_over: int = 1
 
     def gib(self) -> dict[str, float]:
         return {k: round(v / GIB, 3) for k, v in dataclasses.asdict(self).items() if k in _PARTS}
 
 
-_PARTS = ("params", "autocast_copies", "grads", "optimizer", "activations", "logits", "attention_mask", "workspace",
+_PARTS = ("params", "weight_copies", "grads", "optimizer", "activations", "logits", "attention_mask", "workspace",
           "overhead", "total")  # fmt: skip
 
 
@@ -178,17 +198,28 @@ def estimate_memory(
     gradient_checkpointing: bool | None = None,
     gpu_memory: int | None = None,
     overhead: int | None = None,
+    shard_over: int = 1,
+    sp_size: int | None = None,
 ) -> MemoryEstimate:
-    """Peak bytes per GPU of one training step with ``tokens_per_micro_batch`` tokens in a forward pass."""
+    """Peak bytes per GPU of one training step with ``tokens_per_micro_batch`` tokens in a forward pass (the whole
+    micro-batch; with ``sp_size`` > 1 each rank holds 1/sp of it). ``shard_over``: ranks FSDP2 shards the weights,
+    gradients and optimizer state over (1 = every GPU holds all of them)."""
     m, d = cfg.model, cfg.data
     gc = m.enable_gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     mbs = d.micro_batch_size_per_gpu if micro_batch_size is None else micro_batch_size
-    tokens = max(1, tokens_per_micro_batch)
-    sup = tokens if supervised_per_micro_batch is None else max(0, min(supervised_per_micro_batch, tokens))
+    sp = max(1, cfg.trainer.sp_size if sp_size is None else sp_size)
+    row_tokens = max(1, tokens_per_micro_batch)  # the whole packed row (the attention mask's side)
+    sup = row_tokens if supervised_per_micro_batch is None else max(0, min(supervised_per_micro_batch, row_tokens))
+    tokens = -(-row_tokens // sp)  # this rank's slice
+    sup = min(sup, tokens)  # worst case: the slice is all supervised
     b = 2 if m.dtype == "bf16" else 4
     n = shape.n_params
-    params, grads, optimizer = 4 * n, 4 * n, 8 * n
-    autocast_copies = 2 * n if m.dtype == "bf16" else 0
+    s = max(1, shard_over)
+    params, grads, optimizer = -(-4 * n // s), -(-4 * n // s), -(-8 * n // s)
+    if s > 1:  # gathered full weights in compute dtype: the root for the whole step, two layers at a time
+        weight_copies = (shape.root_params + 2 * shape.layer_params) * b
+    else:
+        weight_copies = 2 * n if m.dtype == "bf16" else 0
     per_layer = shape.activation_bytes_per_token_layer(m.dtype) * tokens
     h = shape.hidden
     outside = tokens * (4 * h + 3 * 4 * h) + sup * 4 * h  # embeddings out, final norm, gathered supervised rows
@@ -200,16 +231,51 @@ def estimate_memory(
     # One chunk at a time, recomputed in backward: fp32 logits, their log-softmax/gradient, and the gradient of the
     # logits (+ the bf16 logits under autocast).
     logits = chunk * shape.vocab * (3 * 4 + (2 if b == 2 else 0))
-    # Packed rows get an explicit block-diagonal mask [1, 1, L, L]; per row when unpacked.
-    row = tokens if d.packing else max(1, tokens // max(1, mbs))
+    # Packed rows get an explicit block-diagonal mask [1, 1, L, L]; per row when unpacked. sdpa turns a bool mask into
+    # an additive one in the compute dtype and keeps it for the backward pass of every layer whose activations are
+    # kept (measured on CPU: L² × 4 bytes per layer in fp32). flash_attention_2 (cu_seqlens) and sequence
+    # parallelism (attention per sample) have no L × L mask at all.
+    row = row_tokens if d.packing else max(1, row_tokens // max(1, mbs))
     mask_rows = 1 if d.packing else mbs
-    attention_mask = mask_rows * row * row * (1 if m.attn_implementation == "sdpa" else 4)
+    if sp > 1 or m.attn_implementation == "flash_attention_2":
+        attention_mask = 0
+    else:
+        kept = 1 if gc else shape.layers
+        own = 1 if m.attn_implementation == "sdpa" else 4  # bool, or eager's additive float
+        attention_mask = mask_rows * row * row * (own + (b * kept if m.attn_implementation == "sdpa" else 0))
     workspace = 2 * per_layer + 2 * tokens * 4 * h  # activation gradients of the layer in flight
+    if sp > 1:  # all-to-all buffers: q, k, v and the output of one layer, in and out of the exchange
+        workspace += 2 * tokens * (2 * shape.heads + 2 * max(shape.kv_heads, sp)) * shape.head_dim * b
     ovh = (GPU_OVERHEAD_BYTES if gpu_memory is not None else 0) if overhead is None else overhead
-    total = params + autocast_copies + grads + optimizer + activations + logits + attention_mask + workspace + ovh
+    total = params + weight_copies + grads + optimizer + activations + logits + attention_mask + workspace + ovh
     fits = None if gpu_memory is None else total <= gpu_memory
-    return MemoryEstimate(params, autocast_copies, grads, optimizer, activations, logits, attention_mask, workspace,
-                          ovh, total, tokens, sup, gc, mbs, gpu_memory, fits)  # fmt: skip
+    return MemoryEstimate(params, weight_copies, grads, optimizer, activations, logits, attention_mask, workspace,
+                          ovh, total, row_tokens, sup, gc, mbs, gpu_memory, fits, sp, s)  # fmt: skip
+
+
+def fsdp_shards(cfg: Config, world: int) -> int:
+    """Ranks the weights are sharded over: the world with FSDP2 (trainer.strategy=fsdp2, or auto on several GPUs)."""
+    strategy = cfg.trainer.strategy
+    return world if world > 1 and (strategy == "fsdp2" or (strategy == "auto" and cfg.trainer.device != "cpu")) else 1
+
+
+def longest_sequence(
+    shape: ModelShape, cfg: Config, gpu_memory: int, *, sp_size: int, shard_over: int, supervised_share: float = 0.5
+) -> int:
+    """The longest packed micro-batch (tokens, a multiple of 1,024) whose estimated peak fits ``gpu_memory``."""
+
+    def fits(n: int) -> bool:
+        est = estimate_memory(shape, cfg, n, int(n * supervised_share), micro_batch_size=1, gpu_memory=gpu_memory,
+                              shard_over=shard_over, sp_size=sp_size)  # fmt: skip
+        return bool(est.fits)
+
+    lo, hi = 0, 1024
+    while fits(hi) and hi < (1 << 24):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1024:
+        mid = (lo + hi) // 2 // 1024 * 1024
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def micro_batch_tokens(cfg: Config, micro_batch_size: int, longest: int | None = None) -> int:
@@ -251,14 +317,17 @@ def choose_preset(
 ) -> PresetChoice:
     """trainer.preset=auto: the (micro-batch, gradient checkpointing) that fits ``gpu_memory`` with the highest
     estimated throughput. Micro-batches divide the per-GPU batch, so accumulation stays exact."""
-    per_gpu = max(1, cfg.data.train_batch_size // world)
+    per_gpu = max(
+        1, cfg.data.train_batch_size // max(1, world // max(1, cfg.trainer.sp_size))
+    )  # per data-parallel rank
+    shards = fsdp_shards(cfg, world)
     sizes = [s for s in range(1, min(per_gpu, 64) + 1) if per_gpu % s == 0]
     best, rows = None, []
     for gc in (False, True):
         for s in sizes:
             tokens = micro_batch_tokens(cfg, s, longest)
             mem = estimate_memory(shape, cfg, tokens, int(tokens * max_sup_share), micro_batch_size=s,
-                                  gradient_checkpointing=gc, gpu_memory=gpu_memory)  # fmt: skip
+                                  gradient_checkpointing=gc, gpu_memory=gpu_memory, shard_over=shards)  # fmt: skip
             score = _throughput(tokens, gc)
             rows.append({"micro_batch_size": s, "gradient_checkpointing": gc, "total_gib": round(mem.total / GIB, 2),
                          "fits": mem.fits, "relative_throughput": round(score, 3)})  # fmt: skip
@@ -268,7 +337,7 @@ def choose_preset(
     if best is None:
         tokens = micro_batch_tokens(cfg, 1, longest)
         mem = estimate_memory(shape, cfg, tokens, int(tokens * max_sup_share), micro_batch_size=1,
-                              gradient_checkpointing=True, gpu_memory=gpu_memory)  # fmt: skip
+                              gradient_checkpointing=True, gpu_memory=gpu_memory, shard_over=shards)  # fmt: skip
         reason = (f"nothing fits {gpu_memory / GIB:.1f} GiB: even micro-batch 1 with gradient checkpointing needs "
                   f"{mem.total / GIB:.1f} GiB; lower data.max_length or data.max_tokens_per_micro_batch, or use a "
                   "bigger GPU")  # fmt: skip
@@ -334,7 +403,7 @@ def build_plan(
     n = len(lengths)
     supervised = supervised if supervised is not None else [0] * n
     ws = world_size(cfg)
-    out: dict[str, Any] = {"samples": n, "world_size": ws}
+    out: dict[str, Any] = {"samples": n, "world_size": ws, "sp_size": max(1, t.sp_size)}
     tokens, sup_tokens = sum(lengths), sum(supervised)
     out["tokens"], out["supervised_tokens"] = tokens, sup_tokens
     out["supervised_share"] = round(sup_tokens / tokens, 4) if tokens else 0.0
@@ -348,7 +417,8 @@ def build_plan(
     # Batch arithmetic: the trainer's functions, their errors turned into warnings so the plan shows everything.
     accum = None
     try:
-        accum = grad_accum_steps(d.train_batch_size, d.micro_batch_size_per_gpu, ws)
+        dp = sp_group_layout(ws, t.sp_size)[0]
+        accum = grad_accum_steps(d.train_batch_size, d.micro_batch_size_per_gpu, dp)
     except ConfigError as e:
         warnings.append(str(e))
     steps_per_epoch = total = dropped = 0
@@ -409,8 +479,10 @@ def build_plan(
     if shape is not None:
         mb_tokens = micro_batch_tokens(cfg, d.micro_batch_size_per_gpu, longest)
         mb_sup = min(mb_tokens, d.micro_batch_size_per_gpu * max(supervised, default=mb_tokens)) if n else mb_tokens
-        est = estimate_memory(shape, cfg, mb_tokens, mb_sup, gpu_memory=gpu_memory)
+        shards = fsdp_shards(cfg, ws)
+        est = estimate_memory(shape, cfg, mb_tokens, mb_sup, gpu_memory=gpu_memory, shard_over=shards)
         memory = {**est.gib(), "n_params": shape.n_params, "tokens_per_micro_batch": est.tokens_per_micro_batch,
+                  "sp_size": est.sp_size, "sharded_over": shards,
                   "supervised_per_micro_batch": est.supervised_per_micro_batch, "dtype": cfg.model.dtype,
                   "gradient_checkpointing": est.gradient_checkpointing,
                   "gpu_memory_gib": round(gpu_memory / GIB, 2) if gpu_memory else None, "fits": est.fits}  # fmt: skip
@@ -427,6 +499,9 @@ def build_plan(
                                  "enable_gradient_checkpointing": choice.gradient_checkpointing,
                                  "reason": choice.reason, "total_gib": round(choice.memory.total / GIB, 2),
                                  "candidates": choice.candidates}  # fmt: skip
+        if gpu_memory is not None:
+            memory["longest_sequence"] = longest_sequence(shape, cfg, gpu_memory, sp_size=max(1, t.sp_size),
+                                                          shard_over=shards)  # fmt: skip
     out["memory"] = memory
     out["warnings"] = warnings
     out["notes"] = notes
@@ -480,8 +555,14 @@ def format_plan(p: dict[str, Any], lengths: list[int] | None = None) -> str:
         if ov["skipped_rows"]:
             lines.append(f"skipped rows (data.bad_rows=skip): {ov['skipped_rows']}")
     accum = p["grad_accum_steps"] if p["grad_accum_steps"] is not None else "— (does not divide)"
+    sp = p.get("sp_size", 1)
+    ranks = (
+        f"world size {p['world_size']}"
+        if sp <= 1
+        else f"data-parallel {p['world_size'] // sp} (world {p['world_size']} / sp {sp})"
+    )
     lines += [
-        f"world size {p['world_size']} × micro-batch {p['micro_batch_size_per_gpu']} × accumulation {accum} = "
+        f"{ranks} × micro-batch {p['micro_batch_size_per_gpu']} × accumulation {accum} = "
         f"{p['sequences_per_step']} sequences/step (~{p['tokens_per_step']:,} tokens, "
         f"~{p['supervised_tokens_per_step']:,} supervised)",
         f"steps: {p['steps_per_epoch']}/epoch, {p['total_steps']} total ({p['epochs']} epochs), warmup "
@@ -497,7 +578,15 @@ def format_plan(p: dict[str, Any], lengths: list[int] | None = None) -> str:
             f"{'with' if m['gradient_checkpointing'] else 'no'} gradient checkpointing, "
             f"{m['tokens_per_micro_batch']:,} tokens/forward, {m['supervised_per_micro_batch']:,} supervised): "
             f"{m['total']:.2f} GiB{gpu}{fit}"
+            + (f"; sp {m['sp_size']}: each GPU holds 1/{m['sp_size']} of the tokens" if m["sp_size"] > 1 else "")
+            + (
+                f"; weights/gradients/optimizer sharded over {m['sharded_over']} GPUs (FSDP2)"
+                if m["sharded_over"] > 1
+                else ""
+            )
         )
+        if m.get("longest_sequence") is not None:
+            lines.append(f"  longest packed micro-batch that fits (estimate): {m['longest_sequence']:,} tokens")
         lines.append("  " + ", ".join(f"{k} {m[k]:.2f}" for k in _PARTS[:-1] if m[k]))
     if p.get("preset"):
         pr = p["preset"]

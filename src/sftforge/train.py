@@ -430,7 +430,7 @@ def _train(cfg: Config, device, model, tokenizer, train_dataset, val_dataset) ->
                 val_loss = runner.validate(val_ds, dp_size, dp_rank)
                 record["val_loss"] = val_loss
             if evaluator is not None and (done % t.eval_freq == 0 or done == plan.total_steps):
-                with ulysses.disabled():  # generation: every rank attends over its own full sequences
+                with ulysses.disabled(model):  # generation: every rank attends over its own full sequences
                     record.update(evaluator(model))
                 log.print(f"step {done}: eval {t.eval_task} accuracy {record['eval_accuracy']:.1%} on data.eval_files")
             log.log_step(record)

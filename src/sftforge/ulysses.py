@@ -7,8 +7,9 @@ layer but attention is per token, so it runs on the slice unchanged; RoPE reads 
 
 Attention needs the whole sequence. The attention function registered here (:func:`attention`, selected through the
 model's ``config._attn_implementation``; the model's ``forward`` is not patched) turns q/k/v from
-[B, heads, L/sp, D] into [B, heads/sp, L, D] with one all-to-all (scatter heads, gather sequence), runs scaled
-dot-product attention over the full row with the full block-diagonal mask of the packed row, and turns the output back
+[B, heads, L/sp, D] into [B, heads/sp, L, D] with one all-to-all (scatter heads, gather sequence), runs causal
+scaled dot-product attention on each sample of the packed row separately (the samples' boundaries travel with the
+micro-batch as ``sp_cu_seqlens``; no L × L mask exists, so memory grows with L, not L²), and turns the output back
 with the inverse all-to-all. Key/value heads are repeated when there are fewer than sp (or not divisible by it), in a
 way that keeps each query head with its own key/value head. Both all-to-alls are autograd functions whose backward is
 the inverse all-to-all, so gradients flow to every rank's slice.
@@ -18,8 +19,7 @@ token once, and the trainer divides by the global supervised count as everywhere
 FSDP2) run over the whole world and the trainer scales their average into a sum, which adds the SP ranks' partial
 gradients of the same micro-batch — the same gradient as one process.
 
-When SP is off (``sp_size`` 1, or inside :func:`disabled`, e.g. generation), the function is plain sdpa on the tokens
-it is given.
+Inside :func:`disabled` (generation during training) the model's own attention implementation is back in place.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ def check_model(model: torch.nn.Module, sp_size: int, attn_implementation: str, 
         )
     if not packing:
         raise ConfigError(
-            f"trainer.sp_size={sp_size} needs data.packing=true: a packed row carries the block-diagonal mask of its "
-            "samples, which attention over the gathered sequence uses."
+            f"trainer.sp_size={sp_size} needs data.packing=true: SP slices one packed row of samples placed back to "
+            "back and attends within each sample of the gathered row."
         )
     unsupported = {t for t in (getattr(cfg, "layer_types", None) or []) if t != "full_attention"}
     if unsupported or getattr(cfg, "use_sliding_window", False):
@@ -103,41 +103,59 @@ def check_model(model: torch.nn.Module, sp_size: int, attn_implementation: str, 
         )
 
 
-def enable(model: torch.nn.Module, group, sp_size: int) -> None:
-    """Register the attention function and select it for ``model``; slices are taken by :func:`shard`."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(NAME, attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # 2-D masks (generation) build like sdpa's
-    _STATE.group, _STATE.size, _STATE.rank = group, sp_size, dist.get_rank(group) if group is not None else 0
-    _STATE.active = sp_size > 1
+def _configs(model: torch.nn.Module) -> list:
+    seen, out = set(), []
     for m in model.modules():
         c = getattr(m, "config", None)
-        if c is not None and hasattr(c, "_attn_implementation"):
-            c._original_attn_implementation = getattr(c, "_original_attn_implementation", c._attn_implementation)
-            c._attn_implementation = NAME
+        if c is not None and hasattr(c, "_attn_implementation") and id(c) not in seen:
+            seen.add(id(c))
+            out.append(c)
+    return out
+
+
+def _select(model: torch.nn.Module, name: str | None) -> None:
+    """Set every config of ``model`` to attention ``name`` (None: back to the model's own, remembered by enable)."""
+    for c in _configs(model):
+        if name is None:
+            c._attn_implementation = c._sftforge_own_attn
+        else:
+            c._sftforge_own_attn = getattr(c, "_sftforge_own_attn", c._attn_implementation)
+            c._attn_implementation = name
+
+
+def enable(model: torch.nn.Module, group, sp_size: int) -> None:
+    """Register the attention function and select it for ``model``; slices are taken by :func:`shard`.
+
+    No mask function is registered under this name, so transformers hands the attention no mask (early exit of its
+    mask creation); the samples' boundaries come as ``sp_cu_seqlens``."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, attention)
+    _STATE.group, _STATE.size, _STATE.rank = group, sp_size, dist.get_rank(group) if group is not None else 0
+    _STATE.active = sp_size > 1
+    _select(model, NAME)
 
 
 def restore(model: torch.nn.Module) -> None:
     """Put the model's own attention implementation back (before export: the saved config names sdpa, not ours)."""
-    for m in model.modules():
-        c = getattr(m, "config", None)
-        original = getattr(c, "_original_attn_implementation", None)
-        if original is not None:
-            c._attn_implementation = original
-            del c._original_attn_implementation
+    if _STATE.active:
+        _select(model, None)
     _STATE.active = False
 
 
 @contextlib.contextmanager
-def disabled():
-    """Plain attention on the tokens given (every rank runs the full sequence), e.g. for generation."""
-    was, _STATE.active = _STATE.active, False
+def disabled(model: torch.nn.Module):
+    """The model's own attention on full sequences while inside (generation during training)."""
+    if not _STATE.active:
+        yield
+        return
+    _select(model, None)
+    _STATE.active = False
     try:
         yield
     finally:
-        _STATE.active = was
+        _STATE.active = True
+        _select(model, NAME)
 
 
 def active() -> bool:
@@ -147,43 +165,36 @@ def active() -> bool:
 # ---- slicing a packed micro-batch ----------------------------------------------------------------------------------
 
 
-def _padded_mask(mask: torch.Tensor, pad: int) -> torch.Tensor:
-    """The [1, 1, L, L] mask grown by ``pad`` trailing positions that only see each other (causally)."""
-    n = mask.shape[-1]
-    if mask.dtype == torch.bool:
-        out = torch.zeros(*mask.shape[:-2], n + pad, n + pad, dtype=torch.bool, device=mask.device)
-        out[..., n:, n:] = torch.ones(pad, pad, dtype=torch.bool, device=mask.device).tril()
-    else:  # additive float mask (eager)
-        lo = torch.finfo(mask.dtype).min
-        out = torch.full((*mask.shape[:-2], n + pad, n + pad), lo, dtype=mask.dtype, device=mask.device)
-        out[..., n:, n:] = torch.full((pad, pad), lo, dtype=mask.dtype, device=mask.device).triu(1)
-    out[..., :n, :n] = mask
-    return out
-
-
 def shard(mb: MicroBatch, sp_size: int | None = None, sp_rank: int | None = None) -> MicroBatch:
     """This SP rank's slice of a packed micro-batch ([1, L]); L is padded to a multiple of sp_size with ignored
-    positions that attend only among themselves. The attention mask stays the full row's (attention runs on the
-    gathered sequence)."""
+    positions (a sample of their own). The row's sample boundaries go along as ``extra["sp_cu_seqlens"]`` (attention
+    runs per sample on the gathered sequence); the L × L mask is dropped."""
     if sp_size is None and not active():
         return mb
     size = _STATE.size if sp_size is None else sp_size
     rank = _STATE.rank if sp_rank is None else sp_rank
     if size <= 1:
         return mb
-    if mb.input_ids.shape[0] != 1 or mb.attention_mask is None or mb.attention_mask.ndim != 4:
-        raise ValueError("sequence parallelism slices packed micro-batches ([1, L] with a 4-D mask) only.")
     n = mb.input_ids.shape[1]
+    if mb.input_ids.shape[0] != 1 or sum(mb.seq_lens) != n:
+        raise ValueError("sequence parallelism slices packed micro-batches ([1, L], samples back to back) only.")
     pad = -n % size
-    ids, labels, pos, mask = mb.input_ids, mb.labels, mb.position_ids, mb.attention_mask
+    ids, labels, pos = mb.input_ids, mb.labels, mb.position_ids
+    lens = list(mb.seq_lens)
     if pad:
         ids = torch.cat([ids, ids.new_zeros(1, pad)], dim=1)
         labels = torch.cat([labels, labels.new_full((1, pad), IGNORE_INDEX)], dim=1)
         pos = torch.cat([pos, torch.arange(pad, dtype=pos.dtype, device=pos.device)[None]], dim=1)
-        mask = _padded_mask(mask, pad)
+        lens.append(pad)
+    cu = [0]
+    for length in lens:
+        cu.append(cu[-1] + length)
     k = (n + pad) // size
     cut = slice(rank * k, (rank + 1) * k)
-    return replace(mb, input_ids=ids[:, cut], labels=labels[:, cut], position_ids=pos[:, cut], attention_mask=mask)
+    extra = {key: v for key, v in mb.extra.items() if not key.startswith(("cu_seq_lens", "max_length"))}
+    extra["sp_cu_seqlens"] = tuple(cu)
+    return replace(mb, input_ids=ids[:, cut], labels=labels[:, cut], position_ids=pos[:, cut], attention_mask=None,
+                   extra=extra)  # fmt: skip
 
 
 # ---- the all-to-all and the attention function ----------------------------------------------------------------------
@@ -231,25 +242,41 @@ def _sdpa(module, q, k, v, mask, dropout: float, scaling: float | None) -> torch
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    if mask is not None and mask.shape[-1] != k.shape[-2]:
-        mask = mask[..., : k.shape[-2]]
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=mask is None and q.shape[2] > 1
     )
     return out.transpose(1, 2).contiguous()
 
 
-def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
-    """The attention interface transformers calls per layer: (output [B, L, H, D], None)."""
+def attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sp_cu_seqlens: tuple[int, ...] | None = None,
+    **kwargs,
+):
+    """The attention interface transformers calls per layer: (output [B, L/sp, H, D], None)."""
+    if not active() or sp_cu_seqlens is None:
+        raise RuntimeError(
+            "sftforge's sequence-parallel attention ran without its micro-batch slice (ulysses.shard); call the model "
+            "through the trainer, or inside ulysses.disabled(model) for generation."
+        )
     dropout = dropout if module.training else 0.0
-    if not active():
-        return _sdpa(module, query, key, value, attention_mask, dropout, scaling), None
     group = _STATE.group
     r = _repeat_kv_for(key.shape[1], _STATE.size)
     if r > 1:
         key, value = key.repeat_interleave(r, dim=1), value.repeat_interleave(r, dim=1)
-    q, k, v = (seq_to_heads(t, group) for t in (query, key, value))
-    out = _sdpa(module, q, k, v, attention_mask, dropout, scaling)  # [B, L, H/sp, D]
+    q, k, v = (seq_to_heads(t, group) for t in (query, key, value))  # [B, H/sp, L, D]
+    parts = [
+        _sdpa(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, dropout, scaling)  # causal within one sample
+        for a, b in zip(sp_cu_seqlens[:-1], sp_cu_seqlens[1:])
+        if b > a
+    ]
+    out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # [B, L, H/sp, D]
     out = heads_to_seq(out.transpose(1, 2), group)  # [B, H, L/sp, D]
     return out.transpose(1, 2).contiguous(), None
 
