@@ -338,7 +338,12 @@ def test_end_of_turn_ids(tokenizers):
 @pytest.mark.parametrize("name", ["qwen3", "qwen2.5", "phi3"])
 def test_unicode_content_masks_whole_characters(tokenizers, name):
     tok = tokenizers[name]
-    row = {"messages": [{"role": "user", "content": "Say hello in Chinese 🌍"}, {"role": "assistant", "content": "你好，世界 🌍!"}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "Say hello in Chinese 🌍"},
+            {"role": "assistant", "content": "你好，世界 🌍!"},
+        ]
+    }
     segs = segments(tok, rend(tok, row))
     assert segs[-1].endswith("你好，世界 🌍!" + EOT[name]) and len(segs) == 1
 

@@ -54,6 +54,10 @@ class ModelConfig:
     """Seed of the random initialization when model.path holds no weights."""
     enable_gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    compile: bool = False
+    """torch.compile every decoder layer (in place, dynamic shapes; the first steps pay the compilation)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend for model.compile (inductor needs a C/C++ compiler on CPU; aot_eager for debugging)."""
     loss_chunk_size: int = 4096
     """Supervised positions per chunk when computing the LM head + cross-entropy (0 = all at once); bounds the
     memory of the logits to chunk × vocabulary."""

@@ -92,6 +92,15 @@ def resolve_strategy(strategy: str, device: torch.device, world_size: int) -> st
     return strategy
 
 
+def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
+    """``torch.compile`` each decoder layer in place (parameter names and checkpoints unchanged), dynamic shapes since
+    packed rows vary in length; returns the number of layers compiled."""
+    layers = _decoder_layers(model)
+    for layer in layers:
+        layer.compile(backend=backend, dynamic=True)
+    return len(layers)
+
+
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated transformer blocks (each its own FSDP unit): the children of the largest ModuleList."""
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
@@ -221,6 +230,7 @@ __all__ = [
     "barrier",
     "build_mesh",
     "build_sp_group",
+    "compile_layers",
     "destroy",
     "grad_scale",
     "init_distributed",

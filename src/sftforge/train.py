@@ -57,6 +57,7 @@ from sftforge.parallel import (
     barrier,
     build_mesh,
     build_sp_group,
+    compile_layers,
     destroy,
     grad_scale,
     init_distributed,
@@ -331,6 +332,9 @@ def _train(cfg: Config, device, model, tokenizer, train_dataset, val_dataset) ->
     ulysses.check_model(model, sp_size, cfg.model.attn_implementation, cfg.data.packing)
     if sp_size > 1:
         ulysses.enable(model, build_sp_group(device, world_size, sp_size), sp_size)
+    if cfg.model.compile:
+        log_lines.append(f"model.compile: {compile_layers(model, cfg.model.compile_backend)} decoder layers compiled "
+                         f"({cfg.model.compile_backend}); the first steps include the compilation")  # fmt: skip
     mesh = build_mesh(device, world_size)
     engine = parallelize(model, strategy, mesh, cfg.model.dtype, t.offload, cfg.model.loss_chunk_size)
     scale = grad_scale(engine, world_size)  # wrappers average gradients over ranks; the loss needs their sum
