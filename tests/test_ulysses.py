@@ -60,6 +60,27 @@ def test_layout_and_model_errors(model_config_dir):
         check_model(model, 2, "sdpa", False)
 
 
+def test_generation_inside_disabled_uses_the_models_own_attention(model_config_dir):
+    from sftforge import ulysses
+
+    model = load_model(ModelConfig(path=str(model_config_dir / "qwen3-tiny")))
+    model.eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    expected = model.generate(ids, max_new_tokens=4, do_sample=False)
+    ulysses.enable(model, None, 2)
+    try:
+        assert model.config._attn_implementation == ulysses.NAME
+        with pytest.raises(RuntimeError, match="without its micro-batch slice"):
+            model(ids)
+        with ulysses.disabled(model):
+            assert model.config._attn_implementation == "sdpa"
+            assert model.generate(ids, max_new_tokens=4, do_sample=False).equal(expected)
+        assert model.config._attn_implementation == ulysses.NAME
+    finally:
+        ulysses.restore(model)
+    assert model.config._attn_implementation == "sdpa" and not ulysses.active()
+
+
 @pytest.fixture(scope="module")
 def tc_data(tmp_path_factory) -> Path:
     """16 multi-turn TextCraft conversations (the repo's fixture), long enough to span several slices."""
@@ -85,7 +106,7 @@ def _config_kv1(tmp_path: Path, model_config_dir) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
-    ["ddp", "fsdp2+checkpointing", "kv_heads=1"],
+    ["ddp", "fsdp2+checkpointing", "kv_heads=1", "bf16"],
 )
 def test_sp2_equals_one_process(case, tc_data, tmp_path, model_config_dir, tokenizer_dirs):
     extra = ["data.max_length=1024", "data.truncation=right", "model.loss_chunk_size=64"]
@@ -96,17 +117,21 @@ def test_sp2_equals_one_process(case, tc_data, tmp_path, model_config_dir, token
         shutil.copytree(_config_kv1(tmp_path, model_config_dir), model_dir / "qwen3-tiny")
     one, two = tmp_path / "one", tmp_path / "two"
     run(1, one, tc_data, model_dir, tokenizer_dirs, *extra)
-    sp_extra = {"ddp": ["trainer.strategy=ddp"], "kv_heads=1": ["trainer.strategy=ddp"],
+    if case == "bf16":
+        extra.append("model.dtype=bf16")
+    sp_extra = {"ddp": ["trainer.strategy=ddp"], "kv_heads=1": ["trainer.strategy=ddp"], "bf16": ["trainer.strategy=fsdp2"],
                 "fsdp2+checkpointing": ["trainer.strategy=fsdp2", "model.enable_gradient_checkpointing=true"]}[case]  # fmt: skip
     p = run(2, two, tc_data, model_dir, tokenizer_dirs, *extra, "trainer.sp_size=2", *sp_extra)
     assert "world size 2 = dp 1 × sp 2" in p.stdout + p.stderr
-    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
-    assert _grad_norms(two) == pytest.approx(_grad_norms(one), rel=1e-4)
+    tol = 2e-2 if case == "bf16" else 1e-4  # bf16 compute: rounding differs between the two attention paths
+    assert losses(two) == pytest.approx(losses(one), rel=tol)
+    assert _grad_norms(two) == pytest.approx(_grad_norms(one), rel=tol if case != "bf16" else 5e-2)
     vals = [[r["val_loss"] for r in read_metrics(o / "metrics.jsonl") if "val_loss" in r] for o in (one, two)]
-    assert len(vals[0]) == 1 and vals[0] == pytest.approx(vals[1], rel=1e-4)
+    assert len(vals[0]) == 1 and vals[0] == pytest.approx(vals[1], rel=tol)
     abs_d, rel_d = max_diff(weights(two), weights(one))
     print(f"sp 2 ({case}) vs 1 process: max abs diff {abs_d:.3g}, max rel diff {rel_d:.3g}")
-    assert rel_d < 1e-4
+    # bf16: Adam turns tiny gradient differences into whole steps on a few elements (4 steps of lr 1e-3 here)
+    assert rel_d < (0.1 if case == "bf16" else tol)
     saved = json.loads((two / "final" / "config.json").read_text())
     assert saved.get("attn_implementation", "sdpa") != "sftforge_ulysses"
 
