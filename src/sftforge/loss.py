@@ -64,4 +64,39 @@ def loss_sum(model: torch.nn.Module, batch: MicroBatch, chunk_size: int = 0) -> 
     return supervised_ce(h, y, model.get_output_embeddings(), chunk_size, softcap), int(y.numel())
 
 
-__all__ = ["hidden_states", "loss_sum", "supervised_ce"]
+def _chunk_logp_entropy(h, y, weight, bias, softcap):
+    logits = F.linear(h, weight, bias).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    logz = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, y[:, None]).squeeze(-1) - logz
+    probs = torch.softmax(logits, dim=-1)
+    entropy = logz - (probs * logits).sum(-1)
+    return logp, entropy
+
+
+def supervised_logprobs(
+    model: torch.nn.Module, batch: MicroBatch, chunk_size: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π(target), entropy of π) at the micro-batch's trained positions, in row order — what the RL objective
+    needs. Same gather-then-chunk path as :func:`loss_sum`: the LM head runs only at trained positions, and each chunk
+    is recomputed in the backward pass."""
+    hidden = hidden_states(model, batch)
+    keep = batch.labels != IGNORE_INDEX
+    h, y = hidden[keep], batch.labels[keep]
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    n = h.shape[0]
+    size = n if chunk_size <= 0 else chunk_size
+    parts = []
+    for start in range(0, max(n, 1), max(size, 1)):
+        args = (h[start : start + size], y[start : start + size], weight, bias, softcap)
+        if torch.is_grad_enabled() and size < n:
+            parts.append(checkpoint(_chunk_logp_entropy, *args, use_reentrant=False))
+        else:
+            parts.append(_chunk_logp_entropy(*args))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+__all__ = ["hidden_states", "loss_sum", "supervised_ce", "supervised_logprobs"]
