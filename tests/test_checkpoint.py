@@ -149,3 +149,17 @@ def test_resume_warns_about_changed_batch_or_schedule(tmp_path):
     assert _resume_differences(tmp_path, saved) == []
     lines = _resume_differences(tmp_path, load_config(None, ["data.train_batch_size=16", "trainer.stop_at_step=3"]))
     assert len(lines) == 1 and "data.train_batch_size was 8" in lines[0]
+
+
+def test_export_names_a_step_folder_without_weights(tmp_path, capsys):
+    from sftforge.cli import main as cli_main
+    from sftforge.config import Config, to_dict
+
+    step = tmp_path / "run" / "step_3"
+    step.mkdir(parents=True)
+    (step / "COMPLETE").write_text("ok\n")
+    (step / "config.yaml").write_text(yaml.safe_dump(to_dict(Config()), sort_keys=False))
+    assert cli_main(["export", str(step), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(step) in err and "neither model.safetensors" in err and "dcp/" in err
+    assert not (tmp_path / "out").exists()

@@ -124,3 +124,23 @@ def test_stop_on_one_resume_on_two(reference, tmp_path, model_config_dir, tokeni
     abs_d, rel_d = max_diff(weights(out), weights(one))
     print(f"1 -> 2 resume: max abs diff {abs_d:.3g}, max rel diff {rel_d:.3g}")
     assert rel_d < 1e-4
+
+
+@pytest.mark.slow
+def test_export_of_a_two_process_checkpoint(data_file, tmp_path, model_config_dir, tokenizer_dirs):
+    """`sftforge export step_N` on a DCP checkpoint (no model.safetensors): one process reads both ranks' shards."""
+    from transformers import AutoModelForCausalLM
+
+    from sftforge.cli import main as cli_main
+
+    out = tmp_path / "two"
+    run(2, out, data_file, model_config_dir, tokenizer_dirs, "trainer.strategy=fsdp2")
+    step = out / "step_4"
+    assert (step / "dcp").is_dir() and not (step / "model.safetensors").exists()
+    assert cli_main(["export", str(step), "--output", str(tmp_path / "exported")]) == 0
+    exported, final = load_file(tmp_path / "exported" / "model.safetensors"), weights(out)
+    assert exported.keys() == final.keys()
+    for key in final:  # the same fp32 weights the 2-process run exported after its last step
+        assert torch.equal(exported[key], final[key]), key
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported"))
+    assert torch.equal(model.state_dict()["model.norm.weight"], final["model.norm.weight"])

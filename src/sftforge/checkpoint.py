@@ -26,6 +26,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -375,11 +376,13 @@ def _optimizer_by_name(saved: dict, model: torch.nn.Module, optimizer: torch.opt
 def load_any(
     path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True
 ) -> dict[str, Any]:
-    """Load a checkpoint written by any number of processes into ``model`` (plain, DDP or FSDP2) on any number."""
+    """Load a checkpoint written by any number of processes into ``model`` (plain, DDP or FSDP2) on any number.
+    ``optimizer=None``: the weights only (a distributed checkpoint's optimizer shards are then not read)."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
+        get_model_state_dict,
         get_state_dict,
         set_model_state_dict,
         set_optimizer_state_dict,
@@ -388,6 +391,11 @@ def load_any(
 
     p = Path(path)
     fix = f"Delete {p} (the previous complete checkpoint is then used) or set trainer.resume=never to start fresh."
+    if not (p / "dcp").is_dir() and not (p / "model.safetensors").is_file():
+        raise CheckpointError(
+            f"{p} holds neither model.safetensors (a one-process checkpoint) nor dcp/ (a distributed checkpoint): "
+            f"it is not a step_<N> folder written by sftforge, or its weights were removed. {fix}"
+        )
     sharded = any(hasattr(t, "full_tensor") for t in model.parameters())  # FSDP2 DTensor shards
     if not (p / "dcp").is_dir():
         if not sharded:
@@ -404,15 +412,22 @@ def load_any(
             saved = _safe_torch_load(p / "optimizer.pt", fix)
             set_optimizer_state_dict(model, optimizer, _optimizer_by_name(saved, model, optimizer), options=full)
     else:
-        if optimizer is None:
-            raise CheckpointError(f"{p} is a distributed checkpoint; loading it needs the optimizer too.")
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        # without a process group (one process, e.g. `sftforge export`) DCP reads every rank's shards itself
+        if optimizer is None:  # the weights only (export): the optimizer entries of the checkpoint are not read
+            state = {"model": get_model_state_dict(model)}
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
         try:
-            dcp.load(state, checkpoint_id=str(p / "dcp"))
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(state, checkpoint_id=str(p / "dcp"))
         except Exception as e:  # DCP raises several types (CheckpointException, ValueError, OSError)
             raise CheckpointError(f"{p / 'dcp'} cannot be read ({type(e).__name__}: {e}). {fix}") from None
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if optimizer is None:
+            set_model_state_dict(model, state["model"])
+        else:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     state = _safe_torch_load(p / "trainer_state.pt", fix)
     rng = state.pop("rng", None)
     if restore_rng and rng is not None:

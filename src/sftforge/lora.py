@@ -182,7 +182,7 @@ def export_checkpoint(ckpt: str | Path, output: str | Path, merge: bool = False)
     """``sftforge export``: a step_<N> checkpoint (or a run folder: its newest complete checkpoint) to an HF folder."""
     from transformers import AutoTokenizer
 
-    from sftforge.checkpoint import is_complete, latest_checkpoint, load_checkpoint
+    from sftforge.checkpoint import is_complete, latest_checkpoint, load_any
     from sftforge.config import load_config
     from sftforge.model import compute_dtype, load_model
     from sftforge.train import _eos_ids
@@ -198,10 +198,13 @@ def export_checkpoint(ckpt: str | Path, output: str | Path, merge: bool = False)
     if not (p / "config.yaml").exists():
         raise ConfigError(f"{p / 'config.yaml'} is missing: cannot tell which model the checkpoint belongs to.")
     cfg = load_config(p / "config.yaml")
-    if not (p / "model.safetensors").exists():
-        raise ConfigError(f"{p} has no model.safetensors (a sharded checkpoint?); export reads one-file checkpoints.")
+    if not (p / "model.safetensors").is_file() and not (p / "dcp").is_dir():
+        raise ConfigError(
+            f"{p} holds neither model.safetensors (written by one process) nor dcp/ (a distributed checkpoint, written "
+            "by several): nothing to export. Give a complete step_<N> folder written by sftforge train."
+        )
     model = prepare_model(load_model(cfg.model, "cpu"), cfg.model)
-    load_checkpoint(p, model, None, restore_rng=False)
+    load_any(p, model, None, restore_rng=False)  # one-process safetensors, or DCP shards of any world size
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
     return export_model(model, output, tokenizer, _eos_ids(tokenizer, cfg), compute_dtype(cfg.model.dtype),
