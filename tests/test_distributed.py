@@ -144,3 +144,44 @@ def test_export_of_a_two_process_checkpoint(data_file, tmp_path, model_config_di
         assert torch.equal(exported[key], final[key]), key
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported"))
     assert torch.equal(model.state_dict()["model.norm.weight"], final["model.norm.weight"])
+
+
+@pytest.mark.slow
+def test_lora_fsdp2_two_processes(data_file, tmp_path, model_config_dir, tokenizer_dirs):
+    """LoRA with FSDP2: final/ is the merged model (gathered from the shards, then merged), final/adapter loads with
+    peft, both equal a one-process LoRA run; `sftforge export --merge` of the DCP checkpoint gives final/ again."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sftforge.cli import main as cli_main
+    from sftforge.config import ModelConfig
+    from sftforge.model import load_model
+
+    lora = ["model.lora.rank=4", "model.lora.alpha=8"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(1, one, data_file, model_config_dir, tokenizer_dirs, *lora)
+    run(2, two, data_file, model_config_dir, tokenizer_dirs, "trainer.strategy=fsdp2", *lora)
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    final = weights(two)
+    assert not any("lora" in k or "base_layer" in k for k in final)
+    abs_d, rel_d = max_diff(final, weights(one))
+    print(f"LoRA fsdp2: 1 vs 2 processes: merged weights max abs diff {abs_d:.3g}, max rel diff {rel_d:.3g}")
+    assert rel_d < 1e-4
+
+    def base():
+        return load_model(ModelConfig(path=str(model_config_dir / "qwen3-tiny"))).eval()
+
+    adapted = PeftModel.from_pretrained(base(), str(two / "final" / "adapter")).eval()
+    merged_by_peft = PeftModel.from_pretrained(base(), str(two / "final" / "adapter")).merge_and_unload().state_dict()
+    for key, value in final.items():  # base + B·A·scaling, as peft merges it
+        torch.testing.assert_close(value, merged_by_peft[key], rtol=0, atol=1e-6, msg=key)
+    assert max(float((final[k] - v).abs().max()) for k, v in base().state_dict().items() if k in final) > 1e-4
+    ids = torch.tensor([list(range(100, 140))])
+    with torch.no_grad():
+        ref = adapted(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(str(two / "final")).eval()(ids).logits
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+    assert cli_main(["export", str(two / "step_4"), "--output", str(tmp_path / "merged"), "--merge"]) == 0
+    exported = load_file(tmp_path / "merged" / "model.safetensors")
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)

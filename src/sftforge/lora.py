@@ -157,14 +157,42 @@ def save_adapter(model: torch.nn.Module, out_dir: str | Path, base_path: str = "
     return out
 
 
+def unsharded_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain CPU PeftModel like ``model`` (whose parameters are FSDP2 shards) holding its full weights
+    ``state_dict`` (:func:`sftforge.checkpoint.gather_full_state_dict`, keyed like ``model.state_dict()``), so that
+    the merge and the adapter files come from the same peft code as on one process. The copy is built on the meta
+    device and takes the tensors of ``state_dict`` as they are: nothing is initialized or copied."""
+    import copy
+
+    from peft import get_peft_model
+
+    if len(model.peft_config) != 1:
+        raise ConfigError(f"exporting a sharded LoRA model supports one adapter, found {sorted(model.peft_config)}.")
+    (adapter, lcfg), base = next(iter(model.peft_config.items())), model.get_base_model()
+    with torch.device("meta"):
+        plain = get_peft_model(type(base)(base.config), copy.deepcopy(lcfg), adapter_name=adapter)
+    weights, first = dict(state_dict), {}
+    for name, p in model.named_parameters(remove_duplicate=False):  # tied weights: every name gets the one tensor
+        first.setdefault(id(p), name)
+        weights.setdefault(name, state_dict[first[id(p)]])
+    plain.load_state_dict(weights, strict=True, assign=True)
+    for name, buf in model.named_buffers():  # non-persistent buffers (rotary frequencies) are not in a state dict
+        owner, _, leaf = name.rpartition(".")
+        setattr(plain.get_submodule(owner), leaf, buf.detach().to("cpu"))
+    return plain.eval()
+
+
 def export_model(model, out_dir, tokenizer=None, eos_token_ids=None, dtype=torch.float32, *, merge=True, adapter_dir=None,
-                 base_path: str = "") -> Path:  # fmt: skip
+                 base_path: str = "", state_dict=None) -> Path:  # fmt: skip
     """HF export of a plain or LoRA model. LoRA: ``merge`` writes the merged full model to ``out_dir`` (and the
-    adapter to ``adapter_dir`` when given); without ``merge`` the adapter alone goes to ``out_dir``."""
+    adapter to ``adapter_dir`` when given); without ``merge`` the adapter alone goes to ``out_dir``. ``state_dict``:
+    the full weights when ``model``'s parameters are FSDP2 shards (gathered on this rank beforehand)."""
     from sftforge.checkpoint import export_hf
 
     if not is_peft(model):
-        return export_hf(model, out_dir, tokenizer, eos_token_ids, dtype)
+        return export_hf(model, out_dir, tokenizer, eos_token_ids, dtype, state_dict=state_dict)
+    if state_dict is not None:
+        model = unsharded_copy(model, state_dict)
     if not merge:
         out = save_adapter(model, out_dir, base_path)
         if tokenizer is not None:
@@ -223,4 +251,5 @@ __all__ = [
     "prepare_model",
     "render_report",
     "save_adapter",
+    "unsharded_copy",
 ]

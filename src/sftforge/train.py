@@ -37,7 +37,6 @@ from sftforge import faults, ulysses
 from sftforge.checkpoint import (
     child,
     clean_incomplete,
-    export_hf,
     gather_full_state_dict,
     load_any,
     prune_checkpoints,
@@ -456,15 +455,13 @@ def _train(cfg: Config, device, model, tokenizer, train_dataset, val_dataset) ->
     finished = stop == plan.total_steps
     ulysses.restore(model)  # the exported config names the model's own attention
     final_dir = None
-    if finished and is_fsdp(engine):  # every rank takes part in the gather; rank 0 ends up with the full weights
-        full = gather_full_state_dict(model)
+    if finished:
+        # FSDP2: every rank takes part in the gather; rank 0 ends up with the full weights (LoRA: merged from them)
+        full = gather_full_state_dict(model) if is_fsdp(engine) else None
         if main:
-            final_dir = export_hf(model, out / "final", tokenizer, _eos_ids(tokenizer, cfg),
-                                  compute_dtype(cfg.model.dtype), state_dict=full)  # fmt: skip
+            final_dir = export_model(model, out / "final", tokenizer, _eos_ids(tokenizer, cfg), compute_dtype(cfg.model.dtype),
+                                     adapter_dir=out / "final" / "adapter", base_path=cfg.model.path, state_dict=full)  # fmt: skip
         barrier()
-    elif finished and main:
-        final_dir = export_model(model, out / "final", tokenizer, _eos_ids(tokenizer, cfg), compute_dtype(cfg.model.dtype),
-                                 adapter_dir=out / "final" / "adapter", base_path=cfg.model.path)  # fmt: skip
     end = {"train_runtime_s": round(runtime, 4), "tokens": run_tokens, "tokens_per_s": run_tokens / max(runtime, 1e-9)}
     if skipped:
         end["skipped_steps"] = skipped
