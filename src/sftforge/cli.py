@@ -3,6 +3,7 @@
 sftforge train [CONFIG.yaml] [key=value ...]
     exit code 0 done | 1 non-finite loss (trainer.nan_policy=error) | 2 bad config, data or checkpoint |
     128+N stopped by signal N after saving a checkpoint (143 SIGTERM, 130 SIGINT): rerun the same command to resume
+sftforge rl CONFIG.yaml [key=value ...]       GRPO/DAPO from an SFT checkpoint (rollout.*, algorithm.*)
 sftforge data tokenize [CONFIG.yaml] [key=value ...] --output FILE.jsonl
 sftforge data preview  [CONFIG.yaml] [key=value ...] [--index N]
 sftforge eval --model DIR|HUB_ID --data FILE --task TASK [--output results.jsonl] [gen options] [key=value ...]
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="train a model (no config and no model.path: the built-in CPU demo)")
     _config_args(p_train)
 
+    p_rl = sub.add_parser("rl", help="GRPO / DAPO with verifiable rewards on data.train_files prompts")
+    _config_args(p_rl)
+
     p_ref = sub.add_parser("config", help="print every config key with its default and meaning (markdown)")
     p_ref.set_defaults(reference=True)
 
@@ -163,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
 
             path, overrides = _split_config(args.args)
             return train_main(path, overrides)
+        if args.command == "rl":
+            from sftforge.rl import rl_main
+
+            path, overrides = _split_config(args.args)
+            return rl_main(path, overrides)
         if args.command == "config":
             from sftforge.config import config_reference
 

@@ -201,11 +201,58 @@ class TrainerConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """`sftforge rl` only: how responses are sampled from the policy."""
+
+    n: int = 8
+    """Responses per prompt (one group)."""
+    prompts_per_step: int = 8
+    """Prompts per RL step; the step trains on prompts_per_step × n responses."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_response_length: int = 256
+    """New tokens per response (per turn in multi-turn episodes)."""
+    max_turns: int = 1
+    """1 = single-turn; > 1 = episodes in the environment named by algorithm.reward (e.g. textcraft)."""
+    backend: str = "hf"
+    """hf (transformers generate; CPU and GPU)."""
+
+
+@dataclass
+class AlgorithmConfig:
+    """`sftforge rl` only: the GRPO / DAPO objective."""
+
+    reward: str = "exact"
+    """Scorer: exact | gsm8k | mcq | tool_call | textcraft (environment success, multi-turn) | module:function."""
+    clip_ratio_low: float = 0.2
+    """Lower clip of the policy ratio: 1 - clip_ratio_low."""
+    clip_ratio_high: float = 0.28
+    """Upper clip of the policy ratio: 1 + clip_ratio_high (DAPO's clip-higher)."""
+    kl_coef: float = 0.0
+    """Weight of the k3 KL to the initial (reference) model; 0 = no reference model is loaded."""
+    scale_by_std: bool = True
+    """Divide advantages by the group's reward standard deviation (GRPO); false = mean-centred only (Dr. GRPO)."""
+    dynamic_sampling: bool = True
+    """Drop groups whose rewards are all equal (no learning signal), DAPO-style."""
+    mini_batches: int = 1
+    """Optimizer steps per rollout batch (the later ones are off-policy; the clipped ratio keeps them close)."""
+    overlong_buffer: int = 0
+    """DAPO soft overlong penalty: the last N tokens before rollout.max_response_length ramp the reward down by up
+    to algorithm.overlong_penalty (0 = off)."""
+    overlong_penalty: float = 1.0
+    """Largest overlong penalty subtracted from the reward."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
 
 
 CHOICES = {

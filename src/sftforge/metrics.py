@@ -158,6 +158,8 @@ class MetricsLogger:
         parts = [f"step {step}/{self.total_steps}", f"epoch {record['epoch']}", f"loss {record['loss']:.4f}"]
         if "val_loss" in record:
             parts.append(f"val_loss {record['val_loss']:.4f}")
+        if "reward_mean" in record:  # sftforge rl
+            parts.append(f"reward {record['reward_mean']:.3f}  kept groups {record['kept_groups']}")
         parts += [f"lr {record['lr']:.2e}", f"grad_norm {record['grad_norm']:.3f}"]
         parts.append(f"{record.get('tokens_per_s', 0.0):,.0f} tok/s")
         if self._first_step is not None and step > self._first_step and step < self.total_steps:
