@@ -123,7 +123,8 @@ def test_prompt_truncation_is_decided_up_front(sft_model, tmp_path):
     "override, message",
     [
         ("rollout.n=1", "at least 2 responses"),
-        ("rollout.max_turns=3", "multi-turn environment episodes are not implemented"),
+        ("rollout.max_turns=3", "runs episodes in an environment: set algorithm.reward"),
+        ("algorithm.reward=textcraft", "is an environment: set rollout.max_turns"),
         ("algorithm.mini_batches=3", "must divide rollout.prompts_per_step"),
         ("rollout.backend=vllm", "supported today: hf"),
     ],
@@ -148,3 +149,34 @@ def test_rollout_sampling_does_not_touch_the_global_rng(sft_model):
     a = sampler.sample(prompts[:2], seed=7)
     assert torch.rand(3).equal(expected)
     assert sampler.sample(prompts[:2], seed=7) == a  # seeded per call: reproducible
+
+
+def test_multi_turn_episodes_in_textcraft(tmp_path, model_config_dir, tokenizer_dirs):
+    """rollout.max_turns > 1: episodes in the TextCraft environment; an episode trains its assistant turns only."""
+    from sftforge.chat import template_markers
+    from sftforge.envs import Episode, action_messages
+    from sftforge.rl import episode_response
+
+    rows = tmp_path / "tc.jsonl"
+    fixture = Path(__file__).parent / "fixtures" / "textcraft" / "train_tools.jsonl"
+    rows.write_text("".join(fixture.read_text().splitlines(keepends=True)[:4]))
+    out = tmp_path / "mt"
+    cfg = load_config(None, [
+        f"model.path={model_config_dir / 'qwen3-tiny'}", f"model.tokenizer_path={tokenizer_dirs['qwen3']}",
+        f"data.train_files={rows}", "data.max_length=4096", "algorithm.reward=textcraft", "rollout.max_turns=2",
+        "rollout.n=2", "rollout.prompts_per_step=2", "rollout.max_response_length=8", "algorithm.dynamic_sampling=false",
+        "data.micro_batch_size_per_gpu=4", "trainer.max_steps=1", "trainer.logger=[jsonl]", "trainer.device=cpu",
+        f"trainer.output_dir={out}",
+    ])  # fmt: skip
+    result = rl(cfg)
+    rec = [r for r in read_metrics(out / "metrics.jsonl") if "reward_mean" in r][-1]
+    assert result["final_dir"] and rec["trained_tokens"] > 0 and rec["response_length"] > 0
+    # the mask of one played episode: the observation (tool message) and the task prompt are not trained
+    tok = load_tokenizer(cfg)
+    ep = Episode("t", [{"role": "user", "content": "Craft the following items: 1x stick"}], None)
+    ep.messages += action_messages("check: stick", "OBSERVED-ZQX", 0) + [{"role": "assistant", "content": "done"}]
+    ep.done, ep.reward = True, 1.0
+    resp = episode_response(ep, tok, cfg, template_markers(tok))
+    trained = tok.decode([t for t, m in zip(resp.input_ids, resp.loss_mask) if m])
+    assert "check: stick" in trained and "done" in trained
+    assert "OBSERVED-ZQX" not in trained and "Craft the following" not in trained and resp.reward == 1.0

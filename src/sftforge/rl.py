@@ -12,7 +12,12 @@ learning-rate schedule, packing/collate, atomic checkpoints with ``trainer.resum
 in ``final/``. Sampling is seeded from (trainer.seed, step), so a resumed run samples the same responses as an
 uninterrupted one and ends with the same weights.
 
-Scope today: one process, transformers ``generate`` (CPU or GPU), single-turn prompts.
+Multi-turn (``rollout.max_turns`` > 1, ``algorithm.reward`` an environment such as textcraft): each prompt row is an
+environment task; ``rollout.n`` episodes per task are played with the sampling policy (tool calls -> observations,
+envs/), the episode's success is its reward, and the finished conversation is rendered ONCE with the chat template
+and masked exactly like SFT data (assistant turns trained; the task prompt and every observation not).
+
+Scope today: one process, transformers ``generate`` (CPU or GPU).
 """
 
 from __future__ import annotations
@@ -42,11 +47,16 @@ class Prompt:
 
 @dataclass
 class Response:
-    ids: list[int]
-    """Generated tokens up to and including the end-of-turn token (if any)."""
-    text: str
+    """One sampled response (single-turn) or episode (multi-turn), ready to train like an SFT sample."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+    """1 on the policy's own tokens (the response; every assistant turn of an episode), 0 on prompt/observations."""
     reward: float
+    generated: int
+    """Tokens the policy generated (all turns)."""
     truncated: bool
+    """Hit rollout.max_response_length (single-turn) or data.max_length (episode) before its end."""
 
 
 def load_prompts(cfg: Config, tokenizer) -> tuple[list[Prompt], dict[str, int]]:
@@ -87,11 +97,17 @@ def check_rl_config(cfg: Config) -> None:
         raise ConfigError(f"rollout.backend={r.backend!r}: supported today: {' | '.join(ROLLOUT_BACKENDS)}.")
     if r.n < 2:
         raise ConfigError(f"rollout.n={r.n}: group-relative advantages need at least 2 responses per prompt.")
-    if r.max_turns != 1:
+    from sftforge.evaluate import ENV_TASKS
+
+    if r.max_turns < 1:
+        raise ConfigError(f"rollout.max_turns={r.max_turns} must be >= 1.")
+    if r.max_turns > 1 and a.reward not in ENV_TASKS:
         raise ConfigError(
-            f"rollout.max_turns={r.max_turns}: multi-turn environment episodes are not implemented in sftforge rl yet; "
-            "set rollout.max_turns=1."
+            f"rollout.max_turns={r.max_turns} runs episodes in an environment: set algorithm.reward to one of "
+            f"{' | '.join(ENV_TASKS)} (the episode's success is the reward), or rollout.max_turns=1."
         )
+    if r.max_turns == 1 and a.reward in ENV_TASKS:
+        raise ConfigError(f"algorithm.reward={a.reward} is an environment: set rollout.max_turns > 1 (e.g. 40).")
     if a.mini_batches < 1 or (r.prompts_per_step * r.n) % a.mini_batches:
         raise ConfigError(
             f"algorithm.mini_batches={a.mini_batches} must divide rollout.prompts_per_step × rollout.n = "
@@ -101,7 +117,7 @@ def check_rl_config(cfg: Config) -> None:
         raise ConfigError("algorithm.clip_ratio_low must be in [0, 1) and algorithm.clip_ratio_high >= 0.")
 
 
-def step_prompts(prompts: list[Prompt], step: int, cfg: Config) -> list[Prompt]:
+def step_prompts(prompts: list, step: int, cfg: Config) -> list:
     """The prompts of RL step ``step``: consecutive slices of a per-epoch shuffle (trainer.seed + epoch)."""
     from sftforge.train import epoch_order
 
@@ -158,9 +174,81 @@ def score_groups(groups, prompts: list[Prompt], cfg: Config, scorer) -> list[lis
             if a.overlong_buffer > 0:
                 reward += float(overlong_penalty(torch.tensor([len(ids)]), r.max_response_length, a.overlong_buffer,
                                                  a.overlong_penalty)[0])  # fmt: skip
-            scored.append(Response(ids, text, reward, truncated))
+            mask = [0] * len(prompt.ids) + [1] * len(ids)
+            scored.append(Response(prompt.ids + ids, mask, reward, len(ids), truncated))
         out.append(scored)
     return out
+
+
+# ---- multi-turn episodes (rollout.max_turns > 1) ---------------------------------------------------------------------
+
+
+def load_env_tasks(cfg: Config):
+    """(tasks, make_env) of the environment algorithm.reward from the rows of data.train_files."""
+    from sftforge.data import read_rows, resolve_files
+    from sftforge.envs.textcraft import TextCraftEnv, load_tasks
+
+    rows = [pair for f in resolve_files(cfg.data.train_files, "data.train_files") for pair in read_rows(f)]
+    tasks, book = load_tasks(rows, cfg.data)
+    return tasks, lambda: TextCraftEnv(book)
+
+
+def episode_response(episode, tokenizer, cfg: Config, markers) -> Response | None:
+    """An episode's conversation rendered ONCE with the chat template, masked exactly like SFT data: every assistant
+    turn trained, the first prompt and every observation (tool / user message) not. Longer than data.max_length: the
+    first data.max_length tokens (counted as truncated). None when the conversation cannot be rendered."""
+    from sftforge.chat import RowError
+    from sftforge.data import _tokenize_row
+
+    row = {"messages": episode.messages, "tools": episode.tools}
+    try:
+        sample = _tokenize_row(episode.task_id, row, tokenizer, cfg.data, markers)
+    except RowError:
+        return None
+    ids, mask, cut = sample.input_ids, sample.loss_mask, len(sample.input_ids) > cfg.data.max_length
+    if cut:
+        ids, mask = ids[: cfg.data.max_length], mask[: cfg.data.max_length]
+    generated = sum(getattr(g, "n_tokens", 0) for g in episode.generations)
+    return Response(ids, mask, float(episode.success), generated, cut)
+
+
+class EpisodeSampler:
+    """``rollout.n`` episodes per task in the environment, the policy sampling each turn with transformers generate."""
+
+    def __init__(self, model, tokenizer, cfg: Config, make_env):
+        from sftforge.chat import template_markers
+        from sftforge.evaluate import GenerationOptions, Generator, HFBackend
+
+        r = cfg.rollout
+        pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+        opts = GenerationOptions(max_new_tokens=r.max_response_length, temperature=r.temperature, top_p=r.top_p,
+                                 do_sample=True, batch_size=max(1, r.n * r.prompts_per_step))  # fmt: skip
+        self.generator = Generator(
+            HFBackend(model, pad, cfg.model.dtype), tokenizer, opts, cfg.data.chat_template_kwargs
+        )
+        self.tokenizer, self.cfg, self.make_env = tokenizer, cfg, make_env
+        self.markers = template_markers(tokenizer, cfg.data.chat_template_kwargs)
+        self.unrenderable = 0
+
+    def sample(self, tasks: list, seed: int) -> list[list[Response]]:
+        from sftforge.envs import rollout
+
+        n = self.cfg.rollout.n
+        self.generator.opts.seed = seed
+        with torch.random.fork_rng(devices=[]):
+            episodes = rollout(self.make_env, [t for t in tasks for _ in range(n)], self.generator.chat,
+                               max_turns=self.cfg.rollout.max_turns)  # fmt: skip
+        groups = []
+        for i in range(len(tasks)):
+            group = []
+            for ep in episodes[i * n : (i + 1) * n]:
+                resp = episode_response(ep, self.tokenizer, self.cfg, self.markers)
+                if resp is None:
+                    self.unrenderable += 1
+                    resp = Response([], [], 0.0, 0, False)  # keeps the group's shape; trains nothing
+                group.append(resp)
+            groups.append(group)
+        return groups
 
 
 @torch.no_grad()
@@ -175,7 +263,7 @@ def _logprobs(model, micro_batches, chunk: int) -> list[torch.Tensor]:
         model.train(was)
 
 
-def rl_step(model, optimizer, ref_model, prompts: list[Prompt], groups: list[list[Response]], cfg: Config, pad_id: int,
+def rl_step(model, optimizer, ref_model, groups: list[list[Response]], cfg: Config, pad_id: int,
             lr: float) -> dict[str, Any]:  # fmt: skip
     """Advantages, dynamic sampling and algorithm.mini_batches optimizer steps; returns the step's metrics."""
     from sftforge.loss import supervised_logprobs
@@ -191,13 +279,12 @@ def rl_step(model, optimizer, ref_model, prompts: list[Prompt], groups: list[lis
     seqs = []  # (input_ids, loss_mask, advantage) of every kept response
     for gi in torch.nonzero(keep).flatten().tolist():
         for ri, resp in enumerate(groups[gi]):
-            if resp.ids:
-                p = prompts[gi].ids
-                seqs.append((p + resp.ids, [0] * len(p) + [1] * len(resp.ids), float(adv[gi, ri])))
+            if any(resp.loss_mask[1:]):
+                seqs.append((resp.input_ids, resp.loss_mask, float(adv[gi, ri])))
     metrics: dict[str, Any] = {
         "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
         "solved_groups": float((rewards.max(dim=1).values >= 1.0).float().mean()),
-        "kept_groups": int(keep.sum()), "response_length": sum(len(r.ids) for g in groups for r in g) / max(1, rewards.numel()),
+        "kept_groups": int(keep.sum()), "response_length": sum(r.generated for g in groups for r in g) / max(1, rewards.numel()),
         "truncated_responses": sum(r.truncated for g in groups for r in g),
     }  # fmt: skip
     if not seqs:
@@ -218,10 +305,11 @@ def rl_step(model, optimizer, ref_model, prompts: list[Prompt], groups: list[lis
         old = [_logprobs(model, mini, chunk) for mini in collated]
         ref = [_logprobs(ref_model, mini, chunk) for mini in collated] if ref_model is not None else None
     for m, (mini, mini_mbs) in enumerate(zip(batches, collated)):
-        n_tok = sum(sum(s[1]) for s in sum(mini, []))
+        n_tok = sum(sum(s[1][1:]) for s in sum(mini, []))  # trained positions (targets), as in packing
         optimizer.zero_grad(set_to_none=True)
         for k, (samples, mb) in enumerate(zip(mini, mini_mbs)):
-            adv_tok = token_advantages(torch.tensor([s[2] for s in samples]), [sum(s[1]) for s in samples]).to(device)
+            adv_tok = token_advantages(torch.tensor([s[2] for s in samples]), [sum(s[1][1:]) for s in samples])
+            adv_tok = adv_tok.to(device)
             with autocast(cfg.model.dtype, device):
                 logp, entropy = supervised_logprobs(model, mb, chunk)
                 loss, st = policy_loss_sum(logp, old[m][k], adv_tok, a.clip_ratio_low, a.clip_ratio_high, a.kl_coef,
@@ -286,10 +374,15 @@ def rl(cfg: Config, *, model=None, tokenizer=None) -> dict[str, Any]:
     check_loggers(t.logger)
     if world()[0] > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("sftforge rl runs on one process today; launch it without torchrun.")
-    scorer = get_scorer(cfg.algorithm.reward)
+    multi_turn = cfg.rollout.max_turns > 1
+    scorer = None if multi_turn else get_scorer(cfg.algorithm.reward)
     device = _device(t.device)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
-    prompts, counts = load_prompts(cfg, tokenizer)
+    if multi_turn:
+        prompts, make_env = load_env_tasks(cfg)
+        counts = {"rows": len(prompts), "over_max_length": 0, "truncated": 0, "dropped": 0}
+    else:
+        prompts, counts = load_prompts(cfg, tokenizer)
     total = t.max_steps if t.max_steps > 0 else t.total_epochs * max(1, len(prompts) // cfg.rollout.prompts_per_step)
     out = Path(t.output_dir)
     saved_config = redacted(to_dict(cfg))
@@ -315,17 +408,21 @@ def rl(cfg: Config, *, model=None, tokenizer=None) -> dict[str, Any]:
     log.print(f"sftforge rl: {len(prompts)} prompts ({counts['truncated']} truncated, {counts['dropped']} dropped by "
               f"data.truncation), {total} steps of {cfg.rollout.prompts_per_step} prompts × {cfg.rollout.n} responses"
               + (f"; resumed from {ckpt} at step {start}" if ckpt is not None else ""))  # fmt: skip
-    sampler = Sampler(model, tokenizer, cfg)
+    sampler = EpisodeSampler(model, tokenizer, cfg, make_env) if multi_turn else Sampler(model, tokenizer, cfg)
     t0, record = time.perf_counter(), {}
     for step in range(start, stop):
         batch = step_prompts(prompts, step, cfg)
         r0 = time.perf_counter()
-        groups = score_groups(sampler.sample(batch, seed=t.seed * 1_000_003 + step), batch, cfg, scorer)
+        seed = t.seed * 1_000_003 + step
+        if multi_turn:
+            groups = sampler.sample(batch, seed)
+        else:
+            groups = score_groups(sampler.sample(batch, seed), batch, cfg, scorer)
         rollout_s = time.perf_counter() - r0
         t1 = time.perf_counter()
-        metrics = rl_step(model, optimizer, ref_model, batch, groups, cfg, pad_id, lr_at(step, total, cfg.optim))
+        metrics = rl_step(model, optimizer, ref_model, groups, cfg, pad_id, lr_at(step, total, cfg.optim))
         train_s = time.perf_counter() - t1
-        gen_tokens = sum(len(r.ids) for g in groups for r in g)
+        gen_tokens = sum(r.generated for g in groups for r in g)
         record = {"step": step + 1, "epoch": step // max(1, len(prompts) // cfg.rollout.prompts_per_step), "lr": lr_at(step, total, cfg.optim), **metrics,
                   "rollout_tokens_per_s": gen_tokens / max(rollout_s, 1e-9),
                   "train_tokens_per_s": metrics["trained_tokens"] / max(train_s, 1e-9),
@@ -352,5 +449,5 @@ def rl_main(path: str | None, overrides: list[str]) -> int:
     return 0
 
 
-__all__ = ["Prompt", "Response", "Sampler", "check_rl_config", "evaluate_policy", "load_prompts", "rl", "rl_main",
+__all__ = ["EpisodeSampler", "Prompt", "Response", "Sampler", "episode_response", "load_env_tasks", "check_rl_config", "evaluate_policy", "load_prompts", "rl", "rl_main",
            "rl_step", "score_groups", "step_prompts"]  # fmt: skip
