@@ -243,8 +243,13 @@ class Generator:
         return self.generate([self.prompt(m, t) for m, t in conversations])
 
 
+def pad_id(tokenizer) -> int:
+    """The id left-padded batches use: the tokenizer's pad token, else its eos, else 0."""
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+
 def hf_generator(model, tokenizer, opts: GenerationOptions | None = None, template_kwargs=None, dtype="fp32"):
-    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad = pad_id(tokenizer)
     return Generator(HFBackend(model, pad, dtype), tokenizer, opts, template_kwargs)
 
 
@@ -601,6 +606,7 @@ __all__ = [
     "format_tool_call",
     "get_scorer",
     "hf_generator",
+    "pad_id",
     "load_samples",
     "normalize",
     "parse_tool_calls",

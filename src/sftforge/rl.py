@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from sftforge.config import Config, ConfigError, load_config, redacted, to_dict
+from sftforge.evaluate import pad_id as pad_token
 from sftforge.grpo import group_advantages, informative_groups, overlong_penalty, policy_loss_sum, token_advantages
 
 ROLLOUT_BACKENDS = ("hf",)
@@ -136,7 +137,7 @@ class Sampler:
         from sftforge.evaluate import GenerationOptions, HFBackend
 
         self.tokenizer, self.cfg = tokenizer, cfg
-        pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+        pad = pad_token(tokenizer)
         self.backend = HFBackend(model, pad, cfg.model.dtype)
         r = cfg.rollout
         self.opts = GenerationOptions(
@@ -220,7 +221,7 @@ class EpisodeSampler:
         from sftforge.evaluate import GenerationOptions, Generator, HFBackend
 
         r = cfg.rollout
-        pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+        pad = pad_token(tokenizer)
         opts = GenerationOptions(max_new_tokens=r.max_response_length, temperature=r.temperature, top_p=r.top_p,
                                  do_sample=True, batch_size=max(1, r.n * r.prompts_per_step))  # fmt: skip
         self.generator = Generator(
@@ -339,7 +340,7 @@ def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: Config, scorer
     from sftforge.chat import end_of_turn_token_ids
     from sftforge.evaluate import GenerationOptions, HFBackend, _as_score
 
-    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad = pad_token(tokenizer)
     stop = end_of_turn_token_ids(tokenizer, cfg.data.chat_template_kwargs)
     opts = GenerationOptions(max_new_tokens=cfg.rollout.max_response_length, batch_size=64)
     raw = HFBackend(model, pad, cfg.model.dtype).generate([p.ids for p in prompts], opts, stop)
@@ -398,7 +399,7 @@ def rl(cfg: Config, *, model=None, tokenizer=None) -> dict[str, Any]:
         ref_model = load_model(cfg.model, device)
         ref_model.requires_grad_(False)
     optimizer = build_optimizer(model, cfg.optim)
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad_id = pad_token(tokenizer)
     start = 0
     ckpt = resolve_resume(t.resume, out)
     if ckpt is not None:
