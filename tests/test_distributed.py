@@ -26,23 +26,26 @@ def data_file(tmp_path) -> Path:
 
 
 def run(
-    nproc: int, out: Path, data: Path, model_config_dir, tokenizer_dirs, *extra: str
+    nproc: int, out: Path, data: Path, model_config_dir, tokenizer_dirs, *extra: str, script: Path | None = None
 ) -> subprocess.CompletedProcess:
+    """``sftforge train`` on ``nproc`` processes (``script``: a Python file run instead of ``-m sftforge``)."""
     args = [
         "train", f"model.path={model_config_dir / 'qwen3-tiny'}", f"model.tokenizer_path={tokenizer_dirs['qwen3']}",
         f"data.train_files={data}", f"data.val_files={data}", "data.train_batch_size=8", "data.micro_batch_size_per_gpu=2",
         "optim.lr=1e-3", "optim.warmup_steps=1", "optim.clip_grad=1.0", "trainer.max_steps=4",
         "trainer.device=cpu", "trainer.logger=[jsonl]", f"trainer.output_dir={out}", *extra,
     ]  # fmt: skip
+    entry = [str(script)] if script is not None else ["-m", "sftforge"]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "sftforge", *args]
+        cmd = [sys.executable, *entry, *args]
     else:
-        cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "sftforge", *args]
+        cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *entry, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    if p.returncode and "terminate called without an active exception" in p.stderr and finished(out):
-        # a known, intermittent gloo abort in a worker's interpreter shutdown AFTER the run completed (metrics closed,
-        # checkpoint and export written); not yet fixed in sftforge (see parallel.destroy)
+    sp = any(e.startswith("trainer.sp_size=") and e != "trainer.sp_size=1" for e in extra)
+    if sp and p.returncode and "terminate called without an active exception" in p.stderr and finished(out):
+        # sequence parallelism only: ulysses keeps its sp process group after the run, so gloo's threads can still
+        # abort the worker at interpreter shutdown after a completed run (test_no_process_group_outlives_the_run[sp2])
         return p
     errors = [ln for ln in p.stderr.splitlines() if "Error" in ln or "error" in ln or "what()" in ln]
     assert p.returncode == 0, p.stdout[-2000:] + "\n".join(errors[-20:]) + p.stderr[-3000:]
@@ -185,3 +188,49 @@ def test_lora_fsdp2_two_processes(data_file, tmp_path, model_config_dir, tokeniz
     assert cli_main(["export", str(two / "step_4"), "--output", str(tmp_path / "merged"), "--merge"]) == 0
     exported = load_file(tmp_path / "merged" / "model.safetensors")
     assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+
+
+SP_GROUP_KEPT = "ulysses keeps its sp group (ulysses._STATE.group) after the run; drop it in ulysses.restore"
+
+# Runs sftforge train, then lists the gloo threads still alive in this worker: destroy() must have freed every group.
+PROBE = """
+import os, sys
+from sftforge.cli import main
+rc = main(sys.argv[1:])
+names = []
+for tid in os.listdir("/proc/self/task"):
+    try:
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            names.append(f.read().strip())
+    except OSError:  # a thread that ended meanwhile
+        pass
+print(f"rank {os.environ['RANK']} gloo threads after the run: {sorted(n for n in names if 'gloo' in n)}", flush=True)
+sys.exit(rc)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through /proc (Linux)")
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param(["trainer.strategy=ddp"], id="ddp"),
+        pytest.param(["trainer.strategy=fsdp2"], id="fsdp2"),
+        pytest.param(
+            ["trainer.strategy=ddp", "trainer.sp_size=2"],
+            id="sp2",
+            marks=pytest.mark.xfail(strict=True, reason=SP_GROUP_KEPT),
+        ),
+    ],
+)
+def test_no_process_group_outlives_the_run(extra, data_file, tmp_path, model_config_dir, tokenizer_dirs):
+    """After a 2-process run no gloo group is left: a group that outlives destroy_process_group (torch keeps
+    references: collectives' default arguments, DTensor caches holding the DeviceMesh) is freed only during
+    interpreter shutdown, where its worker threads abort the process now and then ("terminate called without an
+    active exception", exit code 134) although the run completed. parallel.destroy frees them."""
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    p = run(2, tmp_path / "out", data_file, model_config_dir, tokenizer_dirs, "trainer.max_steps=2", *extra,
+            script=script)  # fmt: skip
+    lines = sorted(ln for ln in p.stdout.splitlines() if "gloo threads after the run" in ln)
+    assert lines == [f"rank {r} gloo threads after the run: []" for r in (0, 1)], lines

@@ -46,8 +46,21 @@ def init_distributed(device_type: str) -> bool:
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    _import_before_group()
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
     return True
+
+
+def _import_before_group() -> None:
+    """Import, before the default process group exists, the torch modules that capture it at import time.
+
+    ``torch.distributed.nn.functional`` declares ``group=group.WORLD`` as a default argument of its collectives;
+    imported after ``init_process_group`` (DDP, FSDP2 and DCP import it through ``torch.distributed._shard``) those
+    defaults hold the default group for the life of the interpreter, so :func:`destroy` cannot free it: its gloo
+    worker and transport threads then live on into interpreter shutdown, where a worker abort ("terminate called
+    without an active exception") can end a completed run with a non-zero exit code. Imported first, the defaults
+    are None (the group is looked up at call time)."""
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 def local_device(device: torch.device) -> torch.device:
@@ -216,11 +229,44 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _release_mesh_caches() -> None:
+    """Empty torch's DTensor caches (sharding propagation, redistribution plans, mesh topology): their entries hold
+    the DeviceMesh of a finished FSDP2 run, and a mesh holds its process groups, so that
+    ``destroy_process_group`` could not free them (see :func:`destroy`). Each is a torch internal, skipped when a torch
+    version lacks it."""
+    import importlib
+
+    clears = (
+        ("torch.distributed.tensor.debug", "_clear_sharding_prop_cache", ()),
+        ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache", ()),
+        ("torch.distributed.tensor._redistribute", "_gen_transform_infos", ("cache_clear",)),
+        ("torch.distributed.tensor._collective_utils", "MeshTopoInfo", ("build_from_mesh", "cache_clear")),
+    )
+    for module, name, attrs in clears:
+        try:
+            fn = getattr(importlib.import_module(module), name)
+            for attr in attrs:
+                fn = getattr(fn, attr)
+            fn()
+        except (ImportError, AttributeError):
+            pass
+
+
 def destroy() -> None:
-    """End the process group; the barrier first so that no rank tears down its connections while a peer still uses
-    them (gloo aborts the process then)."""
+    """End the process groups so that none outlives this call.
+
+    The barrier first, so that no rank tears down its connections while a peer still uses them. Then the references
+    torch itself keeps to finished meshes are dropped (:func:`_release_mesh_caches`; the default group's, by
+    :func:`_import_before_group`), so that ``destroy_process_group`` frees the groups and gloo joins its worker and
+    transport threads here. A group left alive is only freed during interpreter shutdown, where its threads abort
+    the process now and then ("terminate called without an active exception", exit code 134) after a run that
+    completed. The trainer calls this once its model, engine and optimizer are gone (they hold the groups too)."""
     if dist.is_available() and dist.is_initialized():
+        import gc
+
         dist.barrier()
+        _release_mesh_caches()
+        gc.collect()  # FSDP2 state and hooks form reference cycles with the modules they hold
         dist.destroy_process_group()
 
 
