@@ -68,7 +68,7 @@ def _held_out(model_dir: str, m: dict) -> float:
 def test_rl_raises_held_out_reward(sft_model, tmp_path):
     out = tmp_path / "rl"
     before = _held_out(sft_model["model"], sft_model)
-    assert main(["rl", *_rl_overrides(sft_model, out, "trainer.max_steps=200")]) == 0
+    assert main(["rl", *_rl_overrides(sft_model, out, "trainer.max_steps=300")]) == 0
     after = _held_out(str(out / "final"), sft_model)
     records = [r for r in read_metrics(out / "metrics.jsonl") if "reward_mean" in r]
     first, last = records[:20], records[-20:]
@@ -125,7 +125,7 @@ def test_prompt_truncation_is_decided_up_front(sft_model, tmp_path):
         ("rollout.n=1", "at least 2 responses"),
         ("rollout.max_turns=3", "runs episodes in an environment: set algorithm.reward"),
         ("algorithm.reward=textcraft", "is an environment: set rollout.max_turns"),
-        ("algorithm.mini_batches=3", "must divide rollout.prompts_per_step"),
+        ("algorithm.mini_batches=3", r"must be a multiple of algorithm.mini_batches \(3\) × processes \(1\)"),
         ("rollout.backend=vllm", "supported today: hf"),
     ],
 )
@@ -146,9 +146,60 @@ def test_rollout_sampling_does_not_touch_the_global_rng(sft_model):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    a = sampler.sample(prompts[:2], seed=7)
+    a = sampler.sample(prompts[:2], seeds=[7, 8])
     assert torch.rand(3).equal(expected)
-    assert sampler.sample(prompts[:2], seed=7) == a  # seeded per call: reproducible
+    assert sampler.sample(prompts[:2], seeds=[7, 8]) == a  # seeded per group: reproducible
+    assert sampler.sample(prompts[1:2], seeds=[8]) == a[1:]  # a group does not depend on the other prompts
+
+
+def test_groups_split_evenly_over_processes_and_mini_batches():
+    from sftforge.rl import my_groups
+
+    assert my_groups(8, 2, 1, 0) == list(range(8))
+    two = [my_groups(8, 2, 2, r) for r in range(2)]
+    assert two == [[0, 1, 4, 5], [2, 3, 6, 7]] and sorted(two[0] + two[1]) == list(range(8))
+    for r in range(2):  # every process holds as many groups of each mini-batch (g % 2)
+        assert sum(g % 2 == 0 for g in two[r]) == sum(g % 2 == 1 for g in two[r]) == 2
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(sft_model, tmp_path):
+    """torchrun 2 processes (ddp, gloo) == 1 process: same rewards, losses, gradient norms and weights (1e-4).
+
+    GRPO gradients cancel within a group (advantages sum to 0), so many components are at float-noise level; AdamW
+    with a tiny eps turns their sign into a whole lr-sized step, which would compare noise. optim.eps=1e-3 keeps the
+    update proportional to the gradient, so the weights compare the gradients themselves."""
+    import os
+    import subprocess
+    import sys
+
+    def run(nproc: int, out: Path):
+        args = ["rl", *_rl_overrides(sft_model, out, "trainer.max_steps=3", "rollout.prompts_per_step=4",
+                                     "rollout.n=4", "data.micro_batch_size_per_gpu=3", "optim.eps=1e-3")]  # fmt: skip
+        torchrun = str(Path(sys.executable).with_name("torchrun"))
+        cmd = [sys.executable, "-m", "sftforge", *args] if nproc == 1 else [
+            torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "sftforge", *args]  # fmt: skip
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(1, one)
+    p = run(2, two)
+    assert "2 process(es) (trainer.strategy=ddp)" in p.stdout + p.stderr
+    ra = [(r["reward_mean"], r["kept_groups"]) for r in read_metrics(one / "metrics.jsonl") if "reward_mean" in r]
+    rb = [(r["reward_mean"], r["kept_groups"]) for r in read_metrics(two / "metrics.jsonl") if "reward_mean" in r]
+    assert ra == rb and len(ra) == 3
+    la = [r["loss"] for r in read_metrics(one / "metrics.jsonl") if "loss" in r]
+    lb = [r["loss"] for r in read_metrics(two / "metrics.jsonl") if "loss" in r]
+    assert la == pytest.approx(lb, rel=1e-4, abs=1e-7)
+    ga = [r["grad_norm"] for r in read_metrics(one / "metrics.jsonl") if "grad_norm" in r]
+    gb = [r["grad_norm"] for r in read_metrics(two / "metrics.jsonl") if "grad_norm" in r]
+    assert ga == pytest.approx(gb, rel=1e-4)
+    a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    rel = max(float((a[k] - b[k]).abs().max() / a[k].abs().max()) for k in a)
+    print(f"rl: 1 vs 2 processes: max relative weight difference {rel:.3g}")
+    assert rel < 1e-4 and (two / "step_3" / "dcp").is_dir()
 
 
 def test_multi_turn_episodes_in_textcraft(tmp_path, model_config_dir, tokenizer_dirs):

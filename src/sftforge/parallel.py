@@ -132,9 +132,12 @@ class LossForward(torch.nn.Module):
         super().__init__()
         self.model, self.chunk_size = model, chunk_size
 
-    def forward(self, batch):
-        from sftforge.loss import loss_sum
+    def forward(self, batch, logprobs: bool = False):
+        """(CE sum, count); with ``logprobs``: (log π, entropy) at the trained positions (sftforge rl)."""
+        from sftforge.loss import loss_sum, supervised_logprobs
 
+        if logprobs:
+            return supervised_logprobs(self.model, batch, self.chunk_size)
         return loss_sum(self.model, batch, self.chunk_size)
 
 

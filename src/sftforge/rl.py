@@ -17,13 +17,15 @@ environment task; ``rollout.n`` episodes per task are played with the sampling p
 envs/), the episode's success is its reward, and the finished conversation is rendered ONCE with the chat template
 and masked exactly like SFT data (assistant turns trained; the task prompt and every observation not).
 
-Scope today: one process, transformers ``generate`` (CPU or GPU).
+Several processes (torchrun, trainer.strategy=ddp): each process samples and trains its share of the groups (every
+mini-batch split evenly, see :func:`my_groups`), each group is sampled with its own seed, the token-level loss is
+divided by the trained-token count over all processes, and DDP sums the gradients — so 2 processes give the same
+weights as 1. Rollouts use transformers ``generate`` (CPU or GPU); FSDP2 and vLLM rollouts are not implemented yet.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +94,7 @@ def load_prompts(cfg: Config, tokenizer) -> tuple[list[Prompt], dict[str, int]]:
     return prompts, counts
 
 
-def check_rl_config(cfg: Config) -> None:
+def check_rl_config(cfg: Config, world_size: int = 1) -> None:
     r, a = cfg.rollout, cfg.algorithm
     if r.backend not in ROLLOUT_BACKENDS:
         raise ConfigError(f"rollout.backend={r.backend!r}: supported today: {' | '.join(ROLLOUT_BACKENDS)}.")
@@ -109,13 +111,21 @@ def check_rl_config(cfg: Config) -> None:
         )
     if r.max_turns == 1 and a.reward in ENV_TASKS:
         raise ConfigError(f"algorithm.reward={a.reward} is an environment: set rollout.max_turns > 1 (e.g. 40).")
-    if a.mini_batches < 1 or (r.prompts_per_step * r.n) % a.mini_batches:
+    if a.mini_batches < 1 or r.prompts_per_step % (a.mini_batches * world_size):
         raise ConfigError(
-            f"algorithm.mini_batches={a.mini_batches} must divide rollout.prompts_per_step × rollout.n = "
-            f"{r.prompts_per_step * r.n}."
+            f"rollout.prompts_per_step ({r.prompts_per_step}) must be a multiple of algorithm.mini_batches "
+            f"({a.mini_batches}) × processes ({world_size}): every optimizer step trains whole groups, the same number "
+            "on every process."
         )
     if a.clip_ratio_low < 0 or a.clip_ratio_high < 0 or a.clip_ratio_low >= 1:
         raise ConfigError("algorithm.clip_ratio_low must be in [0, 1) and algorithm.clip_ratio_high >= 0.")
+
+
+def my_groups(k: int, mini_batches: int, world_size: int, rank: int) -> list[int]:
+    """Indices (in the step's prompt list) of this process's groups. Mini-batch m = the groups g with g % M == m;
+    group g belongs to process (g // M) % world, so every process holds the same number of groups of every mini-batch
+    and the union over processes is the one-process step."""
+    return [g for g in range(k) if (g // mini_batches) % world_size == rank]
 
 
 def step_prompts(prompts: list, step: int, cfg: Config) -> list:
@@ -146,15 +156,17 @@ class Sampler:
         )  # fmt: skip
         self.stop_ids = end_of_turn_token_ids(tokenizer, cfg.data.chat_template_kwargs)
 
-    def sample(self, prompts: list[Prompt], seed: int) -> list[list[tuple[list[int], str, bool]]]:
+    def sample(self, prompts: list[Prompt], seeds: list[int]) -> list[list[tuple[list[int], str, bool]]]:
+        """``rollout.n`` responses per prompt, each prompt's group sampled with its own seed (so a group's responses
+        do not depend on which other prompts share the process)."""
         n = self.cfg.rollout.n
-        self.opts.seed = seed
-        with torch.random.fork_rng(devices=[]):  # the sampling stream never disturbs the trainer's RNG
-            raw = self.backend.generate([p.ids for p in prompts for _ in range(n)], self.opts, self.stop_ids)
         groups = []
-        for i in range(len(prompts)):
+        for prompt, seed in zip(prompts, seeds):
+            self.opts.seed = seed
+            with torch.random.fork_rng(devices=[]):  # the sampling stream never disturbs the trainer's RNG
+                raw = self.backend.generate([prompt.ids] * n, self.opts, self.stop_ids)
             group = []
-            for toks in raw[i * n : (i + 1) * n]:
+            for toks in raw:
                 cut = next((j for j, t in enumerate(toks) if t in self.stop_ids), None)
                 ids = toks if cut is None else toks[: cut + 1]
                 text = self.tokenizer.decode(ids if cut is None else ids[:-1], skip_special_tokens=False)
@@ -231,18 +243,17 @@ class EpisodeSampler:
         self.markers = template_markers(tokenizer, cfg.data.chat_template_kwargs)
         self.unrenderable = 0
 
-    def sample(self, tasks: list, seed: int) -> list[list[Response]]:
+    def sample(self, tasks: list, seeds: list[int]) -> list[list[Response]]:
         from sftforge.envs import rollout
 
         n = self.cfg.rollout.n
-        self.generator.opts.seed = seed
-        with torch.random.fork_rng(devices=[]):
-            episodes = rollout(self.make_env, [t for t in tasks for _ in range(n)], self.generator.chat,
-                               max_turns=self.cfg.rollout.max_turns)  # fmt: skip
         groups = []
-        for i in range(len(tasks)):
+        for task, seed in zip(tasks, seeds):
+            self.generator.opts.seed = seed
+            with torch.random.fork_rng(devices=[]):
+                episodes = rollout(self.make_env, [task] * n, self.generator.chat, max_turns=self.cfg.rollout.max_turns)
             group = []
-            for ep in episodes[i * n : (i + 1) * n]:
+            for ep in episodes:
                 resp = episode_response(ep, self.tokenizer, self.cfg, self.markers)
                 if resp is None:
                     self.unrenderable += 1
@@ -264,74 +275,97 @@ def _logprobs(model, micro_batches, chunk: int) -> list[torch.Tensor]:
         model.train(was)
 
 
-def rl_step(model, optimizer, ref_model, groups: list[list[Response]], cfg: Config, pad_id: int,
-            lr: float) -> dict[str, Any]:  # fmt: skip
-    """Advantages, dynamic sampling and algorithm.mini_batches optimizer steps; returns the step's metrics."""
-    from sftforge.loss import supervised_logprobs
+def rl_step(engine, model, optimizer, ref_model, groups: list[list[Response]], group_ids: list[int], cfg: Config,
+            pad_id: int, lr: float, world_size: int = 1) -> dict[str, Any]:  # fmt: skip
+    """Advantages, dynamic sampling and algorithm.mini_batches optimizer steps on this process's groups (global
+    indices ``group_ids``); returns the step's metrics over all processes. ``engine`` is the model under its
+    strategy (parallel.parallelize); ``model`` the plain module (behaviour/reference log-probs, grad clipping)."""
     from sftforge.model import autocast
     from sftforge.optim import set_lr
     from sftforge.packing import collate
+    from sftforge.parallel import all_reduce_sum, grad_scale, no_grad_sync
+    from sftforge.train import _any_rank
 
     a, d = cfg.algorithm, cfg.data
     device = next(model.parameters()).device
-    rewards = torch.tensor([[resp.reward for resp in g] for g in groups], dtype=torch.float32)
-    adv = group_advantages(rewards, a.scale_by_std)
-    keep = informative_groups(rewards) if a.dynamic_sampling else torch.ones(len(groups), dtype=torch.bool)
-    seqs = []  # (input_ids, loss_mask, advantage) of every kept response
-    for gi in torch.nonzero(keep).flatten().tolist():
-        for ri, resp in enumerate(groups[gi]):
-            if any(resp.loss_mask[1:]):
-                seqs.append((resp.input_ids, resp.loss_mask, float(adv[gi, ri])))
+    rewards = torch.tensor([[resp.reward for resp in g] for g in groups], dtype=torch.float32).reshape(len(groups), -1)
+    adv = group_advantages(rewards, a.scale_by_std) if len(groups) else rewards
+    keep = (
+        informative_groups(rewards) if a.dynamic_sampling and len(groups) else torch.ones(len(groups), dtype=torch.bool)
+    )
+    r_sum, r_sq, n_resp, solved, kept, gen, cut = all_reduce_sum(
+        float(rewards.sum()), float((rewards**2).sum()), float(rewards.numel()),
+        float((rewards.max(dim=1).values >= 1.0).sum()) if len(groups) else 0.0, float(keep.sum()),
+        float(sum(r.generated for g in groups for r in g)), float(sum(r.truncated for g in groups for r in g)),
+    )  # fmt: skip
+    n_groups = n_resp / max(cfg.rollout.n, 1)
+    mean = r_sum / max(n_resp, 1)
     metrics: dict[str, Any] = {
-        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-        "solved_groups": float((rewards.max(dim=1).values >= 1.0).float().mean()),
-        "kept_groups": int(keep.sum()), "response_length": sum(r.generated for g in groups for r in g) / max(1, rewards.numel()),
-        "truncated_responses": sum(r.truncated for g in groups for r in g),
+        "reward_mean": mean, "reward_std": math.sqrt(max(r_sq / max(n_resp, 1) - mean * mean, 0.0)),
+        "solved_groups": solved / max(n_groups, 1), "kept_groups": int(kept), "response_length": gen / max(n_resp, 1),
+        "truncated_responses": int(cut),
     }  # fmt: skip
-    if not seqs:
-        metrics.update(loss=0.0, grad_norm=0.0, clip_fraction=0.0, entropy=0.0, kl=0.0, trained_tokens=0, skipped=True)
-        return metrics
-    mbs = d.micro_batch_size_per_gpu
-    n_mini = min(a.mini_batches, len(seqs))
-    per_mini = math.ceil(len(seqs) / n_mini)
     set_lr(optimizer, lr)
-    totals = {"loss": 0.0, "tokens": 0, "clipped": 0, "entropy": 0.0, "kl": 0.0, "grad_norm": 0.0}
-    # the behaviour policy's log-probs, before any update of this step (one pass over every micro-batch)
-    minis = [seqs[k : k + per_mini] for k in range(0, len(seqs), per_mini)]
-    batches = [[chunk[j : j + mbs] for j in range(0, len(chunk), mbs)] for chunk in minis]
-    collated = [[collate([(s[0], s[1]) for s in mb], d.packing, cfg.model.attn_implementation, pad_id, torch.float32)
-                 .to(device) for mb in mini] for mini in batches]  # fmt: skip
+    scale = grad_scale(engine, world_size)  # the wrappers average over processes; the loss needs the sum
     chunk = cfg.model.loss_chunk_size
-    with autocast(cfg.model.dtype, device):
-        old = [_logprobs(model, mini, chunk) for mini in collated]
-        ref = [_logprobs(ref_model, mini, chunk) for mini in collated] if ref_model is not None else None
-    for m, (mini, mini_mbs) in enumerate(zip(batches, collated)):
-        n_tok = sum(sum(s[1][1:]) for s in sum(mini, []))  # trained positions (targets), as in packing
+    dummy = collate([([pad_id, pad_id], [0, 1])], d.packing, cfg.model.attn_implementation, pad_id, torch.float32)
+    totals = {"loss": 0.0, "tokens": 0, "clipped": 0, "entropy": 0.0, "kl": 0.0, "grad_norm": 0.0, "updates": 0}
+    # Every mini-batch's sequences and the behaviour policy's log-probs (the weights that sampled them), all BEFORE
+    # the first update of the step: later mini-batches are off-policy and the clipped ratio keeps them close.
+    plan = []
+    for m in range(a.mini_batches):
+        seqs = [(resp.input_ids, resp.loss_mask, float(adv[i, j]))
+                for i, g in enumerate(group_ids) if g % a.mini_batches == m and bool(keep[i])
+                for j, resp in enumerate(groups[i]) if any(resp.loss_mask[1:])]  # fmt: skip
+        micro = [seqs[k : k + d.micro_batch_size_per_gpu] for k in range(0, len(seqs), d.micro_batch_size_per_gpu)]
+        (n_tok,) = all_reduce_sum(float(sum(sum(s[1][1:]) for s in seqs)))  # trained positions of all processes
+        if n_tok == 0:
+            continue  # every group of this mini-batch was dropped, on every process
+        mbs = [collate([(s[0], s[1]) for s in mb], d.packing, cfg.model.attn_implementation, pad_id, torch.float32)
+               .to(device) for mb in micro]  # fmt: skip
+        with autocast(cfg.model.dtype, device):
+            old = _logprobs(model, mbs, chunk)
+            ref = _logprobs(ref_model, mbs, chunk) if ref_model is not None else None
+        plan.append((micro, mbs, n_tok, old, ref))
+    for micro, mbs, n_tok, old, ref in plan:
         optimizer.zero_grad(set_to_none=True)
-        for k, (samples, mb) in enumerate(zip(mini, mini_mbs)):
-            adv_tok = token_advantages(torch.tensor([s[2] for s in samples]), [sum(s[1][1:]) for s in samples])
-            adv_tok = adv_tok.to(device)
-            with autocast(cfg.model.dtype, device):
-                logp, entropy = supervised_logprobs(model, mb, chunk)
-                loss, st = policy_loss_sum(logp, old[m][k], adv_tok, a.clip_ratio_low, a.clip_ratio_high, a.kl_coef,
-                                           ref[m][k] if ref is not None else None)  # fmt: skip
-            (loss / max(n_tok, 1)).backward()
-            totals["loss"] += float(loss.detach())
-            totals["tokens"] += st.tokens
-            totals["clipped"] += st.clipped_tokens
-            totals["entropy"] += float(entropy.detach().sum())
-            totals["kl"] += st.kl_sum
+        n_micro = _any_rank(len(mbs)) if world_size > 1 else len(mbs)
+        for k in range(n_micro):
+            real = k < len(mbs)
+            mb = mbs[k] if real else dummy.to(device)  # a process with fewer micro-batches runs a weight-0 one
+            with no_grad_sync(engine, sync=k == n_micro - 1), autocast(cfg.model.dtype, device):
+                logp, entropy = engine(mb, logprobs=True)
+                if real:
+                    adv_tok = token_advantages(
+                        torch.tensor([s[2] for s in micro[k]]), [sum(s[1][1:]) for s in micro[k]]
+                    )
+                    loss, st = policy_loss_sum(logp, old[k], adv_tok.to(device), a.clip_ratio_low, a.clip_ratio_high,
+                                               a.kl_coef, ref[k] if ref is not None else None)  # fmt: skip
+                else:
+                    loss = logp.sum() * 0.0
+                (loss * scale / n_tok).backward()
+            if real:
+                totals["loss"] += float(loss.detach())
+                totals["tokens"] += st.tokens
+                totals["clipped"] += st.clipped_tokens
+                totals["entropy"] += float(entropy.detach().sum())
+                totals["kl"] += st.kl_sum
         max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
         totals["grad_norm"] = max(totals["grad_norm"], norm)
         if math.isfinite(norm):
             optimizer.step()
+            totals["updates"] += 1
         optimizer.zero_grad(set_to_none=True)
-    t = max(totals["tokens"], 1)
+    loss_s, tokens, clipped, ent, kl = all_reduce_sum(totals["loss"], totals["tokens"], totals["clipped"],
+                                                      totals["entropy"], totals["kl"])  # fmt: skip
+    t = max(tokens, 1)
     metrics.update(
-        loss=totals["loss"] / t, grad_norm=totals["grad_norm"], clip_fraction=totals["clipped"] / t,
-        entropy=totals["entropy"] / t, kl=totals["kl"] / t, trained_tokens=totals["tokens"],
+        loss=loss_s / t, grad_norm=totals["grad_norm"], clip_fraction=clipped / t, entropy=ent / t, kl=kl / t,
+        trained_tokens=int(tokens), updates=totals["updates"],
     )  # fmt: skip
+    if totals["updates"] == 0:
+        metrics["skipped"] = True
     return metrics
 
 
@@ -353,7 +387,24 @@ def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: Config, scorer
 
 
 def rl(cfg: Config, *, model=None, tokenizer=None) -> dict[str, Any]:
-    """Run GRPO/DAPO per ``cfg``; returns a summary (steps, last metrics, output_dir, final_dir)."""
+    """Run GRPO/DAPO per ``cfg`` (one process, or several under torchrun); returns a summary."""
+    from sftforge.parallel import destroy, init_distributed
+
+    created = init_distributed(_device_type(cfg))
+    try:
+        return _rl(cfg, model, tokenizer)
+    finally:
+        if created:
+            destroy()
+
+
+def _device_type(cfg: Config) -> str:
+    from sftforge.train import _device
+
+    return _device(cfg.trainer.device).type
+
+
+def _rl(cfg: Config, model, tokenizer) -> dict[str, Any]:
     from sftforge.checkpoint import (
         child,
         clean_incomplete,
@@ -361,6 +412,7 @@ def rl(cfg: Config, *, model=None, tokenizer=None) -> dict[str, Any]:
         prune_checkpoints,
         resolve_resume,
         save_checkpoint,
+        save_distributed_checkpoint,
     )
     from sftforge.data import load_tokenizer
     from sftforge.evaluate import get_scorer
@@ -368,36 +420,49 @@ def rl(cfg: Config, *, model=None, tokenizer=None) -> dict[str, Any]:
     from sftforge.metrics import MetricsLogger, check_loggers
     from sftforge.model import compute_dtype, load_model
     from sftforge.optim import build_optimizer, lr_at
+    from sftforge.parallel import all_reduce_sum, barrier, local_device, parallelize, resolve_strategy
     from sftforge.train import _device, _eos_ids, world
 
     t = cfg.trainer
-    check_rl_config(cfg)
+    world_size, rank = world()
+    main = rank == 0
+    check_rl_config(cfg, world_size)
     check_loggers(t.logger)
-    if world()[0] > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("sftforge rl runs on one process today; launch it without torchrun.")
+    device = local_device(_device(t.device))
+    strategy = resolve_strategy("ddp" if t.strategy == "auto" and world_size > 1 else t.strategy, device, world_size)
+    if strategy == "fsdp2":
+        raise ConfigError(
+            "sftforge rl with trainer.strategy=fsdp2 is not implemented yet (rollouts need the full weights on every "
+            "process); use trainer.strategy=ddp."
+        )
+    if t.sp_size > 1:
+        raise ConfigError("sftforge rl does not support trainer.sp_size > 1 yet; set trainer.sp_size=1.")
     multi_turn = cfg.rollout.max_turns > 1
     scorer = None if multi_turn else get_scorer(cfg.algorithm.reward)
-    device = _device(t.device)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     if multi_turn:
         prompts, make_env = load_env_tasks(cfg)
         counts = {"rows": len(prompts), "over_max_length": 0, "truncated": 0, "dropped": 0}
     else:
         prompts, counts = load_prompts(cfg, tokenizer)
-    total = t.max_steps if t.max_steps > 0 else t.total_epochs * max(1, len(prompts) // cfg.rollout.prompts_per_step)
+    per_epoch = max(1, len(prompts) // cfg.rollout.prompts_per_step)
+    total = t.max_steps if t.max_steps > 0 else t.total_epochs * per_epoch
     out = Path(t.output_dir)
     saved_config = redacted(to_dict(cfg))
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("config.yaml", "metrics.jsonl", "final"):
-        child(out, name)
-    clean_incomplete(out)
-    child(out, "config.yaml").write_text(yaml.safe_dump(saved_config, sort_keys=False))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("config.yaml", "metrics.jsonl", "final"):
+            child(out, name)
+        clean_incomplete(out)
+        child(out, "config.yaml").write_text(yaml.safe_dump(saved_config, sort_keys=False))
+    barrier()
     model = model if model is not None else load_model(cfg.model, device)
     model = prepare_model(model, cfg.model, console=None)
     ref_model = None
     if cfg.algorithm.kl_coef > 0:
         ref_model = load_model(cfg.model, device)
         ref_model.requires_grad_(False)
+    engine = parallelize(model, strategy, None, cfg.model.dtype, False, cfg.model.loss_chunk_size)
     optimizer = build_optimizer(model, cfg.optim)
     pad_id = pad_token(tokenizer)
     start = 0
@@ -405,26 +470,29 @@ def rl(cfg: Config, *, model=None, tokenizer=None) -> dict[str, Any]:
     if ckpt is not None:
         start = int(load_any(ckpt, model, optimizer)["step"])
     stop = t.stop_at_step if start < t.stop_at_step < total else total
-    log = MetricsLogger(out, t.logger, total, t.log_freq, start, saved_config)
+    log = MetricsLogger(out, t.logger, total, t.log_freq, start, saved_config, enabled=main)
     log.print(f"sftforge rl: {len(prompts)} prompts ({counts['truncated']} truncated, {counts['dropped']} dropped by "
-              f"data.truncation), {total} steps of {cfg.rollout.prompts_per_step} prompts × {cfg.rollout.n} responses"
+              f"data.truncation), {total} steps of {cfg.rollout.prompts_per_step} prompts × {cfg.rollout.n} responses, "
+              f"{world_size} process(es) (trainer.strategy={strategy})"
               + (f"; resumed from {ckpt} at step {start}" if ckpt is not None else ""))  # fmt: skip
     sampler = EpisodeSampler(model, tokenizer, cfg, make_env) if multi_turn else Sampler(model, tokenizer, cfg)
+    mine = my_groups(cfg.rollout.prompts_per_step, cfg.algorithm.mini_batches, world_size, rank)
     t0, record = time.perf_counter(), {}
     for step in range(start, stop):
         batch = step_prompts(prompts, step, cfg)
+        ids = [g for g in mine if g < len(batch)]
+        local = [batch[g] for g in ids]
+        seeds = [(t.seed * 1_000_003 + step) * 1_009 + g for g in ids]  # per group: the same on any process layout
         r0 = time.perf_counter()
-        seed = t.seed * 1_000_003 + step
-        if multi_turn:
-            groups = sampler.sample(batch, seed)
-        else:
-            groups = score_groups(sampler.sample(batch, seed), batch, cfg, scorer)
+        groups = sampler.sample(local, seeds) if multi_turn else score_groups(sampler.sample(local, seeds), local,
+                                                                              cfg, scorer)  # fmt: skip
         rollout_s = time.perf_counter() - r0
         t1 = time.perf_counter()
-        metrics = rl_step(model, optimizer, ref_model, groups, cfg, pad_id, lr_at(step, total, cfg.optim))
+        lr = lr_at(step, total, cfg.optim)
+        metrics = rl_step(engine, model, optimizer, ref_model, groups, ids, cfg, pad_id, lr, world_size)
         train_s = time.perf_counter() - t1
-        gen_tokens = sum(r.generated for g in groups for r in g)
-        record = {"step": step + 1, "epoch": step // max(1, len(prompts) // cfg.rollout.prompts_per_step), "lr": lr_at(step, total, cfg.optim), **metrics,
+        (gen_tokens,) = all_reduce_sum(float(sum(r.generated for g in groups for r in g)))
+        record = {"step": step + 1, "epoch": step // per_epoch, "lr": lr, **metrics,
                   "rollout_tokens_per_s": gen_tokens / max(rollout_s, 1e-9),
                   "train_tokens_per_s": metrics["trained_tokens"] / max(train_s, 1e-9),
                   "tokens_per_s": metrics["trained_tokens"] / max(train_s, 1e-9),
@@ -432,13 +500,19 @@ def rl(cfg: Config, *, model=None, tokenizer=None) -> dict[str, Any]:
         log.log_step(record)
         done = step + 1
         if done == stop or (t.save_freq > 0 and done % t.save_freq == 0):
-            save_checkpoint(out, done, model, optimizer, {"epoch": 0, "index_in_epoch": done}, saved_config)
-            prune_checkpoints(out, t.max_ckpt_to_keep)
+            position = {"epoch": step // per_epoch, "index_in_epoch": done}
+            if world_size > 1:
+                save_distributed_checkpoint(out, done, model, optimizer, position, saved_config)
+            elif main:
+                save_checkpoint(out, done, model, optimizer, position, saved_config)
+            if main:
+                prune_checkpoints(out, t.max_ckpt_to_keep)
     finished = stop == total
     final_dir = None
-    if finished:
+    if finished and main:
         final_dir = export_model(model, out / "final", tokenizer, _eos_ids(tokenizer, cfg), compute_dtype(cfg.model.dtype),
                                  adapter_dir=out / "final" / "adapter", base_path=cfg.model.path)  # fmt: skip
+    barrier()
     log.close({"train_runtime_s": round(time.perf_counter() - t0, 4)})
     return {"step": stop, "total_steps": total, "metrics": record, "output_dir": str(out),
             "final_dir": str(final_dir) if final_dir else None, "prompts": counts}  # fmt: skip
@@ -450,5 +524,5 @@ def rl_main(path: str | None, overrides: list[str]) -> int:
     return 0
 
 
-__all__ = ["EpisodeSampler", "Prompt", "Response", "Sampler", "episode_response", "load_env_tasks", "check_rl_config", "evaluate_policy", "load_prompts", "rl", "rl_main",
+__all__ = ["my_groups", "EpisodeSampler", "Prompt", "Response", "Sampler", "episode_response", "load_env_tasks", "check_rl_config", "evaluate_policy", "load_prompts", "rl", "rl_main",
            "rl_step", "score_groups", "step_prompts"]  # fmt: skip
