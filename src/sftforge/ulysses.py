@@ -137,10 +137,11 @@ def enable(model: torch.nn.Module, group, sp_size: int) -> None:
 
 
 def restore(model: torch.nn.Module) -> None:
-    """Put the model's own attention implementation back (before export: the saved config names sdpa, not ours)."""
+    """Put the model's own attention implementation back (before export: the saved config names sdpa, not ours) and
+    drop the SP process group, so that parallel.destroy can free it (a group alive at interpreter exit can abort)."""
     if _STATE.active:
         _select(model, None)
-    _STATE.active = False
+    _STATE.active, _STATE.group, _STATE.size, _STATE.rank = False, None, 1, 0
 
 
 @contextlib.contextmanager
