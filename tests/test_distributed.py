@@ -47,11 +47,6 @@ def run(
     return p
 
 
-def finished(out: Path) -> bool:
-    records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
-    return bool(records) and records[-1].get("event") == "end"
-
-
 def losses(out: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
 
