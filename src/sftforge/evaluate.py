@@ -231,16 +231,22 @@ class Generator:
         self.stats.seconds += time.perf_counter() - t0
         out = []
         for toks in new:
-            cut = next((j for j, t in enumerate(toks) if t in self.stop_ids), None)
-            n = len(toks) if cut is None else cut + 1
-            self.stats.tokens += n
-            body = toks if cut is None else toks[:cut]
+            kept, body, stopped = cut_at_stop(toks, self.stop_ids)
+            self.stats.tokens += len(kept)
             text = self.tokenizer.decode(body, skip_special_tokens=False)
-            out.append(Generation(text, n, cut is None and n >= self.opts.max_new_tokens))
+            out.append(Generation(text, len(kept), not stopped and len(kept) >= self.opts.max_new_tokens))
         return out
 
     def chat(self, conversations: list[tuple[list[dict], list | None]]) -> list[Generation]:
         return self.generate([self.prompt(m, t) for m, t in conversations])
+
+
+def cut_at_stop(tokens: list[int], stop_ids) -> tuple[list[int], list[int], bool]:
+    """(generated tokens up to and including the first stop token, the same without it, whether a stop was found)."""
+    cut = next((j for j, t in enumerate(tokens) if t in stop_ids), None)
+    if cut is None:
+        return list(tokens), list(tokens), False
+    return list(tokens[: cut + 1]), list(tokens[:cut]), True
 
 
 def pad_id(tokenizer) -> int:
@@ -605,6 +611,7 @@ __all__ = [
     "extract_number",
     "format_tool_call",
     "get_scorer",
+    "cut_at_stop",
     "hf_generator",
     "pad_id",
     "load_samples",

@@ -35,6 +35,7 @@ import torch
 import yaml
 
 from sftforge.config import Config, ConfigError, load_config, redacted, to_dict
+from sftforge.evaluate import cut_at_stop
 from sftforge.evaluate import pad_id as pad_token
 from sftforge.grpo import group_advantages, informative_groups, overlong_penalty, policy_loss_sum, token_advantages
 
@@ -167,10 +168,8 @@ class Sampler:
                 raw = self.backend.generate([prompt.ids] * n, self.opts, self.stop_ids)
             group = []
             for toks in raw:
-                cut = next((j for j, t in enumerate(toks) if t in self.stop_ids), None)
-                ids = toks if cut is None else toks[: cut + 1]
-                text = self.tokenizer.decode(ids if cut is None else ids[:-1], skip_special_tokens=False)
-                group.append((ids, text, cut is None))
+                ids, body, stopped = cut_at_stop(toks, self.stop_ids)
+                group.append((ids, self.tokenizer.decode(body, skip_special_tokens=False), not stopped))
             groups.append(group)
         return groups
 
@@ -380,8 +379,7 @@ def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: Config, scorer
     raw = HFBackend(model, pad, cfg.model.dtype).generate([p.ids for p in prompts], opts, stop)
     total = 0.0
     for p, toks in zip(prompts, raw):
-        cut = next((j for j, t in enumerate(toks) if t in stop), None)
-        text = tokenizer.decode(toks if cut is None else toks[:cut], skip_special_tokens=False)
+        text = tokenizer.decode(cut_at_stop(toks, stop)[1], skip_special_tokens=False)
         total += _as_score(scorer(text, p.sample))["score"]
     return total / max(len(prompts), 1)
 
