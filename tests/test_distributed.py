@@ -3,6 +3,7 @@ world sizes (stop on 2 -> resume on 1, stop on 1 -> resume on 2) with the same f
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -192,7 +193,9 @@ for tid in os.listdir("/proc/self/task"):
             names.append(f.read().strip())
     except OSError:  # a thread that ended meanwhile
         pass
-print(f"rank {os.environ['RANK']} gloo threads after the run: {sorted(n for n in names if 'gloo' in n)}", flush=True)
+# one write per line: two processes share the pipe, and print's separate write of the newline could interleave
+sys.stdout.write(f"rank {os.environ['RANK']} gloo threads after the run: {sorted(n for n in names if 'gloo' in n)}\\n")
+sys.stdout.flush()
 sys.exit(rc)
 """
 
@@ -216,5 +219,5 @@ def test_no_process_group_outlives_the_run(extra, data_file, tmp_path, model_con
     script.write_text(PROBE)
     p = run(2, tmp_path / "out", data_file, model_config_dir, tokenizer_dirs, "trainer.max_steps=2", *extra,
             script=script)  # fmt: skip
-    lines = sorted(ln for ln in p.stdout.splitlines() if "gloo threads after the run" in ln)
+    lines = sorted(re.findall(r"rank \d gloo threads after the run: \[[^\]]*\]", p.stdout))
     assert lines == [f"rank {r} gloo threads after the run: []" for r in (0, 1)], lines
