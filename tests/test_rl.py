@@ -163,8 +163,11 @@ def test_groups_split_evenly_over_processes_and_mini_batches():
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(sft_model, tmp_path):
-    """torchrun 2 processes (ddp, gloo) == 1 process: same rewards, losses, gradient norms and weights (1e-4).
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_equal_one(sft_model, tmp_path, strategy):
+    """torchrun 2 processes (ddp or fsdp2, gloo) == 1 process: same rewards, losses, gradient norms and weights (1e-4).
+    Under FSDP2 the rollouts sample from a full copy refreshed from the shards every step: a stale copy would sample
+    other responses from step 2 on and the rewards would differ.
 
     GRPO gradients cancel within a group (advantages sum to 0), so many components are at float-noise level; AdamW
     with a tiny eps turns their sign into a whole lr-sized step, which would compare noise. optim.eps=1e-3 keeps the
@@ -173,9 +176,10 @@ def test_two_processes_equal_one(sft_model, tmp_path):
     import subprocess
     import sys
 
-    def run(nproc: int, out: Path):
+    def run(nproc: int, out: Path, *extra: str):
         args = ["rl", *_rl_overrides(sft_model, out, "trainer.max_steps=3", "rollout.prompts_per_step=4",
-                                     "rollout.n=4", "data.micro_batch_size_per_gpu=3", "optim.eps=1e-3")]  # fmt: skip
+                                     "rollout.n=4", "data.micro_batch_size_per_gpu=3", "optim.eps=1e-3",
+                                     f"trainer.strategy={strategy if nproc > 1 else 'none'}", *extra)]  # fmt: skip
         torchrun = str(Path(sys.executable).with_name("torchrun"))
         cmd = [sys.executable, "-m", "sftforge", *args] if nproc == 1 else [
             torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "sftforge", *args]  # fmt: skip
@@ -186,7 +190,7 @@ def test_two_processes_equal_one(sft_model, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run(1, one)
     p = run(2, two)
-    assert "2 process(es) (trainer.strategy=ddp)" in p.stdout + p.stderr
+    assert f"2 process(es) (trainer.strategy={strategy})" in p.stdout + p.stderr
     ra = [(r["reward_mean"], r["kept_groups"]) for r in read_metrics(one / "metrics.jsonl") if "reward_mean" in r]
     rb = [(r["reward_mean"], r["kept_groups"]) for r in read_metrics(two / "metrics.jsonl") if "reward_mean" in r]
     assert ra == rb and len(ra) == 3
@@ -198,8 +202,13 @@ def test_two_processes_equal_one(sft_model, tmp_path):
     assert ga == pytest.approx(gb, rel=1e-4)
     a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
     rel = max(float((a[k] - b[k]).abs().max() / a[k].abs().max()) for k in a)
-    print(f"rl: 1 vs 2 processes: max relative weight difference {rel:.3g}")
+    print(f"rl: 1 vs 2 processes ({strategy}): max relative weight difference {rel:.3g}")
     assert rel < 1e-4 and (two / "step_3" / "dcp").is_dir()
+    if strategy == "fsdp2":  # stopped after step 1 and resumed on 2 processes: the same run (the rollout copy included)
+        run(2, tmp_path / "resumed", "trainer.stop_at_step=1")
+        run(2, tmp_path / "resumed", "trainer.stop_at_step=1")
+        c = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+        assert max(float((b[k] - c[k]).abs().max()) for k in b) == 0.0
 
 
 def test_multi_turn_episodes_in_textcraft(tmp_path, model_config_dir, tokenizer_dirs):
@@ -231,3 +240,48 @@ def test_multi_turn_episodes_in_textcraft(tmp_path, model_config_dir, tokenizer_
     trained = tok.decode([t for t, m in zip(resp.input_ids, resp.loss_mask) if m])
     assert "check: stick" in trained and "done" in trained
     assert "OBSERVED-ZQX" not in trained and "Craft the following" not in trained and resp.reward == 1.0
+
+
+ROLLOUT_SYNC_WORKER = """
+import sys, torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from sftforge.parallel import build_mesh, destroy, init_distributed, parallelize
+from sftforge.rl import RolloutWeights
+
+init_distributed("cpu")
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[1]))
+policy = RolloutWeights(model, True, torch.float32)
+parallelize(model, "fsdp2", build_mesh(torch.device("cpu"), 2))
+with torch.no_grad():
+    for p in model.parameters():  # an "update" that changes every shard
+        p.add_(1.0)
+def gap():
+    full = {n: p.full_tensor() for n, p in model.named_parameters()}
+    return max(float((q - full[n]).abs().max()) for n, q in policy.module.named_parameters())
+before = gap()
+policy.sync(model)
+after = gap()
+assert not any(q.requires_grad for q in policy.module.parameters())
+print(f"GAP {before} {after}")
+destroy()
+"""
+
+
+def test_fsdp2_rollout_copy_takes_the_updated_weights(tmp_path, model_config_dir):
+    """The FSDP2 rollout copy: full weights on every process, refreshed from the shards by sync() (a stale copy would
+    sample from old weights without changing any loss, so this is checked directly)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(ROLLOUT_SYNC_WORKER)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", str(script), str(model_config_dir / "qwen3-tiny")]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    gaps = [ln.split()[1:] for ln in p.stdout.splitlines() if ln.startswith("GAP")]
+    assert len(gaps) == 2  # both processes
+    for before, after in gaps:
+        assert float(before) == pytest.approx(1.0) and float(after) == 0.0

@@ -17,10 +17,12 @@ environment task; ``rollout.n`` episodes per task are played with the sampling p
 envs/), the episode's success is its reward, and the finished conversation is rendered ONCE with the chat template
 and masked exactly like SFT data (assistant turns trained; the task prompt and every observation not).
 
-Several processes (torchrun, trainer.strategy=ddp): each process samples and trains its share of the groups (every
-mini-batch split evenly, see :func:`my_groups`), each group is sampled with its own seed, the token-level loss is
-divided by the trained-token count over all processes, and DDP sums the gradients — so 2 processes give the same
-weights as 1. Rollouts use transformers ``generate`` (CPU or GPU); FSDP2 and vLLM rollouts are not implemented yet.
+Several processes (torchrun; trainer.strategy ddp or fsdp2, auto picks as for SFT): each process samples and trains
+its share of the groups (every mini-batch split evenly, see :func:`my_groups`), each group is sampled with its own
+seed, the token-level loss is divided by the trained-token count over all processes, and the wrapper sums the
+gradients — so 2 processes give the same weights as 1. Rollouts use transformers ``generate`` (CPU or GPU) on
+:class:`RolloutWeights`: the trained model itself, or under FSDP2 a full copy refreshed from the shards before every
+step. A vLLM backend is not implemented (it needs a CUDA machine to be built and tested against).
 """
 
 from __future__ import annotations
@@ -262,16 +264,41 @@ class EpisodeSampler:
         return groups
 
 
-@torch.no_grad()
-def _logprobs(model, micro_batches, chunk: int) -> list[torch.Tensor]:
-    from sftforge.loss import supervised_logprobs
+class RolloutWeights:
+    """The weights rollouts sample with.
 
-    was = model.training
-    model.eval()
-    try:
-        return [supervised_logprobs(model, mb, chunk)[0] for mb in micro_batches]
-    finally:
-        model.train(was)
+    One process or DDP: the trained model itself (every process holds all of it). FSDP2: a plain copy of the model on
+    every process, in the compute dtype and without gradients, refreshed from the shards by :meth:`sync` before each
+    step's rollouts. Rollouts cannot run on the sharded model: each of its forwards is a collective (the layer's
+    all-gather), and processes generate different numbers of tokens. The copy costs one full set of weights per
+    process; the refresh gathers one parameter at a time (never the whole model twice)."""
+
+    def __init__(self, model: torch.nn.Module, sharded: bool, dtype: torch.dtype):
+        import copy
+
+        self.sharded = sharded
+        self.module = model
+        if sharded:  # before fully_shard turns the parameters into shards
+            self.module = copy.deepcopy(model).to(dtype).requires_grad_(False)
+
+    @torch.no_grad()
+    def sync(self, model: torch.nn.Module) -> None:
+        """Copy ``model``'s current weights (FSDP2 shards: gathered) into the rollout copy. Collective under FSDP2:
+        every process calls it at the same point."""
+        if not self.sharded:
+            return
+        mine = dict(self.module.named_parameters())
+        for name, p in model.named_parameters():
+            mine[name].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+
+
+@torch.no_grad()
+def _logprobs(forward, micro_batches, n_calls: int, dummy) -> list[torch.Tensor]:
+    """log π at the trained positions of each micro-batch. ``n_calls`` >= len(micro_batches): processes with fewer
+    micro-batches run the ``dummy`` one (FSDP2's forward is a collective, so every process runs as many)."""
+    return [forward(micro_batches[k] if k < len(micro_batches) else dummy)[0] for k in range(n_calls)][
+        : len(micro_batches)
+    ]
 
 
 def rl_step(engine, model, optimizer, ref_model, groups: list[list[Response]], group_ids: list[int], cfg: Config,
@@ -279,10 +306,11 @@ def rl_step(engine, model, optimizer, ref_model, groups: list[list[Response]], g
     """Advantages, dynamic sampling and algorithm.mini_batches optimizer steps on this process's groups (global
     indices ``group_ids``); returns the step's metrics over all processes. ``engine`` is the model under its
     strategy (parallel.parallelize); ``model`` the plain module (behaviour/reference log-probs, grad clipping)."""
+    from sftforge.loss import supervised_logprobs
     from sftforge.model import autocast
     from sftforge.optim import set_lr
     from sftforge.packing import collate
-    from sftforge.parallel import all_reduce_sum, grad_scale, no_grad_sync
+    from sftforge.parallel import all_reduce_sum, grad_scale, no_grad_sync, to_float
     from sftforge.train import _any_rank
 
     a, d = cfg.algorithm, cfg.data
@@ -322,9 +350,17 @@ def rl_step(engine, model, optimizer, ref_model, groups: list[list[Response]], g
             continue  # every group of this mini-batch was dropped, on every process
         mbs = [collate([(s[0], s[1]) for s in mb], d.packing, cfg.model.attn_implementation, pad_id, torch.float32)
                .to(device) for mb in micro]  # fmt: skip
-        with autocast(cfg.model.dtype, device):
-            old = _logprobs(model, mbs, chunk)
-            ref = _logprobs(ref_model, mbs, chunk) if ref_model is not None else None
+        n_calls = _any_rank(len(mbs)) if world_size > 1 else len(mbs)
+        was = engine.training
+        engine.eval()
+        try:
+            with autocast(cfg.model.dtype, device):
+                old = _logprobs(lambda mb: engine(mb, logprobs=True), mbs, n_calls, dummy.to(device))
+                ref = None
+                if ref_model is not None:  # a plain copy on every process: no collective, no dummy needed
+                    ref = _logprobs(lambda mb: supervised_logprobs(ref_model.eval(), mb, chunk), mbs, len(mbs), None)
+        finally:
+            engine.train(was)
         plan.append((micro, mbs, n_tok, old, ref))
     for micro, mbs, n_tok, old, ref in plan:
         optimizer.zero_grad(set_to_none=True)
@@ -350,7 +386,7 @@ def rl_step(engine, model, optimizer, ref_model, groups: list[list[Response]], g
                 totals["entropy"] += float(entropy.detach().sum())
                 totals["kl"] += st.kl_sum
         max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        norm = to_float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
         totals["grad_norm"] = max(totals["grad_norm"], norm)
         if math.isfinite(norm):
             optimizer.step()
@@ -406,6 +442,7 @@ def _rl(cfg: Config, model, tokenizer) -> dict[str, Any]:
     from sftforge.checkpoint import (
         child,
         clean_incomplete,
+        gather_full_state_dict,
         load_any,
         prune_checkpoints,
         resolve_resume,
@@ -418,7 +455,15 @@ def _rl(cfg: Config, model, tokenizer) -> dict[str, Any]:
     from sftforge.metrics import MetricsLogger, check_loggers
     from sftforge.model import compute_dtype, load_model
     from sftforge.optim import build_optimizer, lr_at
-    from sftforge.parallel import all_reduce_sum, barrier, local_device, parallelize, resolve_strategy
+    from sftforge.parallel import (
+        all_reduce_sum,
+        barrier,
+        build_mesh,
+        is_fsdp,
+        local_device,
+        parallelize,
+        resolve_strategy,
+    )
     from sftforge.train import _device, _eos_ids, world
 
     t = cfg.trainer
@@ -427,12 +472,9 @@ def _rl(cfg: Config, model, tokenizer) -> dict[str, Any]:
     check_rl_config(cfg, world_size)
     check_loggers(t.logger)
     device = local_device(_device(t.device))
-    strategy = resolve_strategy("ddp" if t.strategy == "auto" and world_size > 1 else t.strategy, device, world_size)
-    if strategy == "fsdp2":
-        raise ConfigError(
-            "sftforge rl with trainer.strategy=fsdp2 is not implemented yet (rollouts need the full weights on every "
-            "process); use trainer.strategy=ddp."
-        )
+    strategy = resolve_strategy(t.strategy, device, world_size)
+    if t.offload:
+        raise ConfigError("sftforge rl does not support trainer.offload=true yet; set trainer.offload=false.")
     if t.sp_size > 1:
         raise ConfigError("sftforge rl does not support trainer.sp_size > 1 yet; set trainer.sp_size=1.")
     multi_turn = cfg.rollout.max_turns > 1
@@ -460,7 +502,9 @@ def _rl(cfg: Config, model, tokenizer) -> dict[str, Any]:
     if cfg.algorithm.kl_coef > 0:
         ref_model = load_model(cfg.model, device)
         ref_model.requires_grad_(False)
-    engine = parallelize(model, strategy, None, cfg.model.dtype, False, cfg.model.loss_chunk_size)
+    policy = RolloutWeights(model, strategy == "fsdp2", compute_dtype(cfg.model.dtype))
+    engine = parallelize(model, strategy, build_mesh(device, world_size), cfg.model.dtype, False,
+                         cfg.model.loss_chunk_size)  # fmt: skip
     optimizer = build_optimizer(model, cfg.optim)
     pad_id = pad_token(tokenizer)
     start = 0
@@ -473,7 +517,8 @@ def _rl(cfg: Config, model, tokenizer) -> dict[str, Any]:
               f"data.truncation), {total} steps of {cfg.rollout.prompts_per_step} prompts × {cfg.rollout.n} responses, "
               f"{world_size} process(es) (trainer.strategy={strategy})"
               + (f"; resumed from {ckpt} at step {start}" if ckpt is not None else ""))  # fmt: skip
-    sampler = EpisodeSampler(model, tokenizer, cfg, make_env) if multi_turn else Sampler(model, tokenizer, cfg)
+    sampler = (EpisodeSampler(policy.module, tokenizer, cfg, make_env) if multi_turn
+               else Sampler(policy.module, tokenizer, cfg))  # fmt: skip
     mine = my_groups(cfg.rollout.prompts_per_step, cfg.algorithm.mini_batches, world_size, rank)
     t0, record = time.perf_counter(), {}
     for step in range(start, stop):
@@ -482,6 +527,7 @@ def _rl(cfg: Config, model, tokenizer) -> dict[str, Any]:
         local = [batch[g] for g in ids]
         seeds = [(t.seed * 1_000_003 + step) * 1_009 + g for g in ids]  # per group: the same on any process layout
         r0 = time.perf_counter()
+        policy.sync(model)  # FSDP2: the rollout copy takes the weights of the last update (or of the resume)
         groups = sampler.sample(local, seeds) if multi_turn else score_groups(sampler.sample(local, seeds), local,
                                                                               cfg, scorer)  # fmt: skip
         rollout_s = time.perf_counter() - r0
@@ -507,9 +553,10 @@ def _rl(cfg: Config, model, tokenizer) -> dict[str, Any]:
                 prune_checkpoints(out, t.max_ckpt_to_keep)
     finished = stop == total
     final_dir = None
+    full = gather_full_state_dict(model) if finished and is_fsdp(engine) else None  # collective: every process
     if finished and main:
         final_dir = export_model(model, out / "final", tokenizer, _eos_ids(tokenizer, cfg), compute_dtype(cfg.model.dtype),
-                                 adapter_dir=out / "final" / "adapter", base_path=cfg.model.path)  # fmt: skip
+                                 adapter_dir=out / "final" / "adapter", base_path=cfg.model.path, state_dict=full)  # fmt: skip
     barrier()
     log.close({"train_runtime_s": round(time.perf_counter() - t0, 4)})
     return {"step": stop, "total_steps": total, "metrics": record, "output_dir": str(out),
@@ -522,5 +569,5 @@ def rl_main(path: str | None, overrides: list[str]) -> int:
     return 0
 
 
-__all__ = ["my_groups", "EpisodeSampler", "Prompt", "Response", "Sampler", "episode_response", "load_env_tasks", "check_rl_config", "evaluate_policy", "load_prompts", "rl", "rl_main",
+__all__ = ["my_groups", "EpisodeSampler", "RolloutWeights", "Prompt", "Response", "Sampler", "episode_response", "load_env_tasks", "check_rl_config", "evaluate_policy", "load_prompts", "rl", "rl_main",
            "rl_step", "score_groups", "step_prompts"]  # fmt: skip
