@@ -100,9 +100,16 @@ def estimate_table(gpu_gib: int = 80, world: int = 8) -> list[dict]:
         n = longest_sequence(shape, cfg, gpu_gib * GIB, sp_size=sp, shard_over=world)
         est = estimate_memory(shape, cfg, n, n // 2, micro_batch_size=1, gpu_memory=gpu_gib * GIB,
                               shard_over=world, sp_size=sp)  # fmt: skip
-        rows.append({"sp": sp, "attn": attn if sp == 1 else "sdpa per sample", "longest": n, "total": est.total, "activations": est.activations,
+        rows.append({"sp": sp, "attn": LABELS[attn] if sp == 1 else "sdpa per sample, all-to-all", "longest": n, "total": est.total, "activations": est.activations,
                      "mask": est.attention_mask, "states": est.params + est.grads + est.optimizer})  # fmt: skip
     return rows
+
+
+LABELS = {
+    "eager": "eager (block-diagonal mask)",
+    "sdpa": "sdpa per sample",
+    "flash_attention_2": "flash_attention_2 (cu_seqlens)",
+}
 
 
 def measure(model: str, tokens: int, samples: int, share: float, sp: int) -> int:

@@ -97,3 +97,55 @@ def test_packed_logits_equal_unpacked(name, attn, model_config_dir):
             torch.testing.assert_close(packed[start : start + n], alone, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(padded[i, :n], alone, rtol=1e-5, atol=1e-5)
             start += n
+
+
+def test_packed_sdpa_builds_no_mask():
+    """Packed sdpa micro-batches carry the samples' boundaries and a stride-0 placeholder, never an L×L mask."""
+    b = pack([([1, 2, 3], [1, 1, 1]), ([4, 5], [1, 1])], attn_implementation="sdpa")
+    assert b.attention_mask is None and b.extra["packed_cu_seqlens"].tolist() == [0, 3, 5]
+    assert b.to("meta").extra["packed_cu_seqlens"].device.type == "cpu"  # boundaries are read on the host
+    m = b.model_inputs()["attention_mask"]
+    assert m.shape == (1, 1, 5, 5) and m.stride() == (0, 0, 0, 0) and m.isnan().all()
+
+
+def test_packed_batch_on_a_model_without_the_packed_attention_fails_loudly(model_config_dir):
+    """Called directly (not through loss.hidden_states) on a plain sdpa model, the placeholder mask (NaN) makes every
+    output NaN: never a silent attention across samples."""
+    model = load_model(ModelConfig(path=str(model_config_dir / "qwen3-tiny"))).eval()
+    b = pack(_samples(model.config.vocab_size), "sdpa")
+    inputs = {k: v for k, v in b.model_inputs().items() if k != "packed_cu_seqlens"}
+    with torch.no_grad():
+        assert torch.isnan(model.model(**inputs).last_hidden_state).all()
+
+
+def test_packed_attention_with_gradient_checkpointing(model_config_dir):
+    """Gradient checkpointing re-runs each layer in the backward: the packed attention stays selected, so gradients
+    are the same as without checkpointing (and as the padded batch's)."""
+    from sftforge.loss import loss_sum
+
+    grads = []
+    for packing, gc in [(True, False), (True, True), (False, False)]:
+        model = load_model(ModelConfig(path=str(model_config_dir / "qwen3-tiny"), enable_gradient_checkpointing=gc))
+        model.train()
+        s, _ = loss_sum(model, collate(_samples(model.config.vocab_size), packing=packing))
+        s.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[2], grads[0], rtol=1e-4, atol=1e-5)
+
+
+def test_generation_is_unchanged_by_the_packed_attention(model_config_dir):
+    """Once selected (by a packed batch), the packed attention is transformers' sdpa for everything else: left-padded
+    batched generation gives the same tokens as a fresh sdpa model."""
+    from sftforge.attention import NAME
+
+    cfg = ModelConfig(path=str(model_config_dir / "qwen3-tiny"))
+    plain, packed = load_model(cfg).eval(), load_model(cfg).eval()
+    with torch.no_grad():
+        hidden_states(packed, pack(_samples(packed.config.vocab_size), "sdpa"))
+    assert packed.config._attn_implementation == NAME and plain.config._attn_implementation == "sdpa"
+    ids = torch.tensor([[0, 0, 11, 12, 13], [21, 22, 23, 24, 25]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    kw = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        assert torch.equal(plain.generate(ids, **kw), packed.generate(ids, **kw))

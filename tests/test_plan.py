@@ -135,15 +135,19 @@ def test_memory_with_sequence_parallelism_and_fsdp2(small_shape):
     cfg = load_config(None, [])
     one = estimate_memory(small_shape, cfg, 8192, 2048)
     two = estimate_memory(small_shape, cfg, 8192, 2048, sp_size=2)
-    assert one.attention_mask > 0 and two.attention_mask == 0  # SP attends per sample: no L x L mask
+    eager = estimate_memory(small_shape, load_config(None, ["model.attn_implementation=eager"]), 8192, 2048)
+    unpacked = estimate_memory(small_shape, load_config(None, ["data.packing=false"]), 8192, 2048, micro_batch_size=1)
+    assert eager.attention_mask > 0 and unpacked.attention_mask > 0  # an L x L mask (block-diagonal / padding)
+    assert one.attention_mask == 0 and two.attention_mask == 0  # packed sdpa and SP attend per sample: no mask
     assert two.activations < 0.55 * one.activations and two.tokens_per_micro_batch == 8192
     sharded = estimate_memory(small_shape, cfg, 8192, 2048, shard_over=4)
     assert sharded.optimizer == -(-8 * small_shape.n_params // 4) and sharded.params < one.params
-    longest = [longest_sequence(small_shape, cfg, 8 * GIB, sp_size=sp, shard_over=1) for sp in (1, 2, 4)]
+    chunked = load_config(None, ["model.loss_chunk_size=1024"])  # else this small shape's logits dominate
+    longest = [longest_sequence(small_shape, chunked, 8 * GIB, sp_size=sp, shard_over=1) for sp in (1, 2, 4)]
     assert longest[0] < longest[1] < longest[2] and all(n % 1024 == 0 for n in longest)
-    fits = estimate_memory(small_shape, cfg, longest[1], longest[1] // 2, micro_batch_size=1, sp_size=2,
+    fits = estimate_memory(small_shape, chunked, longest[1], longest[1] // 2, micro_batch_size=1, sp_size=2,
                            gpu_memory=8 * GIB)  # fmt: skip
-    assert fits.fits and not estimate_memory(small_shape, cfg, longest[1] + 4096, (longest[1] + 4096) // 2,
+    assert fits.fits and not estimate_memory(small_shape, chunked, longest[1] + 4096, (longest[1] + 4096) // 2,
                                              micro_batch_size=1, sp_size=2, gpu_memory=8 * GIB).fits  # fmt: skip
 
 

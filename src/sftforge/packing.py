@@ -5,9 +5,10 @@ label of position t is ``input_ids[t + 1]`` when ``loss_mask[t + 1] == 1``, else
 every sample has no target, so no target ever crosses a sample boundary in a packed row.
 
 Packed rows need an explicit attention structure: transformers 5.23 with sdpa/eager does not isolate samples from
-restarting ``position_ids`` alone (measured: 0.74 logit error on the second of two packed samples). We hand the model
-a block-diagonal causal 4D mask (bool for sdpa, additive float for eager; transformers passes a 4D mask through
-unchanged), or cu_seqlens kwargs for flash_attention_2, which never materializes an L×L mask.
+restarting ``position_ids`` alone (measured: 0.74 logit error on the second of two packed samples). The samples'
+boundaries go with the micro-batch: ``packed_cu_seqlens`` for sdpa (attention.py runs each sample's causal attention
+on its own; no L×L mask exists), ``cu_seq_lens_q/k`` for flash_attention_2, and a block-diagonal causal additive 4D
+mask for eager (transformers passes a 4D mask through unchanged).
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ class MicroBatch:
     position_ids: torch.Tensor
     """[B, L] positions, restarting at 0 for every sample."""
     attention_mask: torch.Tensor | None
-    """[B, L] padding mask (unpacked), [1, 1, L, L] block-diagonal causal mask (packed), or None (flash)."""
+    """[B, L] padding mask (unpacked), [1, 1, L, L] block-diagonal causal mask (packed, eager), or None (packed
+    sdpa and flash: the boundaries are in ``extra``)."""
     seq_lens: list[int]
     """Length of every sample in the micro-batch, in row order."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Additional model kwargs (cu_seq_lens_q/k, max_length_q/k for flash_attention_2)."""
+    """Additional model kwargs (packed_cu_seqlens for sdpa; cu_seq_lens_q/k, max_length_q/k for flash_attention_2)."""
 
     @property
     def n_tokens(self) -> int:
@@ -48,7 +50,12 @@ class MicroBatch:
         return int((self.labels != IGNORE_INDEX).sum())
 
     def model_inputs(self) -> dict[str, Any]:
-        out = {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": self.attention_mask}
+        mask = self.attention_mask
+        if mask is None and "packed_cu_seqlens" in self.extra:  # see attention.py: no L×L mask is built
+            from sftforge.attention import placeholder_mask
+
+            mask = placeholder_mask(self.input_ids.shape[1], self.input_ids.device)
+        out = {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": mask}
         out.update(self.extra)
         return out
 
@@ -60,7 +67,7 @@ class MicroBatch:
             mv(self.position_ids),
             mv(self.attention_mask),
             list(self.seq_lens),
-            {k: mv(v) for k, v in self.extra.items()},
+            {k: v if k == "packed_cu_seqlens" else mv(v) for k, v in self.extra.items()},  # read on the host
         )
 
 
@@ -115,15 +122,21 @@ def pack(
         labels += shift_labels(x, m)
         pos += range(len(x))
         lens.append(len(x))
-    extra: dict[str, Any] = {}
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    mask, extra = None, {}
     if attn_implementation.startswith("flash"):
-        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-        extra = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lens), "max_length_k": max(lens)}
-        mask = None
+        t32 = torch.tensor(cu, dtype=torch.int32)
+        extra = {"cu_seq_lens_q": t32, "cu_seq_lens_k": t32, "max_length_q": max(lens), "max_length_k": max(lens)}
     elif attn_implementation == "eager":
         mask = block_causal_mask(lens, "float", mask_dtype)
+    elif attn_implementation == "sdpa":
+        extra = {"packed_cu_seqlens": torch.tensor(cu, dtype=torch.int64)}
     else:
-        mask = block_causal_mask(lens, "bool")
+        raise ValueError(
+            f"packing with attn_implementation={attn_implementation!r}: use sdpa, eager or flash_attention_2."
+        )
     t = lambda v: torch.tensor(v, dtype=torch.long)[None]  # noqa: E731
     return MicroBatch(t(ids), t(labels), t(pos), mask, lens, extra)
 

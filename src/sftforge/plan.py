@@ -231,13 +231,14 @@ def estimate_memory(
     # One chunk at a time, recomputed in backward: fp32 logits, their log-softmax/gradient, and the gradient of the
     # logits (+ the bf16 logits under autocast).
     logits = chunk * shape.vocab * (3 * 4 + (2 if b == 2 else 0))
-    # Packed rows get an explicit block-diagonal mask [1, 1, L, L]; per row when unpacked. sdpa turns a bool mask into
-    # an additive one in the compute dtype and keeps it for the backward pass of every layer whose activations are
-    # kept (measured on CPU: L² × 4 bytes per layer in fp32). flash_attention_2 (cu_seqlens) and sequence
-    # parallelism (attention per sample) have no L × L mask at all.
+    # Padded (unpacked) rows get a [B, 1, L, L] mask from transformers, and packed rows under eager an explicit
+    # block-diagonal one. sdpa turns a bool mask into an additive one in the compute dtype and keeps it for the backward
+    # pass of every layer whose activations are kept (measured on CPU: L² × 4 bytes per layer in fp32). Packed sdpa
+    # (attention.py: causal attention per sample), flash_attention_2 (cu_seqlens) and sequence parallelism (attention
+    # per sample) have no L × L mask at all.
     row = row_tokens if d.packing else max(1, row_tokens // max(1, mbs))
     mask_rows = 1 if d.packing else mbs
-    if sp > 1 or m.attn_implementation == "flash_attention_2":
+    if sp > 1 or m.attn_implementation == "flash_attention_2" or (d.packing and m.attn_implementation == "sdpa"):
         attention_mask = 0
     else:
         kept = 1 if gc else shape.layers

@@ -30,8 +30,8 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from sftforge.attention import causal_per_sample
 from sftforge.config import ConfigError
 from sftforge.packing import IGNORE_INDEX, MicroBatch
 
@@ -192,7 +192,7 @@ def shard(mb: MicroBatch, sp_size: int | None = None, sp_rank: int | None = None
         cu.append(cu[-1] + length)
     k = (n + pad) // size
     cut = slice(rank * k, (rank + 1) * k)
-    extra = {key: v for key, v in mb.extra.items() if not key.startswith(("cu_seq_lens", "max_length"))}
+    extra = {key: v for key, v in mb.extra.items() if not key.startswith(("cu_seq_lens", "max_length", "packed_cu"))}
     extra["sp_cu_seqlens"] = tuple(cu)
     return replace(mb, input_ids=ids[:, cut], labels=labels[:, cut], position_ids=pos[:, cut], attention_mask=None,
                    extra=extra)  # fmt: skip
@@ -238,17 +238,6 @@ def _repeat_kv_for(kv_heads: int, sp_size: int) -> int:
     return math.lcm(kv_heads, sp_size) // kv_heads
 
 
-def _sdpa(module, q, k, v, mask, dropout: float, scaling: float | None) -> torch.Tensor:
-    """Scaled dot-product attention with grouped key/value heads; [B, Hq, L, D] -> [B, L, Hq, D]."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=mask is None and q.shape[2] > 1
-    )
-    return out.transpose(1, 2).contiguous()
-
-
 def attention(
     module,
     query,
@@ -272,12 +261,7 @@ def attention(
     if r > 1:
         key, value = key.repeat_interleave(r, dim=1), value.repeat_interleave(r, dim=1)
     q, k, v = (seq_to_heads(t, group) for t in (query, key, value))  # [B, H/sp, L, D]
-    parts = [
-        _sdpa(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, dropout, scaling)  # causal within one sample
-        for a, b in zip(sp_cu_seqlens[:-1], sp_cu_seqlens[1:])
-        if b > a
-    ]
-    out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # [B, L, H/sp, D]
+    out = causal_per_sample(q, k, v, sp_cu_seqlens, dropout, scaling)  # [B, L, H/sp, D]
     out = heads_to_seq(out.transpose(1, 2), group)  # [B, H, L/sp, D]
     return out.transpose(1, 2).contiguous(), None
 

@@ -1,0 +1,109 @@
+"""Attention over packed rows without an L × L mask (``model.attn_implementation=sdpa`` with ``data.packing``).
+
+A packed row holds several samples back to back; no token may attend across a sample boundary. transformers' sdpa
+takes that as a [1, 1, L, L] block-diagonal mask, which costs L² memory and makes every query attend to (masked) keys
+of the whole row. Here each sample runs its own causal scaled dot-product attention instead (the boundaries travel with
+the micro-batch as ``packed_cu_seqlens``, a CPU tensor: a tensor, not a tuple, so that ``model.compile`` does not
+recompile for every new set of lengths, and on the host, so that reading it never waits for the GPU): compute Σ lᵢ² instead of L², no mask at all, and torch's fused causal
+kernels (flash on GPU) apply. Measured on CPU (qwen3-small, 16,384 tokens, 8 samples): the step 2.0× faster, peak
+memory 5.1 GiB instead of 9.3 GiB; same loss.
+
+The function is registered with transformers' ``AttentionInterface`` and selected through the model's
+``config._attn_implementation`` (the model's ``forward`` is not patched; the saved config.json does not record it).
+Without ``packed_cu_seqlens`` (generation, padded batches) it is transformers' own sdpa with transformers' own sdpa mask,
+so a model with it selected behaves exactly like sdpa everywhere else. :func:`hidden_states_inputs` selects it the
+first time a packed micro-batch meets the model, and for good: gradient checkpointing re-runs a layer's forward during
+the backward, which must take the same path.
+
+Packed micro-batches carry a stride-0 [1, 1, L, L] tensor of NaN as their ``attention_mask``: it costs no memory,
+stops transformers from building a mask (a 4D mask is passed through unchanged), and makes any attention that is not
+this one produce NaN (an additive NaN mask) rather than silently attend across samples. (An all-False boolean mask
+would not do: torch's sdpa returns zeros for fully masked rows.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "sftforge_packed_sdpa"
+
+
+@torch.compiler.disable  # a Python loop over the row's samples: model.compile compiles around it
+def causal_per_sample(q, k, v, cu_seqlens, dropout: float = 0.0, scaling: float | None = None) -> torch.Tensor:
+    """Causal attention of every sample [cu[i], cu[i+1]) of the row on its own: q [B, Hq, L, D], k/v [B, Hkv, L, D]
+    (grouped heads repeated) -> [B, L, Hq, D]. ``cu_seqlens``: a CPU tensor or a sequence of ints."""
+    if isinstance(cu_seqlens, torch.Tensor):
+        cu_seqlens = cu_seqlens.tolist()
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    parts = [
+        F.scaled_dot_product_attention(
+            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=dropout, scale=scaling, is_causal=b - a > 1
+        )  # fmt: skip
+        for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])
+        if b > a
+    ]
+    out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+    return out.transpose(1, 2).contiguous()
+
+
+def attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    packed_cu_seqlens: torch.Tensor | None = None,
+    **kwargs,
+):
+    """The attention transformers calls per layer: (output [B, L, H, D], None)."""
+    if packed_cu_seqlens is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)  # fmt: skip
+    return causal_per_sample(query, key, value, packed_cu_seqlens, dropout if module.training else 0.0, scaling), None
+
+
+def placeholder_mask(n: int, device=None) -> torch.Tensor:
+    """[1, 1, n, n] of NaN without storage (see the module docstring)."""
+    return torch.full((), float("nan"), device=device).expand(1, 1, n, n)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(NAME, attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def select(model: torch.nn.Module) -> None:
+    """Select the packed attention on every config of ``model`` that uses sdpa (idempotent)."""
+    _register()
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if c is not None and getattr(c, "_attn_implementation", None) == "sdpa":
+            c._attn_implementation = NAME
+
+
+def hidden_states_inputs(model: torch.nn.Module, inputs: dict) -> dict:
+    """The decoder's keyword arguments for ``inputs`` (a micro-batch's): a packed sdpa micro-batch selects the packed
+    attention on ``model`` first."""
+    if inputs.get("packed_cu_seqlens") is not None:
+        config = getattr(model, "config", None)
+        if getattr(config, "_attn_implementation", NAME) != NAME:
+            select(model)
+            if config._attn_implementation != NAME:
+                raise ValueError(
+                    f"a packed micro-batch collated for sdpa met a model whose attention is "
+                    f"{config._attn_implementation!r}: collate with the model's attention (model.attn_implementation)."
+                )
+    return inputs
+
+
+__all__ = ["NAME", "attention", "causal_per_sample", "hidden_states_inputs", "placeholder_mask", "select"]
