@@ -8,7 +8,8 @@ run. The memory estimate is per GPU and counts, from the model's config.json alo
   autocast keeps for the step;
 * gradients (fp32) and AdamW's two fp32 moments, for the trainable parameters;
 * activations saved for the backward pass, per layer and per token of the micro-batch (only the layer inputs plus one
-  layer when model.enable_gradient_checkpointing), the packed block-diagonal mask, and a backward workspace;
+  layer when model.enable_gradient_checkpointing), an L × L attention mask where one is built (padded rows, eager
+  packing; packed sdpa and flash have none), and a backward workspace;
 * logits: the LM head runs only on supervised positions, model.loss_chunk_size at a time, recomputed in the
   backward pass, so only one chunk × vocabulary of logits (and its gradients) is alive at once.
 
