@@ -138,6 +138,9 @@ def test_memory_with_sequence_parallelism_and_fsdp2(small_shape):
     eager = estimate_memory(small_shape, load_config(None, ["model.attn_implementation=eager"]), 8192, 2048)
     unpacked = estimate_memory(small_shape, load_config(None, ["data.packing=false"]), 8192, 2048, micro_batch_size=1)
     assert eager.attention_mask > 0 and unpacked.attention_mask > 0  # an L x L mask (block-diagonal / padding)
+    # eager keeps every layer's [heads, L, L] fp32 probabilities for the backward pass
+    scores = small_shape.layers * small_shape.heads * 8192 * 8192 * 4
+    assert eager.activations - one.activations == scores
     assert one.attention_mask == 0 and two.attention_mask == 0  # packed sdpa and SP attend per sample: no mask
     assert two.activations < 0.55 * one.activations and two.tokens_per_micro_batch == 8192
     sharded = estimate_memory(small_shape, cfg, 8192, 2048, shard_over=4)

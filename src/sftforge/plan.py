@@ -246,6 +246,13 @@ def estimate_memory(
         own = 1 if m.attn_implementation == "sdpa" else 4  # bool, or eager's additive float
         attention_mask = mask_rows * row * row * (own + (b * kept if m.attn_implementation == "sdpa" else 0))
     workspace = 2 * per_layer + 2 * tokens * 4 * h  # activation gradients of the layer in flight
+    if m.attn_implementation == "eager" and sp == 1:
+        # eager materializes the [rows, heads, L, L] probabilities: the fp32 softmax (and its compute-dtype copy under
+        # bf16) is kept for the backward pass of every layer whose activations are kept; their fp32 gradient is
+        # alive for the layer in flight
+        scores = mask_rows * shape.heads * row * row
+        activations += scores * (4 + (b if b == 2 else 0)) * (1 if gc else shape.layers)
+        workspace += scores * 4
     if sp > 1:  # all-to-all buffers: q, k, v and the output of one layer, in and out of the exchange
         workspace += 2 * tokens * (2 * shape.heads + 2 * max(shape.kv_heads, sp)) * shape.head_dim * b
     ovh = (GPU_OVERHEAD_BYTES if gpu_memory is not None else 0) if overhead is None else overhead
