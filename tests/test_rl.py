@@ -3,6 +3,7 @@ reward) and then RL-trained raises its held-out greedy reward; resume gives the 
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -263,7 +264,8 @@ before = gap()
 policy.sync(model)
 after = gap()
 assert not any(q.requires_grad for q in policy.module.parameters())
-print(f"GAP {before} {after}")
+sys.stdout.write(f"GAP {before} {after}\\n")  # one write: the two processes share the pipe
+sys.stdout.flush()
 destroy()
 """
 
@@ -281,7 +283,7 @@ def test_fsdp2_rollout_copy_takes_the_updated_weights(tmp_path, model_config_dir
     cmd = [torchrun, "--standalone", "--nproc_per_node=2", str(script), str(model_config_dir / "qwen3-tiny")]
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    gaps = [ln.split()[1:] for ln in p.stdout.splitlines() if ln.startswith("GAP")]
+    gaps = re.findall(r"GAP (\S+) (\S+)\n", p.stdout)
     assert len(gaps) == 2  # both processes
     for before, after in gaps:
         assert float(before) == pytest.approx(1.0) and float(after) == 0.0
