@@ -305,7 +305,8 @@ def rl_step(engine, model, optimizer, ref_model, groups: list[list[Response]], g
             pad_id: int, lr: float, world_size: int = 1) -> dict[str, Any]:  # fmt: skip
     """Advantages, dynamic sampling and algorithm.mini_batches optimizer steps on this process's groups (global
     indices ``group_ids``); returns the step's metrics over all processes. ``engine`` is the model under its
-    strategy (parallel.parallelize); ``model`` the plain module (behaviour/reference log-probs, grad clipping)."""
+    strategy (parallel.parallelize: behaviour log-probs and the loss); ``model`` the HF module under it (gradient
+    clipping); ``ref_model`` an unwrapped copy (reference log-probs for the KL term) or None."""
     from sftforge.loss import supervised_logprobs
     from sftforge.model import autocast
     from sftforge.optim import set_lr
