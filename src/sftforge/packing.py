@@ -20,6 +20,9 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100
+HOST_KEYS = ("packed_cu_seqlens", "sp_cu_seqlens")
+"""Sample boundaries read on the host by the attention (attention.py, ulysses.py): ``MicroBatch.to`` leaves them on the
+CPU, so that reading them never waits for the GPU."""
 
 
 @dataclass
@@ -67,7 +70,7 @@ class MicroBatch:
             mv(self.position_ids),
             mv(self.attention_mask),
             list(self.seq_lens),
-            {k: v if k == "packed_cu_seqlens" else mv(v) for k, v in self.extra.items()},  # read on the host
+            {k: v if k in HOST_KEYS else mv(v) for k, v in self.extra.items()},
         )
 
 

@@ -193,7 +193,7 @@ def shard(mb: MicroBatch, sp_size: int | None = None, sp_rank: int | None = None
     k = (n + pad) // size
     cut = slice(rank * k, (rank + 1) * k)
     extra = {key: v for key, v in mb.extra.items() if not key.startswith(("cu_seq_lens", "max_length", "packed_cu"))}
-    extra["sp_cu_seqlens"] = tuple(cu)
+    extra["sp_cu_seqlens"] = torch.tensor(cu, dtype=torch.int64)  # on the host; a tensor: see attention.py
     return replace(mb, input_ids=ids[:, cut], labels=labels[:, cut], position_ids=pos[:, cut], attention_mask=None,
                    extra=extra)  # fmt: skip
 
@@ -246,7 +246,7 @@ def attention(
     attention_mask,
     dropout: float = 0.0,
     scaling: float | None = None,
-    sp_cu_seqlens: tuple[int, ...] | None = None,
+    sp_cu_seqlens: torch.Tensor | None = None,
     **kwargs,
 ):
     """The attention interface transformers calls per layer: (output [B, L/sp, H, D], None)."""
