@@ -106,7 +106,6 @@ def estimate_table(gpu_gib: int = 80, world: int = 8) -> list[dict]:
 
 
 LABELS = {
-    "eager": "eager (block-diagonal mask)",
     "sdpa": "sdpa per sample",
     "flash_attention_2": "flash_attention_2 (cu_seqlens)",
 }

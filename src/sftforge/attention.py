@@ -2,10 +2,10 @@
 
 A packed row holds several samples back to back; no token may attend across a sample boundary. transformers' sdpa
 takes that as a [1, 1, L, L] block-diagonal mask, which costs L² memory and makes every query attend to (masked) keys
-of the whole row. Here each sample runs its own causal scaled dot-product attention instead (the boundaries travel with
-the micro-batch as ``packed_cu_seqlens``, a CPU tensor: a tensor, not a tuple, so that ``model.compile`` does not
-recompile for every new set of lengths, and on the host, so that reading it never waits for the GPU): compute Σ lᵢ² instead of L², no mask at all, and torch's fused causal
-kernels (flash on GPU) apply. Measured on CPU (qwen3-small, 16,384 tokens, 8 samples): the step 2.0× faster, peak
+of the whole row. Here each sample runs its own causal scaled dot-product attention instead: compute Σ lᵢ² instead of
+L², no mask at all, and torch's fused causal kernels (flash on GPU) apply. The boundaries travel with the micro-batch
+as ``packed_cu_seqlens``, a CPU tensor: a tensor, not a tuple, so that ``model.compile`` does not recompile for every
+new set of lengths, and on the host, so that reading it never waits for the GPU. Measured on CPU (qwen3-small, 16,384 tokens, 8 samples): the step 2.0× faster, peak
 memory 5.1 GiB instead of 9.3 GiB; same loss.
 
 The function is registered with transformers' ``AttentionInterface`` and selected through the model's

@@ -97,6 +97,14 @@ def n_supervised(sample: Any) -> int:
     return sum(1 for m in mask[1:] if m)
 
 
+def boundaries(seq_lens: Sequence[int]) -> list[int]:
+    """Offsets where the samples of a packed row start, and the row's end: [0, l0, l0 + l1, ...]."""
+    cu = [0]
+    for n in seq_lens:
+        cu.append(cu[-1] + n)
+    return cu
+
+
 def block_causal_mask(seq_lens: Sequence[int], kind: str = "bool", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[1, 1, L, L] mask where position q sees position k iff both are in the same sample and k <= q.
 
@@ -125,9 +133,7 @@ def pack(
         labels += shift_labels(x, m)
         pos += range(len(x))
         lens.append(len(x))
-    cu = [0]
-    for n in lens:
-        cu.append(cu[-1] + n)
+    cu = boundaries(lens)
     mask, extra = None, {}
     if attn_implementation.startswith("flash"):
         t32 = torch.tensor(cu, dtype=torch.int32)
@@ -214,6 +220,7 @@ __all__ = [
     "IGNORE_INDEX",
     "MicroBatch",
     "block_causal_mask",
+    "boundaries",
     "collate",
     "n_supervised",
     "pack",

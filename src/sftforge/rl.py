@@ -271,12 +271,13 @@ class RolloutWeights:
     every process, in the compute dtype and without gradients, refreshed from the shards by :meth:`sync` before each
     step's rollouts. Rollouts cannot run on the sharded model: each of its forwards is a collective (the layer's
     all-gather), and processes generate different numbers of tokens. The copy costs one full set of weights per
-    process; the refresh gathers one parameter at a time (never the whole model twice)."""
+    process; the refresh gathers one parameter at a time (never the whole model twice), all of them the first time and
+    then only the trainable ones (LoRA: the frozen base is gathered once, not every step)."""
 
     def __init__(self, model: torch.nn.Module, sharded: bool, dtype: torch.dtype):
         import copy
 
-        self.sharded = sharded
+        self.sharded, self.synced = sharded, False
         self.module = model
         if sharded:  # before fully_shard turns the parameters into shards
             self.module = copy.deepcopy(model).to(dtype).requires_grad_(False)
@@ -289,7 +290,9 @@ class RolloutWeights:
             return
         mine = dict(self.module.named_parameters())
         for name, p in model.named_parameters():
-            mine[name].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+            if p.requires_grad or not self.synced:  # the same on every process: the collectives stay in step
+                mine[name].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+        self.synced = True
 
 
 @torch.no_grad()
@@ -306,7 +309,7 @@ def rl_step(engine, model, optimizer, ref_model, groups: list[list[Response]], g
     """Advantages, dynamic sampling and algorithm.mini_batches optimizer steps on this process's groups (global
     indices ``group_ids``); returns the step's metrics over all processes. ``engine`` is the model under its
     strategy (parallel.parallelize: behaviour log-probs and the loss); ``model`` the HF module under it (gradient
-    clipping); ``ref_model`` an unwrapped copy (reference log-probs for the KL term) or None."""
+    clipping); ``ref_model`` an unwrapped copy in eval mode (reference log-probs for the KL term) or None."""
     from sftforge.loss import supervised_logprobs
     from sftforge.model import autocast
     from sftforge.optim import set_lr
@@ -359,7 +362,7 @@ def rl_step(engine, model, optimizer, ref_model, groups: list[list[Response]], g
                 old = _logprobs(lambda mb: engine(mb, logprobs=True), mbs, n_calls, dummy.to(device))
                 ref = None
                 if ref_model is not None:  # a plain copy on every process: no collective, no dummy needed
-                    ref = _logprobs(lambda mb: supervised_logprobs(ref_model.eval(), mb, chunk), mbs, len(mbs), None)
+                    ref = _logprobs(lambda mb: supervised_logprobs(ref_model, mb, chunk), mbs, len(mbs), None)
         finally:
             engine.train(was)
         plan.append((micro, mbs, n_tok, old, ref))
@@ -502,7 +505,7 @@ def _rl(cfg: Config, model, tokenizer) -> dict[str, Any]:
     ref_model = None
     if cfg.algorithm.kl_coef > 0:
         ref_model = load_model(cfg.model, device)
-        ref_model.requires_grad_(False)
+        ref_model.requires_grad_(False).eval()
     policy = RolloutWeights(model, strategy == "fsdp2", compute_dtype(cfg.model.dtype))
     engine = parallelize(model, strategy, build_mesh(device, world_size), cfg.model.dtype, False,
                          cfg.model.loss_chunk_size)  # fmt: skip

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from sftforge.attention import causal_per_sample
 from sftforge.config import ConfigError
-from sftforge.packing import IGNORE_INDEX, MicroBatch
+from sftforge.packing import IGNORE_INDEX, MicroBatch, boundaries
 
 NAME = "sftforge_ulysses"
 SUPPORTED_INNER = ("sdpa", "eager")
@@ -187,9 +187,7 @@ def shard(mb: MicroBatch, sp_size: int | None = None, sp_rank: int | None = None
         labels = torch.cat([labels, labels.new_full((1, pad), IGNORE_INDEX)], dim=1)
         pos = torch.cat([pos, torch.arange(pad, dtype=pos.dtype, device=pos.device)[None]], dim=1)
         lens.append(pad)
-    cu = [0]
-    for length in lens:
-        cu.append(cu[-1] + length)
+    cu = boundaries(lens)
     k = (n + pad) // size
     cut = slice(rank * k, (rank + 1) * k)
     extra = {key: v for key, v in mb.extra.items() if not key.startswith(("cu_seq_lens", "max_length", "packed_cu"))}
