@@ -311,7 +311,7 @@ def test_message_containing_template_tokens_is_caught(tokenizers):
             {"role": "assistant", "content": "real"},
         ]
     }
-    with pytest.raises(RowError, match="assistant header"):
+    with pytest.raises(RowError, match="special token of the tokenizer"):
         rend(tok, row)
 
 
@@ -354,3 +354,32 @@ def test_ids_equal_transformers_apply_chat_template(tokenizers, name):
     r = rend(tok, SIMPLE)
     ref = tok.apply_chat_template(SIMPLE["messages"], tokenize=True, return_dict=True)["input_ids"]
     assert r.input_ids == list(ref)
+
+
+def test_conversations_key_with_role_content_messages(tokenizers):
+    """The ExplicitLM form: {"conversations": [{"role": ..., "content": ...}]} is read as messages, not ShareGPT."""
+    tok = tokenizers["qwen2.5"]
+    conv_row = {"conversations": SIMPLE["messages"]}
+    assert rend(tok, conv_row).input_ids == rend(tok, SIMPLE).input_ids
+
+
+def test_tool_call_content_string_or_dict_and_markers_describe(tokenizers):
+    m = template_markers(tokenizers["qwen3"])
+    assert m.tool_arguments == "dict" and m.closings["text:user"] == "<|im_end|>"
+    text = "\n".join(m.describe())
+    assert "'<|im_start|>assistant\\n'" in text and "closing" in text and "stop tokens: <|im_end|>" in text
+    phi = "\n".join(template_markers(tokenizers["phi3"]).describe())
+    assert "tool calls: refused" in phi
+
+
+def test_reasoning_the_template_drops_is_counted(tokenizers):
+    tok = tokenizers["qwen3"]
+    row = {
+        "messages": [
+            {"role": "user", "content": "Q1"},
+            {"role": "assistant", "reasoning_content": "old thought", "content": "A1"},
+            {"role": "user", "content": "Q2"},
+            {"role": "assistant", "reasoning_content": "new thought", "content": "A2"},
+        ]
+    }
+    assert rend(tok, row).reasoning_dropped == 1  # Qwen3 keeps the reasoning after the last user message only

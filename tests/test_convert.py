@@ -96,5 +96,6 @@ def test_check_with_a_tokenizer_reports_tokens_and_over_length(tokenizer_dirs, t
     assert main(["data", "check", path, f"model.tokenizer_path={tokenizer_dirs['qwen3']}", "data.max_length=600"]) == 1
     out = capsys.readouterr().out
     assert "tokens min" in out and "over data.max_length" in out
+    assert "chat template: assistant header (generation prompt)" in out and "arguments as a dict" in out
     r = check_file(path, DataConfig(max_length=100000), None)
     assert r["rows"] == 40 and r["problems"] == {} and r["formats"] == {"messages": 40}

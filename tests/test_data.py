@@ -214,8 +214,11 @@ def test_textcraft_all_tokenizers_both_shapes(textcraft_dir, tokenizers, name, s
     tok = tokenizers[name]
     jsonl = str(textcraft_dir / f"train_{shape}.jsonl")
     if name == "phi3" and shape == "tools":  # Phi-3's template ignores tool_calls and tool messages
-        with pytest.raises(DataError, match="does not render"):
+        with pytest.raises(DataError, match="does not render") as e:
             build_dataset(cfg(), tok, jsonl)
+        # the refusal names the file and row, the template and what to change
+        assert "train_tools.jsonl:1" in str(e.value) and "chat template: the tokenizer's own" in str(e.value)
+        assert "Set data.chat_template" in str(e.value)
         return
     ds = build_dataset(cfg(), tok, jsonl)
     assert len(ds) == 40 and ds.report.rows == 40
@@ -257,6 +260,9 @@ def test_cli_tokenize_and_preview(tmp_path, tokenizer_dirs, textcraft_dir):
     )
     assert p.returncode == 0, p.stderr
     assert "sample 3" in p.stdout and "trained (highlighted)" in p.stdout and "Action: craft" in p.stdout
+    # what was learned from the template is shown, so a user can see why these tokens are trained
+    assert "assistant header (generation prompt): '<|im_start|>assistant\\n'" in p.stdout
+    assert "closing, followed by a user message: '<|im_end|>'" in p.stdout
 
 
 def test_cli_errors_are_one_paragraph_not_tracebacks(tmp_path, tokenizer_dirs):

@@ -1,30 +1,59 @@
 """One render of a conversation with the model's own chat template -> (input_ids, loss_mask).
 
 The rule: a token is trained iff it is part of what the model produces in an assistant turn — the assistant's
-content, its tool calls, its reasoning where the template keeps it, and the end-of-turn token that closes the turn.
-Role headers, the glue after the end-of-turn token, a trailing end-of-text and every system/user/tool token are not.
+content, its tool calls, its reasoning where the template keeps it, and the closing tokens the model must emit to end
+the turn. Role headers, the glue after the closing tokens and every system/user/tool token are not.
 
-How: the whole conversation is rendered ONCE to text and tokenized ONCE with character offsets. The assistant
-turns are located in that text by the template's own assistant header (what the template emits as its generation
-prompt) and end-of-turn marker (what it emits right after an assistant message), both learned from a probe render.
-The located turns are then checked against the messages (count, content, tool-call names), so a template that
-renders something else than we think fails loudly instead of training on the wrong tokens.
-Rendering messages one at a time and concatenating is wrong for Qwen3 (earlier turns lose their reasoning) and is
-never done here.
+How: the whole conversation is rendered ONCE to text and tokenized ONCE with character offsets. Rendering messages
+one at a time and concatenating is wrong for Qwen3 (earlier turns lose their reasoning) and is never done here.
+What the template writes around an assistant turn is learned from the template itself (:func:`template_markers`),
+from probe conversations whose messages are unique sentinel strings:
+
+- the **lead-in** of an assistant turn after a user (or tool) message: what the generation prompt adds after that
+  message's content (``<|im_end|>\\n<|im_start|>assistant\\n``; after a tool result Gemma 4 and DeepSeek-V3 add only
+  the result's wrapper). History turns may render a shorter form (DeepSeek-R1 prefills ``<think>\\n`` only in the
+  generation prompt), down to what a history probe shows.
+- the **closing** of a turn, per context — followed by a user message, followed by a tool result, or last — as the
+  run of special tokens after the turn's output: the part all contexts share is the assistant's own (Qwen's
+  ``<|im_end|>``, Command-A's ``<|END_RESPONSE|><|END_OF_TURN_TOKEN|>``); where contexts differ, the turn closes
+  differently in history and at the end (gpt-oss: ``<|end|>`` vs ``<|return|>``). A following special token that is
+  a stop token (tokenizer eos, generation-config eos ids) is what the model emits to stop and is trained too
+  (GLM's ``<|user|>`` / ``<|observation|>``; Gemma 4's ``<|tool_response>``); a token that opens the next turn is not.
+  A template that leaves the last turn open (GLM) gets the stop token it would render next appended, trained.
+- whether tool-call arguments are rendered from a dict or from a JSON string, whether a system role exists.
+
+Each row is then located in its one render, message by message, and checked: every assistant message's content and
+tool-call names lie inside its trained span, which ends with the closing learned for its context; every
+system/user/tool message's content is found, in order, outside all trained spans; no message holds text that the
+tokenizer reads as a special token. Anything else is a :class:`RowError` that says why — never a silent mis-mask.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 ROLES = ("system", "user", "assistant", "tool")
-_PROBE_USER = "Zq1probeUser"
-_PROBE_ASSISTANT = "Zq1probeAssistant"
+# Probe sentinels: no one is a prefix of another, none occurs in a template.
+_PU, _PU2, _PA, _PA2 = "Zq1probeUserOne", "Zq1probeUserTwo", "Zq1probeReplyOne", "Zq1probeReplyTwo"
+_PS, _PT, _PF, _PK, _PV = "Zq1probeSystemText", "Zq1probeToolText", "zq1probe_fn", "zq1probe_arg", "Zq1probeArgValue"
+_PROBE_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": _PF,
+            "description": "probe",
+            "parameters": {"type": "object", "properties": {_PK: {"type": "string"}}, "required": [_PK]},
+        },
+    }
+]
 
 
 class RowError(ValueError):
@@ -42,12 +71,59 @@ class TemplateError(ValueError):
 
 @dataclass(frozen=True)
 class TemplateMarkers:
+    """What the chat template writes around assistant turns, learned from probe renders (see the module docstring)."""
+
     header: str
-    """Text the template writes before an assistant message (its generation prompt), e.g. '<|im_start|>assistant\\n'."""
-    alt_headers: tuple[str, ...]
-    """Shorter forms of the header tried when the full one does not match (e.g. without a thinking block)."""
-    end_of_turn: str
-    """Text that closes an assistant turn and is trained, e.g. '<|im_end|>'."""
+    """The assistant header of the generation prompt, e.g. '<|im_start|>assistant\\n' (shown to users)."""
+    lead_ins: dict = field(default_factory=dict)
+    """Role of the message before an assistant turn ('user', 'tool', '*' for any other) -> the text between that
+    message's content and the assistant's output, longest form first."""
+    closings: dict = field(default_factory=dict)
+    """'text:user' | 'text:end' | 'call:tool' | 'call:end' -> the trained text that closes a turn (a plain answer or
+    one with tool calls) followed by a user message / a tool result / nothing."""
+    appended_closing: dict = field(default_factory=dict)
+    """'text' | 'call' -> trained text appended after a last assistant turn that the template leaves open: the stop
+    token it would render next (GLM: '<|user|>' after an answer, '<|observation|>' after a tool call)."""
+    stop_tokens: tuple = ()
+    """Tokens that end a generation: the tokenizer's eos and the generation config's eos ids."""
+    tool_arguments: str = ""
+    """How the template takes tool-call arguments: 'dict', 'json' (a JSON string), or '' (it renders no tool call)."""
+    tool_problem: str = ""
+    """Why tool-call rows are refused when the template cannot be used for them."""
+    tool_call_content_none: bool = False
+    """The template renders a tool call only when the message's content is None (not '')."""
+    system_role: bool = True
+    """False when the template refuses or drops a system message."""
+    specials: tuple = ()
+    """The tokenizer's special tokens (text that must not occur inside a message)."""
+
+    @property
+    def end_of_turn(self) -> str:
+        """The closing of a last plain turn (what a generation ends with)."""
+        return self.closings.get("text:end") or self.appended_closing.get("text", "")
+
+    def describe(self) -> list[str]:
+        """Lines for `data preview` / `data check`: what was learned from the template."""
+        c = self.closings
+        out = [
+            f"assistant header (generation prompt): {self.header!r}",
+            f"lead-in after a user message: {self.lead_ins.get('user', ('?',))[0]!r}",
+            f"closing, followed by a user message: {c.get('text:user', '')!r}; last turn: "
+            f"{self.end_of_turn!r}"
+            + (" (appended: the template leaves the last turn open)" if self.appended_closing else ""),
+        ]
+        if self.tool_arguments:
+            out.append(
+                f"tool calls: arguments as {'a JSON string' if self.tool_arguments == 'json' else 'a dict'}; lead-in "
+                f"after a tool result: {self.lead_ins.get('tool', ('?',))[0]!r}; closing before a tool result: "
+                f"{c.get('call:tool', '')!r}; last: {c.get('call:end') or self.appended_closing.get('call', '')!r}"
+            )
+        else:
+            out.append(f"tool calls: refused ({self.tool_problem or 'the template does not render them'})")
+        if not self.system_role:
+            out.append("system role: not supported (data.system_into_first_user=true merges it into the first user)")
+        out.append(f"stop tokens: {', '.join(self.stop_tokens) or '(none)'}")
+        return out
 
 
 @dataclass
@@ -57,6 +133,10 @@ class Rendered:
     loss_mask: list[int]
     spans: list[tuple[int, int]]
     """Character spans of the trained text, in order."""
+    system_merged: bool = False
+    """data.system_into_first_user moved a system message into the first user message."""
+    reasoning_dropped: int = 0
+    """Assistant messages whose reasoning_content the template does not render (e.g. earlier turns under Qwen3)."""
 
 
 def load_chat_template(value: str) -> str:
@@ -72,7 +152,8 @@ def load_chat_template(value: str) -> str:
     return p.read_text()
 
 
-def _render(tokenizer, messages, tools=None, add_generation_prompt=False, kwargs=None) -> str:
+def render_text(tokenizer, messages, tools=None, add_generation_prompt=False, kwargs=None) -> str:
+    """The template's text for ``messages`` as given (see :func:`prepare_messages` for the template's forms)."""
     return tokenizer.apply_chat_template(
         messages,
         tools=tools or None,
@@ -82,75 +163,263 @@ def _render(tokenizer, messages, tools=None, add_generation_prompt=False, kwargs
     )
 
 
-def _first_special(tokenizer, text: str) -> str | None:
-    """The first added/special token in ``text`` if the text starts with it (ignoring nothing)."""
-    specials = sorted(
-        (t for t in tokenizer.get_added_vocab() if t and text.startswith(t)),
-        key=len,
-        reverse=True,
-    )
-    return specials[0] if specials else None
+def render_prompt(tokenizer, messages, tools=None, kwargs=None, markers: TemplateMarkers | None = None) -> str:
+    """The prompt of a generation: the conversation in the template's forms, with the generation prompt."""
+    markers = markers or template_markers(tokenizer, kwargs)
+    messages, _ = prepare_messages(messages, markers)
+    return render_text(tokenizer, messages, tools, add_generation_prompt=True, kwargs=kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learning the template's markers
+
+
+def special_tokens(tokenizer) -> tuple[str, ...]:
+    """The tokenizer's special (atomic, never-split) tokens, longest first."""
+    found = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special and t.content}
+    found |= {t for t in getattr(tokenizer, "all_special_tokens", []) if t}
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+@lru_cache(maxsize=16)
+def _specials_re(specials: tuple) -> re.Pattern:
+    return re.compile("|".join(map(re.escape, specials))) if specials else re.compile(r"(?!x)x")
+
+
+@lru_cache(maxsize=16)
+def _first_chars(specials: tuple) -> frozenset:
+    return frozenset(t[0] for t in specials)
+
+
+def generation_eos_tokens(tokenizer) -> list[str]:
+    """The eos ids of the model's generation_config.json next to the tokenizer (a local folder, or the hub repo the
+    tokenizer came from), as tokens; [] when there is none."""
+    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    path = Path(name) / "generation_config.json"
+    ids = None
+    try:
+        if path.is_file():
+            ids = json.loads(path.read_text()).get("eos_token_id")
+        elif name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists():
+            from transformers import GenerationConfig  # a hub id: its generation config, if it has one
+
+            ids = GenerationConfig.from_pretrained(name).eos_token_id
+    except Exception:  # no generation config (or offline): the tokenizer's eos alone
+        ids = None
+    if ids is None:
+        return []
+    ids = [ids] if isinstance(ids, int) else list(ids)
+    return [t for t in tokenizer.convert_ids_to_tokens(ids) if t]
+
+
+def _between(text: str, a: str, b: str | None) -> str:
+    """The text after sentinel ``a`` up to sentinel ``b`` (or to the end)."""
+    i = text.index(a) + len(a)
+    return text[i : text.index(b, i)] if b else text[i:]
+
+
+def _cut(text: str, d: int, toks) -> int:
+    """``d`` moved back so that it does not split a special token of ``text``."""
+    for s, e, _ in toks:
+        if s < d < e:
+            return s
+    return d
+
+
+def _closing(glue: str, shared: int, rx, stops: set, openers: set) -> str:
+    """The trained closing at the start of ``glue`` (the text after an assistant turn's last output), of which the
+    first ``shared`` characters are the same in every context (the assistant's own)."""
+    toks = [(m.start(), m.end(), m.group()) for m in rx.finditer(glue)]
+    shared = _cut(glue, shared, toks)
+    own = [t for t in toks if t[1] <= shared]
+    if own:  # the last run of adjacent special tokens of the assistant's own text, up to its first stop token
+        j = len(own) - 1
+        while j > 0 and own[j - 1][1] == own[j][0]:
+            j -= 1
+        begin, end = own[j][0], own[j][0]
+        for _s, e, t in own[j:]:
+            end = e
+            if t in stops:
+                return glue[begin:end]
+    else:  # the turn closes differently per context: adjacent specials up to the next turn's opener
+        begin = end = shared
+    history_closing = not own
+    for s, e, t in toks:
+        if s < end:
+            continue
+        if s != end:
+            break
+        if t in stops:
+            end = e
+            break
+        if t in openers or not history_closing:
+            break
+        end = e
+    return glue[begin:end]
+
+
+def _forms(full: str, history: str | None, rx) -> tuple[str, ...]:
+    """``full`` and its shorter forms down to the part a history render shares with it (cut after a newline or a
+    special token), longest first."""
+    if history is None or history.startswith(full):
+        return (full,)
+    m = len(os.path.commonprefix([full, history]))
+    cuts = {len(full), m}
+    cuts |= {i + 1 for i in range(m, len(full)) if full[i] == "\n"}
+    cuts |= {mt.end() for mt in rx.finditer(full) if m <= mt.end()}
+    return tuple(sorted({full[:c] for c in cuts if full[:c].strip()}, key=len, reverse=True))
+
+
+def _tool_call_message(arguments: str, content_none: bool) -> dict:
+    args: Any = {_PK: _PV} if arguments == "dict" else json.dumps({_PK: _PV})
+    call = {"id": "call_zq1", "type": "function", "function": {"name": _PF, "arguments": args}}
+    return {"role": "assistant", "content": None if content_none else "", "tool_calls": [call]}
+
+
+_TOOL_MESSAGE = {"role": "tool", "tool_call_id": "call_zq1", "name": _PF, "content": _PT}
+
+
+_LEARNED: dict[tuple, TemplateMarkers] = {}
 
 
 def template_markers(tokenizer, kwargs: dict | None = None) -> TemplateMarkers:
-    """Learn the assistant header and end-of-turn marker from probe renders of the template itself."""
+    """Learn the lead-ins, closings and forms of the template from probe renders of the template itself (memoized
+    per tokenizer object, template and kwargs: a dozen renders, then free)."""
+    key = (id(tokenizer), getattr(tokenizer, "chat_template", None), tokenizer.eos_token,
+           getattr(tokenizer, "name_or_path", ""), json.dumps(kwargs or {}, sort_keys=True, default=str))  # fmt: skip
+    if key not in _LEARNED:
+        if len(_LEARNED) > 32:
+            _LEARNED.clear()
+        _LEARNED[key] = _learn_markers(tokenizer, kwargs)
+    return _LEARNED[key]
+
+
+def _learn_markers(tokenizer, kwargs: dict | None) -> TemplateMarkers:
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError(
             "The tokenizer has no chat template. Set data.chat_template to a .jinja file or an inline Jinja "
             "string (for example the template of the instruct model you fine-tune from)."
         )
-    user = [{"role": "user", "content": _PROBE_USER}]
+    specials = special_tokens(tokenizer)
+    rx = _specials_re(specials)
+    stops = {t for t in [tokenizer.eos_token, *generation_eos_tokens(tokenizer)] if t}
+
+    def r(msgs, gen=False, tools=None):
+        return render_text(tokenizer, msgs, tools, add_generation_prompt=gen, kwargs=kwargs)
+
+    u, a = {"role": "user", "content": _PU}, {"role": "assistant", "content": _PA}
+    u2, a2 = {"role": "user", "content": _PU2}, {"role": "assistant", "content": _PA2}
     try:
-        without = _render(tokenizer, user, kwargs=kwargs)
-        with_prompt = _render(tokenizer, user, add_generation_prompt=True, kwargs=kwargs)
-        full = _render(tokenizer, user + [{"role": "assistant", "content": _PROBE_ASSISTANT}], kwargs=kwargs)
+        without, prompted = r([u]), r([u], gen=True)
+        two, one = r([u, a, u2, a2]), r([u, a])
     except Exception as e:  # a broken template: jinja errors of many kinds
         raise TemplateError(f"The chat template failed to render a probe conversation: {e}") from e
-    # The generation prompt is what with_prompt adds after the shared token prefix (Phi-3 ends the plain render
-    # with an end-of-text token that the prompted render replaces, so a plain string prefix is not enough).
-    a = tokenizer(without, add_special_tokens=False, return_offsets_mapping=True)
-    b = tokenizer(with_prompt, add_special_tokens=False, return_offsets_mapping=True)
+    if _PA not in one or _PA2 not in two:
+        raise TemplateError("The chat template does not render the assistant's content; set data.chat_template.")
+    # The header: what the generation prompt adds after the shared token prefix (Phi-3 ends the plain render with
+    # an end-of-text token that the prompted render replaces, so a plain string prefix is not enough).
+    ta = tokenizer(without, add_special_tokens=False, return_offsets_mapping=True)
+    tb = tokenizer(prompted, add_special_tokens=False, return_offsets_mapping=True)
     k = 0
-    while k < min(len(a["input_ids"]), len(b["input_ids"])) and a["input_ids"][k] == b["input_ids"][k]:
+    while k < min(len(ta["input_ids"]), len(tb["input_ids"])) and ta["input_ids"][k] == tb["input_ids"][k]:
         k += 1
-    header = with_prompt[b["offset_mapping"][k][0] :] if k < len(b["input_ids"]) else ""
+    header = prompted[tb["offset_mapping"][k][0] :] if k < len(tb["input_ids"]) else ""
     if not header.strip():
         raise TemplateError(
             "The chat template has no generation prompt (add_generation_prompt adds nothing), so assistant "
             "turns cannot be located. Set data.chat_template to a template that supports add_generation_prompt."
         )
-    # Shorter forms of the header, cut after each newline: a template may add an empty thinking block to the
-    # generation prompt only (Qwen3 with enable_thinking=false), or omit the newline before a tool call.
-    alts = [header[: i + 1] for i, ch in enumerate(header[:-1]) if ch == "\n"]
-    if header.rstrip() != header:
-        alts.append(header.rstrip())
-    end = full.find(_PROBE_ASSISTANT)
-    if end == -1:
-        raise TemplateError("The chat template does not render the assistant's content; set data.chat_template.")
-    after = full[end + len(_PROBE_ASSISTANT) :]
-    eot = _first_special(tokenizer, after)
-    if eot is None:
-        eos = tokenizer.eos_token
-        if eos and after.lstrip(" ").startswith(eos):
-            eot = eos
-        else:
-            raise TemplateError(
-                f"The chat template writes {after[:30]!r} after an assistant message, which does not start with a "
-                "special end-of-turn token, so the end of the turn the model must learn is unknown. Set "
-                "data.chat_template to a template that closes assistant turns with a special token."
-            )
-    return TemplateMarkers(header=header, alt_headers=tuple(alts), end_of_turn=eot)
+    openers = {m.group() for m in [rx.search(header)] if m}
+    lead_user = _between(prompted, _PU, None)
+    hist_user = _between(two, _PU, _PA)
+    lead_ins = {"user": _forms(lead_user, hist_user, rx)}
+    user_close = lead_user[: len(lead_user) - len(header)] if lead_user.endswith(header) else ""
+    hist_header = hist_user[len(user_close) :] if hist_user.startswith(user_close) else None
+    lead_ins["*"] = _forms(header, hist_header, rx)
+
+    t_user, t_end = _between(two, _PA, _PU2), _between(one, _PA, None)
+    shared = len(os.path.commonprefix([t_user, t_end]))
+    closings = {
+        "text:user": _closing(t_user, shared, rx, stops, openers),
+        "text:end": _closing(t_end, shared, rx, stops, openers),
+    }
+
+    tool_arguments, content_none = "", False
+    for args_form, none in (("dict", False), ("json", False), ("dict", True), ("json", True)):
+        call = _tool_call_message(args_form, none)
+        try:
+            after_tool = r([u, call, _TOOL_MESSAGE, a2], tools=_PROBE_TOOLS)
+            last_call = r([u, call], tools=_PROBE_TOOLS)
+            prompted_tool = r([u, call, _TOOL_MESSAGE], gen=True, tools=_PROBE_TOOLS)
+        except Exception:
+            continue
+        if all(_PF in t and _PV in t for t in (after_tool, last_call)) and _PT in after_tool:
+            tool_arguments, content_none = args_form, none
+            break
+    if tool_arguments:
+        c_tool, c_end = _between(after_tool, _PV, _PT), _between(last_call, _PV, None)
+        shared = len(os.path.commonprefix([c_tool, c_end]))
+        closings["call:tool"] = _closing(c_tool, shared, rx, stops, openers)
+        closings["call:end"] = _closing(c_end, shared, rx, stops, openers)
+        lead_ins["tool"] = _forms(_between(prompted_tool, _PT, None), _between(after_tool, _PT, _PA2), rx)
+
+    appended, tool_problem = {}, ""
+
+    def stop_only(closing: str) -> bool:
+        return bool(closing) and rx.sub("", closing) == "" and all(t in stops for t in rx.findall(closing))
+
+    for kind, follow in (("text", "text:user"), ("call", "call:tool")):
+        if f"{kind}:end" in closings and not closings[f"{kind}:end"] and stop_only(closings[follow]):
+            appended[kind] = closings[follow]
+    if not closings["text:end"] and "text" not in appended:
+        raise TemplateError(
+            f"The chat template writes nothing after the last assistant message and what it writes before the "
+            f"next message ({t_user[:40]!r}) holds no stop token (stop tokens: {', '.join(sorted(stops)) or 'none'}"
+            "), so the model could not learn to end its turn. Put the model's generation_config.json (its "
+            "eos_token_id lists the tokens it stops on) next to the tokenizer, or set data.chat_template to a "
+            "template that closes assistant turns with a special token."
+        )
+    if not closings["text:user"]:
+        raise TemplateError(
+            "The chat template closes an assistant turn that a user message follows with no special token, so the "
+            "end of the turn the model must learn is unknown. Set data.chat_template to a template that closes "
+            "assistant turns with a special token."
+        )
+    if tool_arguments and (not closings["call:tool"] or not (closings["call:end"] or "call" in appended)):
+        tool_problem = "the template closes a tool-call turn with no special token or stop token"
+        tool_arguments = ""
+    try:
+        with_system = r([{"role": "system", "content": _PS}, u, a])
+        system_role = _PS in with_system
+    except Exception:
+        system_role = False
+    return TemplateMarkers(
+        header=header,
+        lead_ins=lead_ins,
+        closings=closings,
+        appended_closing=appended,
+        stop_tokens=tuple(sorted(stops)),
+        tool_arguments=tool_arguments,
+        tool_problem=tool_problem,
+        tool_call_content_none=content_none,
+        system_role=system_role,
+        specials=specials,
+    )
 
 
 def end_of_turn_token_ids(tokenizer, kwargs: dict | None = None) -> list[int]:
-    """Token ids that end a generated assistant turn: the template's end-of-turn token, then the tokenizer's eos."""
-    ids = []
-    eot = template_markers(tokenizer, kwargs).end_of_turn
-    for t in (eot, tokenizer.eos_token):
-        if t:
-            tid = tokenizer.convert_tokens_to_ids(t)
-            if tid is not None and tid not in ids:
-                ids.append(tid)
+    """Token ids that end a generated assistant turn: the last token of each closing a generation ends with (a plain
+    answer, a tool call), then the stop tokens (tokenizer eos, generation-config eos ids)."""
+    m = template_markers(tokenizer, kwargs)
+    rx = _specials_re(m.specials)
+    ends = [m.end_of_turn, m.closings.get("call:tool"), m.closings.get("call:end") or m.appended_closing.get("call")]
+    tokens = [rx.findall(c)[-1] for c in ends if c and rx.findall(c)]
+    tokens += [tokenizer.eos_token, *m.stop_tokens]
+    ids: list[int] = []
+    for t in tokens:
+        tid = tokenizer.convert_tokens_to_ids(t) if t else None
+        if tid is not None and tid not in ids:
+            ids.append(tid)
     return ids
 
 
@@ -271,8 +540,13 @@ def _from_sharegpt(conv: Any) -> list[dict]:
         raise RowError("wrong type", f"'conversations' must be a list, got {type(conv).__name__}")
     out = []
     for i, turn in enumerate(conv):
+        if isinstance(turn, dict) and "from" not in turn and "role" in turn:  # role/content messages under this key
+            out.append(turn)
+            continue
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise RowError("missing key", f"conversations[{i}] must have 'from' and 'value'")
+            raise RowError(
+                "missing key", f"conversations[{i}] must have 'from' and 'value' (ShareGPT) or 'role' and 'content'"
+            )
         src = turn["from"]
         if not isinstance(src, str) or src not in _SHAREGPT_ROLES:
             raise RowError(
@@ -313,7 +587,7 @@ def detect_format(row: dict, data_cfg) -> str:
     raise RowError(
         "missing key",
         f"cannot tell the row's format from its keys ({keys}). Expected '{data_cfg.messages_key}' (messages), "
-        f"'conversations' (ShareGPT), 'instruction'+'output' (alpaca) or '{data_cfg.prompt_key}'+"
+        f"'conversations' (ShareGPT from/value, or role/content), 'instruction'+'output' (alpaca) or '{data_cfg.prompt_key}'+"
         f"'{data_cfg.response_key}'; set data.format and data.messages_key / data.prompt_key / data.response_key.",
     )
 
@@ -382,50 +656,164 @@ def row_to_conversation(row: Any, data_cfg) -> tuple[list[dict], list | None, li
 # Rendering and masks
 
 
-def _locate_turn_starts(text: str, markers: TemplateMarkers, n: int) -> list[int]:
-    """Character positions where each assistant turn's output starts (just after its header).
+def prepare_messages(messages: list[dict], markers: TemplateMarkers, system_into_first_user: bool = False):
+    """The messages in the forms the template takes (tool-call arguments as dict or JSON string, the content of a
+    tool-call message as '' or None, a system message merged into the first user message when asked).
+    Returns (messages, system_merged)."""
+    out, merged = messages, False
+    if system_into_first_user and not markers.system_role and any(m["role"] == "system" for m in messages):
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
+        out, merged = [], True
+        for m in messages:
+            if m["role"] == "system":
+                continue
+            if m["role"] == "user" and system:
+                m, system = {**m, "content": f"{system}\n\n{m['content']}"}, ""
+            out.append(m)
+        if system:  # no user message to carry it
+            raise RowError("system role", "data.system_into_first_user=true but the conversation has no user message")
+    if markers.tool_arguments == "json" or markers.tool_call_content_none:
+        fixed = []
+        for m in out:
+            if m.get("tool_calls"):
+                m = dict(m)
+                if markers.tool_arguments == "json":
+                    m["tool_calls"] = [
+                        {**c, "function": {**c["function"], "arguments": _json_args(c["function"]["arguments"])}}
+                        for c in m["tool_calls"]
+                    ]
+                if markers.tool_call_content_none and not m["content"]:
+                    m["content"] = None
+            fixed.append(m)
+        out = fixed
+    return out, merged
 
-    The anchor is the longest header form that occurs exactly once per assistant message; at each anchor the
-    longest header form that matches there is skipped (so a generation-prompt-only thinking block stays context).
-    """
-    forms = sorted({markers.header, *markers.alt_headers}, key=len, reverse=True)
-    counts = []
-    for anchor in forms:
-        positions, pos = [], text.find(anchor)
-        while pos != -1:
-            positions.append(pos)
-            pos = text.find(anchor, pos + len(anchor))
-        if len(positions) == n:
-            return [p + max(len(f) for f in forms if text.startswith(f, p)) for p in positions]
-        counts.append(f"{anchor!r} x{len(positions)}")
-    raise RowError(
-        "template mismatch",
-        f"the conversation has {n} assistant messages but the rendered text has {'; '.join(counts[:3])} assistant "
-        "headers (does a message contain template tokens?). Set data.chat_template if the template renders "
-        "assistant turns differently.",
-    )
+
+def _json_args(args: Any) -> str:
+    return args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
 
 
-def _check_turn(text: str, span: tuple[int, int], msg: dict, k: int) -> None:
-    body = text[span[0] : span[1]]
-    content = msg["content"]
-    if "</think>" in content:
+def _find_rendered(text: str, content: str, start: int) -> tuple[int, int] | None:
+    """Where ``content`` (as given, stripped, or JSON-escaped as some templates write tool results) is, from start."""
+    for form in dict.fromkeys((content, content.strip(), json.dumps(content, ensure_ascii=False)[1:-1])):
+        if form:
+            pos = text.find(form, start)
+            if pos != -1:
+                return pos, pos + len(form)
+    return None
+
+
+def _assistant_anchors(m: dict) -> list[str]:
+    content = m["content"] or ""
+    if "</think>" in content:  # templates split reasoning off the content; the answer after it is rendered
         content = content.split("</think>")[-1]
-    content = content.strip()
-    if content and content not in body:
-        raise RowError(
-            "template mismatch",
-            f"assistant message {k}'s content is not inside its rendered turn {body[:80]!r}; the chat template "
-            "changes or drops assistant content. Set data.chat_template to a template that renders it.",
-        )
-    for call in msg.get("tool_calls", []):
-        if call["function"]["name"] not in body:
+    pieces = [content.strip()] if content.strip() else []
+    return pieces + [c["function"]["name"] for c in m.get("tool_calls", [])]
+
+
+def _check_no_specials(messages: list[dict], markers: TemplateMarkers) -> None:
+    if not markers.specials:
+        return
+    rx, firsts = _specials_re(markers.specials), _first_chars(markers.specials)
+    for i, m in enumerate(messages):
+        texts = [m.get("content") or "", m.get("reasoning_content") or ""]
+        texts += [json.dumps(c["function"], ensure_ascii=False) for c in m.get("tool_calls", [])]
+        for t in texts:
+            if t and any(ch in t for ch in firsts):
+                hit = rx.search(t)
+                if hit:
+                    raise RowError(
+                        "special token in content",
+                        f"message {i} ({m['role']}) contains {hit.group()!r}, a special token of the tokenizer: it "
+                        "would be read as template structure, not text. Remove it from the data (or render the "
+                        "conversation as text yourself and train with data.train_on=all).",
+                    )
+
+
+# The closing that ends a turn, by (what the turn holds, what follows it), in the order tried: a tool call that a user
+# message follows is closed as a last tool call would be, else as a plain answer in history.
+_CLOSING_KEYS = {
+    ("text", "user"): ("text:user",),
+    ("text", "tool"): ("text:user",),
+    ("text", "end"): ("text:end",),
+    ("call", "tool"): ("call:tool",),
+    ("call", "user"): ("call:end", "text:user"),
+    ("call", "end"): ("call:end",),
+}
+
+
+def _lead_in_end(text: str, forms: tuple[str, ...], cursor: int) -> int:
+    """End of the first lead-in after ``cursor``: the earliest match, the longest form there; -1 if none."""
+    found = [(p, -len(f)) for f in forms for p in [text.find(f, cursor)] if p != -1]
+    if not found:
+        return -1
+    p, neg = min(found)
+    return p - neg
+
+
+def _locate(text: str, messages: list[dict], markers: TemplateMarkers) -> tuple[list, bool]:
+    """Character span of every message in the one render: an assistant turn from after its lead-in through its
+    closing; any other message's content (None when empty). Raises RowError on any mismatch.
+    Returns (spans, whether the last turn needs markers.appended_closing)."""
+    spans: list[tuple[int, int] | None] = []
+    cursor, open_end = 0, False
+    for i, m in enumerate(messages):
+        role = m["role"]
+        if role != "assistant":
+            span = _find_rendered(text, m["content"], cursor) if m["content"] else None
+            if m["content"] and span is None:
+                raise RowError(
+                    "template mismatch",
+                    f"message {i} ({role})'s content is not in the rendered text after the previous message: the "
+                    "chat template drops, reorders or rewrites it, so the mask cannot be checked. "
+                    + ("Set data.system_into_first_user=true or " if role == "system" else "")
+                    + "set data.chat_template to a template that renders it.",
+                )
+            spans.append(span)
+            cursor = span[1] if span else cursor
+            continue
+        prev = messages[i - 1]["role"] if i else ""
+        forms = markers.lead_ins.get(prev) or markers.lead_ins["*"]
+        start = _lead_in_end(text, forms, cursor)
+        if start == -1 and forms is not markers.lead_ins["*"]:
+            start = _lead_in_end(text, markers.lead_ins["*"], cursor)
+        if start == -1:
             raise RowError(
                 "template mismatch",
-                f"assistant message {k} has a tool call to '{call['function']['name']}' that the chat template does "
-                "not render, so training would teach the model an empty turn. Set data.chat_template to a template "
-                "that renders tool_calls (or convert the data to text actions).",
+                f"assistant message {i}: the assistant header {forms[0]!r} is not in the rendered text after message "
+                f"{i - 1}; set data.chat_template if the template renders assistant turns differently.",
             )
+        at = start
+        for piece in _assistant_anchors(m):
+            p = text.find(piece, at)
+            if p == -1:
+                what = "content" if piece == _assistant_anchors(m)[0] and m["content"] else f"tool call '{piece}'"
+                raise RowError(
+                    "template mismatch",
+                    f"assistant message {i}'s {what} is not rendered inside its turn (the chat template drops or "
+                    "rewrites it), so training would teach the model a different turn. Set data.chat_template to "
+                    "a template that renders it"
+                    + (" (or convert the data to text actions)." if "tool" in what else "."),
+                )
+            at = p + len(piece)
+        kind = "call" if m.get("tool_calls") else "text"
+        nxt = messages[i + 1]["role"] if i + 1 < len(messages) else "end"
+        ctx = {"tool": "tool", "end": "end"}.get(nxt, "user")
+        candidates = [markers.closings[k] for k in _CLOSING_KEYS[(kind, ctx)] if markers.closings.get(k)]
+        found = next(((p, c) for c in candidates for p in [text.find(c, at)] if p != -1), None)
+        if nxt == "end" and not markers.closings.get(f"{kind}:end") and kind in markers.appended_closing:
+            span, open_end = (start, len(text)), True
+        elif found is None:
+            raise RowError(
+                "template mismatch",
+                f"assistant message {i} is not closed by {candidates[0] if candidates else '?'!r} in the rendered "
+                "text; set data.chat_template if the template renders assistant turns differently.",
+            )
+        else:
+            span = (start, found[0] + len(found[1]))
+        spans.append(span)
+        cursor = span[1]
+    return spans, open_end
 
 
 def render(
@@ -436,37 +824,53 @@ def render(
     train_on: str = "assistant",
     template_kwargs: dict | None = None,
     markers: TemplateMarkers | None = None,
+    system_into_first_user: bool = False,
 ) -> Rendered:
-    """Render the whole conversation once and derive the loss mask from that render."""
+    """Render the whole conversation once and derive the loss mask from that render (checked, see the module doc)."""
     markers = markers or template_markers(tokenizer, template_kwargs)
     flags = flags or [None] * len(messages)
+    if any(m.get("tool_calls") for m in messages) and not markers.tool_arguments:
+        raise RowError(
+            "template mismatch",
+            f"the conversation has tool calls and {markers.tool_problem or 'the chat template does not render them'}"
+            ", so training would teach the model an empty turn. Set data.chat_template to a template that renders tool_calls (or convert the "
+            "data to text actions).",
+        )
+    if not markers.system_role and not system_into_first_user and any(m["role"] == "system" for m in messages):
+        raise RowError(
+            "system role",
+            "the chat template has no system role (it refuses or drops system messages). Set "
+            "data.system_into_first_user=true to prepend the system text to the first user message (counted in "
+            "the data report), or remove the system messages.",
+        )
+    _check_no_specials(messages, markers)
+    if system_into_first_user and not markers.system_role:
+        keep = [j for j, m in enumerate(messages) if m["role"] != "system"]
+        flags = [flags[j] for j in keep]
+    shaped, merged = prepare_messages(messages, markers, system_into_first_user)
     try:
-        text = _render(tokenizer, messages, tools=tools, kwargs=template_kwargs)
+        text = render_text(tokenizer, shaped, tools=tools, kwargs=template_kwargs)
     except Exception as e:
         raise RowError("template error", f"the chat template failed on this conversation: {e}") from None
-    assistant_idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    starts = iter(_locate_turn_starts(text, markers, len(assistant_idx)))
-    # Character span of every message in the render: an assistant turn from after its header through its
-    # end-of-turn marker; any other message's content text, searched in order (None when the template drops it).
-    spans: list[tuple[int, int] | None] = []
-    cursor = 0
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant":
-            start = next(starts)
-            end = text.find(markers.end_of_turn, start)
-            if end == -1:
-                raise RowError("template mismatch", f"assistant message {i} is not closed by {markers.end_of_turn!r}")
-            span = (start, end + len(markers.end_of_turn))
-            _check_turn(text, span, m, i)
-        else:
-            pos = text.find(m["content"], cursor) if m["content"] else -1
-            span = (pos, pos + len(m["content"])) if pos != -1 else None
-        spans.append(span)
-        cursor = span[1] if span else cursor
+    view = [m for m in messages if not merged or m["role"] != "system"]
+    if merged:  # locate the merged user text as the template saw it
+        view = [s if s["role"] == "user" else v for v, s in zip(view, shaped)]
+    spans, open_end = _locate(text, view, markers)
+    if open_end:
+        text += markers.appended_closing["call" if view[-1].get("tool_calls") else "text"]
+        spans[-1] = (spans[-1][0], len(text))
+    dropped = sum(
+        1
+        for m, span in zip(view, spans)
+        if m["role"] == "assistant"
+        and (m.get("reasoning_content") or "").strip()
+        and m["reasoning_content"].strip() not in text[span[0] : span[1]]
+    )
+    assistant_idx = [i for i, m in enumerate(view) if m["role"] == "assistant"]
     last = assistant_idx[-1]
     trained = [(0, len(text))] if train_on == "all" else []
     holes = []
-    for i, (m, span) in enumerate(zip(messages, spans)):
+    for i, (m, span) in enumerate(zip(view, spans)):
         default = m["role"] == "assistant" and (train_on == "assistant" or i == last)
         if flags[i] is True and span is None:
             raise RowError("template mismatch", f"message {i} ({m['role']}) is flagged train but is not rendered")
@@ -478,7 +882,7 @@ def render(
             holes.append(span)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = _mask_from_spans(enc["offset_mapping"], len(text), trained, holes)
-    return Rendered(text=text, input_ids=list(enc["input_ids"]), loss_mask=mask, spans=sorted(trained))
+    return Rendered(text, list(enc["input_ids"]), mask, sorted(trained), merged, dropped)
 
 
 def _mask_from_spans(offsets, n_chars: int, spans, holes) -> list[int]:

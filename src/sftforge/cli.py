@@ -61,6 +61,8 @@ def cmd_preview(args) -> int:
     from rich.console import Console
     from rich.text import Text
 
+    from sftforge.chat import template_markers
+
     cfg, tok, ds, _ = _load(args)
     if not 0 <= args.index < len(ds):
         raise ConfigError(
@@ -86,6 +88,9 @@ def cmd_preview(args) -> int:
     )
     for line in ds.report.lines():
         console.print(line)
+    console.rule("what sftforge learned from the chat template")
+    for line in template_markers(tok, cfg.data.chat_template_kwargs).describe():
+        console.print(line, markup=False)
     return 0
 
 

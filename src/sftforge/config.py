@@ -92,6 +92,9 @@ class DataConfig:
     """Override the tokenizer's chat template: a path to a .jinja file or an inline Jinja string."""
     chat_template_kwargs: dict = field(default_factory=dict)
     """Extra variables for the chat template, e.g. {enable_thinking: false}."""
+    system_into_first_user: bool = False
+    """For chat templates without a system role (Gemma 1/2, ...): prepend the system text to the first user message
+    (counted in the data report). Off: such rows are refused with this hint."""
     train_on: str = "assistant"
     """assistant | last_assistant | all: which tokens get loss. A message's own "train"/"loss_mask" wins."""
     max_length: int = 4096

@@ -249,7 +249,7 @@ def check_file(path: str, data_cfg: DataConfig, tokenizer=None) -> dict[str, Any
                     seen[key] = loc
                 if tokenizer is not None:
                     r = render(tokenizer, messages, tools, flags, data_cfg.train_on, data_cfg.chat_template_kwargs,
-                               markers)  # fmt: skip
+                               markers, data_cfg.system_into_first_user)  # fmt: skip
                     n_tokens.append(len(r.input_ids))
                     n_trained.append(sum(r.loss_mask))
                     if len(r.input_ids) > data_cfg.max_length:
@@ -266,6 +266,7 @@ def check_file(path: str, data_cfg: DataConfig, tokenizer=None) -> dict[str, Any
     if tokenizer is not None:
         out["tokens"] = _stats(n_tokens)
         out["trained_share"] = round(sum(n_trained) / max(1, sum(n_tokens)), 4)
+        out["template"] = markers.describe()
     if rows == 0 and not problems:
         problem(path, "empty file", "no rows")
     out["problems"] = dict(problems)
@@ -283,6 +284,10 @@ def check_main(files: list[str], overrides: list[str], as_json: bool = False) ->
     if not files:
         raise ConfigError("sftforge data check needs at least one data file.")
     bad = False
+    if tokenizer is not None and not as_json:
+        from sftforge.chat import template_markers
+
+        print("chat template: " + "; ".join(template_markers(tokenizer, cfg.data.chat_template_kwargs).describe()))
     for path in files:
         if not Path(path).exists():
             raise ConfigError(f"{path} does not exist.")

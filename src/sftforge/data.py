@@ -23,7 +23,7 @@ from typing import Any
 from sftforge.chat import RowError, TemplateMarkers, load_chat_template, render, row_to_conversation, template_markers
 from sftforge.config import Config, ConfigError, DataConfig
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: masks from the template markers of chat.template_markers (closings per context)
 
 
 class DataError(ValueError):
@@ -37,6 +37,10 @@ class Sample:
     """Same length as input_ids; 1 = the model is trained to predict this token."""
     source: str = ""
     """Where the sample came from: 'file:line' or 'file row N'."""
+    system_merged: bool = False
+    """data.system_into_first_user moved its system message into the first user message."""
+    reasoning_dropped: int = 0
+    """Assistant messages whose reasoning the chat template does not render."""
 
 
 @dataclass
@@ -56,6 +60,10 @@ class DataReport:
     dropped_no_trained_tokens: int = 0
     """Samples removed because truncation cut away every trained token."""
     max_tokens_seen: int = 0
+    system_merged: int = 0
+    """Rows whose system message data.system_into_first_user moved into the first user message."""
+    reasoning_dropped: int = 0
+    """Assistant messages whose reasoning_content the chat template does not render (so it is not trained)."""
     first_problems: list[str] = field(default_factory=list)
     """A few examples (location: reason) of skipped or dropped rows."""
 
@@ -64,6 +72,12 @@ class DataReport:
             f"rows read: {self.rows}; samples kept: {self.samples}; tokens: {self.tokens:,}; trained tokens: "
             f"{self.trained_tokens:,} ({self.trained_tokens / max(self.tokens, 1):.1%})"
         ]
+        if self.system_merged:
+            out.append(f"system message merged into the first user message (data.system_into_first_user): "
+                       f"{self.system_merged} rows")  # fmt: skip
+        if self.reasoning_dropped:
+            out.append(f"reasoning not rendered by the chat template (not trained): {self.reasoning_dropped} "
+                       "assistant messages (templates such as Qwen3's drop the reasoning of earlier turns)")  # fmt: skip
         for reason, n in sorted(self.skipped.items()):
             out.append(f"skipped (data.bad_rows=skip): {n} rows — {reason}")
         if self.over_length:
@@ -238,10 +252,11 @@ def _tokenize_row(loc: str, row: Any, tokenizer, data_cfg: DataConfig, markers: 
     if isinstance(row, RowError):
         raise row
     messages, tools, flags = row_to_conversation(row, data_cfg)
-    r = render(tokenizer, messages, tools, flags, data_cfg.train_on, data_cfg.chat_template_kwargs, markers)
+    r = render(tokenizer, messages, tools, flags, data_cfg.train_on, data_cfg.chat_template_kwargs, markers,
+               data_cfg.system_into_first_user)  # fmt: skip
     if not any(r.loss_mask):
         raise RowError("no trained tokens", "no token of this conversation is trained (check the train flags)")
-    return Sample(r.input_ids, r.loss_mask, loc)
+    return Sample(r.input_ids, r.loss_mask, loc, r.system_merged, r.reasoning_dropped)
 
 
 def _worker_chunk(chunk: list[tuple[str, Any]]) -> list[Sample | tuple[str, str, str]]:
@@ -286,6 +301,14 @@ def _tokenize_all(files: list[str], tokenizer, data_cfg: DataConfig, markers) ->
 # The dataset: policies and cache
 
 
+def template_name(tokenizer, data_cfg: DataConfig) -> str:
+    """Which chat template a row was rendered with, for error messages."""
+    if data_cfg.chat_template:
+        shown = data_cfg.chat_template if "{" not in data_cfg.chat_template else "an inline template"
+        return f"chat template: data.chat_template={shown}"
+    return f"chat template: the tokenizer's own, {getattr(tokenizer, 'name_or_path', '') or '(unnamed)'}"
+
+
 _FIX_HINT = "Fix the row, or set data.bad_rows=skip to drop such rows (they are counted and reported)."
 
 
@@ -323,7 +346,7 @@ def _apply_truncation(samples: list[Sample], data_cfg: DataConfig, report: DataR
     return kept
 
 
-def cache_key(files: list[str], tokenizer, data_cfg: DataConfig) -> str:
+def cache_key(files: list[str], tokenizer, data_cfg: DataConfig, markers: TemplateMarkers | None = None) -> str:
     opts = {
         k: v
         for k, v in asdict(data_cfg).items()
@@ -336,6 +359,7 @@ def cache_key(files: list[str], tokenizer, data_cfg: DataConfig) -> str:
             "response_key",
             "chat_template",
             "chat_template_kwargs",
+            "system_into_first_user",
             "train_on",
             "max_length",
             "truncation",
@@ -343,7 +367,9 @@ def cache_key(files: list[str], tokenizer, data_cfg: DataConfig) -> str:
         )
     }
     h = hashlib.sha256()
-    h.update(json.dumps([CACHE_VERSION, opts, tokenizer_fingerprint(tokenizer)], sort_keys=True, default=str).encode())
+    learned = asdict(markers) if markers is not None else None  # also what the generation config added (stop tokens)
+    key = [CACHE_VERSION, opts, tokenizer_fingerprint(tokenizer), learned]
+    h.update(json.dumps(key, sort_keys=True, default=str).encode())
     for f in files:
         h.update(f"{f}\0{file_fingerprint(f)}".encode())
     return h.hexdigest()[:32]
@@ -396,7 +422,7 @@ def build_dataset(
     files = resolve_files(data_cfg.train_files if files is None else files, key)
     markers = template_markers(tokenizer, data_cfg.chat_template_kwargs)
     cdir = cache_dir(data_cfg)
-    cpath = cdir / f"{cache_key(files, tokenizer, data_cfg)}.arrow" if cdir else None
+    cpath = cdir / f"{cache_key(files, tokenizer, data_cfg, markers)}.arrow" if cdir else None
     if cpath is not None and cpath.exists():
         cached = _load_cache(cpath)
         if cached is not None:
@@ -408,10 +434,12 @@ def build_dataset(
         report.rows += 1
         if isinstance(result, Sample):
             samples.append(result)
+            report.system_merged += result.system_merged
+            report.reasoning_dropped += result.reasoning_dropped
             continue
         loc, reason, detail = result
         if data_cfg.bad_rows == "error":
-            raise DataError(f"{loc}: {reason}: {detail}. {_FIX_HINT}")
+            raise DataError(f"{loc}: {reason}: {detail} [{template_name(tokenizer, data_cfg)}]. {_FIX_HINT}")
         skipped[reason] += 1
         if len(report.first_problems) < 20:
             report.first_problems.append(f"{loc}: {reason}: {detail}")

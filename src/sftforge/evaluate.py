@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftforge.chat import RowError, _render, end_of_turn_token_ids, row_to_conversation
+from sftforge.chat import RowError, end_of_turn_token_ids, row_to_conversation
+from sftforge.chat import render_prompt as _chat_render_prompt
 from sftforge.config import ConfigError, DataConfig
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -89,7 +90,7 @@ def load_samples(files: Any, data_cfg: DataConfig, turns: str = "last", key: str
 
 def render_prompt(tokenizer, messages: list[dict], tools: list | None = None, template_kwargs: dict | None = None):
     """The prompt text: the conversation rendered once with the generation prompt (as in training)."""
-    return _render(tokenizer, messages, tools=tools, add_generation_prompt=True, kwargs=template_kwargs)
+    return _chat_render_prompt(tokenizer, messages, tools, template_kwargs)
 
 
 # ------------------------------------------------------------------------------------------------------------------
