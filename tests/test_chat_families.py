@@ -213,6 +213,10 @@ def test_gpt_oss_history_turns_close_with_end_and_never_train_the_user(root):
     assert segs == ["<|channel|>final<|message|>It is 4.<|end|>", "<|channel|>final<|message|>It is 6.<|return|>"]
     calls = outcome(tok, *SHAPES["tool calls"])["trained"]
     assert calls[0].endswith('{"item": "stick"}<|call|>') and "Crafted" not in "".join(calls)
+    from sftforge.chat import end_of_turn_token_ids
+
+    stops = tok.convert_ids_to_tokens(end_of_turn_token_ids(tok))  # a generation ends at <|return|> or <|call|>,
+    assert {"<|return|>", "<|call|>"} <= set(stops) and "<|end|>" not in stops  # not after an analysis message
 
 
 def test_command_a_trains_both_closing_tokens(root):

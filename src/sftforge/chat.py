@@ -695,11 +695,13 @@ def _json_args(args: Any) -> str:
 
 def _find_rendered(text: str, content: str, start: int) -> tuple[int, int] | None:
     """Where ``content`` (as given, stripped, or JSON-escaped as some templates write tool results) is, from start."""
-    for form in dict.fromkeys((content, content.strip(), json.dumps(content, ensure_ascii=False)[1:-1])):
-        if form:
-            pos = text.find(form, start)
-            if pos != -1:
-                return pos, pos + len(form)
+    pos = text.find(content, start)
+    if pos != -1:
+        return pos, pos + len(content)
+    for form in (content.strip(), json.dumps(content, ensure_ascii=False)[1:-1]):
+        pos = text.find(form, start) if form else -1
+        if pos != -1:
+            return pos, pos + len(form)
     return None
 
 
@@ -717,7 +719,7 @@ def _check_no_specials(messages: list[dict], markers: TemplateMarkers) -> None:
     rx, firsts = _specials_re(markers.specials), _first_chars(markers.specials)
     for i, m in enumerate(messages):
         texts = [m.get("content") or "", m.get("reasoning_content") or ""]
-        texts += [json.dumps(c["function"], ensure_ascii=False) for c in m.get("tool_calls", [])]
+        texts += [c["function"]["name"] + repr(c["function"]["arguments"]) for c in m.get("tool_calls", [])]
         for t in texts:
             if t and any(ch in t for ch in firsts):
                 hit = rx.search(t)
