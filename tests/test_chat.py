@@ -162,6 +162,7 @@ def test_qwen3_thinking_in_several_turns(tokenizers):
     }
     r = rend(tok, row)
     assert "old thought" not in r.text  # the template drops it: a per-message render would have kept it
+    assert r.reasoning_dropped == 1  # and the data report counts it
     segs = segments(tok, r)
     assert segs == [
         "A1<|im_end|>",
@@ -370,16 +371,3 @@ def test_tool_call_content_string_or_dict_and_markers_describe(tokenizers):
     assert "'<|im_start|>assistant\\n'" in text and "closing" in text and "stop tokens: <|im_end|>" in text
     phi = "\n".join(template_markers(tokenizers["phi3"]).describe())
     assert "tool calls: refused" in phi
-
-
-def test_reasoning_the_template_drops_is_counted(tokenizers):
-    tok = tokenizers["qwen3"]
-    row = {
-        "messages": [
-            {"role": "user", "content": "Q1"},
-            {"role": "assistant", "reasoning_content": "old thought", "content": "A1"},
-            {"role": "user", "content": "Q2"},
-            {"role": "assistant", "reasoning_content": "new thought", "content": "A2"},
-        ]
-    }
-    assert rend(tok, row).reasoning_dropped == 1  # Qwen3 keeps the reasoning after the last user message only

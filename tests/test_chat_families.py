@@ -16,6 +16,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from test_chat import segments  # the trained text as one string per run of trained tokens
 
 from sftforge.bench import unpack_tokenizer
 from sftforge.chat import RowError, TemplateError, normalize_messages, render, row_to_conversation, template_markers
@@ -97,22 +98,6 @@ def family_tokenizer(name: str, root: str):
         ids = tok.convert_tokens_to_ids(spec["generation_eos"])
         (out / "generation_config.json").write_text(json.dumps({"eos_token_id": ids}))
     return AutoTokenizer.from_pretrained(str(out))
-
-
-def segments(tok, r) -> list[str]:
-    """The trained text, one string per contiguous run of trained tokens (sliced from the render by offsets)."""
-    enc = tok(r.text, add_special_tokens=False, return_offsets_mapping=True)
-    assert enc["input_ids"] == r.input_ids
-    out, cur = [], None
-    for (a, b), m in zip(enc["offset_mapping"], r.loss_mask):
-        if m:
-            cur = (cur[0], b) if cur else (a, b)
-        elif cur:
-            out.append(r.text[cur[0] : cur[1]])
-            cur = None
-    if cur:
-        out.append(r.text[cur[0] : cur[1]])
-    return out
 
 
 def outcome(tok, messages, tools) -> dict:

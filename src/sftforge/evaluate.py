@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftforge.chat import RowError, end_of_turn_token_ids, row_to_conversation
-from sftforge.chat import render_prompt as _chat_render_prompt
+from sftforge.chat import RowError, end_of_turn_token_ids, render_prompt, row_to_conversation
 from sftforge.config import ConfigError, DataConfig
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -86,11 +85,6 @@ def load_samples(files: Any, data_cfg: DataConfig, turns: str = "last", key: str
 
     rows = [pair for f in resolve_files(files, key) for pair in read_rows(f)]
     return samples_from_rows(rows, data_cfg, turns)
-
-
-def render_prompt(tokenizer, messages: list[dict], tools: list | None = None, template_kwargs: dict | None = None):
-    """The prompt text: the conversation rendered once with the generation prompt (as in training)."""
-    return _chat_render_prompt(tokenizer, messages, tools, template_kwargs)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -67,8 +67,9 @@ class Response:
 
 def load_prompts(cfg: Config, tokenizer) -> tuple[list[Prompt], dict[str, int]]:
     """Prompts of data.train_files with data.truncation applied up front; returns (prompts, counts)."""
+    from sftforge.chat import render_prompt
     from sftforge.data import read_rows, resolve_files
-    from sftforge.evaluate import render_prompt, samples_from_rows
+    from sftforge.evaluate import samples_from_rows
 
     d = cfg.data
     rows = [pair for f in resolve_files(d.train_files, "data.train_files") for pair in read_rows(f)]
