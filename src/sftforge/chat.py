@@ -92,6 +92,8 @@ class TemplateMarkers:
     """Why tool-call rows are refused when the template cannot be used for them."""
     tool_call_content_none: bool = False
     """The template renders a tool call only when the message's content is None (not '')."""
+    content_parts: bool = False
+    """The template reads message content as a list of parts ([{"type": "text", "text": ...}], VLM templates)."""
     system_role: bool = True
     """False when the template refuses or drops a system message."""
     specials: tuple = ()
@@ -270,6 +272,14 @@ def _forms(full: str, history: str | None, rx) -> tuple[str, ...]:
     return tuple(sorted({full[:c] for c in cuts if full[:c].strip()}, key=len, reverse=True))
 
 
+def _as_parts(messages: list[dict]) -> list[dict]:
+    """String contents as one text part, for templates that read content as a list of parts."""
+    return [
+        {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
+        for m in messages
+    ]
+
+
 def _tool_call_message(arguments: str, content_none: bool) -> dict:
     args: Any = {_PK: _PV} if arguments == "dict" else json.dumps({_PK: _PV})
     call = {"id": "call_zq1", "type": "function", "function": {"name": _PF, "arguments": args}}
@@ -304,17 +314,28 @@ def _learn_markers(tokenizer, kwargs: dict | None) -> TemplateMarkers:
     rx = _specials_re(specials)
     stops = {t for t in [tokenizer.eos_token, *generation_eos_tokens(tokenizer)] if t}
 
+    parts = False  # the template reads content as a list of parts (VLM templates), decided below
+
     def r(msgs, gen=False, tools=None):
+        msgs = _as_parts(msgs) if parts else msgs
         return render_text(tokenizer, msgs, tools, add_generation_prompt=gen, kwargs=kwargs)
 
     u, a = {"role": "user", "content": _PU}, {"role": "assistant", "content": _PA}
     u2, a2 = {"role": "user", "content": _PU2}, {"role": "assistant", "content": _PA2}
-    try:
-        without, prompted = r([u]), r([u], gen=True)
-        two, one = r([u, a, u2, a2]), r([u, a])
-    except Exception as e:  # a broken template: jinja errors of many kinds
-        raise TemplateError(f"The chat template failed to render a probe conversation: {e}") from e
-    if _PA not in one or _PA2 not in two:
+    error = None
+    for candidate in (False, True):
+        parts = candidate
+        try:
+            without, prompted = r([u]), r([u], gen=True)
+            two, one = r([u, a, u2, a2]), r([u, a])
+        except Exception as e:  # a broken template: jinja errors of many kinds
+            error = error or e
+            continue
+        if _PA in one and _PA2 in two:
+            break
+    else:
+        if error is not None:
+            raise TemplateError(f"The chat template failed to render a probe conversation: {error}") from error
         raise TemplateError("The chat template does not render the assistant's content; set data.chat_template.")
     # The header: what the generation prompt adds after the shared token prefix (Phi-3 ends the plain render with
     # an end-of-text token that the prompted render replaces, so a plain string prefix is not enough).
@@ -324,14 +345,17 @@ def _learn_markers(tokenizer, kwargs: dict | None) -> TemplateMarkers:
     while k < min(len(ta["input_ids"]), len(tb["input_ids"])) and ta["input_ids"][k] == tb["input_ids"][k]:
         k += 1
     header = prompted[tb["offset_mapping"][k][0] :] if k < len(tb["input_ids"]) else ""
-    if not header.strip():
-        raise TemplateError(
-            "The chat template has no generation prompt (add_generation_prompt adds nothing), so assistant "
-            "turns cannot be located. Set data.chat_template to a template that supports add_generation_prompt."
-        )
-    openers = {m.group() for m in [rx.search(header)] if m}
     lead_user = _between(prompted, _PU, None)
     hist_user = _between(two, _PU, _PA)
+    if not header.strip():  # no generation prompt (Mistral's [INST] templates): the history render's lead-in
+        header = lead_user = hist_user
+    if not header.strip():
+        raise TemplateError(
+            "The chat template has no generation prompt (add_generation_prompt adds nothing) and writes nothing "
+            "between a user message and the assistant's answer, so assistant turns cannot be located. Set "
+            "data.chat_template to a template that supports add_generation_prompt."
+        )
+    openers = {m.group() for m in [rx.search(header)] if m}
     lead_ins = {"user": _forms(lead_user, hist_user, rx)}
     user_close = lead_user[: len(lead_user) - len(header)] if lead_user.endswith(header) else ""
     hist_header = hist_user[len(user_close) :] if hist_user.startswith(user_close) else None
@@ -402,6 +426,7 @@ def _learn_markers(tokenizer, kwargs: dict | None) -> TemplateMarkers:
         tool_arguments=tool_arguments,
         tool_problem=tool_problem,
         tool_call_content_none=content_none,
+        content_parts=parts,
         system_role=system_role,
         specials=specials,
     )
@@ -672,6 +697,8 @@ def prepare_messages(messages: list[dict], markers: TemplateMarkers, system_into
             out.append(m)
         if system:  # no user message to carry it
             raise RowError("system role", "data.system_into_first_user=true but the conversation has no user message")
+    if markers.content_parts:
+        out = _as_parts(out)
     if markers.tool_arguments == "json" or markers.tool_call_content_none:
         fixed = []
         for m in out:
@@ -888,11 +915,17 @@ def render(
 
 
 def _mask_from_spans(offsets, n_chars: int, spans, holes) -> list[int]:
-    """A token is trained iff its first character lies in a trained span and in no hole."""
+    """A token is trained iff one of its characters lies in a trained span and in no hole. A token that starts in a
+    lead-in and ends in the output (' [/INST]' + ' A' in Mistral's format, where the space is the answer's) is trained:
+    dropping it would drop the output's first token."""
     chars = np.zeros(n_chars + 1, dtype=np.int8)
     for a, b in spans:
         chars[a:b] = 1
     for a, b in holes:
         chars[a:b] = 0
-    first = np.fromiter((a for a, _ in offsets), dtype=np.int64, count=len(offsets))
-    return chars[first].tolist()
+    cum = np.concatenate(([0], np.cumsum(chars, dtype=np.int64)))
+    pos = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    start, end = pos[:, 0], pos[:, 1]
+    inside = cum[end] - cum[start] > 0
+    empty = end <= start  # zero-width tokens (a sentencepiece prefix): by the character they sit on
+    return np.where(empty, chars[start] == 1, inside).astype(np.int8).tolist()
