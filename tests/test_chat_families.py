@@ -255,6 +255,10 @@ def test_system_into_first_user_for_a_template_without_system_role(root, tmp_pat
     assert ds.report.system_merged == 1 and any("system message merged" in line for line in ds.report.lines())
     text = tok.decode(ds[0].input_ids)
     assert "Answer briefly.\n\nWhat is 2+2?" in text
+    from sftforge.chat import render_prompt  # generation prompts are built the same way
+
+    prompt = render_prompt(tok, normalize_messages(SHAPES["multi-turn"][0][:4])[0])
+    assert "Answer briefly.\n\nWhat is 2+2?" in prompt and prompt.endswith("<start_of_turn>model\n")
 
 
 def test_a_template_that_drops_a_user_message_is_refused(tokenizers):

@@ -166,9 +166,11 @@ def render_text(tokenizer, messages, tools=None, add_generation_prompt=False, kw
 
 
 def render_prompt(tokenizer, messages, tools=None, kwargs=None, markers: TemplateMarkers | None = None) -> str:
-    """The prompt of a generation: the conversation in the template's forms, with the generation prompt."""
+    """The prompt of a generation: the conversation in the template's forms, with the generation prompt. A template
+    without a system role gets the system text in the first user message, as data.system_into_first_user trains it
+    (without that option such conversations are refused in training, and the template itself would raise here)."""
     markers = markers or template_markers(tokenizer, kwargs)
-    messages, _ = prepare_messages(messages, markers)
+    messages, _ = prepare_messages(messages, markers, system_into_first_user=True)
     return render_text(tokenizer, messages, tools, add_generation_prompt=True, kwargs=kwargs)
 
 
