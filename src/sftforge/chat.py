@@ -797,8 +797,8 @@ def _locate(text: str, messages: list[dict], markers: TemplateMarkers) -> tuple[
                     "template mismatch",
                     f"message {i} ({role})'s content is not in the rendered text after the previous message: the "
                     "chat template drops, reorders or rewrites it, so the mask cannot be checked. "
-                    + ("Set data.system_into_first_user=true or " if role == "system" else "")
-                    + "set data.chat_template to a template that renders it.",
+                    + ("Set data.system_into_first_user=true or set" if role == "system" else "Set")
+                    + " data.chat_template to a template that renders it.",
                 )
             spans.append(span)
             cursor = span[1] if span else cursor
