@@ -35,6 +35,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -746,19 +747,25 @@ def _check_no_specials(messages: list[dict], markers: TemplateMarkers) -> None:
     if not markers.specials:
         return
     rx, firsts = _specials_re(markers.specials), _first_chars(markers.specials)
+
+    def texts(m: dict) -> list[str]:
+        out = [m["content"] or "", m.get("reasoning_content") or ""]
+        return out + [c["function"]["name"] + repr(c["function"]["arguments"]) for c in m.get("tool_calls", ())]
+
+    blob = "\x00".join([m["content"] or "" for m in messages])  # one scan per row; per message only on a hit
+    if any("reasoning_content" in m or "tool_calls" in m for m in messages):
+        blob = "\x00".join(t for m in messages for t in texts(m))
+    if not any(ch in blob for ch in firsts) or not rx.search(blob):
+        return
     for i, m in enumerate(messages):
-        texts = [m.get("content") or "", m.get("reasoning_content") or ""]
-        texts += [c["function"]["name"] + repr(c["function"]["arguments"]) for c in m.get("tool_calls", [])]
-        for t in texts:
-            if t and any(ch in t for ch in firsts):
-                hit = rx.search(t)
-                if hit:
-                    raise RowError(
-                        "special token in content",
-                        f"message {i} ({m['role']}) contains {hit.group()!r}, a special token of the tokenizer: it "
-                        "would be read as template structure, not text. Remove it from the data (or render the "
-                        "conversation as text yourself and train with data.train_on=all).",
-                    )
+        hit = next((h for t in texts(m) for h in [rx.search(t)] if h), None)
+        if hit:
+            raise RowError(
+                "special token in content",
+                f"message {i} ({m['role']}) contains {hit.group()!r}, a special token of the tokenizer: it would be "
+                "read as template structure, not text. Remove it from the data (or render the conversation as text "
+                "yourself and train with data.train_on=all).",
+            )
 
 
 # The closing that ends a turn, by (what the turn holds, what follows it), in the order tried: a tool call that a user
@@ -775,6 +782,9 @@ _CLOSING_KEYS = {
 
 def _lead_in_end(text: str, forms: tuple[str, ...], cursor: int) -> int:
     """End of the first lead-in after ``cursor``: the earliest match, the longest form there; -1 if none."""
+    if len(forms) == 1:  # the usual case
+        p = text.find(forms[0], cursor)
+        return p + len(forms[0]) if p != -1 else -1
     found = [(p, -len(f)) for f in forms for p in [text.find(f, cursor)] if p != -1]
     if not found:
         return -1
@@ -829,9 +839,14 @@ def _locate(text: str, messages: list[dict], markers: TemplateMarkers) -> tuple[
             at = p + len(piece)
         kind = "call" if m.get("tool_calls") else "text"
         nxt = messages[i + 1]["role"] if i + 1 < len(messages) else "end"
-        ctx = {"tool": "tool", "end": "end"}.get(nxt, "user")
+        ctx = nxt if nxt in ("tool", "end") else "user"
         candidates = [markers.closings[k] for k in _CLOSING_KEYS[(kind, ctx)] if markers.closings.get(k)]
-        found = next(((p, c) for c in candidates for p in [text.find(c, at)] if p != -1), None)
+        found = None
+        for c in candidates:
+            p = text.find(c, at)
+            if p != -1:
+                found = (p, c)
+                break
         if nxt == "end" and not markers.closings.get(f"{kind}:end") and kind in markers.appended_closing:
             span, open_end = (start, len(text)), True
         elif found is None:
@@ -925,9 +940,11 @@ def _mask_from_spans(offsets, n_chars: int, spans, holes) -> list[int]:
         chars[a:b] = 1
     for a, b in holes:
         chars[a:b] = 0
-    cum = np.concatenate(([0], np.cumsum(chars, dtype=np.int64)))
-    pos = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    start, end = pos[:, 0], pos[:, 1]
-    inside = cum[end] - cum[start] > 0
-    empty = end <= start  # zero-width tokens (a sentencepiece prefix): by the character they sit on
-    return np.where(empty, chars[start] == 1, inside).astype(np.int8).tolist()
+    pos = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets))  # no tuple-array detour
+    start = pos[0::2]
+    mask = chars[start]  # tokens that start in a span
+    for a, _ in spans:  # and the one token (if any) that starts before a span and reaches into it
+        k = int(np.searchsorted(start, a, side="right")) - 1
+        if k >= 0 and start[k] < a < pos[2 * k + 1] and chars[a]:
+            mask[k] = 1
+    return mask.tolist()
