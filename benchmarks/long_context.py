@@ -31,6 +31,7 @@ import torch.distributed as dist
 torch.set_num_threads(1)
 from transformers import AutoConfig, AutoModelForCausalLM
 from sftforge import ulysses
+from sftforge.attention import select
 from sftforge.config import load_config
 from sftforge.data import Sample
 from sftforge.loss import loss_sum
@@ -55,6 +56,8 @@ def status(key):
 
 base = status("VmRSS")
 model = load_model(cfg.model, "cpu")
+if sp == 1:
+    select(model)  # packed sdpa, as parallel.build_engine selects it
 if sp > 1:
     ulysses.enable(model, group, sp)
 opt = build_optimizer(model, cfg.optim)

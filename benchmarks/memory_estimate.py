@@ -36,6 +36,7 @@ import json, sys
 import torch
 torch.set_num_threads(2)
 from transformers import AutoConfig, AutoModelForCausalLM
+from sftforge.attention import select
 from sftforge.config import load_config
 from sftforge.data import Sample
 from sftforge.loss import loss_sum
@@ -57,6 +58,7 @@ rss = lambda: status("VmRSS")
 
 base = rss()
 model = load_model(cfg.model, "cpu")
+select(model)  # packed sdpa, as parallel.build_engine selects it (a no-op for other attention)
 opt = build_optimizer(model, cfg.optim)
 g = torch.Generator().manual_seed(0)
 n, share = args["tokens"], args["share"]

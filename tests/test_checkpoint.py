@@ -5,17 +5,17 @@ import torch
 import yaml
 
 from sftforge.checkpoint import (
-    export_hf,
     latest_checkpoint,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
 )
+from sftforge.cli import train_main
 from sftforge.config import ConfigError, ModelConfig, OptimConfig, load_config
+from sftforge.export import export_hf
 from sftforge.metrics import MetricsLogger, read_metrics
 from sftforge.model import load_model
 from sftforge.optim import build_optimizer
-from sftforge.train import train_main
 
 
 def _model(model_config_dir, name="qwen3-tiny", seed=0):
@@ -142,12 +142,12 @@ def test_train_main_end_to_end_with_data_pipeline(tmp_path, model_config_dir, to
 
 def test_resume_warns_about_changed_batch_or_schedule(tmp_path):
     from sftforge.config import to_dict
-    from sftforge.train import _resume_differences
+    from sftforge.run import resume_differences
 
     saved = load_config(None, ["data.train_batch_size=8"])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(to_dict(saved)))
-    assert _resume_differences(tmp_path, saved) == []
-    lines = _resume_differences(tmp_path, load_config(None, ["data.train_batch_size=16", "trainer.stop_at_step=3"]))
+    assert resume_differences(tmp_path, saved) == []
+    lines = resume_differences(tmp_path, load_config(None, ["data.train_batch_size=16", "trainer.stop_at_step=3"]))
     assert len(lines) == 1 and "data.train_batch_size was 8" in lines[0]
 
 

@@ -9,21 +9,18 @@ import pytest
 from sftforge import demo
 from sftforge.chat import render, row_to_conversation
 from sftforge.config import ConfigError, DataConfig, load_config
-from sftforge.evaluate import (
+from sftforge.evaluate import evaluate, samples_from_rows, wilson
+from sftforge.generation import GenerationOptions, hf_generator
+from sftforge.scorers import (
     EvalSample,
-    GenerationOptions,
-    evaluate,
     extract_letter,
     extract_number,
     get_scorer,
-    hf_generator,
     parse_tool_calls,
-    samples_from_rows,
     score_exact,
     score_gsm8k,
     score_mcq,
     score_tool_call,
-    wilson,
 )
 
 QA = [
@@ -151,8 +148,8 @@ def test_wilson_interval():
 
 @pytest.mark.parametrize("name", ["qwen3", "qwen2.5", "phi3"])
 def test_prompt_is_the_training_render_cut_at_the_last_assistant_turn(tokenizers, textcraft_dir, name):
+    from sftforge.chat import render_prompt
     from sftforge.data import read_rows
-    from sftforge.evaluate import render_prompt
 
     tok = tokenizers[name]
     cfg = DataConfig()

@@ -81,12 +81,14 @@ def test_token_advantages_repeat_per_response():
 
 def test_supervised_logprobs_match_full_logits(model_config_dir):
     """Per-token log-probs and entropies at trained positions (chunked) equal those of the model's full logits."""
+    from sftforge.attention import select
     from sftforge.config import ModelConfig
     from sftforge.loss import loss_sum, supervised_logprobs
     from sftforge.model import load_model
     from sftforge.packing import IGNORE_INDEX, collate
 
     model = load_model(ModelConfig(path=str(model_config_dir / "qwen3-tiny")))
+    select(model)
     g = torch.Generator().manual_seed(0)
     samples = [{"input_ids": torch.randint(0, 151000, (n,), generator=g).tolist(), "loss_mask": [0] * 3 + [1] * (n - 3)}
                for n in (9, 12)]  # fmt: skip

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sftforge.attention import select
 from sftforge.config import ModelConfig
 from sftforge.loss import loss_sum, supervised_ce
 from sftforge.model import load_model
@@ -22,6 +23,7 @@ def _batch(vocab, seed=0):
 @pytest.mark.parametrize("packing", [True, False])
 def test_loss_equals_full_logits_reference(name, packing, model_config_dir):
     model = load_model(ModelConfig(path=str(model_config_dir / name))).eval()
+    select(model)  # packed sdpa (parallel.build_engine does it for a run)
     samples = _batch(model.config.vocab_size)
     mb = collate(samples, packing=packing)
     with torch.no_grad():

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from sftforge.attention import select
 from sftforge.config import ModelConfig
 from sftforge.loss import hidden_states
 from sftforge.model import load_model
@@ -85,6 +86,7 @@ def test_padded_tokens_is_what_collate_builds():
 def test_packed_logits_equal_unpacked(name, attn, model_config_dir):
     model = load_model(ModelConfig(path=str(model_config_dir / name), attn_implementation=attn))
     model.eval()
+    select(model)  # what parallel.build_engine does for packed sdpa (a no-op for eager)
     samples = _samples(model.config.vocab_size)
     head = model.get_output_embeddings()
     with torch.no_grad():
@@ -118,6 +120,15 @@ def test_packed_batch_on_a_model_without_the_packed_attention_fails_loudly(model
         assert torch.isnan(model.model(**inputs).last_hidden_state).all()
 
 
+def test_packed_batch_needs_the_packed_attention_selected_up_front(model_config_dir):
+    """The loss never switches attention on by itself: a packed sdpa micro-batch on a model without the packed
+    attention selected (parallel.build_engine selects it) is an error that says what to call."""
+    model = load_model(ModelConfig(path=str(model_config_dir / "qwen3-tiny"))).eval()
+    with pytest.raises(ValueError, match=r"attention.select\(model\)"):
+        hidden_states(model, pack(_samples(model.config.vocab_size), "sdpa"))
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_packed_attention_with_gradient_checkpointing(model_config_dir):
     """Gradient checkpointing re-runs each layer in the backward: the packed attention stays selected, so gradients
     are the same as without checkpointing (and as the padded batch's)."""
@@ -127,6 +138,7 @@ def test_packed_attention_with_gradient_checkpointing(model_config_dir):
     for packing, gc in [(True, False), (True, True), (False, False)]:
         model = load_model(ModelConfig(path=str(model_config_dir / "qwen3-tiny"), enable_gradient_checkpointing=gc))
         model.train()
+        select(model)
         s, _ = loss_sum(model, collate(_samples(model.config.vocab_size), packing=packing))
         s.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
@@ -135,12 +147,13 @@ def test_packed_attention_with_gradient_checkpointing(model_config_dir):
 
 
 def test_generation_is_unchanged_by_the_packed_attention(model_config_dir):
-    """Once selected (by a packed batch), the packed attention is transformers' sdpa for everything else: left-padded
-    batched generation gives the same tokens as a fresh sdpa model."""
+    """Once selected, the packed attention is transformers' sdpa for everything else: left-padded batched generation
+    gives the same tokens as a fresh sdpa model."""
     from sftforge.attention import NAME
 
     cfg = ModelConfig(path=str(model_config_dir / "qwen3-tiny"))
     plain, packed = load_model(cfg).eval(), load_model(cfg).eval()
+    select(packed)
     with torch.no_grad():
         hidden_states(packed, pack(_samples(packed.config.vocab_size), "sdpa"))
     assert packed.config._attn_implementation == NAME and plain.config._attn_implementation == "sdpa"

@@ -230,7 +230,7 @@ def test_cli_plan_reads_the_verl_example(textcraft_cfg, capsys):
 
 
 def test_train_with_preset_auto_uses_the_plans_choice(textcraft_cfg, tmp_path, capsys):
-    from sftforge.train import train_main
+    from sftforge.cli import train_main
 
     out = tmp_path / "run"
     args = [*textcraft_cfg, "trainer.preset=auto", "trainer.gpu_memory=80GB", "trainer.max_steps=1",

@@ -28,7 +28,8 @@ from sftforge.config import ConfigError, ModelConfig, OptimConfig, is_secret_key
 from sftforge.metrics import read_metrics
 from sftforge.model import load_model
 from sftforge.optim import build_optimizer
-from sftforge.train import NonFiniteError, _Runner, train
+from sftforge.run import NonFiniteError
+from sftforge.train import Runner, train
 
 
 @pytest.fixture(scope="module")
@@ -116,14 +117,14 @@ def test_output_paths_stay_inside_output_dir(tmp_path, model_config_dir, tokeniz
 
 def _nan_at_call(monkeypatch, bad_call: int):
     """Make the loss of the ``bad_call``-th micro-batch (1-based) NaN."""
-    real, calls = _Runner.loss, []
+    real, calls = Runner.loss, []
 
     def loss(self, samples):
         s, n = real(self, samples)
         calls.append(1)
         return (s * float("nan"), n) if len(calls) == bad_call else (s, n)
 
-    monkeypatch.setattr(_Runner, "loss", loss)
+    monkeypatch.setattr(Runner, "loss", loss)
 
 
 def test_nan_loss_stops_before_the_update_and_saves_last_good_state(

@@ -14,9 +14,9 @@ from sftforge.cli import main
 from sftforge.config import ConfigError, load_config
 from sftforge.data import load_tokenizer
 from sftforge.demo import prepare
-from sftforge.evaluate import get_scorer
 from sftforge.metrics import read_metrics
 from sftforge.rl import check_rl_config, evaluate_policy, load_prompts, rl
+from sftforge.scorers import get_scorer
 from sftforge.train import train
 
 
@@ -246,7 +246,8 @@ def test_multi_turn_episodes_in_textcraft(tmp_path, model_config_dir, tokenizer_
 ROLLOUT_SYNC_WORKER = """
 import sys, torch
 from transformers import AutoConfig, AutoModelForCausalLM
-from sftforge.parallel import build_mesh, destroy, init_distributed, parallelize
+from sftforge.distributed import destroy, init_distributed
+from sftforge.parallel import build_mesh, parallelize
 from sftforge.rl import RolloutWeights
 
 init_distributed("cpu")
@@ -287,3 +288,84 @@ def test_fsdp2_rollout_copy_takes_the_updated_weights(tmp_path, model_config_dir
     assert len(gaps) == 2  # both processes
     for before, after in gaps:
         assert float(before) == pytest.approx(1.0) and float(after) == 0.0
+
+
+# ---- the run lifecycle holds for RL as for SFT (run.py) -------------------------------------------------------------
+
+
+def _weights(out: Path) -> dict:
+    return load_file(out / "final" / "model.safetensors")
+
+
+def test_rl_sigterm_mid_run_then_rerun_gives_the_uninterrupted_weights(sft_model, tmp_path, monkeypatch):
+    """SIGTERM lands in the second micro-batch call of step 2 (run.Signals): the step finishes, step_2 is saved, the
+    run returns 143's signal; the same command resumes and ends with the uninterrupted run's weights, bitwise."""
+    extra = ("trainer.max_steps=4", "rollout.prompts_per_step=4", "data.micro_batch_size_per_gpu=8")
+    rl(load_config(None, _rl_overrides(sft_model, tmp_path / "whole", *extra)))
+    ov = _rl_overrides(sft_model, tmp_path / "parts", *extra)
+    monkeypatch.setenv("SFTFORGE_TEST_FAULT", "signal=TERM@2.1")
+    first = rl(load_config(None, ov))
+    assert first["interrupted"] == 15 and first["step"] == 2 and first["final_dir"] is None
+    assert (tmp_path / "parts" / "step_2" / "COMPLETE").exists()
+    monkeypatch.delenv("SFTFORGE_TEST_FAULT")
+    second = rl(load_config(None, ov))
+    assert second["interrupted"] == 0 and second["final_dir"]
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "parts")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in read_metrics(tmp_path / "parts" / "metrics.jsonl") if "step" in r]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_rl_sigterm_through_the_cli_exits_143(sft_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("SFTFORGE_TEST_FAULT", "signal=TERM@1.0")
+    ov = _rl_overrides(sft_model, tmp_path / "cli", "trainer.max_steps=3", "rollout.prompts_per_step=4")
+    assert main(["rl", *ov]) == 143
+    assert (tmp_path / "cli" / "step_1" / "COMPLETE").exists() and not (tmp_path / "cli" / "final").exists()
+
+
+def _nan_policy_loss(monkeypatch, bad_call: int):
+    """The policy loss of the ``bad_call``-th micro-batch (1-based, over the run) is NaN."""
+    import sftforge.rl as rl_module
+
+    real, calls = rl_module.policy_loss_sum, []
+
+    def loss(*args, **kwargs):
+        value, stats = real(*args, **kwargs)
+        calls.append(1)
+        return (value * float("nan"), stats) if len(calls) == bad_call else (value, stats)
+
+    monkeypatch.setattr(rl_module, "policy_loss_sum", loss)
+
+
+def test_rl_nan_policy_error_saves_the_last_good_state(sft_model, tmp_path, monkeypatch):
+    from sftforge.run import NonFiniteError
+
+    # one mini-batch of one micro-batch per step: the third call is step 3's only update
+    ov = _rl_overrides(sft_model, tmp_path / "nan", "trainer.max_steps=4", "rollout.prompts_per_step=4",
+                       "algorithm.mini_batches=1", "algorithm.dynamic_sampling=false")  # fmt: skip
+    _nan_policy_loss(monkeypatch, 3)
+    with pytest.raises(NonFiniteError, match=r"step 3: the loss \(nan\).*not applied.*step_2.*nan_policy=skip_step"):
+        rl(load_config(None, ov))
+    assert (tmp_path / "nan" / "step_2" / "COMPLETE").exists()
+    assert [r["step"] for r in read_metrics(tmp_path / "nan" / "metrics.jsonl") if "step" in r] == [1, 2]
+
+
+def test_rl_nan_policy_skip_step_drops_the_update_and_counts_it(sft_model, tmp_path, monkeypatch):
+    ov = _rl_overrides(sft_model, tmp_path / "skip", "trainer.max_steps=3", "rollout.prompts_per_step=4",
+                       "algorithm.mini_batches=1", "algorithm.dynamic_sampling=false",
+                       "trainer.nan_policy=skip_step")  # fmt: skip
+    _nan_policy_loss(monkeypatch, 2)
+    result = rl(load_config(None, ov))
+    assert result["skipped_steps"] == 1 and result["final_dir"]
+    recs = [r for r in read_metrics(tmp_path / "skip" / "metrics.jsonl") if "step" in r]
+    assert [r.get("skipped", False) for r in recs] == [False, True, False] and recs[1]["updates"] == 0
+
+
+def test_rl_token_budget_splits_micro_batches_without_changing_the_update(sft_model, tmp_path):
+    """data.max_tokens_per_micro_batch splits RL micro-batches too; the loss is normalized by the global token
+    count, so the update is the same (up to float summation order)."""
+    extra = ("trainer.max_steps=1", "rollout.prompts_per_step=4", "algorithm.mini_batches=1")
+    rl(load_config(None, _rl_overrides(sft_model, tmp_path / "one", *extra)))
+    rl(load_config(None, _rl_overrides(sft_model, tmp_path / "split", *extra, "data.max_tokens_per_micro_batch=40")))
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "split")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5

@@ -4,10 +4,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sftforge.batching import epoch_order, grad_accum_steps, make_plan
 from sftforge.config import ConfigError, load_config
 from sftforge.data import Sample
 from sftforge.metrics import read_metrics
-from sftforge.train import epoch_order, grad_accum_steps, make_plan, train
+from sftforge.train import train
 
 
 def make_samples(n: int, vocab: int = 151000, seed: int = 0, lo: int = 6, hi: int = 20) -> list[Sample]:
@@ -143,6 +144,7 @@ def test_metrics_jsonl_and_final_export(tmp_path, model_config_dir, tokenizer_di
 
 
 def test_validation_is_token_weighted(tmp_path, model_config_dir, tokenizer_dirs):
+    from sftforge.attention import select
     from sftforge.config import ModelConfig
     from sftforge.loss import loss_sum
     from sftforge.model import load_model
@@ -152,6 +154,7 @@ def test_validation_is_token_weighted(tmp_path, model_config_dir, tokenizer_dirs
     cfg = cfg_for(tmp_path, model_config_dir, tokenizer_dirs, "v", extra=["trainer.max_steps=1", "optim.lr=0"])
     result = train(cfg, train_dataset=make_samples(8), val_dataset=val)
     model = load_model(ModelConfig(path=str(model_config_dir / "qwen3-tiny"))).eval()
+    select(model)
     with torch.no_grad():
         s, n = loss_sum(model, collate(val))
     assert result["val_loss"] == pytest.approx(float(s) / n, rel=1e-5)

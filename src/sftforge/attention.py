@@ -11,9 +11,10 @@ memory 5.1 GiB instead of 9.3 GiB; same loss.
 The function is registered with transformers' ``AttentionInterface`` and selected through the model's
 ``config._attn_implementation`` (the model's ``forward`` is not patched; the saved config.json does not record it).
 Without ``packed_cu_seqlens`` (generation, padded batches) it is transformers' own sdpa with transformers' own sdpa mask,
-so a model with it selected behaves exactly like sdpa everywhere else. :func:`hidden_states_inputs` selects it the
-first time a packed micro-batch meets the model, and for good: gradient checkpointing re-runs a layer's forward during
-the backward, which must take the same path.
+so a model with it selected behaves exactly like sdpa everywhere else. It is selected up front, before compile and
+sharding (parallel.build_engine), and for good: gradient checkpointing re-runs a layer's forward during the backward,
+which must take the same path.
+
 
 Packed micro-batches carry a stride-0 [1, 1, L, L] tensor of NaN as their ``attention_mask``: it costs no memory,
 stops transformers from building a mask (a 4D mask is passed through unchanged), and makes any attention that is not
@@ -92,17 +93,18 @@ def select(model: torch.nn.Module) -> None:
 
 
 def hidden_states_inputs(model: torch.nn.Module, inputs: dict) -> dict:
-    """The decoder's keyword arguments for ``inputs`` (a micro-batch's): a packed sdpa micro-batch selects the packed
-    attention on ``model`` first."""
+    """The decoder's keyword arguments for ``inputs`` (a micro-batch's), checked: a micro-batch packed for this
+    attention needs a model that has it selected (parallel.build_engine selects it up front; a library caller
+    calls :func:`select`)."""
     if inputs.get("packed_cu_seqlens") is not None:
         config = getattr(model, "config", None)
-        if getattr(config, "_attn_implementation", NAME) != NAME:
-            select(model)
-            if config._attn_implementation != NAME:
-                raise ValueError(
-                    f"a packed micro-batch collated for sdpa met a model whose attention is "
-                    f"{config._attn_implementation!r}: collate with the model's attention (model.attn_implementation)."
-                )
+        current = getattr(config, "_attn_implementation", NAME)
+        if current not in (NAME, "sftforge_ulysses"):
+            raise ValueError(
+                f"a packed micro-batch collated for sdpa met a model whose attention is {current!r}: call "
+                "sftforge.attention.select(model) first (parallel.build_engine does), or collate with the model's "
+                "attention (model.attn_implementation)."
+            )
     return inputs
 
 

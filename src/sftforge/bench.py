@@ -130,14 +130,17 @@ def _setup(spec: dict):
 def _child_sftforge(spec: dict) -> dict:
     import torch
 
+    from sftforge.attention import select
+    from sftforge.batching import make_plan, step_micro_batches
     from sftforge.loss import loss_sum
     from sftforge.model import load_model
     from sftforge.optim import build_optimizer
     from sftforge.packing import collate
-    from sftforge.train import make_plan, step_micro_batches
 
     cfg, tok, ds, n, tok_s = _setup(spec)
     model = load_model(cfg.model, "cpu")
+    if cfg.data.packing and cfg.model.attn_implementation == "sdpa":
+        select(model)  # as parallel.build_engine does for a run
     opt = build_optimizer(model, cfg.optim)
     plan = make_plan(cfg, len(ds))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -1,4 +1,4 @@
-"""Checkpoints for an exact resume, and the Hugging Face export.
+"""Checkpoints for an exact resume (the Hugging Face export is export.py).
 
 ``<output_dir>/step_<N>/`` holds:
   model.safetensors      fp32 master weights
@@ -39,6 +39,7 @@ from safetensors.torch import save_model as st_save_model
 
 from sftforge import faults
 from sftforge.config import ConfigError
+from sftforge.distributed import barrier, broadcast_flag, world
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -245,68 +246,11 @@ def _safe_torch_load(path: Path, fix: str, **kwargs) -> Any:
         raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e}). {fix}") from None
 
 
-def export_hf(
-    model: torch.nn.Module,
-    out_dir: str | Path,
-    tokenizer=None,
-    eos_token_ids: list[int] | None = None,
-    dtype: torch.dtype = torch.float32,
-    state_dict: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """Save a folder ``AutoModelForCausalLM.from_pretrained`` loads: safetensors, config, tokenizer, generation config.
-
-    generation_config.eos_token_id lists ``eos_token_ids`` (the template's end-of-turn token and the tokenizer's eos),
-    so ``generate`` stops at the end of an assistant turn.
-    """
-    from transformers import GenerationConfig
-
-    out = Path(out_dir)
-    child(out.parent, out.name)
-    out.mkdir(parents=True, exist_ok=True)
-    # state_dict: full weights gathered from FSDP2 shards (see gather_full_state_dict); else the model's own
-    source = model.state_dict() if state_dict is None else state_dict
-    state_dict = {k: v.detach().to("cpu", dtype) for k, v in source.items()}
-    old_dtype = getattr(model.config, "dtype", None)
-    model.config.use_cache, model.config.dtype = True, dtype
-    try:
-        model.save_pretrained(str(out), state_dict=state_dict)
-    finally:
-        model.config.use_cache, model.config.dtype = False, old_dtype
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    gen = GenerationConfig.from_model_config(model.config)
-    if eos_token_ids:
-        gen.eos_token_id = list(eos_token_ids)
-    if tokenizer is not None and gen.pad_token_id is None and tokenizer.pad_token_id is not None:
-        gen.pad_token_id = tokenizer.pad_token_id
-    gen.save_pretrained(str(out))
-    return out
-
-
 # --- distributed checkpoints (torch.distributed.checkpoint) -------------------------------------------------------
 # A run with several processes writes ``step_<N>/dcp/`` with DCP (each rank writes its own shards, FQN-keyed model
 # and optimizer state that any world size and any strategy can read back) instead of model.safetensors/optimizer.pt;
 # trainer_state/config/COMPLETE are as above, written by rank 0 after a barrier. :func:`load_any` reads both formats
 # on any world size: a DCP folder is resharded by DCP, a one-process safetensors folder is read as full state dicts.
-
-
-def _dist_on() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _barrier() -> None:
-    if _dist_on():
-        torch.distributed.barrier()
-
-
-def _broadcast_ok(ok: bool) -> None:
-    """Every rank learns whether rank 0 could prepare the folder (so an error does not leave others waiting)."""
-    if _dist_on():
-        t = torch.tensor([int(ok)])
-        torch.distributed.broadcast(t, src=0)
-        ok = bool(t.item())
-    if not ok:
-        raise CheckpointError("rank 0 could not prepare the checkpoint folder; see its error above.")
 
 
 def save_distributed_checkpoint(
@@ -322,7 +266,7 @@ def save_distributed_checkpoint(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    rank = torch.distributed.get_rank() if _dist_on() else 0
+    rank = world()[1]
     out = Path(output_dir)
     final = child(out, f"step_{int(step)}")
     tmp = child(out, f"step_{int(step)}.tmp")
@@ -335,11 +279,12 @@ def save_distributed_checkpoint(
             (tmp / "dcp").mkdir(parents=True)
         ok = True
     finally:
-        _broadcast_ok(ok)
+        if not broadcast_flag(ok):  # every rank learns whether rank 0 could prepare the folder
+            raise CheckpointError("rank 0 could not prepare the checkpoint folder; see its error above.")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
     faults.in_save(step, "weights")
-    _barrier()  # every shard is written before rank 0 marks the folder complete
+    barrier()  # every shard is written before rank 0 marks the folder complete
     if rank == 0:
         torch.save({"step": step, **state, "rng": rng_state()}, tmp / "trainer_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
@@ -357,7 +302,7 @@ def save_distributed_checkpoint(
             _remove_tree(final)
         tmp.rename(final)
         _fsync(out)
-    _barrier()  # nobody goes on (prunes, resumes, exits) before the folder is complete
+    barrier()  # nobody goes on (prunes, resumes, exits) before the folder is complete
     return final
 
 
@@ -453,7 +398,6 @@ __all__ = [
     "clean_incomplete",
     "complete_checkpoints",
     "prune_checkpoints",
-    "export_hf",
     "gather_full_state_dict",
     "load_any",
     "save_distributed_checkpoint",

@@ -20,7 +20,33 @@ import json
 import sys
 import time
 
-from sftforge.config import ConfigError, load_config, scrub
+from sftforge.config import ConfigError, load_config, names_model, scrub
+
+
+def train_main(path: str | None, overrides: list[str]) -> int:
+    """``sftforge train``. With no config file and no model (under any spelling, verl's included): the CPU demo."""
+    overrides = list(overrides or [])
+    if path is None and not names_model(overrides):
+        from sftforge.demo import run_demo
+
+        return run_demo(overrides)
+    from sftforge.train import train
+
+    cfg = load_config(path, overrides)
+    if cfg.trainer.preset == "auto":
+        from sftforge.plan import apply_preset
+
+        cfg = apply_preset(cfg, path, overrides)
+    result = train(cfg)
+    return 128 + result["interrupted"] if result["interrupted"] else 0
+
+
+def rl_main(path: str | None, overrides: list[str]) -> int:
+    """``sftforge rl CONFIG [key=value ...]``; 128+N when stopped by signal N after saving (rerun to resume)."""
+    from sftforge.rl import rl
+
+    result = rl(load_config(path, list(overrides or [])))
+    return 128 + result["interrupted"] if result["interrupted"] else 0
 
 
 def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
@@ -168,13 +194,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "train":
-            from sftforge.train import train_main
-
             path, overrides = _split_config(args.args)
             return train_main(path, overrides)
         if args.command == "rl":
-            from sftforge.rl import rl_main
-
             path, overrides = _split_config(args.args)
             return rl_main(path, overrides)
         if args.command == "config":
@@ -199,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return bench_main(args)
         if args.command == "export":
-            from sftforge.lora import export_checkpoint
+            from sftforge.export import export_checkpoint
 
             print(f"wrote {export_checkpoint(args.checkpoint, args.output, merge=args.merge)}")
             return 0

@@ -7,6 +7,7 @@ README's config reference and ``--help`` come from this one file.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import functools
@@ -378,25 +379,60 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# verl compatibility: a verl SFT user's keys are renamed to ours before the dataclasses see them (YAML and overrides
-# alike), each with one info line on stderr. Keys that already mean the same here (model.enable_gradient_checkpointing,
-# trainer.logger, data.micro_batch_size_per_gpu, trainer.n_gpus_per_node, ...) need no entry.
+# verl compatibility: the keys of verl's SFT trainers (verl.trainer.fsdp_sft_trainer with sft_trainer.yaml, and
+# verl.trainer.sft_trainer with sft_trainer_engine.yaml and its engine/model/optim groups) are handled before the
+# dataclasses see them, in YAML and overrides alike. Each verl key is mapped to ours (one "info: verl key K=V -> ..."
+# line on stderr), accepted and ignored when it changes nothing that matters here (one "info: verl key K=V ignored:
+# why" line), or refused with a ConfigError that says what to set instead. Keys that already mean the same here
+# (model.path, model.enable_gradient_checkpointing, data.micro_batch_size_per_gpu, trainer.n_gpus_per_node, ...) need
+# no entry; an entry for such a key only translates verl-only values (trainer.save_freq=-1) and is silent otherwise.
+#
+# A converter is called as convert(value, ctx): ctx is the whole configuration as given (the YAML file and every
+# override, before any renaming), for the few verl keys whose meaning depends on another one (the token budget on
+# the sequence-parallel size, resume_mode on resume_from_path). It returns a list of (our key, value) pairs, a string
+# (the key is ignored, for that reason), or (pairs, note); it raises _Refused to refuse the key.
 
 
-def _truthy(value: Any) -> bool:
-    return _coerce(value, bool, "data.multiturn.enable")
+class _Refused(ConfigError):
+    """Raised by a converter; apply_verl_aliases adds the key and its value to the message."""
 
 
-def _multiturn(value: Any) -> list[tuple[str, Any]]:
+_MISSING = object()
+
+
+def _lookup(ctx: Any, dotted: str, default: Any = _MISSING) -> Any:
+    node = ctx
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _given(ctx: Any, dotted: str) -> bool:
+    return _lookup(ctx, dotted) is not _MISSING
+
+
+def _truthy(value: Any, key: str = "data.multiturn.enable") -> bool:
+    return _coerce(value, bool, key)
+
+
+def _unset(value: Any) -> bool:
+    return value is None or value in ("", [], {}) or (isinstance(value, str) and value.lower() in ("null", "none"))
+
+
+def _multiturn(value: Any, ctx: Any) -> list[tuple[str, Any]]:
     # verl's single-turn dataset reads data.prompt_key/data.response_key; its multi-turn one reads messages, which
     # data.format=auto already recognizes (as well as sharegpt/alpaca rows).
-    return [] if _truthy(value) else [("data.format", "prompt_response")]
+    if not _truthy(value):
+        return [("data.format", "prompt_response")]
+    if _given(ctx, "data.format"):
+        return "data.format decides how rows are read"
+    return [("data.format", "auto")], "messages rows, recognized by data.messages_key"
 
 
-def _wandb_env(var: str) -> Any:
-    def apply(value: Any) -> list[tuple[str, Any]]:
-        import os
-
+def _wandb_env(var: str):
+    def apply(value: Any, ctx: Any) -> list[tuple[str, Any]]:
         os.environ.setdefault(var, str(value))  # read by wandb.init when trainer.logger has wandb
         return []
 
@@ -404,27 +440,590 @@ def _wandb_env(var: str) -> Any:
 
 
 def _rename(ours: str, convert=None):
-    return lambda value: [(ours, convert(value) if convert else value)]
+    return lambda value, ctx: [(ours, convert(value) if convert else value)]
+
+
+def _ignore(why: str):
+    return lambda value, ctx: why
+
+
+def _ignore_unless(is_default, why: str, refusal: str):
+    """Ignored (with ``why``) when ``is_default(value)``, else refused with ``refusal``."""
+
+    def apply(value: Any, ctx: Any):
+        if is_default(value):
+            return why
+        raise _Refused(refusal)
+
+    return apply
+
+
+def _refuse(why: str):
+    def apply(value: Any, ctx: Any):
+        raise _Refused(why)
+
+    return apply
+
+
+def _same(key: str, fix):
+    """A key we share with verl: ``fix(value)`` translates verl-only values (silent when it returns ``value``)."""
+    return lambda value, ctx: [(key, fix(value))]
+
+
+def _sp_size(ctx: Any) -> int:
+    for key in ("trainer.sp_size", "engine.ulysses_sequence_parallel_size", "ulysses_sequence_parallel_size"):
+        value = _lookup(ctx, key)
+        if value is not _MISSING and value is not None:
+            return max(1, _coerce(value, int, key))
+    return 1
+
+
+_FSDP = ("fsdp", "fsdp2")
+_BF16 = ("bf16", "bfloat16")
+_FP32 = ("fp32", "float32")
+_NO_MEGATRON = (
+    "sftforge has no Megatron/VeOmni backend (tensor, pipeline or expert parallelism); it shards with FSDP2: "
+    "set trainer.strategy=fsdp2 (with trainer.sp_size=N for long sequences)."
+)
+
+
+def _strategy(value: Any, ctx: Any):
+    if str(value).lower() in _FSDP:
+        return [("trainer.strategy", "fsdp2")], "verl's FSDP1 and FSDP2 both become FSDP2 here"
+    raise _Refused(_NO_MEGATRON)
+
+
+def _selector(ok: tuple[str, ...], why: str, refusal: str):
+    """Hydra's config-group choice (engine=fsdp, optim=fsdp, model=hf_model) given as a plain string."""
+
+    def apply(value: Any, ctx: Any):
+        if str(value).lower() in ok:
+            return why
+        raise _Refused(refusal)
+
+    return apply
+
+
+def _offload(value: Any, ctx: Any):
+    if not _truthy(value, "offload"):
+        return "no offload is the default here too (trainer.offload=false)"
+    pairs: list[tuple[str, Any]] = [("trainer.offload", True)]
+    if not _given(ctx, "trainer.strategy"):
+        pairs.append(("trainer.strategy", "fsdp2"))  # verl offloads FSDP shards; so does trainer.offload
+    return pairs, "one switch here for parameters, gradients and optimizer state"
+
+
+def _fsdp_model_dtype(value: Any, ctx: Any):
+    # verl.trainer.fsdp_sft_trainer loads the weights in model_dtype and always trains with FSDP mixed precision
+    # (bf16 parameters in compute, fp32 reduction): fp32 master weights + bf16 compute = our model.dtype=bf16.
+    if str(value).lower() in _FP32:
+        if _given(ctx, "model.dtype") or _given(ctx, "model.fsdp_config.mixed_precision.param_dtype"):
+            return "fp32 master weights here too; model.dtype (or mixed_precision.param_dtype) sets the compute dtype"
+        return [("model.dtype", "bf16")], "verl's fsdp_sft_trainer computes in bf16 over fp32 master weights"
+    raise _Refused(
+        "sftforge always keeps fp32 master weights (pure bf16 weights are not supported); drop the key and set "
+        "model.dtype=bf16 for bf16 compute."
+    )
+
+
+def _engine_model_dtype(value: Any, ctx: Any):
+    if str(value).lower() in _FP32:
+        return "fp32 master weights here too; the compute dtype is model.dtype (verl's engine.dtype)"
+    return _fsdp_model_dtype(value, ctx)  # refused with the same explanation
+
+
+def _compute_dtype(value: Any, ctx: Any):
+    v = str(value).lower()
+    if v in _BF16:
+        return [("model.dtype", "bf16")]
+    if v in _FP32:
+        return [("model.dtype", "fp32")]
+    raise _Refused("only bf16 and fp32 compute are supported (no fp16 loss scaling): set model.dtype=bf16.")
+
+
+def _max_token_len(value: Any, ctx: Any):
+    if _given(ctx, "data.use_dynamic_bsz") and not _truthy(
+        _lookup(ctx, "data.use_dynamic_bsz"), "data.use_dynamic_bsz"
+    ):
+        return "verl reads it only with data.use_dynamic_bsz=true (the token budget here is data.max_tokens_per_micro_batch)"
+    sp = _sp_size(ctx)
+    tokens = _coerce(value, int, "data.max_token_len_per_gpu") * sp
+    note = "tokens per GPU"
+    if sp > 1:
+        note += f" × sequence-parallel size {sp}, the tokens of a whole packed micro-batch here"
+    return [("data.max_tokens_per_micro_batch", tokens)], note + (
+        "; data.micro_batch_size_per_gpu still caps the sequences per micro-batch (verl ignores it with "
+        "use_dynamic_bsz)"
+    )
+
+
+def _dynamic_bsz(value: Any, ctx: Any):
+    if not _truthy(value, "data.use_dynamic_bsz"):
+        return "micro-batches are data.micro_batch_size_per_gpu sequences (data.max_tokens_per_micro_batch=0: no token budget)"
+    if _given(ctx, "data.max_token_len_per_gpu") or _given(ctx, "data.max_tokens_per_micro_batch"):
+        return "the token budget is data.max_tokens_per_micro_batch (from data.max_token_len_per_gpu)"
+    return [("data.max_tokens_per_micro_batch", 8192 * _sp_size(ctx))], "verl's default max_token_len_per_gpu=8192"
+
+
+def _pad_mode(value: Any, ctx: Any):
+    mode = str(value).lower()
+    if mode == "no_padding":
+        return [("data.packing", True)]
+    if mode in ("right", "left_right"):
+        return [("data.packing", False)]
+    raise _Refused("data.pad_mode must be no_padding (-> data.packing=true) or right / left_right (-> false).")
+
+
+def _remove_padding(value: Any, ctx: Any):
+    if _given(ctx, "data.pad_mode") or _given(ctx, "data.packing"):
+        return "data.pad_mode / data.packing decides packing"
+    return [("data.packing", value)]
+
+
+def _freq(key: str):
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "after_each_epoch":
+            raise _Refused(
+                f"{key} counts steps here: set {key}=N with N the steps per epoch (training samples // "
+                f"data.train_batch_size, printed by `sftforge plan`), or {key}=0 for the end of the run only."
+            )
+        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value < 0):
+            return 0  # verl's -1: only at the end of the run, our 0
+        return value
+
+    return _same(key, fix)
+
+
+def _keep(value: Any) -> Any:
+    if value is None:
+        return 0  # verl's null: keep all, our 0 (a negative value stays an error)
+    return value
+
+
+def _logger(value: Any) -> Any:
+    names = _coerce(value, list, "trainer.logger")
+    if "file" not in names:
+        return value
+    return ["jsonl" if n == "file" else n for n in names]  # verl's file logger: metrics as jsonl
+
+
+def _device(value: Any) -> Any:
+    if str(value).lower() not in ("auto", "cpu", "cuda"):
+        raise _Refused("only CUDA GPUs and CPUs are supported: set trainer.device=cuda, cpu or auto.")
+    return value
+
+
+def _resume_mode(value: Any, ctx: Any):
+    mode = str(value).lower()
+    path = _lookup(ctx, "trainer.resume_from_path", None)
+    if mode == "disable":
+        return [("trainer.resume", "never")]
+    if mode == "auto":
+        return [("trainer.resume", "auto" if _unset(path) else path)]
+    if mode == "resume_path":
+        if _unset(path):
+            raise _Refused(
+                "resume_path needs trainer.resume_from_path (here: trainer.resume=PATH to a step_<N> folder)."
+            )
+        return [("trainer.resume", path)]
+    raise _Refused("trainer.resume_mode is auto | disable | resume_path (here trainer.resume=auto | never | PATH).")
+
+
+def _resume_from_path(value: Any, ctx: Any):
+    if _unset(value):
+        return "no path: trainer.resume (verl's resume_mode) decides"
+    if str(_lookup(ctx, "trainer.resume_mode", "auto")).lower() == "disable":
+        return "trainer.resume_mode=disable wins (trainer.resume=never)"
+    return [("trainer.resume", value)], "a sftforge step_<N> folder (verl's global_step_<N> folders cannot be read)"
+
+
+_CKPT_PARTS = {"model", "optimizer", "extra", "hf_model"}
+
+
+def _save_contents(value: Any, ctx: Any):
+    if isinstance(value, str) and "${" in value:
+        return "a reference to another key"
+    parts = set(_coerce(value, list, "save_contents"))
+    unknown = parts - _CKPT_PARTS
+    if unknown:
+        raise _Refused(f"unknown part(s) {sorted(unknown)}; verl's parts are model, optimizer, extra, hf_model.")
+    why = "sftforge checkpoints always hold the model, the optimizer state and the trainer state (an exact resume)"
+    if not {"optimizer", "extra"} <= parts:
+        why += ": the optimizer and trainer state are saved anyway"
+    if "hf_model" in parts:
+        why += "; the Hugging Face model is written to trainer.output_dir/final at the end (`sftforge export` makes one from any step_<N>)"
+    return why
+
+
+def _load_contents(value: Any, ctx: Any):
+    if isinstance(value, str) and "${" in value:
+        return "a reference to another key (a resume loads the whole checkpoint here)"
+    parts = set(_coerce(value, list, "load_contents"))
+    if {"model", "optimizer", "extra"} <= parts:
+        return "a resume loads the whole checkpoint here"
+    raise _Refused(
+        "a resume loads the whole checkpoint (model, optimizer, trainer state); to start afresh from a checkpoint's "
+        "weights, export it (`sftforge export STEP_DIR -o DIR`) and set model.path=DIR."
+    )
+
+
+def _output_dir(value: Any, ctx: Any):
+    if not isinstance(value, str) or "${" not in value:
+        return [("trainer.output_dir", value)]
+
+    def resolve(m: re.Match) -> str:  # verl's default checkpoints/${trainer.project_name}/${trainer.experiment_name}
+        found = _lookup(ctx, m.group(1))
+        if found is _MISSING or isinstance(found, (dict, list)) or (isinstance(found, str) and "${" in found):
+            raise _Refused(f"it refers to {m.group(1)}, which is not set: give trainer.output_dir a plain path.")
+        return str(found)
+
+    return [("trainer.output_dir", re.sub(r"\$\{([\w.]+)\}", resolve, value))]
+
+
+def _warmup_steps(value: Any) -> Any:
+    return 0 if value is None or _coerce(value, int, "optim.lr_warmup_steps") < 0 else value  # verl's -1: the ratio
+
+
+def _scheduler(value: Any, ctx: Any):
+    if _unset(value):
+        return "null: optim.lr_scheduler decides"
+    return [("optim.lr_scheduler", str(value).lower())]
+
+
+def _target_modules(value: Any) -> Any:
+    return [value] if isinstance(value, str) and not value.strip().startswith("[") else value
+
+
+_NULL = _unset
+_FALSE = lambda v: not _truthy(v, "flag")  # noqa: E731
+_HYDRA_TARGET = "hydra's class path of verl's config object"
+_NO_TRAINER_SAMPLES = (
+    "sftforge trains on whole files: write a subset of the rows to a file (e.g. with `sftforge data convert`), or "
+    "bound the run with trainer.max_steps."
+)
+_WRAP = "FSDP2 shards each decoder layer (then the root) here, whatever the wrap policy"
+_PERF = "a verl speed/memory option with no effect on the result; sftforge has its own (see `sftforge config`)"
+
+# verl's per-row thinking switch (both trainers spell it differently)
+_ENABLE_THINKING_KEY = (
+    "ignored (default column name) or refused",
+    _ignore_unless(
+        lambda v: _unset(v) or v == "enable_thinking",
+        "a per-row enable_thinking column is not read; data.chat_template_kwargs={enable_thinking: ...} sets it "
+        "for every row",
+        "a per-row enable_thinking column is not read: set data.chat_template_kwargs={enable_thinking: true} (or "
+        "false) for every row.",
+    ),
+)
 
 
 VERL_ALIASES: dict[str, tuple[str, Any]] = {
-    "data.micro_batch_size": ("data.micro_batch_size_per_gpu", _rename("data.micro_batch_size_per_gpu")),
+    # --- data (both trainers) ---
+    "data.micro_batch_size": (
+        "data.micro_batch_size_per_gpu",
+        lambda v, ctx: (
+            "null: data.micro_batch_size_per_gpu decides" if v is None else [("data.micro_batch_size_per_gpu", v)]
+        ),
+    ),
     "data.multiturn.enable": ("data.format=prompt_response when false, else data.format=auto", _multiturn),
     "data.multiturn.messages_key": ("data.messages_key", _rename("data.messages_key")),
     "data.multiturn.tools_key": ("data.tools_key", _rename("data.tools_key")),
+    "data.multiturn.enable_thinking_key": _ENABLE_THINKING_KEY,
+    "data.enable_thinking_key": _ENABLE_THINKING_KEY,
+    "data.prompt_dict_keys": (
+        "refused unless null",
+        _ignore_unless(
+            _NULL,
+            "null: data.prompt_key is a column of its own",
+            "prompts are read from a top-level column only (data.prompt_key): copy the nested field into a column of "
+            "its own (e.g. df['question'] = df['extra_info'].str['question'] in pandas) and set data.prompt_key to it.",
+        ),
+    ),
+    "data.response_dict_keys": (
+        "refused unless null",
+        _ignore_unless(
+            _NULL,
+            "null: data.response_key is a column of its own",
+            "responses are read from a top-level column only (data.response_key): copy the nested field into a "
+            "column of its own (e.g. df['answer'] = df['extra_info'].str['answer'] in pandas) and set "
+            "data.response_key to it.",
+        ),
+    ),
+    "data.train_max_samples": (
+        "refused unless -1",
+        _ignore_unless(lambda v: v is None or int(v) < 0, "-1: the whole file, as here", _NO_TRAINER_SAMPLES),
+    ),
+    "data.val_max_samples": (
+        "refused unless -1",
+        _ignore_unless(lambda v: v is None or int(v) < 0, "-1: the whole file, as here", _NO_TRAINER_SAMPLES),
+    ),
+    "data.balance_dp_token": (
+        "ignored",
+        _ignore("the loss is always normalized by the supervised tokens of the whole step, over all ranks"),
+    ),
+    "data.custom_cls.path": (
+        "refused unless null",
+        _ignore_unless(
+            _NULL,
+            "null: no custom dataset class",
+            "custom dataset classes are not loaded: convert the rows to messages / prompt_response / sharegpt / "
+            "alpaca (`sftforge data convert`) and set data.format.",
+        ),
+    ),
+    "data.custom_cls.name": (
+        "refused unless null",
+        _ignore_unless(
+            _NULL, "null: no custom dataset class", "see data.custom_cls.path: custom classes are not loaded."
+        ),
+    ),
+    "data.use_shm": ("ignored", _ignore("shared-memory loading is a verl speed-up; files are read directly")),
+    "data.num_workers": ("ignored", _ignore("data is tokenized before training (data.num_proc processes)")),
+    "data.apply_chat_template_kwargs": ("data.chat_template_kwargs", _rename("data.chat_template_kwargs")),
+    "data.ignore_input_ids_mismatch": (
+        "ignored",
+        _ignore("each conversation is rendered once as a whole, so there is no per-turn concatenation to mismatch"),
+    ),
+    "data.pad_mode": ("data.packing", _pad_mode),
+    "data.use_dynamic_bsz": ("data.max_tokens_per_micro_batch", _dynamic_bsz),
+    "data.max_token_len_per_gpu": ("data.max_tokens_per_micro_batch", _max_token_len),
+    # --- model: verl.trainer.fsdp_sft_trainer ---
     "model.partial_pretrain": ("model.path", _rename("model.path")),
+    "model.strategy": ("trainer.strategy=fsdp2", _strategy),
+    "model.fsdp_config.model_dtype": ("model.dtype", _fsdp_model_dtype),
+    "model.fsdp_config.mixed_precision.param_dtype": ("model.dtype", _compute_dtype),
+    "model.fsdp_config.mixed_precision.reduce_dtype": ("ignored", _ignore("gradients are reduced in fp32 here")),
+    "model.fsdp_config.mixed_precision.buffer_dtype": ("ignored", _ignore("buffers stay in fp32 here")),
+    "model.fsdp_config.wrap_policy.min_num_params": ("ignored", _ignore(_WRAP)),
+    "model.fsdp_config.wrap_policy.*": ("ignored", _ignore(_WRAP)),
+    "model.fsdp_config.cpu_offload": ("trainer.offload", _offload),
+    "model.fsdp_config.offload_params": ("trainer.offload", _offload),
+    "model.fsdp_config.*": (
+        "refused",
+        _refuse("verl's fsdp_sft_trainer reads only model_dtype, wrap_policy, cpu_offload and offload_params here."),
+    ),
+    "model.lora_rank": ("model.lora.rank", _rename("model.lora.rank")),
+    "model.lora_alpha": ("model.lora.alpha", _rename("model.lora.alpha")),
+    "model.target_modules": ("model.lora.target_modules", _rename("model.lora.target_modules", _target_modules)),
+    "model.exclude_modules": (
+        "refused unless null",
+        _ignore_unless(
+            _NULL,
+            "null: nothing excluded",
+            "list the modules to adapt in model.lora.target_modules instead (e.g. [q_proj,k_proj,v_proj,o_proj]).",
+        ),
+    ),
+    "model.lora_adapter_path": (
+        "refused unless null",
+        _ignore_unless(
+            _NULL,
+            "null: a new adapter",
+            "training on from an existing LoRA adapter is not supported: merge it into the base model and set "
+            "model.path to the merged folder (model.lora.rank=N then trains a new adapter).",
+        ),
+    ),
+    "model.external_lib": (
+        "refused unless null",
+        _ignore_unless(
+            _NULL,
+            "null: no extra module",
+            "no extra Python module is imported: the model must load with transformers' AutoModelForCausalLM (set "
+            "model.trust_remote_code=true for a hub model that ships its own code).",
+        ),
+    ),
+    "model.use_liger": (
+        "ignored",
+        _ignore(
+            "Liger kernels are not used; the LM head + cross-entropy run in chunks (model.loss_chunk_size), same loss"
+        ),
+    ),
+    "model.use_shm": ("ignored", _ignore("shared-memory loading is a verl speed-up; the model is read directly")),
+    "use_remove_padding": ("data.packing", _remove_padding),
+    "ulysses_sequence_parallel_size": ("trainer.sp_size", _rename("trainer.sp_size")),
+    # --- model: verl.trainer.sft_trainer (model/hf_model.yaml) ---
+    "model.use_remove_padding": ("data.packing", _remove_padding),
+    "model.hf_config_path": (
+        "refused unless null",
+        _ignore_unless(
+            _NULL,
+            "null: model.path's config.json",
+            "the config is model.path's config.json: point model.path at a folder with that config.json.",
+        ),
+    ),
+    "model.custom_chat_template": (
+        "data.chat_template",
+        lambda v, ctx: "null: the tokenizer's template" if _unset(v) else [("data.chat_template", v)],
+    ),
+    "model.override_config": (
+        "refused unless empty",
+        _ignore_unless(
+            _NULL,
+            "empty: the model's own config",
+            "model config overrides are not applied: edit config.json in a copy of the model folder and set "
+            "model.path to it.",
+        ),
+    ),
+    "model.enable_activation_offload": (
+        "refused unless false",
+        _ignore_unless(
+            _FALSE,
+            "false: no activation offload",
+            "activation offload is not supported: use model.enable_gradient_checkpointing=true, trainer.sp_size=N or "
+            "trainer.offload=true to save memory.",
+        ),
+    ),
+    "model.use_fused_kernels": (
+        "ignored",
+        _ignore(_PERF + " (the LM head + loss run in chunks: model.loss_chunk_size)"),
+    ),
+    "model.fused_kernel_options.*": ("ignored", _ignore(_PERF)),
+    "model.tiled_mlp.*": (
+        "ignored",
+        _ignore(_PERF + " (for long sequences: trainer.sp_size, model.enable_gradient_checkpointing)"),
+    ),
+    "model.mtp.enable": (
+        "refused unless false",
+        _ignore_unless(
+            _FALSE, "false: no multi-token prediction", "multi-token prediction (MTP) heads are not trained here."
+        ),
+    ),
+    "model.mtp.*": ("ignored", _ignore("multi-token prediction is off (model.mtp.enable)")),
+    "model._target_": ("ignored", _ignore(_HYDRA_TARGET)),
+    # --- engine (verl.trainer.sft_trainer: engine/fsdp.yaml) ---
+    "engine.strategy": ("trainer.strategy=fsdp2", _strategy),
+    "engine.model_dtype": ("ignored or refused", _engine_model_dtype),
+    "engine.dtype": ("model.dtype", _compute_dtype),
+    "engine.ulysses_sequence_parallel_size": ("trainer.sp_size", _rename("trainer.sp_size")),
+    "engine.param_offload": ("trainer.offload", _offload),
+    "engine.optimizer_offload": ("trainer.offload", _offload),
+    "engine.offload_policy": ("trainer.offload", _offload),
+    "engine.wrap_policy.*": ("ignored", _ignore(_WRAP)),
+    "engine.fsdp_size": (
+        "ignored",
+        _ignore("FSDP2 shards over every data-parallel rank here (no hybrid sharding); same result"),
+    ),
+    "engine.reshard_after_forward": ("ignored", _ignore(_PERF)),
+    "engine.forward_prefetch": ("ignored", _ignore(_PERF)),
+    "engine.use_orig_params": ("ignored", _ignore("an FSDP1 option; FSDP2 always keeps the original parameters")),
+    "engine.seed": ("ignored", _ignore("trainer.seed seeds the data order and dropout here")),
+    "engine.full_determinism": (
+        "refused unless false",
+        _ignore_unless(
+            _FALSE,
+            "false: the default run",
+            "there is no full-determinism switch: set torch's deterministic options yourself.",
+        ),
+    ),
+    "engine.use_torch_compile": (
+        "ignored",
+        _ignore("verl compiles its entropy kernel only; model.compile=true compiles the decoder layers here"),
+    ),
+    "engine.entropy_from_logits_with_chunking": ("ignored", _ignore("an entropy metric option of verl's RL trainers")),
+    "engine.entropy_checkpointing": ("ignored", _ignore("an entropy metric option of verl's RL trainers")),
+    "engine.forward_only": (
+        "refused unless false",
+        _ignore_unless(
+            _FALSE, "false: training", "a forward-only engine trains nothing: use `sftforge eval` to score a model."
+        ),
+    ),
+    "engine._target_": ("ignored", _ignore(_HYDRA_TARGET)),
+    "engine.*": (
+        "refused",
+        _refuse(
+            "not a verl FSDP-engine option sftforge knows; Megatron/VeOmni engine keys have no equivalent (sftforge "
+            "shards with FSDP2: trainer.strategy=fsdp2, trainer.sp_size=N): remove it."
+        ),
+    ),
+    # --- optim (optim/fsdp.yaml, both trainers) ---
     "optim.lr_warmup_steps_ratio": ("optim.warmup_ratio", _rename("optim.warmup_ratio")),
-    "trainer.default_local_dir": ("trainer.output_dir", _rename("trainer.output_dir")),
+    "optim.lr_warmup_steps": ("optim.warmup_steps", _rename("optim.warmup_steps", _warmup_steps)),
+    "optim.lr_scheduler_type": ("optim.lr_scheduler", _scheduler),
+    "optim.warmup_style": ("optim.lr_scheduler", _scheduler),
+    "optim.optimizer": (
+        "refused unless AdamW",
+        _ignore_unless(
+            lambda v: str(v).lower() == "adamw",
+            "torch AdamW here too",
+            "the optimizer is torch's AdamW (optim.implementation picks its kernel): drop the key.",
+        ),
+    ),
+    "optim.optimizer_impl": (
+        "refused unless torch.optim",
+        _ignore_unless(
+            lambda v: str(v) == "torch.optim",
+            "torch.optim here too",
+            "the optimizer is torch.optim.AdamW (no torchao / bitsandbytes optimizers): drop the key.",
+        ),
+    ),
+    "optim.total_training_steps": ("ignored", _ignore("filled in by the trainer (trainer.max_steps or the epochs)")),
+    "optim.num_cycles": (
+        "refused unless 0.5",
+        _ignore_unless(
+            lambda v: float(v) == 0.5,
+            "0.5: a half cosine, as here",
+            "the cosine schedule is a single half cycle (num_cycles=0.5); optim.min_lr_ratio sets where it ends.",
+        ),
+    ),
+    "optim.override_optimizer_config": (
+        "refused unless null",
+        _ignore_unless(
+            _NULL,
+            "null: AdamW with the optim.* settings only",
+            "extra optimizer arguments are not passed: use optim.betas, optim.eps, optim.weight_decay.",
+        ),
+    ),
+    "optim._target_": ("ignored", _ignore(_HYDRA_TARGET)),
+    # --- checkpoint (trainer.checkpoint in fsdp_sft_trainer, checkpoint in sft_trainer) ---
+    "trainer.checkpoint.save_contents": ("ignored", _save_contents),
+    "trainer.checkpoint.load_contents": ("ignored or refused", _load_contents),
+    "checkpoint.save_contents": ("ignored", _save_contents),
+    "checkpoint.load_contents": ("ignored or refused", _load_contents),
+    "checkpoint._target_": ("ignored", _ignore(_HYDRA_TARGET)),
+    # --- trainer ---
+    "trainer.default_local_dir": ("trainer.output_dir", _output_dir),
+    "trainer.default_hdfs_dir": (
+        "ignored",
+        lambda v, ctx: (
+            "null: no HDFS copy" if _unset(v) else "checkpoints stay in trainer.output_dir; copy them to HDFS yourself"
+        ),
+    ),
     "trainer.total_training_steps": (
         "trainer.max_steps",
         _rename("trainer.max_steps", lambda v: 0 if v is None else v),
     ),
-    "use_remove_padding": ("data.packing", _rename("data.packing")),
-    "model.use_remove_padding": ("data.packing", _rename("data.packing")),
-    "ulysses_sequence_parallel_size": ("trainer.sp_size", _rename("trainer.sp_size")),
+    "trainer.resume_mode": ("trainer.resume", _resume_mode),
+    "trainer.resume_from_path": ("trainer.resume", _resume_from_path),
     "trainer.project_name": ("$WANDB_PROJECT (wandb's project)", _wandb_env("WANDB_PROJECT")),
     "trainer.experiment_name": ("$WANDB_NAME (wandb's run name)", _wandb_env("WANDB_NAME")),
+    "trainer.profile_interval": ("ignored", _ignore("no profiler here")),
+    # keys we share with verl, with verl-only values translated (silent otherwise)
+    "trainer.save_freq": ("trainer.save_freq", _freq("trainer.save_freq")),
+    "trainer.test_freq": ("trainer.test_freq", _freq("trainer.test_freq")),
+    "trainer.max_ckpt_to_keep": ("trainer.max_ckpt_to_keep", _same("trainer.max_ckpt_to_keep", _keep)),
+    "trainer.logger": ("trainer.logger", _same("trainer.logger", _logger)),
+    "trainer.device": ("trainer.device", _same("trainer.device", _device)),
+    # --- whole sections, after the keys under them ---
+    "defaults": ("ignored", _ignore("hydra's list of config groups; their keys are read where they are given")),
+    "profiler.*": ("ignored", _ignore("no profiler here")),
+    "engine": (
+        "ignored or refused",
+        _selector(("fsdp",), "the FSDP engine: trainer.strategy (FSDP2 or DDP)", _NO_MEGATRON),
+    ),
+    "optim": (
+        "ignored or refused",
+        _selector(("fsdp",), "torch AdamW, set by the optim.* keys", _NO_MEGATRON),
+    ),
+    "model": (
+        "ignored or refused",
+        _selector(
+            ("hf_model",),
+            "a Hugging Face model, set by the model.* keys",
+            "the model is a Hugging Face folder or hub id (model.path).",
+        ),
+    ),
 }
+"""verl key -> (what it becomes, converter). A key ending in ``.*`` stands for every key under that section that no
+exact entry handled; the plain section names (engine, optim, model) are hydra's group choices (engine=fsdp) and apply
+only to a string value."""
 
 
 def _pop_path(d: dict, parts: list[str]) -> tuple[bool, Any]:
@@ -433,7 +1032,7 @@ def _pop_path(d: dict, parts: list[str]) -> tuple[bool, Any]:
         node = node.get(part) if isinstance(node, dict) else None
         if not isinstance(node, dict):
             return False, None
-    if parts[-1] not in node:
+    if not isinstance(node, dict) or parts[-1] not in node:
         return False, None
     value = node.pop(parts[-1])
     for depth in range(len(parts) - 1, 0, -1):  # drop parents left empty (data.multiturn: {})
@@ -455,29 +1054,113 @@ def _set_path(d: dict, dotted: str, value: Any) -> None:
     node[last] = value
 
 
-def apply_verl_aliases(raw: dict, log=None) -> dict:
-    """Rename verl's keys in a nested mapping to ours (in place, returned), one info line per key; raise
-    :class:`ConfigError` for a verl setting with no equivalent yet."""
+def _leaves(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Dotted (key, value) of every leaf of a nested mapping (an empty mapping counts as a leaf)."""
+    if not isinstance(d, dict) or (not d and prefix):
+        return [(prefix, d)]
+    out = []
+    for k, v in d.items():
+        out += _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
+
+
+def _convert(verl_key: str, value: Any, ctx: Any) -> list[tuple[str, Any]] | str | tuple[list, str]:
+    entry = VERL_ALIASES.get(verl_key)
+    if entry is None:  # a leaf under a ".*" section
+        entry = next(VERL_ALIASES[k] for k in VERL_ALIASES if k.endswith(".*") and verl_key.startswith(k[:-1]))
+    try:
+        return entry[1](value, ctx)
+    except _Refused as e:
+        raise ConfigError(f"verl key {verl_key}={value!r} is not supported: {e}") from None
+    except (ValueError, TypeError) as e:  # a value of the wrong type (ConfigError from _coerce, int("x"), ...)
+        raise ConfigError(f"verl key {verl_key}={value!r}: wrong type of value ({e}).") from None
+
+
+def _matches(raw: dict) -> list[tuple[str, Any]]:
+    """The (verl key, value) pairs of ``raw`` that VERL_ALIASES handles, in the table's order."""
+    found: list[tuple[str, Any]] = []
+    leaves = dict(_leaves(raw))
+    for verl_key in VERL_ALIASES:
+        if verl_key.endswith(".*"):
+            section = verl_key[:-1]
+            for key, value in leaves.items():
+                if key.startswith(section) and key not in VERL_ALIASES and not any(f[0] == key for f in found):
+                    found.append((key, value))
+            continue
+        value = _lookup(raw, verl_key)
+        if value is _MISSING:
+            continue
+        if "." not in verl_key and isinstance(value, dict):
+            continue  # a section of ours or verl's (model: {...}), not a group choice
+        found.append((verl_key, value))
+    return found
+
+
+def apply_verl_aliases(raw: dict, log=None, ctx: Any = None) -> dict:
+    """Handle verl's keys in a nested mapping (in place, returned): rename each to ours or drop it, one info line per
+    key (none for a shared key whose value needs no translation); raise :class:`ConfigError` for a verl setting with
+    no equivalent. ``ctx`` is the whole configuration as given (default ``raw``), read for keys that depend on others.
+    """
     import sys
 
     if not isinstance(raw, dict):
         return raw
     log = log or (lambda line: print(line, file=sys.stderr))
-    for verl_key, (ours, convert) in VERL_ALIASES.items():
-        found, value = _pop_path(raw, verl_key.split("."))
-        if not found:
+    ctx = raw if ctx is None else ctx
+    for verl_key, given in _matches(raw):
+        out = _convert(verl_key, given, ctx)
+        _pop_path(raw, verl_key.split("."))
+        if isinstance(out, str):
+            log(f"info: verl key {verl_key}={given!r} ignored: {out}")
             continue
-        mapped = convert(value)
+        mapped, note = out if isinstance(out, tuple) else (out, "")
         for key, new in mapped:
             _set_path(raw, key, new)
+        if mapped == [(verl_key, given)]:
+            continue  # a key we share with verl, value as it is
+        ours = VERL_ALIASES.get(verl_key, ("",))[0]
         shown = ", ".join(f"{k}={v!r}" for k, v in mapped) or ours
-        log(f"info: verl key {verl_key}={value!r} -> {shown}")
+        log(f"info: verl key {verl_key}={given!r} -> {shown}" + (f" ({note})" if note else ""))
     return raw
+
+
+def _override_tree(item: str) -> dict:
+    parts, value = _parse_override(item)
+    nested: Any = value
+    for part in reversed(parts):
+        nested = {part: nested}
+    return nested
+
+
+def _merge(into: dict, new: dict) -> dict:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = copy.deepcopy(v)
+    return into
+
+
+def names_model(overrides: list[str]) -> bool:
+    """Whether ``overrides`` set a non-empty model path under any spelling: ``model.path``, ``+model.path``,
+    ``model={path: ...}`` or a verl alias of it (``model.partial_pretrain``). Prints nothing; the last one wins."""
+    spellings = {"model.path"} | {k for k, (ours, _) in VERL_ALIASES.items() if ours == "model.path"}
+    named = False
+    for item in overrides or []:
+        try:
+            leaves = _leaves(_override_tree(item))
+        except ConfigError:
+            continue
+        for key, value in leaves:
+            if key in spellings:
+                named = not _unset(value)
+    return named
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Build a validated :class:`Config` from an optional YAML file and ``key=value`` overrides."""
     cfg = Config()
+    raw: Any = {}
     if path:
         p = Path(path)
         if not p.is_file():
@@ -486,13 +1169,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"Config file {p} is not valid YAML: {e}") from None
-        _apply(cfg, apply_verl_aliases(raw), "")
-    for item in overrides or []:
-        parts, value = _parse_override(item)
-        nested: Any = value
-        for part in reversed(parts):
-            nested = {part: nested}
-        _apply(cfg, apply_verl_aliases(nested), "")
+    trees = [_override_tree(item) for item in overrides or []]
+    ctx: dict = _merge({}, raw) if isinstance(raw, dict) else {}
+    for tree in trees:
+        _merge(ctx, tree)
+    if path:
+        _apply(cfg, apply_verl_aliases(raw, ctx=ctx), "")
+    for tree in trees:
+        _apply(cfg, apply_verl_aliases(tree, ctx=ctx), "")
     validate(cfg)
     return cfg
 
@@ -621,6 +1305,7 @@ __all__ = [
     "TrainerConfig",
     "VERL_ALIASES",
     "apply_verl_aliases",
+    "names_model",
     "config_reference",
     "field_docs",
     "is_secret_key",

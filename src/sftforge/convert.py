@@ -20,9 +20,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from sftforge.chat import RowError, detect_format, row_to_conversation
+from sftforge.chat import RowError, detect_format, render, row_to_conversation, template_markers
 from sftforge.config import ConfigError, DataConfig, load_config
-from sftforge.data import DataError, read_rows
+from sftforge.data import DataError, load_tokenizer, read_rows
 
 SOURCE_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_response", "multiple_choice", "gsm8k", "copy")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -211,7 +211,6 @@ def _stats(values: list[int]) -> dict[str, int]:
 
 def check_file(path: str, data_cfg: DataConfig, tokenizer=None) -> dict[str, Any]:
     """Stats and problems of one file (problems: reason -> count, and the first few locations)."""
-    from sftforge.chat import render, template_markers
 
     formats: Counter[str] = Counter()
     problems: Counter[str] = Counter()
@@ -278,15 +277,11 @@ def check_main(files: list[str], overrides: list[str], as_json: bool = False) ->
     cfg = load_config(None, overrides)
     tokenizer = None
     if cfg.model.path or cfg.model.tokenizer_path:
-        from sftforge.data import load_tokenizer
-
         tokenizer = load_tokenizer(cfg)
     if not files:
         raise ConfigError("sftforge data check needs at least one data file.")
     bad = False
     if tokenizer is not None and not as_json:
-        from sftforge.chat import template_markers
-
         print("chat template: " + "; ".join(template_markers(tokenizer, cfg.data.chat_template_kwargs).describe()))
     for path in files:
         if not Path(path).exists():

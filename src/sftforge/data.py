@@ -93,9 +93,10 @@ class DataReport:
 class TokenizedDataset(Sequence):
     """The kept samples, in input order, plus the report of what happened to every row."""
 
-    def __init__(self, samples: list[Sample], report: DataReport):
+    def __init__(self, samples: list[Sample], report: DataReport, fingerprint: str = ""):
         self.samples = samples
         self.report = report
+        self.fingerprint = fingerprint  # the cache key: files, tokenizer, template and data options
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -248,7 +249,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 _WORKER: dict[str, Any] = {}
 
 
-def _tokenize_row(loc: str, row: Any, tokenizer, data_cfg: DataConfig, markers: TemplateMarkers) -> Sample:
+def tokenize_row(loc: str, row: Any, tokenizer, data_cfg: DataConfig, markers: TemplateMarkers) -> Sample:
     if isinstance(row, RowError):
         raise row
     messages, tools, flags = row_to_conversation(row, data_cfg)
@@ -264,7 +265,7 @@ def _worker_chunk(chunk: list[tuple[str, Any]]) -> list[Sample | tuple[str, str,
     out: list[Sample | tuple[str, str, str]] = []
     for loc, row in chunk:
         try:
-            out.append(_tokenize_row(loc, row, tok, data_cfg, markers))
+            out.append(tokenize_row(loc, row, tok, data_cfg, markers))
         except RowError as e:
             out.append((loc, e.reason, e.detail))
     return out
@@ -422,10 +423,12 @@ def build_dataset(
     files = resolve_files(data_cfg.train_files if files is None else files, key)
     markers = template_markers(tokenizer, data_cfg.chat_template_kwargs)
     cdir = cache_dir(data_cfg)
-    cpath = cdir / f"{cache_key(files, tokenizer, data_cfg, markers)}.arrow" if cdir else None
+    key = cache_key(files, tokenizer, data_cfg, markers)
+    cpath = cdir / f"{key}.arrow" if cdir else None
     if cpath is not None and cpath.exists():
         cached = _load_cache(cpath)
         if cached is not None:
+            cached.fingerprint = key[:16]
             return cached
     report = DataReport()
     skipped: Counter[str] = Counter()
@@ -452,7 +455,7 @@ def build_dataset(
     report.samples = len(samples)
     report.tokens = sum(len(s.input_ids) for s in samples)
     report.trained_tokens = sum(sum(s.loss_mask) for s in samples)
-    ds = TokenizedDataset(samples, report)
+    ds = TokenizedDataset(samples, report, key[:16])
     if cpath is not None:
         try:
             _save_cache(cpath, ds)

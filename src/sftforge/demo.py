@@ -20,6 +20,13 @@ import random
 import string
 from pathlib import Path
 
+from sftforge.config import DataConfig, load_config
+from sftforge.data import load_tokenizer, read_rows
+from sftforge.evaluate import evaluate, samples_from_rows
+from sftforge.generation import GenerationOptions, hf_generator
+from sftforge.model import load_model
+from sftforge.train import train
+
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -136,10 +143,6 @@ def demo_overrides(paths: dict[str, Path], output_dir: Path) -> list[str]:
 def exact_match(model, tokenizer, path: Path, limit: int = 100, max_new_tokens: int = 8) -> tuple[float, list[str]]:
     """Share of assistant answers reproduced exactly by greedy generation, given the gold conversation so far
     (sftforge.evaluate with task exact on every assistant turn)."""
-    from sftforge.config import DataConfig
-    from sftforge.data import read_rows
-    from sftforge.evaluate import GenerationOptions, evaluate, hf_generator, samples_from_rows
-
     rows = list(read_rows(str(path)))[:limit]
     samples = samples_from_rows(rows, DataConfig(), turns="all")
     gen = hf_generator(model, tokenizer, GenerationOptions(max_new_tokens=max_new_tokens, batch_size=64))
@@ -156,11 +159,6 @@ def exact_match(model, tokenizer, path: Path, limit: int = 100, max_new_tokens: 
 
 def run_demo(user_overrides: list[str]) -> int:
     """`sftforge train` with no config: prepare the assets, score the untrained model, train, score again."""
-    from sftforge.config import load_config
-    from sftforge.data import load_tokenizer
-    from sftforge.model import load_model
-    from sftforge.train import train
-
     out = next((o.split("=", 1)[1] for o in user_overrides if o.startswith("trainer.output_dir=")), "outputs/demo")
     paths = prepare(Path(out) / "assets")
     cfg = load_config(None, demo_overrides(paths, Path(out)) + user_overrides)

@@ -9,7 +9,6 @@ no optimizer state. Checkpoints keep holding every weight (base + adapter), so r
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 
@@ -121,135 +120,12 @@ def prepare_model(model: torch.nn.Module, cfg: ModelConfig, console=None) -> tor
     return model
 
 
-# --- export -----------------------------------------------------------------------------------------------------------
-
-
-def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's state dict with every LoRA delta added to its base weight, without changing ``model``."""
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model()
-    out: dict[str, torch.Tensor] = {}
-    lora_modules = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
-    for key, value in base.state_dict().items():
-        if ".lora_" in key:
-            continue
-        if ".base_layer." in key:
-            owner, _, leaf = key.partition(".base_layer.")
-            module = lora_modules[owner]
-            if leaf == "weight":
-                value = value.detach().clone()
-                for adapter in module.active_adapters:
-                    if adapter in module.lora_A:
-                        value += module.get_delta_weight(adapter).to(value.dtype)
-            key = f"{owner}.{leaf}"
-        out[key] = value
-    return out
-
-
-def save_adapter(model: torch.nn.Module, out_dir: str | Path, base_path: str = "") -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if base_path:
-        for cfg in model.peft_config.values():
-            cfg.base_model_name_or_path = base_path
-    model.save_pretrained(str(out), safe_serialization=True)
-    return out
-
-
-def unsharded_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A plain CPU PeftModel like ``model`` (whose parameters are FSDP2 shards) holding its full weights
-    ``state_dict`` (:func:`sftforge.checkpoint.gather_full_state_dict`, keyed like ``model.state_dict()``), so that
-    the merge and the adapter files come from the same peft code as on one process. The copy is built on the meta
-    device and takes the tensors of ``state_dict`` as they are: nothing is initialized or copied."""
-    import copy
-
-    from peft import get_peft_model
-
-    if len(model.peft_config) != 1:
-        raise ConfigError(f"exporting a sharded LoRA model supports one adapter, found {sorted(model.peft_config)}.")
-    (adapter, lcfg), base = next(iter(model.peft_config.items())), model.get_base_model()
-    with torch.device("meta"):
-        plain = get_peft_model(type(base)(base.config), copy.deepcopy(lcfg), adapter_name=adapter)
-    weights, first = dict(state_dict), {}
-    for name, p in model.named_parameters(remove_duplicate=False):  # tied weights: every name gets the one tensor
-        first.setdefault(id(p), name)
-        weights.setdefault(name, state_dict[first[id(p)]])
-    plain.load_state_dict(weights, strict=True, assign=True)
-    for name, buf in model.named_buffers():  # non-persistent buffers (rotary frequencies) are not in a state dict
-        owner, _, leaf = name.rpartition(".")
-        setattr(plain.get_submodule(owner), leaf, buf.detach().to("cpu"))
-    return plain.eval()
-
-
-def export_model(model, out_dir, tokenizer=None, eos_token_ids=None, dtype=torch.float32, *, merge=True, adapter_dir=None,
-                 base_path: str = "", state_dict=None) -> Path:  # fmt: skip
-    """HF export of a plain or LoRA model. LoRA: ``merge`` writes the merged full model to ``out_dir`` (and the
-    adapter to ``adapter_dir`` when given); without ``merge`` the adapter alone goes to ``out_dir``. ``state_dict``:
-    the full weights when ``model``'s parameters are FSDP2 shards (gathered on this rank beforehand)."""
-    from sftforge.checkpoint import export_hf
-
-    if not is_peft(model):
-        return export_hf(model, out_dir, tokenizer, eos_token_ids, dtype, state_dict=state_dict)
-    if state_dict is not None:
-        model = unsharded_copy(model, state_dict)
-    if not merge:
-        out = save_adapter(model, out_dir, base_path)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(out))
-        return out
-    out = export_hf(
-        model.get_base_model(), out_dir, tokenizer, eos_token_ids, dtype, state_dict=merged_state_dict(model)
-    )
-    if adapter_dir is not None:
-        save_adapter(model, adapter_dir, base_path)
-    return out
-
-
-def export_checkpoint(ckpt: str | Path, output: str | Path, merge: bool = False) -> Path:
-    """``sftforge export``: a step_<N> checkpoint (or a run folder: its newest complete checkpoint) to an HF folder."""
-    from transformers import AutoTokenizer
-
-    from sftforge.checkpoint import is_complete, latest_checkpoint, load_any
-    from sftforge.config import load_config
-    from sftforge.model import compute_dtype, load_model
-    from sftforge.train import _eos_ids
-
-    p = Path(ckpt)
-    if not p.is_dir():
-        raise ConfigError(f"{p} is not a folder: give a step_<N> checkpoint or a run's trainer.output_dir.")
-    if not is_complete(p):
-        newest = latest_checkpoint(p)
-        if newest is None:
-            raise ConfigError(f"{p} is neither a complete step_<N> checkpoint nor a folder holding one.")
-        p = newest
-    if not (p / "config.yaml").exists():
-        raise ConfigError(f"{p / 'config.yaml'} is missing: cannot tell which model the checkpoint belongs to.")
-    cfg = load_config(p / "config.yaml")
-    if not (p / "model.safetensors").is_file() and not (p / "dcp").is_dir():
-        raise ConfigError(
-            f"{p} holds neither model.safetensors (written by one process) nor dcp/ (a distributed checkpoint, written "
-            "by several): nothing to export. Give a complete step_<N> folder written by sftforge train."
-        )
-    model = prepare_model(load_model(cfg.model, "cpu"), cfg.model)
-    load_any(p, model, None, restore_rng=False)  # one-process safetensors, or DCP shards of any world size
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
-    return export_model(model, output, tokenizer, _eos_ids(tokenizer, cfg), compute_dtype(cfg.model.dtype),
-                        merge=merge, base_path=cfg.model.path)  # fmt: skip
-
-
 __all__ = [
     "apply_freezing",
     "apply_lora",
     "check_trainable_options",
-    "export_checkpoint",
-    "export_model",
     "is_peft",
-    "merged_state_dict",
     "parameter_report",
     "prepare_model",
     "render_report",
-    "save_adapter",
-    "unsharded_copy",
 ]

@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sftforge.attention import hidden_states_inputs
 from sftforge.packing import IGNORE_INDEX, MicroBatch
 
 
 def hidden_states(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
     """Final hidden states [B, L, H] from the model's decoder (no LM head, no patched forward)."""
-    from sftforge.attention import hidden_states_inputs
-
     decoder = model.get_decoder()
     out = decoder(**hidden_states_inputs(model, batch.model_inputs()), use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from sftforge.attention import placeholder_mask
+
 IGNORE_INDEX = -100
 HOST_KEYS = ("packed_cu_seqlens", "sp_cu_seqlens")
 """Sample boundaries read on the host by the attention (attention.py, ulysses.py): ``MicroBatch.to`` leaves them on the
@@ -55,8 +57,6 @@ class MicroBatch:
     def model_inputs(self) -> dict[str, Any]:
         mask = self.attention_mask
         if mask is None and "packed_cu_seqlens" in self.extra:  # see attention.py: no L×L mask is built
-            from sftforge.attention import placeholder_mask
-
             mask = placeholder_mask(self.input_ids.shape[1], self.input_ids.device)
         out = {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": mask}
         out.update(self.extra)

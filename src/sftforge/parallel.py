@@ -25,57 +25,21 @@ one micro-batch are summed like those of different micro-batches).
 from __future__ import annotations
 
 import contextlib
-import os
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
-from sftforge.config import ConfigError
+from sftforge import attention, ulysses
+from sftforge.config import Config, ConfigError
+from sftforge.loss import loss_sum, supervised_logprobs
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp2")
-
-
-def init_distributed(device_type: str) -> bool:
-    """Initialize the default process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
-
-    Returns True when this call created it. gloo on CPU, nccl on CUDA; a single process without torchrun stays
-    uninitialized."""
-    if not dist.is_available() or dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    if device_type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    _import_before_group()
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
-    return True
-
-
-def _import_before_group() -> None:
-    """Import, before the default process group exists, the torch modules that capture it at import time.
-
-    ``torch.distributed.nn.functional`` declares ``group=group.WORLD`` as a default argument of its collectives;
-    imported after ``init_process_group`` (DDP, FSDP2 and DCP import it through ``torch.distributed._shard``) those
-    defaults hold the default group for the life of the interpreter, so :func:`destroy` cannot free it: its gloo
-    worker and transport threads then live on into interpreter shutdown, where a worker abort ("terminate called
-    without an active exception") can end a completed run with a non-zero exit code. Imported first, the defaults
-    are None (the group is looked up at call time)."""
-    import torch.distributed.nn.functional  # noqa: F401
-
-
-def local_device(device: torch.device) -> torch.device:
-    """This rank's GPU under torchrun (LOCAL_RANK), else ``device``."""
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
 
 
 def build_mesh(device: torch.device, world_size: int):
     """A 1-D data-parallel mesh named ``dp`` (None for one process)."""
     if world_size <= 1:
         return None
-    from torch.distributed.device_mesh import init_device_mesh
-
     return init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
 
 
@@ -84,8 +48,6 @@ def build_sp_group(device: torch.device, world_size: int, sp_size: int):
     k·sp … k·sp + sp - 1 together (neighbours, so on one node when sp_size <= GPUs per node); None when sp_size is 1."""
     if sp_size <= 1:
         return None
-    from torch.distributed.device_mesh import init_device_mesh
-
     mesh = init_device_mesh(device.type, (world_size // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
     return mesh["sp"].get_group()
 
@@ -134,8 +96,6 @@ class LossForward(torch.nn.Module):
 
     def forward(self, batch, logprobs: bool = False):
         """(CE sum, count); with ``logprobs``: (log π, entropy) at the trained positions (sftforge rl)."""
-        from sftforge.loss import loss_sum, supervised_logprobs
-
         if logprobs:
             return supervised_logprobs(self.model, batch, self.chunk_size)
         return loss_sum(self.model, batch, self.chunk_size)
@@ -213,81 +173,61 @@ def no_grad_sync(model: torch.nn.Module, sync: bool):
         yield
 
 
-def all_reduce_sum(*values: float) -> list[float]:
-    """Sum of each value over ranks (fp64); the values themselves when not distributed."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def to_float(x) -> float:
     """A (possibly DTensor) scalar as a Python float."""
     return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def build_engine(model: torch.nn.Module, cfg: Config, device: torch.device, world_size: int, strategy: str,
+                 sp_size: int = 1) -> tuple[torch.nn.Module, list[str]]:  # fmt: skip
+    """Everything that changes how ``model`` runs, applied up front in this order, and the lines that say so:
+
+    1. sequence parallelism (trainer.sp_size > 1: Ulysses attention over the ``sp`` process group);
+    2. packed attention (data.packing with sdpa: each packed sample attends on its own, attention.py);
+    3. ``torch.compile`` of every decoder layer (model.compile);
+    4. the data-parallel wrapper: DDP, or FSDP2 sharding (with mixed precision and CPU offload), or none.
+
+    Returns (engine, notes); ``engine(micro_batch)`` -> (loss sum, count)."""
+    c, notes = cfg, []
+    if c.trainer.offload and strategy != "fsdp2":
+        raise ConfigError(f"trainer.offload=true needs trainer.strategy=fsdp2 (it is {strategy}).")
+    if c.trainer.offload and device.type != "cuda":
+        raise ConfigError("trainer.offload=true needs GPUs (on trainer.device=cpu all of it is in CPU memory).")
+    ulysses.check_model(model, sp_size, c.model.attn_implementation, c.data.packing)
+    if sp_size > 1:
+        ulysses.enable(model, build_sp_group(device, world_size, sp_size), sp_size)
+    if c.data.packing and c.model.attn_implementation == "sdpa":
+        attention.select(model)
+    if c.model.compile:
+        n = compile_layers(model, c.model.compile_backend)
+        notes.append(f"model.compile: {n} decoder layers compiled ({c.model.compile_backend}); the first steps "
+                     "include the compilation")  # fmt: skip
+    engine = parallelize(model, strategy, build_mesh(device, world_size), c.model.dtype, c.trainer.offload,
+                         c.model.loss_chunk_size)  # fmt: skip
+    return engine, notes
 
 
-def _release_mesh_caches() -> None:
-    """Empty torch's DTensor caches (sharding propagation, redistribution plans, mesh topology): their entries hold
-    the DeviceMesh of a finished FSDP2 run, and a mesh holds its process groups, so that
-    ``destroy_process_group`` could not free them (see :func:`destroy`). Each is a torch internal, skipped when a torch
-    version lacks it."""
-    import importlib
-
-    clears = (
-        ("torch.distributed.tensor.debug", "_clear_sharding_prop_cache", ()),
-        ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache", ()),
-        ("torch.distributed.tensor._redistribute", "_gen_transform_infos", ("cache_clear",)),
-        ("torch.distributed.tensor._collective_utils", "MeshTopoInfo", ("build_from_mesh", "cache_clear")),
-    )
-    for module, name, attrs in clears:
-        try:
-            fn = getattr(importlib.import_module(module), name)
-            for attr in attrs:
-                fn = getattr(fn, attr)
-            fn()
-        except (ImportError, AttributeError):
-            pass
-
-
-def destroy() -> None:
-    """End the process groups so that none outlives this call.
-
-    The barrier first, so that no rank tears down its connections while a peer still uses them. Then the references
-    torch itself keeps to finished meshes are dropped (:func:`_release_mesh_caches`; the default group's, by
-    :func:`_import_before_group`), so that ``destroy_process_group`` frees the groups and gloo joins its worker and
-    transport threads here. A group left alive is only freed during interpreter shutdown, where its threads abort
-    the process now and then ("terminate called without an active exception", exit code 134) after a run that
-    completed. The trainer calls this once its model, engine and optimizer are gone (they hold the groups too)."""
-    if dist.is_available() and dist.is_initialized():
-        import gc
-
-        dist.barrier()
-        _release_mesh_caches()
-        gc.collect()  # FSDP2 state and hooks form reference cycles with the modules they hold
-        dist.destroy_process_group()
+def prepare_reference(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """A frozen model that scores the same batches as the engine (rl's KL reference): no gradients, eval mode, the
+    same packed attention (step 2 of :func:`build_engine`); it is not wrapped or sharded."""
+    model.requires_grad_(False).eval()
+    if cfg.data.packing and cfg.model.attn_implementation == "sdpa":
+        attention.select(model)
+    return model
 
 
 __all__ = [
+    "prepare_reference",
     "STRATEGIES",
-    "all_reduce_sum",
-    "barrier",
     "build_mesh",
     "build_sp_group",
     "compile_layers",
-    "destroy",
     "grad_scale",
-    "init_distributed",
     "is_fsdp",
-    "local_device",
     "no_grad_sync",
     "parallelize",
     "resolve_strategy",
     "to_float",
     "LossForward",
+    "build_engine",
 ]

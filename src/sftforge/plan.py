@@ -1,7 +1,7 @@
 """``sftforge plan``: the numbers of a run before it spends a GPU — data, batches, steps, memory, warnings.
 
-The batch and schedule arithmetic is the trainer's own (:func:`sftforge.train.make_plan`,
-:func:`sftforge.train.grad_accum_steps`, :func:`sftforge.optim.warmup_steps`), so the plan cannot disagree with the
+The batch and schedule arithmetic is the trainer's own (:func:`sftforge.batching.make_plan`,
+:func:`sftforge.batching.grad_accum_steps`, :func:`sftforge.optim.warmup_steps`), so the plan cannot disagree with the
 run. The memory estimate is per GPU and counts, from the model's config.json alone (no weights are read):
 
 * parameters: fp32 master weights (model.dtype=bf16 is bf16 autocast over fp32 weights), plus the bf16 copies
@@ -31,9 +31,10 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftforge.config import Config, ConfigError
+from sftforge.batching import grad_accum_steps, make_plan
+from sftforge.config import Config, ConfigError, load_config
+from sftforge.data import build_dataset, load_tokenizer
 from sftforge.optim import warmup_steps
-from sftforge.train import grad_accum_steps, make_plan
 from sftforge.ulysses import sp_group_layout
 
 GIB = 1 << 30
@@ -529,7 +530,6 @@ def _same_files(a: Any, b: Any) -> bool:
 
 def plan_from_config(cfg: Config, gpu_memory: str | int | None = None) -> tuple[dict[str, Any], list[int]]:
     """(the plan, the sample lengths): reads (and tokenizes, cached) the data and the model's config; no weights."""
-    from sftforge.data import build_dataset, load_tokenizer
 
     gpu_memory = gpu_memory or cfg.trainer.gpu_memory or None
     mem = parse_memory(gpu_memory) if not isinstance(gpu_memory, int) else gpu_memory
@@ -613,8 +613,6 @@ def apply_preset(cfg: Config, path: str | None, overrides: list[str]) -> Config:
     overrides applied after the user's (the choice is printed with its reason)."""
     import sys
 
-    from sftforge.config import load_config
-
     p, _ = plan_from_config(cfg)
     if "preset" not in p:
         print("info: trainer.preset=auto: no GPU memory known (no GPU visible and trainer.gpu_memory empty); keeping "
@@ -628,7 +626,6 @@ def apply_preset(cfg: Config, path: str | None, overrides: list[str]) -> Config:
 
 
 def plan_main(path: str | None, overrides: list[str], as_json: bool = False, gpu_memory: str | None = None) -> int:
-    from sftforge.config import load_config
 
     cfg = load_config(path, overrides)
     p, lengths = plan_from_config(cfg, gpu_memory)

@@ -27,19 +27,35 @@ step. A vLLM backend is not implemented (it needs a CUDA machine to be built and
 
 from __future__ import annotations
 
+import copy
 import math
+import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from sftforge.config import Config, ConfigError, load_config, redacted, to_dict
-from sftforge.evaluate import cut_at_stop
-from sftforge.evaluate import pad_id as pad_token
+from sftforge import faults
+from sftforge.batching import epoch_order
+from sftforge.chat import RowError, end_of_turn_token_ids, render_prompt, template_markers
+from sftforge.config import Config, ConfigError
+from sftforge.data import load_tokenizer, read_rows, resolve_files, tokenize_row
+from sftforge.distributed import all_reduce_sum, any_rank_max
+from sftforge.envs import rollout
+from sftforge.envs.textcraft import TextCraftEnv, load_tasks
+from sftforge.evaluate import samples_from_rows
+from sftforge.generation import GenerationOptions, Generator, HFBackend, cut_at_stop
+from sftforge.generation import pad_id as pad_token
 from sftforge.grpo import group_advantages, informative_groups, overlong_penalty, policy_loss_sum, token_advantages
+from sftforge.loss import supervised_logprobs
+from sftforge.metrics import check_loggers
+from sftforge.model import autocast, compute_dtype, load_model
+from sftforge.optim import lr_at, set_lr
+from sftforge.packing import collate, split_to_budget
+from sftforge.parallel import grad_scale, no_grad_sync, prepare_reference
+from sftforge.run import NonFiniteGuard, Run, Signals, clip_gradients, data_fingerprint
+from sftforge.scorers import ENV_TASKS, as_score, get_scorer
 
 ROLLOUT_BACKENDS = ("hf",)
 
@@ -48,7 +64,7 @@ ROLLOUT_BACKENDS = ("hf",)
 class Prompt:
     id: str
     ids: list[int]
-    sample: Any  # evaluate.EvalSample: messages, tools, reference
+    sample: Any  # scorers.EvalSample: messages, tools, reference
 
 
 @dataclass
@@ -67,9 +83,6 @@ class Response:
 
 def load_prompts(cfg: Config, tokenizer) -> tuple[list[Prompt], dict[str, int]]:
     """Prompts of data.train_files with data.truncation applied up front; returns (prompts, counts)."""
-    from sftforge.chat import render_prompt
-    from sftforge.data import read_rows, resolve_files
-    from sftforge.evaluate import samples_from_rows
 
     d = cfg.data
     rows = [pair for f in resolve_files(d.train_files, "data.train_files") for pair in read_rows(f)]
@@ -104,7 +117,6 @@ def check_rl_config(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"rollout.backend={r.backend!r}: supported today: {' | '.join(ROLLOUT_BACKENDS)}.")
     if r.n < 2:
         raise ConfigError(f"rollout.n={r.n}: group-relative advantages need at least 2 responses per prompt.")
-    from sftforge.evaluate import ENV_TASKS
 
     if r.max_turns < 1:
         raise ConfigError(f"rollout.max_turns={r.max_turns} must be >= 1.")
@@ -134,7 +146,6 @@ def my_groups(k: int, mini_batches: int, world_size: int, rank: int) -> list[int
 
 def step_prompts(prompts: list, step: int, cfg: Config) -> list:
     """The prompts of RL step ``step``: consecutive slices of a per-epoch shuffle (trainer.seed + epoch)."""
-    from sftforge.train import epoch_order
 
     k = cfg.rollout.prompts_per_step
     per_epoch = max(1, len(prompts) // k)
@@ -147,8 +158,6 @@ class Sampler:
     """``rollout.n`` sampled responses per prompt with transformers generate, cut at the end-of-turn token."""
 
     def __init__(self, model, tokenizer, cfg: Config):
-        from sftforge.chat import end_of_turn_token_ids
-        from sftforge.evaluate import GenerationOptions, HFBackend
 
         self.tokenizer, self.cfg = tokenizer, cfg
         pad = pad_token(tokenizer)
@@ -178,14 +187,13 @@ class Sampler:
 
 
 def score_groups(groups, prompts: list[Prompt], cfg: Config, scorer) -> list[list[Response]]:
-    from sftforge.evaluate import _as_score
 
     a, r = cfg.algorithm, cfg.rollout
     out = []
     for prompt, group in zip(prompts, groups):
         scored = []
         for ids, text, truncated in group:
-            reward = _as_score(scorer(text, prompt.sample))["score"]
+            reward = as_score(scorer(text, prompt.sample))["score"]
             if a.overlong_buffer > 0:
                 reward += float(overlong_penalty(torch.tensor([len(ids)]), r.max_response_length, a.overlong_buffer,
                                                  a.overlong_penalty)[0])  # fmt: skip
@@ -200,8 +208,6 @@ def score_groups(groups, prompts: list[Prompt], cfg: Config, scorer) -> list[lis
 
 def load_env_tasks(cfg: Config):
     """(tasks, make_env) of the environment algorithm.reward from the rows of data.train_files."""
-    from sftforge.data import read_rows, resolve_files
-    from sftforge.envs.textcraft import TextCraftEnv, load_tasks
 
     rows = [pair for f in resolve_files(cfg.data.train_files, "data.train_files") for pair in read_rows(f)]
     tasks, book = load_tasks(rows, cfg.data)
@@ -212,12 +218,10 @@ def episode_response(episode, tokenizer, cfg: Config, markers) -> Response | Non
     """An episode's conversation rendered ONCE with the chat template, masked exactly like SFT data: every assistant
     turn trained, the first prompt and every observation (tool / user message) not. Longer than data.max_length: the
     first data.max_length tokens (counted as truncated). None when the conversation cannot be rendered."""
-    from sftforge.chat import RowError
-    from sftforge.data import _tokenize_row
 
     row = {"messages": episode.messages, "tools": episode.tools}
     try:
-        sample = _tokenize_row(episode.task_id, row, tokenizer, cfg.data, markers)
+        sample = tokenize_row(episode.task_id, row, tokenizer, cfg.data, markers)
     except RowError:
         return None
     ids, mask, cut = sample.input_ids, sample.loss_mask, len(sample.input_ids) > cfg.data.max_length
@@ -231,8 +235,6 @@ class EpisodeSampler:
     """``rollout.n`` episodes per task in the environment, the policy sampling each turn with transformers generate."""
 
     def __init__(self, model, tokenizer, cfg: Config, make_env):
-        from sftforge.chat import template_markers
-        from sftforge.evaluate import GenerationOptions, Generator, HFBackend
 
         r = cfg.rollout
         pad = pad_token(tokenizer)
@@ -246,7 +248,6 @@ class EpisodeSampler:
         self.unrenderable = 0
 
     def sample(self, tasks: list, seeds: list[int]) -> list[list[Response]]:
-        from sftforge.envs import rollout
 
         n = self.cfg.rollout.n
         groups = []
@@ -276,8 +277,6 @@ class RolloutWeights:
     then only the trainable ones (LoRA: the frozen base is gathered once, not every step)."""
 
     def __init__(self, model: torch.nn.Module, sharded: bool, dtype: torch.dtype):
-        import copy
-
         self.sharded, self.synced = sharded, False
         self.module = model
         if sharded:  # before fully_shard turns the parameters into shards
@@ -306,17 +305,14 @@ def _logprobs(forward, micro_batches, n_calls: int, dummy) -> list[torch.Tensor]
 
 
 def rl_step(engine, model, optimizer, ref_model, groups: list[list[Response]], group_ids: list[int], cfg: Config,
-            pad_id: int, lr: float, world_size: int = 1) -> dict[str, Any]:  # fmt: skip
+            pad_id: int, lr: float, world_size: int = 1, guard: NonFiniteGuard | None = None,
+            step: int = 0) -> dict[str, Any]:  # fmt: skip
     """Advantages, dynamic sampling and algorithm.mini_batches optimizer steps on this process's groups (global
     indices ``group_ids``); returns the step's metrics over all processes. ``engine`` is the model under its
     strategy (parallel.parallelize: behaviour log-probs and the loss); ``model`` the HF module under it (gradient
-    clipping); ``ref_model`` an unwrapped copy in eval mode (reference log-probs for the KL term) or None."""
-    from sftforge.loss import supervised_logprobs
-    from sftforge.model import autocast
-    from sftforge.optim import set_lr
-    from sftforge.packing import collate
-    from sftforge.parallel import all_reduce_sum, grad_scale, no_grad_sync, to_float
-    from sftforge.train import _any_rank
+    clipping); ``ref_model`` an unwrapped copy in eval mode (reference log-probs for the KL term) or None.
+    ``guard`` (run.NonFiniteGuard) decides what a non-finite update does (trainer.nan_policy); without one it is
+    skipped. ``step``: the 0-based RL step (messages, fault injection)."""
 
     a, d = cfg.algorithm, cfg.data
     device = next(model.parameters()).device
@@ -349,13 +345,17 @@ def rl_step(engine, model, optimizer, ref_model, groups: list[list[Response]], g
         seqs = [(resp.input_ids, resp.loss_mask, float(adv[i, j]))
                 for i, g in enumerate(group_ids) if g % a.mini_batches == m and bool(keep[i])
                 for j, resp in enumerate(groups[i]) if any(resp.loss_mask[1:])]  # fmt: skip
-        micro = [seqs[k : k + d.micro_batch_size_per_gpu] for k in range(0, len(seqs), d.micro_batch_size_per_gpu)]
+        micro = []  # micro-batches of data.micro_batch_size_per_gpu, split further under data.max_tokens_per_micro_batch
+        for k in range(0, len(seqs), d.micro_batch_size_per_gpu):
+            part = seqs[k : k + d.micro_batch_size_per_gpu]
+            for group in split_to_budget([len(x[0]) for x in part], d.max_tokens_per_micro_batch, d.packing):
+                micro.append([part[i] for i in group])
         (n_tok,) = all_reduce_sum(float(sum(sum(s[1][1:]) for s in seqs)))  # trained positions of all processes
         if n_tok == 0:
             continue  # every group of this mini-batch was dropped, on every process
         mbs = [collate([(s[0], s[1]) for s in mb], d.packing, cfg.model.attn_implementation, pad_id, torch.float32)
                .to(device) for mb in micro]  # fmt: skip
-        n_calls = _any_rank(len(mbs)) if world_size > 1 else len(mbs)
+        n_calls = any_rank_max(len(mbs)) if world_size > 1 else len(mbs)
         was = engine.training
         engine.eval()
         try:
@@ -367,10 +367,14 @@ def rl_step(engine, model, optimizer, ref_model, groups: list[list[Response]], g
         finally:
             engine.train(was)
         plan.append((micro, mbs, n_tok, old, ref))
+    calls = 0
     for micro, mbs, n_tok, old, ref in plan:
         optimizer.zero_grad(set_to_none=True)
-        n_micro = _any_rank(len(mbs)) if world_size > 1 else len(mbs)
+        n_micro = any_rank_max(len(mbs)) if world_size > 1 else len(mbs)
+        update_loss = 0.0
         for k in range(n_micro):
+            faults.before_micro_batch(step + 1, calls)
+            calls += 1
             real = k < len(mbs)
             mb = mbs[k] if real else dummy.to(device)  # a process with fewer micro-batches runs a weight-0 one
             with no_grad_sync(engine, sync=k == n_micro - 1), autocast(cfg.model.dtype, device):
@@ -385,15 +389,19 @@ def rl_step(engine, model, optimizer, ref_model, groups: list[list[Response]], g
                     loss = logp.sum() * 0.0
                 (loss * scale / n_tok).backward()
             if real:
+                update_loss += float(loss.detach())
                 totals["loss"] += float(loss.detach())
                 totals["tokens"] += st.tokens
                 totals["clipped"] += st.clipped_tokens
                 totals["entropy"] += float(entropy.detach().sum())
                 totals["kl"] += st.kl_sum
-        max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
-        norm = to_float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        norm = clip_gradients(model, cfg.optim.clip_grad)
         totals["grad_norm"] = max(totals["grad_norm"], norm)
-        if math.isfinite(norm):
+        # an update is applied when loss and norm are finite on every rank; else trainer.nan_policy decides
+        ok = (
+            guard.ok(step, update_loss / n_tok, norm, can_save=totals["updates"] == 0) if guard else math.isfinite(norm)
+        )
+        if ok:
             optimizer.step()
             totals["updates"] += 1
         optimizer.zero_grad(set_to_none=True)
@@ -411,8 +419,6 @@ def rl_step(engine, model, optimizer, ref_model, groups: list[list[Response]], g
 
 def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: Config, scorer) -> float:
     """Mean reward of greedy responses (the held-out score reported before/after RL)."""
-    from sftforge.chat import end_of_turn_token_ids
-    from sftforge.evaluate import GenerationOptions, HFBackend, _as_score
 
     pad = pad_token(tokenizer)
     stop = end_of_turn_token_ids(tokenizer, cfg.data.chat_template_kwargs)
@@ -421,63 +427,21 @@ def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: Config, scorer
     total = 0.0
     for p, toks in zip(prompts, raw):
         text = tokenizer.decode(cut_at_stop(toks, stop)[1], skip_special_tokens=False)
-        total += _as_score(scorer(text, p.sample))["score"]
+        total += as_score(scorer(text, p.sample))["score"]
     return total / max(len(prompts), 1)
 
 
 def rl(cfg: Config, *, model=None, tokenizer=None) -> dict[str, Any]:
     """Run GRPO/DAPO per ``cfg`` (one process, or several under torchrun); returns a summary."""
-    from sftforge.parallel import destroy, init_distributed
-
-    created = init_distributed(_device_type(cfg))
-    try:
-        return _rl(cfg, model, tokenizer)
-    finally:
-        if created:
-            destroy()
+    with Run(cfg) as run:
+        return _rl(run, model, tokenizer)
 
 
-def _device_type(cfg: Config) -> str:
-    from sftforge.train import _device
-
-    return _device(cfg.trainer.device).type
-
-
-def _rl(cfg: Config, model, tokenizer) -> dict[str, Any]:
-    from sftforge.checkpoint import (
-        child,
-        clean_incomplete,
-        gather_full_state_dict,
-        load_any,
-        prune_checkpoints,
-        resolve_resume,
-        save_checkpoint,
-        save_distributed_checkpoint,
-    )
-    from sftforge.data import load_tokenizer
-    from sftforge.evaluate import get_scorer
-    from sftforge.lora import export_model, prepare_model
-    from sftforge.metrics import MetricsLogger, check_loggers
-    from sftforge.model import compute_dtype, load_model
-    from sftforge.optim import build_optimizer, lr_at
-    from sftforge.parallel import (
-        all_reduce_sum,
-        barrier,
-        build_mesh,
-        is_fsdp,
-        local_device,
-        parallelize,
-        resolve_strategy,
-    )
-    from sftforge.train import _device, _eos_ids, world
-
-    t = cfg.trainer
-    world_size, rank = world()
-    main = rank == 0
-    check_rl_config(cfg, world_size)
+def _rl(run: Run, model, tokenizer) -> dict[str, Any]:
+    cfg, t = run.cfg, run.cfg.trainer
+    check_rl_config(cfg, run.world_size)
     check_loggers(t.logger)
-    device = local_device(_device(t.device))
-    strategy = resolve_strategy(t.strategy, device, world_size)
+    strategy = run.strategy()
     if t.offload:
         raise ConfigError("sftforge rl does not support trainer.offload=true yet; set trainer.offload=false.")
     if t.sp_size > 1:
@@ -492,87 +456,64 @@ def _rl(cfg: Config, model, tokenizer) -> dict[str, Any]:
         prompts, counts = load_prompts(cfg, tokenizer)
     per_epoch = max(1, len(prompts) // cfg.rollout.prompts_per_step)
     total = t.max_steps if t.max_steps > 0 else t.total_epochs * per_epoch
-    out = Path(t.output_dir)
-    saved_config = redacted(to_dict(cfg))
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in ("config.yaml", "metrics.jsonl", "final"):
-            child(out, name)
-        clean_incomplete(out)
-        child(out, "config.yaml").write_text(yaml.safe_dump(saved_config, sort_keys=False))
-    barrier()
-    model = model if model is not None else load_model(cfg.model, device)
-    model = prepare_model(model, cfg.model, console=None)
+    run.prepare_output()
+    rollout_copy: list[RolloutWeights] = []
+    keep_copy = lambda m: rollout_copy.append(RolloutWeights(m, strategy == "fsdp2", compute_dtype(cfg.model.dtype)))  # noqa: E731
+    model, engine, optimizer = run.build(model, before_engine=keep_copy, console=False)
+    policy = rollout_copy[0]
     ref_model = None
     if cfg.algorithm.kl_coef > 0:
-        ref_model = load_model(cfg.model, device)
-        ref_model.requires_grad_(False).eval()
-    policy = RolloutWeights(model, strategy == "fsdp2", compute_dtype(cfg.model.dtype))
-    engine = parallelize(model, strategy, build_mesh(device, world_size), cfg.model.dtype, False,
-                         cfg.model.loss_chunk_size)  # fmt: skip
-    optimizer = build_optimizer(model, cfg.optim)
+        ref_model = prepare_reference(load_model(cfg.model, run.device), cfg)
     pad_id = pad_token(tokenizer)
-    start = 0
-    ckpt = resolve_resume(t.resume, out)
-    if ckpt is not None:
-        start = int(load_any(ckpt, model, optimizer)["step"])
-    stop = t.stop_at_step if start < t.stop_at_step < total else total
-    log = MetricsLogger(out, t.logger, total, t.log_freq, start, saved_config, enabled=main)
-    log.print(f"sftforge rl: {len(prompts)} prompts ({counts['truncated']} truncated, {counts['dropped']} dropped by "
-              f"data.truncation), {total} steps of {cfg.rollout.prompts_per_step} prompts × {cfg.rollout.n} responses, "
-              f"{world_size} process(es) (trainer.strategy={strategy})"
-              + (f"; resumed from {ckpt} at step {start}" if ckpt is not None else ""))  # fmt: skip
+    checkpointer = run.checkpointer(lambda done: {"epoch": (done - 1) // per_epoch,
+                                                  "index_in_epoch": (done - 1) % per_epoch + 1})  # fmt: skip
+    start = run.resume(checkpointer, data_fingerprint(prompts))
+    stop = run.stop_step(start, total)
+    log = run.open_log(total, start,
+        f"sftforge rl: {len(prompts)} prompts ({counts['truncated']} truncated, {counts['dropped']} dropped by "
+        f"data.truncation), {total} steps of {cfg.rollout.prompts_per_step} prompts × {cfg.rollout.n} responses, "
+        f"{run.world_size} process(es) (trainer.strategy={strategy})")  # fmt: skip
     sampler = (EpisodeSampler(policy.module, tokenizer, cfg, make_env) if multi_turn
                else Sampler(policy.module, tokenizer, cfg))  # fmt: skip
-    mine = my_groups(cfg.rollout.prompts_per_step, cfg.algorithm.mini_batches, world_size, rank)
-    t0, record = time.perf_counter(), {}
-    for step in range(start, stop):
-        batch = step_prompts(prompts, step, cfg)
-        ids = [g for g in mine if g < len(batch)]
-        local = [batch[g] for g in ids]
-        seeds = [(t.seed * 1_000_003 + step) * 1_009 + g for g in ids]  # per group: the same on any process layout
-        r0 = time.perf_counter()
-        policy.sync(model)  # FSDP2: the rollout copy takes the weights of the last update (or of the resume)
-        groups = sampler.sample(local, seeds) if multi_turn else score_groups(sampler.sample(local, seeds), local,
-                                                                              cfg, scorer)  # fmt: skip
-        rollout_s = time.perf_counter() - r0
-        t1 = time.perf_counter()
-        lr = lr_at(step, total, cfg.optim)
-        metrics = rl_step(engine, model, optimizer, ref_model, groups, ids, cfg, pad_id, lr, world_size)
-        train_s = time.perf_counter() - t1
-        (gen_tokens,) = all_reduce_sum(float(sum(r.generated for g in groups for r in g)))
-        record = {"step": step + 1, "epoch": step // per_epoch, "lr": lr, **metrics,
-                  "rollout_tokens_per_s": gen_tokens / max(rollout_s, 1e-9),
-                  "train_tokens_per_s": metrics["trained_tokens"] / max(train_s, 1e-9),
-                  "tokens_per_s": metrics["trained_tokens"] / max(train_s, 1e-9),
-                  "elapsed_s": round(time.perf_counter() - t0, 4)}  # fmt: skip
-        log.log_step(record)
-        done = step + 1
-        if done == stop or (t.save_freq > 0 and done % t.save_freq == 0):
-            position = {"epoch": step // per_epoch, "index_in_epoch": done}
-            if world_size > 1:
-                save_distributed_checkpoint(out, done, model, optimizer, position, saved_config)
-            elif main:
-                save_checkpoint(out, done, model, optimizer, position, saved_config)
-            if main:
-                prune_checkpoints(out, t.max_ckpt_to_keep)
-    finished = stop == total
-    final_dir = None
-    full = gather_full_state_dict(model) if finished and is_fsdp(engine) else None  # collective: every process
-    if finished and main:
-        final_dir = export_model(model, out / "final", tokenizer, _eos_ids(tokenizer, cfg), compute_dtype(cfg.model.dtype),
-                                 adapter_dir=out / "final" / "adapter", base_path=cfg.model.path, state_dict=full)  # fmt: skip
-    barrier()
-    log.close({"train_runtime_s": round(time.perf_counter() - t0, 4)})
-    return {"step": stop, "total_steps": total, "metrics": record, "output_dir": str(out),
-            "final_dir": str(final_dir) if final_dir else None, "prompts": counts}  # fmt: skip
+    mine = my_groups(cfg.rollout.prompts_per_step, cfg.algorithm.mini_batches, run.world_size, run.rank)
+    record, interrupted = {}, 0
+    with Signals() as signals:
+        for step in range(start, stop):
+            batch = step_prompts(prompts, step, cfg)
+            ids = [g for g in mine if g < len(batch)]
+            local = [batch[g] for g in ids]
+            seeds = [(t.seed * 1_000_003 + step) * 1_009 + g for g in ids]  # per group: the same on any layout
+            r0 = time.perf_counter()
+            policy.sync(model)  # FSDP2: the rollout copy takes the weights of the last update (or of the resume)
+            groups = sampler.sample(local, seeds) if multi_turn else score_groups(sampler.sample(local, seeds), local,
+                                                                                  cfg, scorer)  # fmt: skip
+            rollout_s = time.perf_counter() - r0
+            t1 = time.perf_counter()
+            lr = lr_at(step, total, cfg.optim)
+            metrics = rl_step(engine, model, optimizer, ref_model, groups, ids, cfg, pad_id, lr, run.world_size,
+                              guard=run.guard, step=step)  # fmt: skip
+            train_s = time.perf_counter() - t1
+            (gen_tokens,) = all_reduce_sum(float(sum(r.generated for g in groups for r in g)))
+            done = step + 1
+            record = {"step": done, "epoch": step // per_epoch, "lr": lr, **metrics,
+                      "rollout_tokens_per_s": gen_tokens / max(rollout_s, 1e-9),
+                      "train_tokens_per_s": metrics["trained_tokens"] / max(train_s, 1e-9),
+                      "tokens_per_s": metrics["trained_tokens"] / max(train_s, 1e-9),
+                      "elapsed_s": round(run.elapsed(), 4)}  # fmt: skip
+            log.log_step(record)
+            interrupted = run.interrupted(signals, done, stop)
+            checkpointer.after_step(done, stop, interrupted)
+            if interrupted:
+                stop = done
+                break
+    end: dict[str, Any] = {"train_runtime_s": round(run.runtime(), 4)}
+    if interrupted:
+        end["interrupted_by"] = signal.Signals(interrupted).name
+    final_dir = run.finish(tokenizer, stop == total, end)
+    return {"step": stop, "total_steps": total, "metrics": record, "output_dir": str(run.out),
+            "final_dir": str(final_dir) if final_dir else None, "prompts": counts, "interrupted": interrupted,
+            "skipped_steps": run.guard.skipped}  # fmt: skip
 
 
-def rl_main(path: str | None, overrides: list[str]) -> int:
-    """Entry point of ``sftforge rl CONFIG [key=value ...]``."""
-    rl(load_config(path, list(overrides or [])))
-    return 0
-
-
-__all__ = ["my_groups", "EpisodeSampler", "RolloutWeights", "Prompt", "Response", "Sampler", "episode_response", "load_env_tasks", "check_rl_config", "evaluate_policy", "load_prompts", "rl", "rl_main",
+__all__ = ["my_groups", "EpisodeSampler", "RolloutWeights", "Prompt", "Response", "Sampler", "episode_response", "load_env_tasks", "check_rl_config", "evaluate_policy", "load_prompts", "rl",
            "rl_step", "score_groups", "step_prompts"]  # fmt: skip

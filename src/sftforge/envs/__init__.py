@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from sftforge.scorers import ToolCallError, parse_tool_calls
+
 
 @dataclass
 class StepResult:
@@ -49,7 +51,7 @@ class Episode:
     actions: list[str] = field(default_factory=list)
     observations: list[str] = field(default_factory=list)
     generations: list = field(default_factory=list)
-    """Whatever the policy returned per turn (a Generation from sftforge.evaluate carries token counts)."""
+    """Whatever the policy returned per turn (a Generation from sftforge.generation carries token counts)."""
     reward: float = 0.0
     done: bool = False
     reference: Any = None
@@ -65,8 +67,6 @@ class Episode:
 
 def action_messages(action: str, observation: str, turn: int) -> list[dict]:
     """The assistant message for ``action`` and the message carrying ``observation``, as the training data has them."""
-    from sftforge.evaluate import ToolCallError, parse_tool_calls
-
     try:
         calls = parse_tool_calls(action)
     except ToolCallError:

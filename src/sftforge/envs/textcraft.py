@@ -31,7 +31,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sftforge.chat import RowError, row_to_conversation
+from sftforge.config import DataConfig
+from sftforge.data import DataError
 from sftforge.envs import StepResult, Task
+from sftforge.scorers import ToolCallError, format_tool_call, parse_tool_calls
 
 _GOAL = re.compile(r"Craft the following items:\s*(.*)")
 _INVENTORY = re.compile(r"Inventory:\s*(.*)")
@@ -72,8 +76,6 @@ def parse_ingredients(text: str) -> dict[str, int]:
 
 def parse_action(action: str) -> tuple[str, str, Any]:
     """(format, command, payload): format is 'react' or 'tool'; command craft/finish/inventory/invalid."""
-    from sftforge.evaluate import ToolCallError, parse_tool_calls
-
     try:
         calls = parse_tool_calls(action)
     except ToolCallError as e:
@@ -167,8 +169,6 @@ class TextCraftTask(Task):
 
 
 def _gold_steps(messages: list[dict]) -> list[tuple[str, str]]:
-    from sftforge.evaluate import format_tool_call
-
     steps = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -187,10 +187,6 @@ def _gold_steps(messages: list[dict]) -> list[tuple[str, str]]:
 def load_tasks(rows: Sequence[tuple[str, Any]], data_cfg=None) -> tuple[list[TextCraftTask], RecipeBook]:
     """TextCraft rows (react or tool-call conversations, jsonl or parquet) -> tasks and the recipe book of their gold
     trajectories."""
-    from sftforge.chat import RowError, row_to_conversation
-    from sftforge.config import DataConfig
-    from sftforge.data import DataError
-
     data_cfg = data_cfg or DataConfig()
     tasks, book = [], RecipeBook()
     for loc, row in rows:

@@ -1,0 +1,176 @@
+"""Generation: prompts rendered by the training chat template, a backend that produces new token ids, the cut at
+the template's end-of-turn tokens (:func:`~sftforge.chat.end_of_turn_token_ids`), decoding.
+
+- ``hf``: ``model.generate`` on LEFT-padded batches (greedy unless ``do_sample``); works with an in-memory model, so
+  training can call it every ``trainer.eval_freq`` steps and RL can sample rollouts with it.
+- ``vllm``: only when vllm is importable and a GPU is present.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from sftforge.chat import end_of_turn_token_ids, render_prompt
+from sftforge.config import ConfigError
+from sftforge.model import autocast
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    do_sample: bool = False
+    """Greedy decoding unless True; temperature and top_p only apply when sampling."""
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class Generation:
+    text: str
+    n_tokens: int
+    """Generated tokens, the stop token included."""
+    hit_max: bool
+    """Ended by max_new_tokens without a stop token."""
+
+
+@dataclass
+class GenerationStats:
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class HFBackend:
+    """``model.generate`` on left-padded batches, longest prompts first."""
+
+    def __init__(self, model, pad_id: int, dtype: str = "fp32"):
+        self.model, self.pad_id, self.dtype = model, pad_id, dtype
+
+    def generate(self, prompts: list[list[int]], opts: GenerationOptions, stop_ids: list[int]) -> list[list[int]]:
+        model = self.model
+        device = next(model.parameters()).device
+        cfg = {"max_new_tokens": opts.max_new_tokens, "do_sample": opts.do_sample, "eos_token_id": stop_ids,
+               "pad_token_id": self.pad_id, "use_cache": True}  # fmt: skip
+        if opts.do_sample:
+            cfg.update(temperature=opts.temperature, top_p=opts.top_p, top_k=0)
+            torch.manual_seed(opts.seed)
+        gen_cfg = GenerationConfig(**cfg)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        out: list[list[int]] = [[] for _ in prompts]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), autocast(self.dtype, device):
+                for k in range(0, len(order), opts.batch_size):
+                    batch = order[k : k + opts.batch_size]
+                    width = max(len(prompts[i]) for i in batch)
+                    ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+                    mask = torch.zeros((len(batch), width), dtype=torch.long)
+                    for r, i in enumerate(batch):
+                        n = len(prompts[i])
+                        ids[r, width - n :] = torch.tensor(prompts[i], dtype=torch.long)
+                        mask[r, width - n :] = 1
+                    res = model.generate(
+                        input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg
+                    )
+                    for r, i in enumerate(batch):
+                        out[i] = res[r, width:].tolist()
+        finally:
+            model.train(was_training)
+        return out
+
+
+class VLLMBackend:
+    """vLLM on a GPU, loaded from the model folder or hub id."""
+
+    def __init__(self, model_path: str, dtype: str = "fp32", trust_remote_code: bool = False):
+        check_vllm()
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=model_path,
+            dtype="bfloat16" if dtype == "bf16" else "float32",
+            trust_remote_code=trust_remote_code,
+            skip_tokenizer_init=False,
+        )
+
+    def generate(self, prompts: list[list[int]], opts: GenerationOptions, stop_ids: list[int]) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            max_tokens=opts.max_new_tokens,
+            temperature=opts.temperature if opts.do_sample else 0.0,
+            top_p=opts.top_p if opts.do_sample else 1.0,
+            stop_token_ids=stop_ids,
+            seed=opts.seed,
+            skip_special_tokens=False,
+        )
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def check_vllm() -> None:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise ConfigError("--backend vllm needs the vllm package (pip install vllm); use --backend hf.") from None
+    if not torch.cuda.is_available():
+        raise ConfigError("--backend vllm needs a CUDA GPU and none is available; use --backend hf.")
+
+
+class Generator:
+    """Renders conversations with the chat template, runs a backend, cuts at the end-of-turn token, decodes."""
+
+    def __init__(self, backend, tokenizer, opts: GenerationOptions | None = None, template_kwargs: dict | None = None):
+        self.backend, self.tokenizer = backend, tokenizer
+        self.opts = opts or GenerationOptions()
+        self.template_kwargs = template_kwargs or {}
+        self.stop_ids = end_of_turn_token_ids(tokenizer, self.template_kwargs)
+        self.stats = GenerationStats()
+
+    def prompt(self, messages: list[dict], tools: list | None = None) -> str:
+        return render_prompt(self.tokenizer, messages, tools, self.template_kwargs)
+
+    def generate(self, prompts: list[str]) -> list[Generation]:
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        t0 = time.perf_counter()
+        new = self.backend.generate(ids, self.opts, self.stop_ids)
+        self.stats.seconds += time.perf_counter() - t0
+        out = []
+        for toks in new:
+            kept, body, stopped = cut_at_stop(toks, self.stop_ids)
+            self.stats.tokens += len(kept)
+            text = self.tokenizer.decode(body, skip_special_tokens=False)
+            out.append(Generation(text, len(kept), not stopped and len(kept) >= self.opts.max_new_tokens))
+        return out
+
+    def chat(self, conversations: list[tuple[list[dict], list | None]]) -> list[Generation]:
+        return self.generate([self.prompt(m, t) for m, t in conversations])
+
+
+def cut_at_stop(tokens: list[int], stop_ids) -> tuple[list[int], list[int], bool]:
+    """(generated tokens up to and including the first stop token, the same without it, whether a stop was found)."""
+    cut = next((j for j, t in enumerate(tokens) if t in stop_ids), None)
+    if cut is None:
+        return list(tokens), list(tokens), False
+    return list(tokens[: cut + 1]), list(tokens[:cut]), True
+
+
+def pad_id(tokenizer) -> int:
+    """The id left-padded batches use: the tokenizer's pad token, else its eos, else 0."""
+    ids = (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
+    return next((i for i in ids if i is not None), 0)
+
+
+def hf_generator(model, tokenizer, opts: GenerationOptions | None = None, template_kwargs=None, dtype="fp32"):
+    pad = pad_id(tokenizer)
+    return Generator(HFBackend(model, pad, dtype), tokenizer, opts, template_kwargs)
