@@ -46,3 +46,15 @@ def model_config_dir() -> Path:
 def _isolated_cache(tmp_path, monkeypatch):
     # Never write the tokenization cache into the user's home during tests.
     monkeypatch.setenv("SFTFORGE_CACHE", str(tmp_path / "sftforge-cache"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where CUDA is available (benchmarks/gpu_check.py runs them on a GPU machine)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -116,27 +116,35 @@ def test_shape_counts_parameters_exactly(model_config_dir, small_shape):
 
 
 def test_memory_is_monotonic_and_sane(small_shape):
-    cfg = load_config(None, [])
+    cfg = load_config(None, ["model.dtype=fp32"])
     m = [estimate_memory(small_shape, cfg, t, t // 4).total for t in (256, 1024, 4096, 16384)]
     assert m == sorted(m) and len(set(m)) == 4
     fp32 = estimate_memory(small_shape, cfg, 4096, 1024)
     assert fp32.params == 4 * small_shape.n_params and fp32.optimizer == 8 * small_shape.n_params
     gc = estimate_memory(small_shape, cfg, 4096, 1024, gradient_checkpointing=True)
     assert gc.activations < fp32.activations and gc.total < fp32.total
-    chunked = estimate_memory(small_shape, load_config(None, ["model.loss_chunk_size=256"]), 4096, 1024)
+    chunked = estimate_memory(
+        small_shape, load_config(None, ["model.dtype=fp32", "model.loss_chunk_size=256"]), 4096, 1024
+    )
     assert chunked.logits == fp32.logits // 4
     bf16 = estimate_memory(small_shape, load_config(None, ["model.dtype=bf16"]), 4096, 1024)
     assert bf16.weight_copies == 2 * small_shape.n_params and bf16.activations < fp32.activations
+    auto = estimate_memory(small_shape, load_config(None, []), 4096, 1024)  # the default: bf16 on the GPUs planned
+    assert auto.total == bf16.total
     assert estimate_memory(small_shape, cfg, 4096, 1024, gpu_memory=80 * GIB).fits is True
     assert estimate_memory(small_shape, cfg, 4096, 1024, gpu_memory=1 * GIB).fits is False
 
 
 def test_memory_with_sequence_parallelism_and_fsdp2(small_shape):
-    cfg = load_config(None, [])
+    cfg = load_config(None, ["model.dtype=fp32"])
     one = estimate_memory(small_shape, cfg, 8192, 2048)
     two = estimate_memory(small_shape, cfg, 8192, 2048, sp_size=2)
-    eager = estimate_memory(small_shape, load_config(None, ["model.attn_implementation=eager"]), 8192, 2048)
-    unpacked = estimate_memory(small_shape, load_config(None, ["data.packing=false"]), 8192, 2048, micro_batch_size=1)
+    eager = estimate_memory(
+        small_shape, load_config(None, ["model.dtype=fp32", "model.attn_implementation=eager"]), 8192, 2048
+    )
+    unpacked = estimate_memory(
+        small_shape, load_config(None, ["model.dtype=fp32", "data.packing=false"]), 8192, 2048, micro_batch_size=1
+    )
     assert eager.attention_mask > 0 and unpacked.attention_mask > 0  # an L x L mask (block-diagonal / padding)
     # eager keeps every layer's [heads, L, L] fp32 probabilities for the backward pass
     scores = small_shape.layers * small_shape.heads * 8192 * 8192 * 4
@@ -145,7 +153,9 @@ def test_memory_with_sequence_parallelism_and_fsdp2(small_shape):
     assert two.activations < 0.55 * one.activations and two.tokens_per_micro_batch == 8192
     sharded = estimate_memory(small_shape, cfg, 8192, 2048, shard_over=4)
     assert sharded.optimizer == -(-8 * small_shape.n_params // 4) and sharded.params < one.params
-    chunked = load_config(None, ["model.loss_chunk_size=1024"])  # else this small shape's logits dominate
+    chunked = load_config(
+        None, ["model.dtype=fp32", "model.loss_chunk_size=1024"]
+    )  # else this small shape's logits dominate
     longest = [longest_sequence(small_shape, chunked, 8 * GIB, sp_size=sp, shard_over=1) for sp in (1, 2, 4)]
     assert longest[0] < longest[1] < longest[2] and all(n % 1024 == 0 for n in longest)
     fits = estimate_memory(small_shape, chunked, longest[1], longest[1] // 2, micro_batch_size=1, sp_size=2,
@@ -251,3 +261,12 @@ def test_preset_auto_without_gpu_memory_keeps_the_config(textcraft_cfg, capsys):
         pytest.skip("a GPU is visible")
     assert apply_preset(cfg, None, [*textcraft_cfg, "trainer.preset=auto"]) is cfg
     assert "no GPU memory known" in capsys.readouterr().err
+
+
+def test_plan_says_where_the_weights_are_loaded(small_shape):
+    """FSDP2 over several GPUs: rank 0 alone reads the fp32 weights into host memory (run.Run.build)."""
+    sharded = build_plan(load_config(None, ["trainer.n_gpus_per_node=4", "trainer.strategy=fsdp2"]), [100] * 64,
+                         [30] * 64, shape=small_shape)  # fmt: skip
+    one = build_plan(load_config(None, ["trainer.n_gpus_per_node=1"]), [100] * 64, [30] * 64, shape=small_shape)
+    assert sharded["memory"]["host_load"].startswith("rank 0 only") and one["memory"]["host_load"] == "every process"
+    assert sharded["memory"]["host_load_gib"] == round(4 * small_shape.n_params / 2**30, 2)

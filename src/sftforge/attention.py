@@ -30,21 +30,36 @@ import torch.nn.functional as F
 NAME = "sftforge_packed_sdpa"
 
 
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype attention runs in: autocast's when it is on, else the lowest-precision input's (q/k leave an
+    RMSNorm in fp32 while v is bf16 in some models)."""
+    device_type = tensors[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return min((t.dtype for t in tensors), key=lambda d: torch.finfo(d).bits)
+
+
 @torch.compiler.disable  # a Python loop over the row's samples: model.compile compiles around it
 def causal_per_sample(q, k, v, cu_seqlens, dropout: float = 0.0, scaling: float | None = None) -> torch.Tensor:
     """Causal attention of every sample [cu[i], cu[i+1]) of the row on its own: q [B, Hq, L, D], k/v [B, Hkv, L, D]
-    (grouped heads repeated) -> [B, L, Hq, D]. ``cu_seqlens``: a CPU tensor or a sequence of ints."""
+    -> [B, L, Hq, D]. ``cu_seqlens``: a CPU tensor or a sequence of ints.
+
+    q, k and v are cast once to one dtype and split once (``torch.split``: one gradient buffer for the backward, not
+    one full-size zero gradient per sample's slice); grouped K/V heads are shared inside the kernel (``enable_gqa``),
+    not copied."""
     if isinstance(cu_seqlens, torch.Tensor):
         cu_seqlens = cu_seqlens.tolist()
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    dtype = compute_dtype(q, k, v)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    lens = [b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+    if sum(lens) != q.shape[2]:
+        raise ValueError(f"packed sample boundaries {cu_seqlens} do not cover the row of {q.shape[2]} tokens.")
+    gqa = q.shape[1] != k.shape[1]
+    qs, ks, vs = (t.split(lens, dim=2) for t in (q, k, v))
     parts = [
-        F.scaled_dot_product_attention(
-            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=dropout, scale=scaling, is_causal=b - a > 1
-        )  # fmt: skip
-        for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])
-        if b > a
+        F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout, scale=scaling, is_causal=n > 1, enable_gqa=gqa)
+        for qi, ki, vi, n in zip(qs, ks, vs, lens)
+        if n > 0
     ]
     out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     return out.transpose(1, 2).contiguous()
@@ -70,9 +85,11 @@ def attention(
     return causal_per_sample(query, key, value, packed_cu_seqlens, dropout if module.training else 0.0, scaling), None
 
 
-def placeholder_mask(n: int, device=None) -> torch.Tensor:
-    """[1, 1, n, n] of NaN without storage (see the module docstring)."""
-    return torch.full((), float("nan"), device=device).expand(1, 1, n, n)
+def placeholder_mask(n: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[1, 1, n, n] of NaN without storage (see the module docstring), in the decoder's compute dtype: FSDP2's mixed
+    precision casts every floating-point input of every layer to the compute dtype, and a cast of a stride-0 tensor
+    to another dtype allocates all n × n elements, in every layer (again in recompute)."""
+    return torch.full((), float("nan"), device=device, dtype=dtype).expand(1, 1, n, n)
 
 
 def _register() -> None:
@@ -108,4 +125,12 @@ def hidden_states_inputs(model: torch.nn.Module, inputs: dict) -> dict:
     return inputs
 
 
-__all__ = ["NAME", "attention", "causal_per_sample", "hidden_states_inputs", "placeholder_mask", "select"]
+__all__ = [
+    "NAME",
+    "attention",
+    "causal_per_sample",
+    "compute_dtype",
+    "hidden_states_inputs",
+    "placeholder_mask",
+    "select",
+]

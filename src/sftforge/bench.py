@@ -7,12 +7,15 @@ alternately (sftforge 8, TRL 8, sftforge 16, TRL 16): on a shared machine, load 
 What is identical: the tokens (both get sftforge's one render of each conversation: ``input_ids`` + the assistant
 loss mask; TRL receives them pre-tokenized as ``input_ids`` + ``assistant_masks`` and builds its labels from them), the
 samples of every step (the first samples in file order, no shuffling), the model (same config, same random init,
-fp32, sdpa attention, no gradient checkpointing), global batch and micro-batch size, AdamW.
+sdpa attention, no gradient checkpointing), the precision (model.dtype: auto is fp32 on the CPU, bf16 on a GPU that
+has it), global batch and micro-batch size, AdamW. ``--device cuda`` trains every case on the GPU; peak memory is
+then ``torch.cuda.max_memory_allocated`` of the timed steps, and the MFU divides by the card's bf16 dense data-sheet
+peak (:data:`DENSE_BF16_PEAK`; a measured matmul probe for a card not in it).
 
-TRL runs with SFTConfig's defaults except: ``bf16=False`` (fp32 like sftforge; TRL's default bf16 needs a GPU),
+TRL runs with SFTConfig's defaults except: ``bf16`` as model.dtype (TRL's default bf16 needs a GPU),
 ``gradient_checkpointing=False`` (TRL defaults to True; sftforge's default is off — leaving it on would slow TRL by
 the recomputation), ``max_length=None`` (TRL's default 1024 would truncate long conversations and train fewer
-tokens), ``train_sampling_strategy="sequential"`` (same samples per step), ``use_cpu=True``, no saving/reporting.
+tokens), ``train_sampling_strategy="sequential"`` (same samples per step), ``use_cpu`` on the CPU, no saving/reporting.
 So TRL keeps its defaults that matter for speed: right padding to the longest sample of each micro-batch
 (``padding_free=False``, ``packing=False``), full logits over the vocabulary at every position, and its per-step
 token accuracy/entropy metrics. Its loss is assistant-only through the ``assistant_masks`` column (TRL's own
@@ -72,19 +75,46 @@ def trl_available() -> bool:
     return importlib.util.find_spec("trl") is not None
 
 
-def matmul_peak_flops(n: int = 1024, seconds: float = 1.0) -> float:
-    """Best fp32 matmul FLOP/s over ~``seconds`` of n×n products (the CPU peak the MFU column divides by)."""
+def matmul_peak_flops(n: int = 1024, seconds: float = 1.0, device: str = "cpu", dtype: str = "fp32") -> float:
+    """Best matmul FLOP/s over ~``seconds`` of n×n products on ``device`` (the CPU peak the MFU column divides by;
+    on a GPU the fallback when the card is not in :data:`DENSE_BF16_PEAK`)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     a @ b
+    sync()
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
         t = time.perf_counter()
         for _ in range(4):
             a @ b
+        sync()
         best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t))
     return best
+
+
+# bf16 dense (no sparsity) tensor-core peaks from the vendors' data sheets, FLOP/s; matched against the device name
+DENSE_BF16_PEAK = {"H200": 989.4e12, "H100 SXM": 989.4e12, "H100 PCIe": 756.5e12, "H100": 989.4e12, "H20": 148e12,
+                   "A100": 312e12, "A800": 312e12, "L40S": 362.05e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12,
+                   "A10": 125e12, "RTX 4090": 165.2e12, "RTX 3090": 71e12, "B200": 2250e12}  # fmt: skip
+
+
+def device_peak_flops(device: str, dtype: str = "bf16") -> tuple[float, str]:
+    """(peak FLOP/s the MFU divides by, where it comes from): a GPU's data-sheet bf16 dense peak when its name is
+    known, else a measured matmul probe (the CPU always)."""
+    import torch
+
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+        for key, peak in DENSE_BF16_PEAK.items():  # the longest keys first where two match ("H100 SXM" before "H100")
+            if key in name:
+                if dtype != "bf16":
+                    return peak / 2, f"{name}: half its bf16 data-sheet peak (TF32)"
+                return peak, f"{name}: bf16 dense data-sheet peak"
+        return matmul_peak_flops(4096, 1.0, device, dtype), f"{name}: measured {dtype} matmul probe (not in the table)"
+    return matmul_peak_flops(), "fp32 matmul probe"
 
 
 def model_flops(config: Any, seq_lens: list[int]) -> float:
@@ -115,9 +145,10 @@ def _setup(spec: dict):
 
     from sftforge.config import load_config
     from sftforge.data import build_dataset, load_tokenizer
+    from sftforge.model import with_dtype
 
     torch.manual_seed(0)
-    cfg = load_config(None, spec["overrides"])
+    cfg = with_dtype(load_config(None, spec["overrides"]), spec.get("device", "cpu"))  # auto: bf16 on a bf16 GPU
     tok = load_tokenizer(cfg)
     t0 = time.perf_counter()
     ds = build_dataset(cfg.data, tok)
@@ -130,36 +161,44 @@ def _setup(spec: dict):
 def _child_sftforge(spec: dict) -> dict:
     import torch
 
-    from sftforge.attention import select
     from sftforge.batching import make_plan, step_micro_batches
-    from sftforge.loss import loss_sum
-    from sftforge.model import load_model
+    from sftforge.model import autocast, compute_dtype, load_model
     from sftforge.optim import build_optimizer
     from sftforge.packing import collate
+    from sftforge.parallel import build_engine
 
     cfg, tok, ds, n, tok_s = _setup(spec)
-    model = load_model(cfg.model, "cpu")
-    if cfg.data.packing and cfg.model.attn_implementation == "sdpa":
-        select(model)  # as parallel.build_engine does for a run
+    dev = torch.device(spec.get("device", "cpu"))
+    model = load_model(cfg.model, dev)
+    engine, _ = build_engine(model, cfg, dev, 1, "none")  # packed attention and compile, as a run applies them
     opt = build_optimizer(model, cfg.optim)
     plan = make_plan(cfg, len(ds))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     steps = []
     for step in range(spec["steps"] + 1):
+        if step == 1 and dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)  # the peak of the timed steps (not of the warmup's allocations)
+        sync()
         t0 = time.perf_counter()
         _, _, micro, n_sup, n_tok = step_micro_batches(ds, step, cfg, plan)
         cells = 0
         for samples in micro:
-            mb = collate(samples, cfg.data.packing, cfg.model.attn_implementation, pad, torch.float32)
+            mb = collate(samples, cfg.data.packing, cfg.model.attn_implementation, pad, compute_dtype(cfg.model.dtype))
             cells += mb.input_ids.numel()
-            s, _ = loss_sum(model, mb, cfg.model.loss_chunk_size)
+            with autocast(cfg.model.dtype, dev):
+                s, _ = engine(mb.to(dev))
             (s / max(n_sup, 1)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else 1e9)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         lens = [len(x.input_ids) for group in micro for x in group]
         steps.append({"s": time.perf_counter() - t0, "tokens": n_tok, "cells": cells, "lens": lens})
-    return {"steps": steps, "tokenize_s": tok_s, "rows": len(ds), "config": model.config.to_dict()}
+    out = {"steps": steps, "tokenize_s": tok_s, "rows": len(ds), "config": model.config.to_dict()}
+    if dev.type == "cuda":
+        out["gpu_peak"] = torch.cuda.max_memory_allocated(dev)
+    return out
 
 
 def _child_trl(spec: dict) -> dict:
@@ -175,7 +214,8 @@ def _child_trl(spec: dict) -> dict:
     data = datasets.Dataset.from_dict(
         {"input_ids": [s.input_ids for s in rows], "assistant_masks": [s.loss_mask for s in rows]}
     )
-    model = load_model(cfg.model, "cpu")
+    device = spec.get("device", "cpu")
+    model = load_model(cfg.model, device)
     stamps: list[float] = []
     counts: list[list[int]] = [[0, 0]]
 
@@ -200,11 +240,11 @@ def _child_trl(spec: dict) -> dict:
         gradient_accumulation_steps=spec["batch"] // micro,
         max_steps=spec["steps"] + 1,
         learning_rate=cfg.optim.lr,
-        bf16=False,
+        bf16=cfg.model.dtype == "bf16",
         gradient_checkpointing=False,
         max_length=None,
         train_sampling_strategy="sequential",
-        use_cpu=True,
+        use_cpu=device == "cpu",
         save_strategy="no",
         report_to="none",
         logging_steps=1,
@@ -224,7 +264,12 @@ def _child_trl(spec: dict) -> dict:
 
 def _child_main(spec: dict) -> None:
     out = _child_trl(spec) if spec["trainer"] == "trl" else _child_sftforge(spec)
-    out["peak"] = _vmhwm()
+    if spec.get("device", "cpu").startswith("cuda"):
+        import torch
+
+        out["peak"] = out.get("gpu_peak") or torch.cuda.max_memory_allocated()  # GPU memory: the one that runs out
+    else:
+        out["peak"] = _vmhwm()
     print("BENCH_RESULT " + json.dumps(out))
 
 
@@ -299,6 +344,7 @@ def bench(
     verbose: bool = False,
     print_fn=print,
     threads: int = 0,
+    device: str = "cpu",
 ) -> list[dict]:
     with_trl = trl_available() if with_trl is None else with_trl
     tok_root = Path(tempfile.gettempdir()) / "sftforge-bench-tokenizers"
@@ -313,16 +359,22 @@ def bench(
     ]
     import torch
 
+    from sftforge.config import load_config
+    from sftforge.model import resolve_dtype
+
+    dtype = resolve_dtype(load_config(None, base).model.dtype, device)
     threads = threads or os.cpu_count() or 1
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # the probe runs on the threads the cases get
     try:
-        peak = matmul_peak_flops()
+        peak, source = device_peak_flops(device, dtype)
     finally:
         torch.set_num_threads(before)
+    where = f"{threads} threads" if device == "cpu" else device
     print_fn(
-        f"model {model_config}, data {data}, micro-batch {micro}, {steps} timed steps after 1 warmup, fp32, "
-        f"{threads} threads; peak {peak / 1e9:.1f} GFLOP/s (fp32 matmul probe, {threads} threads)"
+        f"model {model_config}, data {data}, micro-batch {micro}, {steps} timed steps after 1 warmup, {dtype}, "
+        f"{where}; peak {peak / 1e9:,.1f} GFLOP/s ({source}); peak memory: "
+        + ("the process's VmHWM" if device == "cpu" else "torch.cuda.max_memory_allocated")
     )
     if not with_trl:
         print_fn(f"TRL is not installed: sftforge rows only. For the comparison: {INSTALL_HINT}")
@@ -330,7 +382,7 @@ def bench(
     for batch in batches:
         trainers = ["sftforge", "trl"] if with_trl else ["sftforge"]
         for trainer in trainers:
-            spec = {"trainer": trainer, "batch": batch, "steps": steps, "threads": threads,
+            spec = {"trainer": trainer, "batch": batch, "steps": steps, "threads": threads, "device": device,
                     "overrides": [*base, f"data.train_batch_size={batch}"]}  # fmt: skip
             t0 = time.perf_counter()
             result = run_case(spec, verbose)
@@ -351,6 +403,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro", type=int, default=2, help="micro-batch size (default 2)")
     p.add_argument("--no-trl", action="store_true", help="sftforge rows only")
     p.add_argument("--threads", type=int, default=0, help="torch threads of every case (default: all CPU cores)")
+    p.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N: where every case trains")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra sftforge config overrides")
 
@@ -365,7 +418,14 @@ def bench_main(args: argparse.Namespace) -> int:
         with_trl = False
     else:
         with_trl = trl_available()
-    rows = bench(model_config, data, args.batch, args.steps, args.micro, with_trl, args.overrides, threads=args.threads)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print("error: --device cuda but no CUDA device is available; use --device cpu", file=sys.stderr)
+            return 2
+    rows = bench(model_config, data, args.batch, args.steps, args.micro, with_trl, args.overrides, threads=args.threads,
+                 device=args.device)  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

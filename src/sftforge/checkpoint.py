@@ -224,7 +224,7 @@ def load_checkpoint(
     if optimizer is not None:
         device = next(model.parameters()).device
         optimizer.load_state_dict(_safe_torch_load(p / "optimizer.pt", fix, map_location=device))
-    state = _safe_torch_load(p / "trainer_state.pt", fix)
+    state = _safe_torch_load(p / "trainer_state.pt", fix, map_location="cpu")
     rng = state.pop("rng", None)
     if restore_rng and rng is not None:
         set_rng_state(rng)
@@ -283,6 +283,8 @@ def save_distributed_checkpoint(
             raise CheckpointError("rank 0 could not prepare the checkpoint folder; see its error above.")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    # each rank's own RNG (dropout draws differ per rank): restored on the same rank by a resume on as many ranks
+    torch.save(rng_state(), tmp / "dcp" / f"rng_rank{rank}.pt")
     faults.in_save(step, "weights")
     barrier()  # every shard is written before rank 0 marks the folder complete
     if rank == 0:
@@ -354,7 +356,7 @@ def load_any(
             ) from None
         set_model_state_dict(model, weights, options=full)
         if optimizer is not None:
-            saved = _safe_torch_load(p / "optimizer.pt", fix)
+            saved = _safe_torch_load(p / "optimizer.pt", fix, map_location="cpu")  # this rank's shards are cut from it
             set_optimizer_state_dict(model, optimizer, _optimizer_by_name(saved, model, optimizer), options=full)
     else:
         # without a process group (one process, e.g. `sftforge export`) DCP reads every rank's shards itself
@@ -373,8 +375,11 @@ def load_any(
             set_model_state_dict(model, state["model"])
         else:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    state = _safe_torch_load(p / "trainer_state.pt", fix)
+    state = _safe_torch_load(p / "trainer_state.pt", fix, map_location="cpu")
     rng = state.pop("rng", None)
+    own = p / "dcp" / f"rng_rank{world()[1]}.pt"
+    if own.is_file():  # written by this rank's counterpart; else (more ranks now than then) rank 0's
+        rng = _safe_torch_load(own, fix, map_location="cpu")
     if restore_rng and rng is not None:
         set_rng_state(rng)
     return state

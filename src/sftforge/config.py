@@ -45,8 +45,9 @@ class ModelConfig:
     (random init, see model.init_seed)."""
     tokenizer_path: str = ""
     """Tokenizer folder or hub id; empty means model.path."""
-    dtype: str = "fp32"
-    """fp32 | bf16 (bf16 compute, fp32 master weights and optimizer state)."""
+    dtype: str = "auto"
+    """auto | bf16 | fp32. bf16: bf16 compute, fp32 master weights and optimizer state. auto: bf16 on a GPU that
+    supports it, fp32 on the CPU. fp32 on a GPU computes matmuls in TF32."""
     attn_implementation: str = "sdpa"
     """sdpa | eager | flash_attention_2 (needs flash-attn installed)."""
     trust_remote_code: bool = False
@@ -260,7 +261,7 @@ class Config:
 
 
 CHOICES = {
-    "model.dtype": ("fp32", "bf16"),
+    "model.dtype": ("auto", "fp32", "bf16"),
     "data.format": ("auto", "messages", "sharegpt", "alpaca", "prompt_response"),
     "data.train_on": ("assistant", "last_assistant", "all"),
     "data.truncation": ("error", "left", "right", "drop"),

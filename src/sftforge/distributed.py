@@ -60,6 +60,16 @@ def init_distributed(device_type: str) -> bool:
     return True
 
 
+def init_single_process_group(device_type: str) -> bool:
+    """A process group of this process alone (an in-memory store, no rendezvous), for FSDP2 in one process
+    (trainer.strategy=fsdp2 or trainer.offload=true without torchrun); returns True."""
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    _import_before_group()
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
 def _import_before_group() -> None:
     """Import, before the default process group exists, the torch modules that capture it at import time.
 
@@ -116,6 +126,19 @@ def broadcast_flag(flag: bool, src: int = 0) -> bool:
     return bool(t.item())
 
 
+def broadcast_tensor(t: torch.Tensor, src: int = 0) -> None:
+    """Rank ``src``'s values of ``t`` into ``t`` on every rank (in place; through the GPU under NCCL)."""
+    if not is_distributed():
+        return
+    dev = collective_device()
+    moved = t.device != dev
+    buf = t.detach().to(dev) if moved else t.detach()
+    dist.broadcast(buf, src=src)
+    if moved:
+        with torch.no_grad():
+            t.copy_(buf)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -167,9 +190,11 @@ __all__ = [
     "any_rank_max",
     "barrier",
     "broadcast_flag",
+    "broadcast_tensor",
     "collective_device",
     "destroy",
     "init_distributed",
+    "init_single_process_group",
     "is_distributed",
     "local_device",
     "ranks_where",

@@ -41,7 +41,7 @@ from sftforge.generation import (
     hf_generator,
     pad_id,
 )
-from sftforge.model import load_model
+from sftforge.model import load_model, with_dtype
 from sftforge.scorers import ENV_TASKS, EvalSample, as_score, get_scorer, is_task
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -252,6 +252,8 @@ def eval_main(args) -> int:
     if not args.do_sample and (args.temperature != 1.0 or args.top_p != 1.0):
         print("note: --temperature/--top-p apply only with --do-sample; decoding is greedy.", file=sys.stderr)
     cfg = load_config(None, [f"model.path={args.model}", *args.overrides])
+    device = "cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu"
+    cfg = with_dtype(cfg, device)  # model.dtype=auto: bf16 on a bf16 GPU, fp32 on the CPU
     tok = load_tokenizer(cfg)
     rows = [pair for f in resolve_files(args.data, "--data") for pair in read_rows(f)]
     if args.limit > 0:
@@ -262,7 +264,6 @@ def eval_main(args) -> int:
         check_vllm()
         backend: Any = VLLMBackend(args.model, cfg.model.dtype, cfg.model.trust_remote_code)
     else:
-        device = "cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu"
         model = load_model(cfg.model, device)
         backend = HFBackend(model, pad_id(tok), cfg.model.dtype)
     generator = Generator(backend, tok, opts, cfg.data.chat_template_kwargs)

@@ -8,6 +8,7 @@ the template's end-of-turn tokens (:func:`~sftforge.chat.end_of_turn_token_ids`)
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -49,6 +50,21 @@ class GenerationStats:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device):
+    """Sampling from ``seed`` on the CPU generator and ``device``'s (a GPU), both restored on exit: generation never
+    moves the caller's RNG streams (the trainer's dropout, a resume's restored state), nor another GPU's."""
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        if devices:
+            with torch.cuda.device(devices[0]):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 class HFBackend:
     """``model.generate`` on left-padded batches, longest prompts first."""
 
@@ -62,14 +78,14 @@ class HFBackend:
                "pad_token_id": self.pad_id, "use_cache": True}  # fmt: skip
         if opts.do_sample:
             cfg.update(temperature=opts.temperature, top_p=opts.top_p, top_k=0)
-            torch.manual_seed(opts.seed)
         gen_cfg = GenerationConfig(**cfg)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         out: list[list[int]] = [[] for _ in prompts]
         was_training = model.training
         model.eval()
+        rng = seeded(opts.seed, device) if opts.do_sample else contextlib.nullcontext()
         try:
-            with torch.no_grad(), autocast(self.dtype, device):
+            with rng, torch.no_grad(), autocast(self.dtype, device):
                 for k in range(0, len(order), opts.batch_size):
                     batch = order[k : k + opts.batch_size]
                     width = max(len(prompts[i]) for i in batch)

@@ -14,14 +14,31 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sftforge.attention import hidden_states_inputs
-from sftforge.packing import IGNORE_INDEX, MicroBatch
+from sftforge.packing import MicroBatch
+
+
+def decoder_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the decoder computes in: autocast's when on, else its embedding's (under FSDP2 mixed precision,
+    inside the root's forward, the gathered bf16 weight)."""
+    device = model.get_input_embeddings().weight.device
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model.get_input_embeddings().weight.dtype
 
 
 def hidden_states(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
     """Final hidden states [B, L, H] from the model's decoder (no LM head, no patched forward)."""
     decoder = model.get_decoder()
-    out = decoder(**hidden_states_inputs(model, batch.model_inputs()), use_cache=False)
+    inputs = hidden_states_inputs(model, batch.model_inputs(decoder_dtype(model)))
+    out = decoder(**inputs, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def supervised_rows(hidden: torch.Tensor, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states [N, H], targets [N]) at the N supervised positions, gathered with the host-made index
+    (:attr:`MicroBatch.supervised`): no device-to-host sync, N is known on the host."""
+    index = batch.supervised_index()
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), batch.labels.reshape(-1).index_select(0, index)
 
 
 def _chunk_ce(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None):
@@ -57,10 +74,7 @@ def supervised_ce(
 
 def loss_sum(model: torch.nn.Module, batch: MicroBatch, chunk_size: int = 0) -> tuple[torch.Tensor, int]:
     """(sum of CE over the micro-batch's supervised positions, number of those positions)."""
-    hidden = hidden_states(model, batch)
-    keep = batch.labels != IGNORE_INDEX
-    h = hidden[keep]
-    y = batch.labels[keep]
+    h, y = supervised_rows(hidden_states(model, batch), batch)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     return supervised_ce(h, y, model.get_output_embeddings(), chunk_size, softcap), int(y.numel())
 
@@ -82,9 +96,7 @@ def supervised_logprobs(
     """(log π(target), entropy of π) at the micro-batch's trained positions, in row order — what the RL objective
     needs. Same gather-then-chunk path as :func:`loss_sum`: the LM head runs only at trained positions, and each chunk
     is recomputed in the backward pass."""
-    hidden = hidden_states(model, batch)
-    keep = batch.labels != IGNORE_INDEX
-    h, y = hidden[keep], batch.labels[keep]
+    h, y = supervised_rows(hidden_states(model, batch), batch)
     head = model.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
     softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -100,4 +112,4 @@ def supervised_logprobs(
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-__all__ = ["hidden_states", "loss_sum", "supervised_ce", "supervised_logprobs"]
+__all__ = ["decoder_dtype", "hidden_states", "loss_sum", "supervised_ce", "supervised_logprobs", "supervised_rows"]

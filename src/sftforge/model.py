@@ -1,18 +1,20 @@
 """Load a Hugging Face causal LM: pretrained weights (local folder or hub id) or a config-only folder (random init).
 
 Master weights are always fp32; model.dtype=bf16 means the forward pass runs under bf16 autocast (see
-:func:`autocast`), so the optimizer updates and its state stay fp32. Weights are read from safetensors only.
+:func:`autocast`; FSDP2: its mixed precision), so the optimizer updates and its state stay fp32. model.dtype=auto (the
+default) is bf16 on a GPU that supports it and fp32 on the CPU (:func:`resolve_dtype`). Weights are read from safetensors only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 from pathlib import Path
 
 import torch
 
-from sftforge.config import ConfigError, ModelConfig
+from sftforge.config import Config, ConfigError, ModelConfig
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
@@ -51,15 +53,22 @@ def _looks_local(path: str) -> bool:
     return path.startswith(("/", ".", "~", "\\")) or path.count("/") > 1 or (len(path) > 1 and path[1] == ":")
 
 
-def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The model in fp32 on ``device``, in train mode, with use_cache off (and gradient checkpointing if asked)."""
+def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", *, skeleton: bool = False) -> torch.nn.Module:
+    """The model in fp32 on ``device``, in train mode, with use_cache off (and gradient checkpointing if asked).
+
+    ``skeleton``: the same module tree on the meta device, without reading or initializing any weight (FSDP2's
+    ranks other than 0 build this; their shards come from rank 0, see parallel.materialize_from_rank0)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_model_options(cfg)
     common = {"trust_remote_code": cfg.trust_remote_code, "attn_implementation": cfg.attn_implementation}
     local = Path(cfg.path)
     try:
-        if local.is_dir() and not has_weights(local):
+        if skeleton:
+            config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **common)
+        elif local.is_dir() and not has_weights(local):
             if any(local.glob("*.bin")) or any(local.glob("*.pt")) or any(local.glob("*.pth")):
                 raise ConfigError(
                     f"model.path={cfg.path!r} holds pickled weights (.bin/.pt) but no .safetensors; sftforge only loads "
@@ -83,7 +92,8 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.nn
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.to(device)
+    if not skeleton:
+        model.to(device)
     model.train()
     return model
 
@@ -94,6 +104,39 @@ def _seeded(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def resolve_dtype(dtype: str, device: torch.device | str) -> str:
+    """model.dtype=auto: bf16 on a GPU that computes in bf16 (Ampere and newer), fp32 elsewhere (the CPU, whose bf16
+    matmuls are slower than fp32 ones on most machines)."""
+    if dtype != "auto":
+        return dtype
+    d = torch.device(device)
+    return "bf16" if d.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def with_dtype(cfg: Config, device: torch.device | str) -> Config:
+    """``cfg`` with model.dtype resolved for ``device`` (see :func:`resolve_dtype`) and checked against the
+    attention: flash-attn computes in bf16/fp16 only."""
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    check_attn_implementation(cfg.model.attn_implementation)  # a missing flash-attn first: the more basic fix
+    if cfg.model.attn_implementation == "flash_attention_2" and dtype == "fp32":
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_2 computes in bf16 only and model.dtype is fp32 here: set "
+            "model.dtype=bf16 (or auto on a GPU), or model.attn_implementation=sdpa."
+        )
+    if dtype == cfg.model.dtype:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
+
+
+def enable_tf32(device: torch.device, dtype: str) -> bool:
+    """fp32 compute on a GPU: matmuls and convolutions in TF32 (10-bit mantissa inputs, fp32 accumulation), as
+    most trainers do; returns whether it was switched on."""
+    if torch.device(device).type != "cuda" or dtype != "fp32":
+        return False
+    torch.set_float32_matmul_precision("high")  # the API every torch >= 2.6 has (newer: fp32_precision="tf32")
+    return True
 
 
 def autocast(dtype: str, device: torch.device | str):
@@ -108,4 +151,5 @@ def compute_dtype(dtype: str) -> torch.dtype:
     return torch.bfloat16 if dtype == "bf16" else torch.float32
 
 
-__all__ = ["autocast", "check_attn_implementation", "check_model_options", "compute_dtype", "has_weights", "load_model"]
+__all__ = ["autocast", "check_attn_implementation", "check_model_options", "compute_dtype", "enable_tf32", "has_weights",
+           "load_model", "resolve_dtype", "with_dtype"]  # fmt: skip

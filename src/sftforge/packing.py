@@ -44,6 +44,10 @@ class MicroBatch:
     """Length of every sample in the micro-batch, in row order."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Additional model kwargs (packed_cu_seqlens for sdpa; cu_seq_lens_q/k, max_length_q/k for flash_attention_2)."""
+    supervised: torch.Tensor | None = None
+    """Flat indices (into [B * L]) of the positions with a target, on the labels' device; computed on the host by
+    :meth:`to`, so that the loss gathers them without a device-to-host sync (boolean indexing on the GPU waits for
+    the count)."""
 
     @property
     def n_tokens(self) -> int:
@@ -52,18 +56,30 @@ class MicroBatch:
 
     @property
     def n_supervised(self) -> int:
+        if self.supervised is not None:
+            return self.supervised.numel()
         return int((self.labels != IGNORE_INDEX).sum())
 
-    def model_inputs(self) -> dict[str, Any]:
+    def supervised_index(self) -> torch.Tensor:
+        """:attr:`supervised`, computed here when the micro-batch did not come through :meth:`to`."""
+        if self.supervised is not None:
+            return self.supervised
+        return (self.labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+    def model_inputs(self, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        """The decoder's keyword arguments; ``dtype``: the decoder's compute dtype (of the packed-sdpa placeholder)."""
         mask = self.attention_mask
         if mask is None and "packed_cu_seqlens" in self.extra:  # see attention.py: no L×L mask is built
-            mask = placeholder_mask(self.input_ids.shape[1], self.input_ids.device)
+            mask = placeholder_mask(self.input_ids.shape[1], self.input_ids.device, dtype)
         out = {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": mask}
         out.update(self.extra)
         return out
 
     def to(self, device: torch.device | str) -> MicroBatch:
         mv = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        index = self.supervised
+        if index is None and self.labels.device.type == "cpu":
+            index = self.supervised_index()
         return MicroBatch(
             mv(self.input_ids),
             mv(self.labels),
@@ -71,6 +87,7 @@ class MicroBatch:
             mv(self.attention_mask),
             list(self.seq_lens),
             {k: v if k in HOST_KEYS else mv(v) for k, v in self.extra.items()},
+            mv(index),
         )
 
 

@@ -31,14 +31,15 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from sftforge import attention, ulysses
 from sftforge.config import Config, ConfigError
+from sftforge.distributed import broadcast_tensor, is_distributed
 from sftforge.loss import loss_sum, supervised_logprobs
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp2")
 
 
 def build_mesh(device: torch.device, world_size: int):
-    """A 1-D data-parallel mesh named ``dp`` (None for one process)."""
-    if world_size <= 1:
+    """A 1-D data-parallel mesh named ``dp`` (None for one process without a process group)."""
+    if world_size <= 1 and not is_distributed():
         return None
     return init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
 
@@ -52,10 +53,14 @@ def build_sp_group(device: torch.device, world_size: int, sp_size: int):
     return mesh["sp"].get_group()
 
 
-def resolve_strategy(strategy: str, device: torch.device, world_size: int) -> str:
+def resolve_strategy(strategy: str, device: torch.device, world_size: int, offload: bool = False) -> str:
+    """trainer.strategy=auto: none for one process (fsdp2 with trainer.offload: the shards' CPU offload is FSDP2's),
+    fsdp2 on several GPUs, ddp on several CPU processes."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"trainer.strategy={strategy!r} is not one of {', '.join(STRATEGIES)}.")
     if strategy == "auto":
+        if offload:
+            return "fsdp2"
         if world_size <= 1:
             return "none"
         return "fsdp2" if device.type == "cuda" else "ddp"
@@ -150,6 +155,45 @@ def is_fsdp(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def materialize_from_rank0(model: torch.nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> None:
+    """After ``fully_shard``: every rank's shards from rank 0's full weights (``full``: its state dict, on the CPU;
+    empty elsewhere), sent one tensor at a time, each rank keeping its shard. The other ranks built the model on the
+    meta device (model.load_model(skeleton=True)): they never hold the full model, on the GPU or in host memory.
+    Buffers (RoPE's inv_freq is not in a state dict) are sent from rank 0 as well."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(model, full, options=options)
+    for buf in model.buffers():
+        broadcast_tensor(buf, src=0)
+
+
+@contextlib.contextmanager
+def unsharded(engine: torch.nn.Module):
+    """Inside: the HF model under ``engine`` holds full weights on every rank, so that it can ``generate`` (the
+    in-training eval). FSDP2: every unit is gathered once (collective: every rank enters together) and kept gathered
+    between forwards, so that the ranks' generations, of different lengths, run no collective; on exit each unit is
+    resharded and its reshard-after-forward setting restored (the root's is off, as fully_shard sets it). Costs one
+    full copy of the weights in the compute dtype per rank while inside. Other strategies: nothing to do."""
+    if not is_fsdp(engine):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in engine.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(m is not engine, recurse=False)
+
+
 def grad_scale(model: torch.nn.Module, world_size: int) -> float:
     """Factor on the loss so that the wrappers' gradient AVERAGE over ranks equals the SUM the loss needs."""
     return float(world_size) if world_size > 1 and (is_fsdp(model) or _is_ddp(model)) else 1.0
@@ -228,6 +272,8 @@ __all__ = [
     "parallelize",
     "resolve_strategy",
     "to_float",
+    "unsharded",
+    "materialize_from_rank0",
     "LossForward",
     "build_engine",
 ]

@@ -61,8 +61,9 @@ def parse_memory(text: str | float | int | None) -> int | None:
 def visible_gpu_memory() -> int | None:
     import torch
 
-    if torch.cuda.is_available():
-        return int(torch.cuda.get_device_properties(0).total_memory)
+    if torch.cuda.is_available():  # free memory, not the card's total: other processes (and the driver) hold some
+        free, _ = torch.cuda.mem_get_info(0)
+        return int(free)
     return None
 
 
@@ -214,15 +215,16 @@ def estimate_memory(
     sup = row_tokens if supervised_per_micro_batch is None else max(0, min(supervised_per_micro_batch, row_tokens))
     tokens = -(-row_tokens // sp)  # this rank's slice
     sup = min(sup, tokens)  # worst case: the slice is all supervised
-    b = 2 if m.dtype == "bf16" else 4
+    bf16 = m.dtype in ("bf16", "auto")  # auto is bf16 on the GPUs planned for
+    b = 2 if bf16 else 4
     n = shape.n_params
     s = max(1, shard_over)
     params, grads, optimizer = -(-4 * n // s), -(-4 * n // s), -(-8 * n // s)
     if s > 1:  # gathered full weights in compute dtype: the root for the whole step, two layers at a time
         weight_copies = (shape.root_params + 2 * shape.layer_params) * b
     else:
-        weight_copies = 2 * n if m.dtype == "bf16" else 0
-    per_layer = shape.activation_bytes_per_token_layer(m.dtype) * tokens
+        weight_copies = 2 * n if bf16 else 0
+    per_layer = shape.activation_bytes_per_token_layer("bf16" if bf16 else "fp32") * tokens
     h = shape.hidden
     outside = tokens * (4 * h + 3 * 4 * h) + sup * 4 * h  # embeddings out, final norm, gathered supervised rows
     if gc:  # only each layer's input is kept; one layer is recomputed at a time in the backward pass
@@ -407,6 +409,8 @@ def build_plan(
     val_samples: int | None = None,
 ) -> dict[str, Any]:
     """Everything ``sftforge plan`` prints, as one JSON-able dict (``warnings`` name the config key to change)."""
+    if cfg.model.dtype == "auto":  # planned for GPUs: auto is bf16 there (model.resolve_dtype)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bf16"))
     d, o, t = cfg.data, cfg.optim, cfg.trainer
     warnings: list[str] = []
     notes: list[str] = []
@@ -496,6 +500,9 @@ def build_plan(
                   "supervised_per_micro_batch": est.supervised_per_micro_batch, "dtype": cfg.model.dtype,
                   "gradient_checkpointing": est.gradient_checkpointing,
                   "gpu_memory_gib": round(gpu_memory / GIB, 2) if gpu_memory else None, "fits": est.fits}  # fmt: skip
+        # loading (run.Run.build): FSDP2 on several ranks reads the weights once, on rank 0, into host memory
+        memory["host_load_gib"] = round(4 * shape.n_params / GIB, 2)
+        memory["host_load"] = "rank 0 only (others build on meta)" if shards > 1 else "every process"
         if est.fits is False:
             warnings.append(f"estimated peak {est.total / GIB:.1f} GiB per GPU exceeds the {gpu_memory / GIB:.1f} GiB "
                             "of --gpu-memory: set model.enable_gradient_checkpointing=true, lower "
@@ -596,6 +603,8 @@ def format_plan(p: dict[str, Any], lengths: list[int] | None = None) -> str:
         )
         if m.get("longest_sequence") is not None:
             lines.append(f"  longest packed micro-batch that fits (estimate): {m['longest_sequence']:,} tokens")
+        if m.get("host_load_gib") is not None:
+            lines.append(f"  loading: {m['host_load_gib']:.2f} GiB of fp32 weights in host memory, {m['host_load']}")
         lines.append("  " + ", ".join(f"{k} {m[k]:.2f}" for k in _PARTS[:-1] if m[k]))
     if p.get("preset"):
         pr = p["preset"]

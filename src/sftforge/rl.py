@@ -176,8 +176,7 @@ class Sampler:
         groups = []
         for prompt, seed in zip(prompts, seeds):
             self.opts.seed = seed
-            with torch.random.fork_rng(devices=[]):  # the sampling stream never disturbs the trainer's RNG
-                raw = self.backend.generate([prompt.ids] * n, self.opts, self.stop_ids)
+            raw = self.backend.generate([prompt.ids] * n, self.opts, self.stop_ids)  # its own RNG (seeded)
             group = []
             for toks in raw:
                 ids, body, stopped = cut_at_stop(toks, self.stop_ids)
@@ -253,7 +252,7 @@ class EpisodeSampler:
         groups = []
         for task, seed in zip(tasks, seeds):
             self.generator.opts.seed = seed
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]):  # the environment's own draws, if any
                 episodes = rollout(self.make_env, [task] * n, self.generator.chat, max_turns=self.cfg.rollout.max_turns)
             group = []
             for ep in episodes:
@@ -280,7 +279,9 @@ class RolloutWeights:
         self.sharded, self.synced = sharded, False
         self.module = model
         if sharded:  # before fully_shard turns the parameters into shards
-            self.module = copy.deepcopy(model).to(dtype).requires_grad_(False)
+            self.module = copy.deepcopy(model).requires_grad_(False)
+            for p in self.module.parameters():  # the weights only: buffers (RoPE's inv_freq) keep their fp32
+                p.data = p.data.to(dtype)
 
     @torch.no_grad()
     def sync(self, model: torch.nn.Module) -> None:
@@ -336,7 +337,8 @@ def rl_step(engine, model, optimizer, ref_model, groups: list[list[Response]], g
     set_lr(optimizer, lr)
     scale = grad_scale(engine, world_size)  # the wrappers average over processes; the loss needs the sum
     chunk = cfg.model.loss_chunk_size
-    dummy = collate([([pad_id, pad_id], [0, 1])], d.packing, cfg.model.attn_implementation, pad_id, torch.float32)
+    mask_dtype = compute_dtype(cfg.model.dtype)
+    dummy = collate([([pad_id, pad_id], [0, 1])], d.packing, cfg.model.attn_implementation, pad_id, mask_dtype)
     totals = {"loss": 0.0, "tokens": 0, "clipped": 0, "entropy": 0.0, "kl": 0.0, "grad_norm": 0.0, "updates": 0}
     # Every mini-batch's sequences and the behaviour policy's log-probs (the weights that sampled them), all BEFORE
     # the first update of the step: later mini-batches are off-policy and the clipped ratio keeps them close.
@@ -353,7 +355,7 @@ def rl_step(engine, model, optimizer, ref_model, groups: list[list[Response]], g
         (n_tok,) = all_reduce_sum(float(sum(sum(s[1][1:]) for s in seqs)))  # trained positions of all processes
         if n_tok == 0:
             continue  # every group of this mini-batch was dropped, on every process
-        mbs = [collate([(s[0], s[1]) for s in mb], d.packing, cfg.model.attn_implementation, pad_id, torch.float32)
+        mbs = [collate([(s[0], s[1]) for s in mb], d.packing, cfg.model.attn_implementation, pad_id, mask_dtype)
                .to(device) for mb in micro]  # fmt: skip
         n_calls = any_rank_max(len(mbs)) if world_size > 1 else len(mbs)
         was = engine.training

@@ -54,6 +54,8 @@ from sftforge.distributed import (
     broadcast_flag,
     destroy,
     init_distributed,
+    init_single_process_group,
+    is_distributed,
     local_device,
     ranks_where,
     resolve_device,
@@ -62,9 +64,9 @@ from sftforge.distributed import (
 from sftforge.export import export_model, generation_eos_ids
 from sftforge.lora import prepare_model
 from sftforge.metrics import MetricsLogger
-from sftforge.model import compute_dtype, load_model
+from sftforge.model import compute_dtype, enable_tf32, load_model, with_dtype
 from sftforge.optim import build_optimizer
-from sftforge.parallel import build_engine, is_fsdp, resolve_strategy, to_float
+from sftforge.parallel import build_engine, is_fsdp, materialize_from_rank0, resolve_strategy, to_float
 from sftforge.ulysses import restore as restore_attention
 
 LOCK_NAME = "run.lock"
@@ -243,7 +245,7 @@ class Checkpointer:
         r = self.run
         state = {**self.position(done), "elapsed_s": r.elapsed(), "skipped_steps": r.guard.skipped,
                  "data_fingerprint": r.fingerprint}  # fmt: skip
-        if r.world_size > 1:
+        if r.world_size > 1 or is_fsdp(r.engine):  # FSDP2 in one process too: its parameters are shards
             save_distributed_checkpoint(r.out, done, self.model, self.optimizer, state, r.saved_config)
         elif r.main:
             save_checkpoint(r.out, done, self.model, self.optimizer, state, r.saved_config)
@@ -309,8 +311,8 @@ class Run:
     """One training run's process, folder, model stack and components (see the module docstring for the order)."""
 
     def __init__(self, cfg: Config):
-        self.cfg = cfg
         self.device = resolve_device(cfg.trainer.device)
+        self.cfg = cfg = with_dtype(cfg, self.device)  # model.dtype=auto -> bf16 on a bf16 GPU, fp32 on the CPU
         self.out = Path(cfg.trainer.output_dir)
         self.saved_config = redacted(to_dict(cfg))
         self.lines: list[str] = []  # printed once the metrics logger is open
@@ -326,8 +328,14 @@ class Run:
     def __enter__(self) -> Run:
         self._created_group = init_distributed(self.device.type)  # under torchrun (WORLD_SIZE > 1)
         self.world_size, self.rank = world()
+        if self.world_size == 1 and not is_distributed() and self.strategy() == "fsdp2":
+            self._created_group = init_single_process_group(self.device.type)  # FSDP2 shards over a mesh of one
         self.main = self.rank == 0
         self.device = local_device(self.device)
+        if enable_tf32(self.device, self.cfg.model.dtype):
+            self.lines.append(
+                "model.dtype=fp32 on a GPU: matmuls in TF32 (fp32 accumulation); model.dtype=bf16 is faster"
+            )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -365,19 +373,28 @@ class Run:
 
     # -- 3. model stack
     def strategy(self) -> str:
-        return resolve_strategy(self.cfg.trainer.strategy, self.device, self.world_size)
+        return resolve_strategy(self.cfg.trainer.strategy, self.device, self.world_size, self.cfg.trainer.offload)
 
     def build(self, model=None, *, before_engine=None, sp_size: int = 1, console: bool = True):
         """(model, engine, optimizer): the HF model (loaded unless given) with its adapters, the engine the loss
         runs through (parallel.build_engine), AdamW over the trainable parameters. ``before_engine(model)`` runs on
         the plain model just before sharding (rl: its rollout copy)."""
         c = self.cfg
-        model = model if model is not None else load_model(c.model, self.device)
+        # FSDP2 on several processes: rank 0 reads the weights into host memory, the others build the module tree on
+        # the meta device; after sharding each rank receives its shards from rank 0 (never the full model per rank)
+        from_rank0 = model is None and before_engine is None and self.strategy() == "fsdp2" and self.world_size > 1
+        if model is None:
+            model = load_model(c.model, "cpu" if from_rank0 else self.device, skeleton=from_rank0 and not self.main)
         model = prepare_model(model, c.model, console=Console() if console and self.main else None)
+        full = dict(model.state_dict()) if from_rank0 and self.main else {}  # rank 0's weights, kept for the copy
         torch.manual_seed(c.trainer.seed)  # dropout (e.g. LoRA's); a resume restores the checkpoint's RNG instead
         if before_engine is not None:
             before_engine(model)
         engine, notes = build_engine(model, c, self.device, self.world_size, self.strategy(), sp_size)
+        if from_rank0:
+            materialize_from_rank0(model, full, self.device)
+            del full
+            notes.append("fsdp2: weights read once on rank 0 and sent shard by shard (other ranks built on meta)")
         self.lines.extend(notes)
         self.model, self.engine = model, engine
         self.optimizer = build_optimizer(model, c.optim)

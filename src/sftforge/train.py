@@ -34,10 +34,10 @@ from sftforge.distributed import all_reduce_sum, any_rank_max
 from sftforge.evaluate import TrainingEval
 from sftforge.generation import pad_id
 from sftforge.metrics import check_loggers
-from sftforge.model import autocast, check_model_options
+from sftforge.model import autocast, check_model_options, compute_dtype
 from sftforge.optim import lr_at, set_lr
 from sftforge.packing import collate, padded_tokens
-from sftforge.parallel import grad_scale, no_grad_sync
+from sftforge.parallel import grad_scale, no_grad_sync, unsharded
 from sftforge.run import NonFiniteError, Run, Signals, clip_gradients, data_fingerprint
 from sftforge.ulysses import sp_group_layout
 
@@ -49,11 +49,12 @@ class Runner:
         # engine: the model under its strategy (parallel.build_engine), engine(micro_batch) -> (loss sum, count)
         self.cfg, self.model, self.device, self.pad_id, self.world_size = cfg, engine, device, pad_id, world_size
         self.scale = grad_scale(engine, world_size)  # wrappers average gradients over ranks; the loss needs their sum
+        self.mask_dtype = compute_dtype(cfg.model.dtype)  # an eager L × L mask in the compute dtype: never cast again
 
     def loss(self, samples) -> tuple[torch.Tensor, int]:
         c = self.cfg
-        mb = collate(samples, c.data.packing, c.model.attn_implementation, self.pad_id, torch.float32).to(self.device)
-        mb = ulysses.shard(mb)  # this rank's slice of the row under sequence parallelism (else mb itself)
+        mb = collate(samples, c.data.packing, c.model.attn_implementation, self.pad_id, self.mask_dtype)
+        mb = ulysses.shard(mb).to(self.device)  # this rank's slice of the row under sequence parallelism, on the host
         with autocast(c.model.dtype, self.device):
             return self.model(mb)
 
@@ -62,7 +63,7 @@ class Runner:
         # every rank runs as many micro-batches as the busiest one (FSDP2 gathers weights in each forward; DDP
         # syncs on the last backward only); the extra ones are a repeat with weight 0
         n_micro = any_rank_max(len(micro)) if self.world_size > 1 else len(micro)
-        total = 0.0
+        sums = []  # on the device: read once after the last backward, not after each (a host sync per micro-batch)
         for m in range(n_micro):
             faults.before_micro_batch(step + 1, m)
             real = m < len(micro)
@@ -70,8 +71,9 @@ class Runner:
                 s, _ = self.loss(micro[m] if real else micro[0])
                 # divided by the GLOBAL supervised count of the step; × world size undoes the wrappers' average
                 (s * (self.scale if real else 0.0) / max(n_sup, 1)).backward()
-            total += float(s.detach()) if real else 0.0
-        (total,) = all_reduce_sum(total)
+            if real:
+                sums.append(s.detach().float())
+        (total,) = all_reduce_sum(float(torch.stack(sums).sum()) if sums else 0.0)
         return total / max(n_sup, 1)
 
     @torch.no_grad()
@@ -157,7 +159,7 @@ def _train(run: Run, model, tokenizer, train_dataset, val_dataset) -> dict[str, 
             if val_ds is not None and ((t.test_freq > 0 and done % t.test_freq == 0) or done == plan.total_steps):
                 val_loss = record["val_loss"] = runner.validate(val_ds, dp_size, dp_rank)
             if evaluator is not None and (done % t.eval_freq == 0 or done == plan.total_steps):
-                with ulysses.disabled(model):  # generation: every rank attends over its own full sequences
+                with ulysses.disabled(model), unsharded(engine):  # generation: every rank on its own full sequences
                     record.update(evaluator(model))
                 log.print(f"step {done}: eval {t.eval_task} accuracy {record['eval_accuracy']:.1%} on data.eval_files")
             log.log_step(record)

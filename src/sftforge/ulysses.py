@@ -193,7 +193,7 @@ def shard(mb: MicroBatch, sp_size: int | None = None, sp_rank: int | None = None
     extra = {key: v for key, v in mb.extra.items() if not key.startswith(("cu_seq_lens", "max_length", "packed_cu"))}
     extra["sp_cu_seqlens"] = torch.tensor(cu, dtype=torch.int64)  # on the host; a tensor: see attention.py
     return replace(mb, input_ids=ids[:, cut], labels=labels[:, cut], position_ids=pos[:, cut], attention_mask=None,
-                   extra=extra)  # fmt: skip
+                   extra=extra, supervised=None)  # fmt: skip
 
 
 # ---- the all-to-all and the attention function ----------------------------------------------------------------------
