@@ -52,8 +52,8 @@ COLUMNS = ("trainer", "batch", "step s", "tokens/s", "padding", "peak MiB", "MFU
 
 
 def default_data() -> Path:
-    shared = ROOT.parent / "shared" / "data" / "textcraft" / "train_react.jsonl"
-    return shared if shared.exists() else FIXTURES / "textcraft" / "train_react.jsonl"
+    vendored = ROOT / "data" / "textcraft" / "train_react.parquet"  # the 1,000 TextCraft conversations
+    return vendored if vendored.exists() else FIXTURES / "textcraft" / "train_react.jsonl"
 
 
 def unpack_tokenizer(name: str, dest_root: Path) -> Path:
@@ -397,7 +397,7 @@ def bench(
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-config", default=None, help="folder with a config.json (default: qwen3-small fixture)")
-    p.add_argument("--data", default=None, help="conversations file (default: ../shared/data/textcraft or the fixture)")
+    p.add_argument("--data", default=None, help="conversations file (default: data/textcraft/train_react.parquet)")
     p.add_argument("--batch", type=int, nargs="+", default=[8, 16], help="global batch sizes (default 8 16)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after 1 warmup step (default 3)")
     p.add_argument("--micro", type=int, default=2, help="micro-batch size (default 2)")

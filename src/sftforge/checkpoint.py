@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +116,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     config: dict | None = None,
+    extra: Callable[[Path], Any] | None = None,
 ) -> Path:
-    """Write ``step_<step>/`` atomically; ``state`` holds plain numbers (epoch, batch index, elapsed_s, ...)."""
+    """Write ``step_<step>/`` atomically; ``state`` holds plain numbers (epoch, batch index, elapsed_s, ...).
+    ``extra(folder)`` writes more into the folder before it is marked complete (trainer.save_hf: huggingface/)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     final = child(out, f"step_{int(step)}")
@@ -131,8 +134,11 @@ def save_checkpoint(
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
     if config is not None:
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    for f in tmp.iterdir():  # on disk before the marker says so (power loss, not only a killed process)
-        _fsync(f)
+    if extra is not None:
+        extra(tmp)
+    for f in tmp.rglob("*"):  # on disk before the marker says so (power loss, not only a killed process)
+        if f.is_file():
+            _fsync(f)
     (tmp / MARKER).write_text("ok\n")
     _fsync(tmp / MARKER)
     faults.in_save(step, "marker")
@@ -260,6 +266,7 @@ def save_distributed_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     config: dict | None = None,
+    extra: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Collective (every rank calls it): DCP shards of model + optimizer into ``step_<step>.tmp/dcp``, then rank 0
     writes the trainer state, fsyncs, writes the marker and renames, after a barrier."""
@@ -292,9 +299,9 @@ def save_distributed_checkpoint(
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
         if config is not None:
             (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        for f in (tmp / "dcp").iterdir():
-            _fsync(f)
-        for f in tmp.iterdir():
+        if extra is not None:  # rank 0 (trainer.save_hf: the full weights were gathered by every rank before)
+            extra(tmp)
+        for f in tmp.rglob("*"):
             if f.is_file():
                 _fsync(f)
         (tmp / MARKER).write_text("ok\n")

@@ -174,6 +174,10 @@ class TrainerConfig:
     max_ckpt_to_keep: int = 0
     """Keep only the newest N complete step_<N> checkpoints in trainer.output_dir, counting those of earlier runs
     there (0 = keep all). The newest complete checkpoint is never deleted."""
+    save_hf: bool = False
+    """Each step_<N>/ checkpoint also holds huggingface/: the model as final/ has it (safetensors, config, tokenizer,
+    generation config; LoRA: merged, the adapter in huggingface/adapter), written and pruned with the checkpoint, so
+    that model.path=OUTPUT/step_<N>/huggingface starts RL or eval from step N (verl's layout)."""
     nan_policy: str = "error"
     """error: stop before the optimizer step when the loss or gradient norm is not finite (NaN/inf), naming the step
     (the last good state is saved); skip_step: drop that step's update, count it and log it in metrics.jsonl."""
@@ -651,8 +655,8 @@ def _save_contents(value: Any, ctx: Any):
     why = "sftforge checkpoints always hold the model, the optimizer state and the trainer state (an exact resume)"
     if not {"optimizer", "extra"} <= parts:
         why += ": the optimizer and trainer state are saved anyway"
-    if "hf_model" in parts:
-        why += "; the Hugging Face model is written to trainer.output_dir/final at the end (`sftforge export` makes one from any step_<N>)"
+    if "hf_model" in parts:  # verl writes global_step_N/huggingface; ours: step_N/huggingface
+        return [("trainer.save_hf", True)], why + "; hf_model: step_<N>/huggingface/ (trainer.save_hf=true)"
     return why
 
 
@@ -974,9 +978,9 @@ VERL_ALIASES: dict[str, tuple[str, Any]] = {
     ),
     "optim._target_": ("ignored", _ignore(_HYDRA_TARGET)),
     # --- checkpoint (trainer.checkpoint in fsdp_sft_trainer, checkpoint in sft_trainer) ---
-    "trainer.checkpoint.save_contents": ("ignored", _save_contents),
+    "trainer.checkpoint.save_contents": ("trainer.save_hf with hf_model, else ignored", _save_contents),
     "trainer.checkpoint.load_contents": ("ignored or refused", _load_contents),
-    "checkpoint.save_contents": ("ignored", _save_contents),
+    "checkpoint.save_contents": ("trainer.save_hf with hf_model, else ignored", _save_contents),
     "checkpoint.load_contents": ("ignored or refused", _load_contents),
     "checkpoint._target_": ("ignored", _ignore(_HYDRA_TARGET)),
     # --- trainer ---

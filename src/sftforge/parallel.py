@@ -183,6 +183,11 @@ def unsharded(engine: torch.nn.Module):
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in engine.modules() if isinstance(m, FSDPModule)]
+    if not all(hasattr(m, "set_reshard_after_forward") for m in units):
+        raise ConfigError(
+            f"generation under FSDP2 (trainer.eval_freq) needs FSDPModule.set_reshard_after_forward, which torch "
+            f"{torch.__version__} lacks: upgrade torch, or set trainer.eval_freq=0 and run `sftforge eval` on final/."
+        )
     for m in units:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)

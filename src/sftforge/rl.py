@@ -468,7 +468,7 @@ def _rl(run: Run, model, tokenizer) -> dict[str, Any]:
         ref_model = prepare_reference(load_model(cfg.model, run.device), cfg)
     pad_id = pad_token(tokenizer)
     checkpointer = run.checkpointer(lambda done: {"epoch": (done - 1) // per_epoch,
-                                                  "index_in_epoch": (done - 1) % per_epoch + 1})  # fmt: skip
+                                                  "index_in_epoch": (done - 1) % per_epoch + 1}, tokenizer)  # fmt: skip
     start = run.resume(checkpointer, data_fingerprint(prompts))
     stop = run.stop_step(start, total)
     log = run.open_log(total, start,

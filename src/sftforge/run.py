@@ -67,6 +67,7 @@ from sftforge.metrics import MetricsLogger
 from sftforge.model import compute_dtype, enable_tf32, load_model, with_dtype
 from sftforge.optim import build_optimizer
 from sftforge.parallel import build_engine, is_fsdp, materialize_from_rank0, resolve_strategy, to_float
+from sftforge.ulysses import disabled as disabled_sp
 from sftforge.ulysses import restore as restore_attention
 
 LOCK_NAME = "run.lock"
@@ -222,9 +223,10 @@ class Checkpointer:
     """When and how to save: ``step_<N>`` after trainer.save_freq steps, after the last step of the run and after an
     interrupt; one process writes safetensors, several write DCP shards (collective); then keep-last-N."""
 
-    def __init__(self, run: Run, model, optimizer, position):
+    def __init__(self, run: Run, model, optimizer, position, tokenizer=None):
         # position(done) -> the data position after ``done`` steps (epoch, index_in_epoch): read by humans
         self.run, self.model, self.optimizer, self.position = run, model, optimizer, position
+        self.tokenizer = tokenizer
         self.last_saved = -1
 
     def resume(self, fingerprint: str) -> tuple[int, dict[str, Any]]:
@@ -245,14 +247,34 @@ class Checkpointer:
         r = self.run
         state = {**self.position(done), "elapsed_s": r.elapsed(), "skipped_steps": r.guard.skipped,
                  "data_fingerprint": r.fingerprint}  # fmt: skip
+        extra = self._hf_writer() if r.cfg.trainer.save_hf else None
         if r.world_size > 1 or is_fsdp(r.engine):  # FSDP2 in one process too: its parameters are shards
-            save_distributed_checkpoint(r.out, done, self.model, self.optimizer, state, r.saved_config)
+            save_distributed_checkpoint(r.out, done, self.model, self.optimizer, state, r.saved_config, extra)
         elif r.main:
-            save_checkpoint(r.out, done, self.model, self.optimizer, state, r.saved_config)
+            save_checkpoint(r.out, done, self.model, self.optimizer, state, r.saved_config, extra)
         self.last_saved = done
         if r.main:
             for p in prune_checkpoints(r.out, r.cfg.trainer.max_ckpt_to_keep):
                 r.print(f"removed {p} (trainer.max_ckpt_to_keep={r.cfg.trainer.max_ckpt_to_keep})")
+
+    def _hf_writer(self):
+        """trainer.save_hf: the writer of ``step_<N>/huggingface/`` (as ``final/``: safetensors, config, tokenizer,
+        generation config; LoRA merged, the adapter in huggingface/adapter). FSDP2: the full weights are gathered
+        here, by every rank (collective), for rank 0 to write."""
+        r = self.run
+        full = gather_full_state_dict(self.model) if is_fsdp(r.engine) else None
+
+        def write(folder: Path) -> None:
+            c = r.cfg
+            with disabled_sp(self.model):  # the saved config names the model's own attention
+                export_model(
+                    self.model, folder / "huggingface", self.tokenizer,
+                    generation_eos_ids(self.tokenizer, c.data.chat_template_kwargs) if self.tokenizer else None,
+                    compute_dtype(c.model.dtype), adapter_dir=folder / "huggingface" / "adapter",
+                    base_path=c.model.path, state_dict=full,
+                )  # fmt: skip
+
+        return write
 
     def after_step(self, done: int, stop: int, interrupted: int) -> None:
         freq = self.run.cfg.trainer.save_freq
@@ -401,8 +423,8 @@ class Run:
         return model, engine, self.optimizer
 
     # -- 4. resume
-    def checkpointer(self, position) -> Checkpointer:
-        ck = Checkpointer(self, self.model, self.optimizer, position)
+    def checkpointer(self, position, tokenizer=None) -> Checkpointer:
+        ck = Checkpointer(self, self.model, self.optimizer, position, tokenizer)
         self.guard.checkpointer = ck
         return ck
 

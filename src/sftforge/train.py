@@ -131,7 +131,7 @@ def _train(run: Run, model, tokenizer, train_dataset, val_dataset) -> dict[str, 
     model, engine, optimizer = run.build(model, sp_size=sp_size)
     runner = Runner(cfg, engine, run.device, pad_id(tokenizer), run.world_size)
     evaluator = TrainingEval(cfg, tokenizer) if t.eval_freq > 0 else None  # generation eval on data.eval_files
-    checkpointer = run.checkpointer(lambda done: _position(done, plan))
+    checkpointer = run.checkpointer(lambda done: _position(done, plan), tokenizer)
     start = run.resume(checkpointer, data_fingerprint(train_ds))
     stop = run.stop_step(start, plan.total_steps)
     sp = f" = dp {dp_size} × sp {sp_size}" if sp_size > 1 else ""

@@ -1,6 +1,6 @@
 """A TextCraft-like crafting environment.
 
-The task data comes from the files (../shared/data/textcraft, tests/fixtures/textcraft): the first user message holds
+The task data comes from the files (data/textcraft, tests/fixtures/textcraft): the first user message holds
 the goal and the starting inventory,
 
     Craft the following items: 1x andesite_stairs, 2x granite
