@@ -40,13 +40,15 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 @torch.compiler.disable  # a Python loop over the row's samples: model.compile compiles around it
-def causal_per_sample(q, k, v, cu_seqlens, dropout: float = 0.0, scaling: float | None = None) -> torch.Tensor:
+def causal_per_sample(q, k, v, cu_seqlens, dropout: float = 0.0, scaling: float | None = None,
+                      tree_masks=None) -> torch.Tensor:  # fmt: skip
     """Causal attention of every sample [cu[i], cu[i+1]) of the row on its own: q [B, Hq, L, D], k/v [B, Hkv, L, D]
     -> [B, L, Hq, D]. ``cu_seqlens``: a CPU tensor or a sequence of ints.
 
     q, k and v are cast once to one dtype and split once (``torch.split``: one gradient buffer for the backward, not
     one full-size zero gradient per sample's slice); grouped K/V heads are shared inside the kernel (``enable_gqa``),
-    not copied."""
+    not copied. ``tree_masks``: per sample, None (causal) or the [l, l] bool ancestor mask of a prefix-tree sample
+    (prefix_tree.py): each tree attends within itself only, Σ lᵢ² and never the row's L²."""
     if isinstance(cu_seqlens, torch.Tensor):
         cu_seqlens = cu_seqlens.tolist()
     dtype = compute_dtype(q, k, v)
@@ -56,9 +58,12 @@ def causal_per_sample(q, k, v, cu_seqlens, dropout: float = 0.0, scaling: float 
         raise ValueError(f"packed sample boundaries {cu_seqlens} do not cover the row of {q.shape[2]} tokens.")
     gqa = q.shape[1] != k.shape[1]
     qs, ks, vs = (t.split(lens, dim=2) for t in (q, k, v))
+    masks = tree_masks if tree_masks is not None else [None] * len(lens)
     parts = [
-        F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout, scale=scaling, is_causal=n > 1, enable_gqa=gqa)
-        for qi, ki, vi, n in zip(qs, ks, vs, lens)
+        F.scaled_dot_product_attention(
+            qi, ki, vi, attn_mask=mi, dropout_p=dropout, scale=scaling, is_causal=mi is None and n > 1, enable_gqa=gqa
+        )  # fmt: skip
+        for qi, ki, vi, n, mi in zip(qs, ks, vs, lens, masks)
         if n > 0
     ]
     out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
@@ -74,6 +79,7 @@ def attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     packed_cu_seqlens: torch.Tensor | None = None,
+    packed_tree_masks: list | None = None,
     **kwargs,
 ):
     """The attention transformers calls per layer: (output [B, L, H, D], None)."""
@@ -82,7 +88,8 @@ def attention(
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)  # fmt: skip
-    return causal_per_sample(query, key, value, packed_cu_seqlens, dropout if module.training else 0.0, scaling), None
+    dropout = dropout if module.training else 0.0
+    return causal_per_sample(query, key, value, packed_cu_seqlens, dropout, scaling, packed_tree_masks), None
 
 
 def placeholder_mask(n: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -99,6 +99,11 @@ class DataConfig:
     (counted in the data report). Off: such rows are refused with this hint."""
     train_on: str = "assistant"
     """assistant | last_assistant | all: which tokens get loss. A message's own "train"/"loss_mask" wins."""
+    reasoning_history: str = "template"
+    """template | per_turn. template: one render of the whole conversation (earlier turns as the template shows
+    history: Qwen3 drops their <think>). per_turn: every trained assistant turn in its own inference context (the
+    render of the conversation before it + the turn as generated), the K contexts merged into one prefix tree (shared
+    prefixes once). Needs data.packing=true, sdpa or eager, data.train_on=assistant, trainer.sp_size=1."""
     max_length: int = 4096
     """Maximum tokens per sample; longer samples follow data.truncation."""
     truncation: str = "error"
@@ -268,6 +273,7 @@ CHOICES = {
     "model.dtype": ("auto", "fp32", "bf16"),
     "data.format": ("auto", "messages", "sharegpt", "alpaca", "prompt_response"),
     "data.train_on": ("assistant", "last_assistant", "all"),
+    "data.reasoning_history": ("template", "per_turn"),
     "data.truncation": ("error", "left", "right", "drop"),
     "data.bad_rows": ("error", "skip"),
     "optim.lr_scheduler": ("cosine", "linear", "constant", "wsd"),
@@ -1217,6 +1223,13 @@ def validate(cfg: Config) -> None:
         problems.append(f"trainer.eval_freq must be >= 0 (0 = never), got {cfg.trainer.eval_freq}.")
     if not isinstance(cfg.data.chat_template_kwargs, dict):
         problems.append("data.chat_template_kwargs must be a mapping, e.g. {enable_thinking: false}.")
+    if cfg.data.reasoning_history == "per_turn":
+        needs = [(cfg.data.packing, "data.packing=true"), (cfg.model.attn_implementation in ("sdpa", "eager"),
+                 "model.attn_implementation=sdpa or eager"), (cfg.data.train_on == "assistant", "data.train_on=assistant"),
+                 (cfg.trainer.sp_size <= 1, "trainer.sp_size=1")]  # fmt: skip
+        missing = [what for ok, what in needs if not ok]
+        if missing:
+            problems.append(f"data.reasoning_history=per_turn (prefix-tree packing) needs {', '.join(missing)}.")
     if problems:
         raise ConfigError("\n".join(problems))
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sftforge import prefix_tree
 from sftforge.chat import RowError, TemplateMarkers, load_chat_template, render, row_to_conversation, template_markers
 from sftforge.config import Config, ConfigError, DataConfig
 
@@ -41,6 +42,13 @@ class Sample:
     """data.system_into_first_user moved its system message into the first user message."""
     reasoning_dropped: int = 0
     """Assistant messages whose reasoning the chat template does not render."""
+    parents: list[int] | None = None
+    """data.reasoning_history=per_turn: the parent of each token in the sample's prefix tree (prefix_tree.py; -1: a
+    root); None for a plain sequence."""
+    expanded_tokens: int = 0
+    """per_turn: the tokens of the K per-turn contexts laid out one after another (what the tree saves on)."""
+    contexts: int = 0
+    """per_turn: K, the assistant turns rendered in their own context."""
 
 
 @dataclass
@@ -64,6 +72,10 @@ class DataReport:
     """Rows whose system message data.system_into_first_user moved into the first user message."""
     reasoning_dropped: int = 0
     """Assistant messages whose reasoning_content the chat template does not render (so it is not trained)."""
+    contexts: int = 0
+    """data.reasoning_history=per_turn: assistant turns rendered in their own inference context."""
+    expanded_tokens: int = 0
+    """per_turn: the tokens of every context one after another (naive expansion)."""
     first_problems: list[str] = field(default_factory=list)
     """A few examples (location: reason) of skipped or dropped rows."""
 
@@ -78,6 +90,11 @@ class DataReport:
         if self.reasoning_dropped:
             out.append(f"reasoning not rendered by the chat template (not trained): {self.reasoning_dropped} "
                        "assistant messages (templates such as Qwen3's drop the reasoning of earlier turns)")  # fmt: skip
+        if self.contexts:
+            saving = 1 - self.tokens / max(self.expanded_tokens, 1)
+            out.append(f"data.reasoning_history=per_turn: {self.contexts} assistant turns, each in its own context, "
+                       f"as prefix trees: {self.tokens:,} tokens instead of {self.expanded_tokens:,} expanded "
+                       f"({saving:.1%} saved)")  # fmt: skip
         for reason, n in sorted(self.skipped.items()):
             out.append(f"skipped (data.bad_rows=skip): {n} rows — {reason}")
         if self.over_length:
@@ -253,11 +270,37 @@ def tokenize_row(loc: str, row: Any, tokenizer, data_cfg: DataConfig, markers: T
     if isinstance(row, RowError):
         raise row
     messages, tools, flags = row_to_conversation(row, data_cfg)
+    if data_cfg.reasoning_history == "per_turn":
+        return _per_turn(loc, messages, tools, flags, tokenizer, data_cfg, markers)
     r = render(tokenizer, messages, tools, flags, data_cfg.train_on, data_cfg.chat_template_kwargs, markers,
                data_cfg.system_into_first_user)  # fmt: skip
     if not any(r.loss_mask):
         raise RowError("no trained tokens", "no token of this conversation is trained (check the train flags)")
     return Sample(r.input_ids, r.loss_mask, loc, r.system_merged, r.reasoning_dropped)
+
+
+def _per_turn(loc, messages, tools, flags, tokenizer, data_cfg: DataConfig, markers) -> Sample:
+    """data.reasoning_history=per_turn: every trained assistant turn k as the model generates it — the render of
+    messages[:k+1], only turn k trained (each render checked like the default one) — merged into one prefix tree."""
+    flags = list(flags or [None] * len(messages))
+    contexts, merged, dropped = [], False, 0
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant" or flags[k] is False:
+            continue
+        own = [False if j < k and messages[j]["role"] == "assistant" else flags[j] for j in range(k + 1)]
+        r = render(tokenizer, messages[: k + 1], tools, own, "assistant", data_cfg.chat_template_kwargs, markers,
+                   data_cfg.system_into_first_user)  # fmt: skip
+        if any(r.loss_mask):
+            contexts.append((r.input_ids, r.loss_mask))
+        merged = merged or r.system_merged
+        reasoning = (m.get("reasoning_content") or "").strip()
+        dropped += int(bool(reasoning) and reasoning not in r.text)
+    if not contexts:
+        raise RowError("no trained tokens", "no token of this conversation is trained (check the train flags)")
+    ids, mask, parents = prefix_tree.merge(contexts)
+    expanded = sum(len(x) for x, _ in contexts)
+    tree = None if prefix_tree.is_chain(parents) else parents
+    return Sample(ids, mask, loc, merged, dropped, tree, expanded, len(contexts))
 
 
 def _worker_chunk(chunk: list[tuple[str, Any]]) -> list[Sample | tuple[str, str, str]]:
@@ -336,6 +379,12 @@ def _apply_truncation(samples: list[Sample], data_cfg: DataConfig, report: DataR
             report.dropped_over_length += 1
             report.first_problems.append(f"{s.source}: dropped, {len(s.input_ids)} tokens > data.max_length")
             continue
+        if s.parents is not None:
+            raise DataError(
+                f"{s.source}: its prefix tree (data.reasoning_history=per_turn) has {len(s.input_ids)} tokens > "
+                f"data.max_length={limit}, and a tree cannot be cut at one end: set data.truncation=drop or error, or "
+                "raise data.max_length."
+            )
         cut = slice(-limit, None) if data_cfg.truncation == "left" else slice(0, limit)
         s = Sample(s.input_ids[cut], s.loss_mask[cut], s.source)
         if not any(s.loss_mask[1:]):  # the first token is never a prediction target
@@ -367,6 +416,8 @@ def cache_key(files: list[str], tokenizer, data_cfg: DataConfig, markers: Templa
             "bad_rows",
         )
     }
+    if data_cfg.reasoning_history != "template":  # (absent at the default: earlier caches stay valid)
+        opts["reasoning_history"] = data_cfg.reasoning_history
     h = hashlib.sha256()
     learned = asdict(markers) if markers is not None else None  # also what the generation config added (stop tokens)
     key = [CACHE_VERSION, opts, tokenizer_fingerprint(tokenizer), learned]
@@ -392,6 +443,7 @@ def _save_cache(path: Path, ds: TokenizedDataset) -> None:
             "input_ids": pa.array([s.input_ids for s in ds.samples], type=pa.list_(pa.int32())),
             "loss_mask": pa.array([s.loss_mask for s in ds.samples], type=pa.list_(pa.int8())),
             "source": pa.array([s.source for s in ds.samples], type=pa.string()),
+            "parents": pa.array([s.parents for s in ds.samples], type=pa.list_(pa.int32())),
         },
         metadata={"report": json.dumps(asdict(ds.report))},
     )
@@ -412,7 +464,9 @@ def _load_cache(path: Path) -> TokenizedDataset | None:
         return None
     report = DataReport(**json.loads(table.schema.metadata[b"report"]))
     cols = table.to_pydict()
-    samples = [Sample(i, m, s) for i, m, s in zip(cols["input_ids"], cols["loss_mask"], cols["source"])]
+    parents = cols.get("parents") or [None] * len(cols["input_ids"])
+    samples = [Sample(i, m, s, parents=p) for i, m, s, p in zip(cols["input_ids"], cols["loss_mask"], cols["source"],
+                                                                 parents)]  # fmt: skip
     return TokenizedDataset(samples, report)
 
 
@@ -439,6 +493,9 @@ def build_dataset(
             samples.append(result)
             report.system_merged += result.system_merged
             report.reasoning_dropped += result.reasoning_dropped
+            if data_cfg.reasoning_history == "per_turn":
+                report.contexts += result.contexts
+                report.expanded_tokens += result.expanded_tokens
             continue
         loc, reason, detail = result
         if data_cfg.bad_rows == "error":

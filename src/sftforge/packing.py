@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from sftforge import prefix_tree
 from sftforge.attention import placeholder_mask
 
 IGNORE_INDEX = -100
@@ -86,7 +87,10 @@ class MicroBatch:
             mv(self.position_ids),
             mv(self.attention_mask),
             list(self.seq_lens),
-            {k: v if k in HOST_KEYS else mv(v) for k, v in self.extra.items()},
+            {
+                k: v if k in HOST_KEYS else [mv(x) for x in v] if isinstance(v, list) else mv(v)
+                for k, v in self.extra.items()
+            },  # fmt: skip
             mv(index),
         )
 
@@ -136,10 +140,52 @@ def block_causal_mask(seq_lens: Sequence[int], kind: str = "bool", dtype: torch.
     return mask[None, None]
 
 
+def _parents(sample: Any) -> list[int] | None:
+    if isinstance(sample, dict):
+        return sample.get("parents")
+    if isinstance(sample, (tuple, list)):
+        return sample[2] if len(sample) > 2 else None
+    return getattr(sample, "parents", None)
+
+
+def pack_trees(samples: Sequence[Any], attn_implementation: str, mask_dtype: torch.dtype) -> MicroBatch:
+    """One row of prefix-tree samples (prefix_tree.py) and plain ones: each token at the position it has in its own
+    sequence (its depth), attending to exactly its ancestors, its target the trained child's token. The mask is an
+    explicit [1, 1, L, L] one (bool for sdpa, additive for eager)."""
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"prefix-tree samples (data.reasoning_history=per_turn) need sdpa or eager attention, not "
+                         f"{attn_implementation}.")  # fmt: skip
+    # sdpa: each sample's attention on its own (attention.py), a tree's under its [l, l] ancestor mask; eager: one
+    # [1, 1, L, L] additive mask of the row
+    ids: list[int] = []
+    labels: list[int] = []
+    pos: list[int] = []
+    lens: list[int] = []
+    blocks = []
+    for s in samples:
+        x, m = _ids_mask(s)
+        parents = _parents(s) or list(range(-1, len(x) - 1))
+        ids += x
+        labels += prefix_tree.shifted_labels(x, m, parents, IGNORE_INDEX)
+        pos += prefix_tree.depths(parents)
+        lens.append(len(x))
+        tree = _parents(s) is not None
+        blocks.append(prefix_tree.ancestors(parents) if tree or attn_implementation == "eager" else None)
+    t = lambda v: torch.tensor(v, dtype=torch.long)[None]  # noqa: E731
+    if attn_implementation == "sdpa":  # chains: None (causal)
+        extra = {"packed_cu_seqlens": torch.tensor(boundaries(lens), dtype=torch.int64), "packed_tree_masks": blocks}
+        return MicroBatch(t(ids), t(labels), t(pos), None, lens, extra)
+    allowed = torch.block_diag(*blocks)
+    mask = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill_(~allowed, torch.finfo(mask_dtype).min)
+    return MicroBatch(t(ids), t(labels), t(pos), mask[None, None], lens)
+
+
 def pack(
     samples: Sequence[Any], attn_implementation: str = "sdpa", mask_dtype: torch.dtype = torch.float32
 ) -> MicroBatch:
     """Concatenate samples into one row; positions restart per sample; attention never crosses samples."""
+    if any(_parents(s) is not None for s in samples):
+        return pack_trees(samples, attn_implementation, mask_dtype)
     ids: list[int] = []
     labels: list[int] = []
     pos: list[int] = []
@@ -169,6 +215,8 @@ def pack(
 
 def pad_collate(samples: Sequence[Any], pad_id: int = 0) -> MicroBatch:
     """Right-padded [B, max_len] batch with a 2D padding mask (data.packing=false)."""
+    if any(_parents(s) is not None for s in samples):
+        raise ValueError("prefix-tree samples (data.reasoning_history=per_turn) are packed: set data.packing=true.")
     rows = [_ids_mask(s) for s in samples]
     width = max(len(x) for x, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -236,6 +284,7 @@ def split_to_budget(lengths: Sequence[int], max_tokens: int, packing: bool = Tru
 __all__ = [
     "IGNORE_INDEX",
     "MicroBatch",
+    "pack_trees",
     "block_causal_mask",
     "boundaries",
     "collate",

@@ -453,6 +453,9 @@ def build_plan(
         epochs=round(total / steps_per_epoch, 3) if steps_per_epoch else 0,
         dropped_per_epoch=dropped,
         warmup_steps=warm,
+        expanded_tokens_per_step=(
+            round(report.expanded_tokens / n * d.train_batch_size) if n and getattr(report, "contexts", 0) else None
+        ),  # per_turn: without the tree
         num_checkpoints=_count(total, t.save_freq),
         num_validations=_count(total, t.test_freq) if d.val_files else 0,
         val_samples=val_samples,
@@ -585,6 +588,10 @@ def format_plan(p: dict[str, Any], lengths: list[int] | None = None) -> str:
         f"{p['warmup_steps']}; drop_last leaves out {p['dropped_per_epoch']} samples/epoch",
         f"checkpoints: {p['num_checkpoints']}; validations: {p['num_validations']}",
     ]
+    if p.get("expanded_tokens_per_step"):
+        e = p["expanded_tokens_per_step"]
+        lines.append(f"data.reasoning_history=per_turn: ~{p['tokens_per_step']:,} tokens/step as prefix trees instead of "
+                     f"~{e:,} with every turn's context expanded ({1 - p['tokens_per_step'] / e:.1%} saved)")  # fmt: skip
     m = p.get("memory")
     if m:
         fit = "" if m["fits"] is None else (" — fits" if m["fits"] else " — DOES NOT FIT")
