@@ -449,3 +449,13 @@ def test_fp32_on_a_gpu_turns_tf32_on():
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.gpu
+def test_micro_batch_reaches_the_gpu_through_pinned_memory():
+    """Item 8: host -> GPU copies of a micro-batch are asynchronous (pinned), and the values arrive intact."""
+    mb = pack([([1, 2, 3, 4, 5], [0, 0, 1, 1, 1]), ([6, 7, 8], [0, 1, 1])], "sdpa")
+    on = mb.to("cuda")
+    torch.cuda.synchronize()
+    assert on.input_ids.is_cuda and torch.equal(on.input_ids.cpu(), mb.input_ids)
+    assert on.extra["packed_cu_seqlens"].device.type == "cpu" and on.supervised.is_cuda

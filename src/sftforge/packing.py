@@ -77,7 +77,16 @@ class MicroBatch:
         return out
 
     def to(self, device: torch.device | str) -> MicroBatch:
-        mv = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        """On ``device``; to a GPU through pinned host memory, so that the copies do not wait for the device."""
+        pin = torch.device(device).type == "cuda"
+
+        def mv(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            if pin and t.device.type == "cpu":
+                t = t.pin_memory()
+            return t.to(device, non_blocking=True)
+
         index = self.supervised
         if index is None and self.labels.device.type == "cpu":
             index = self.supervised_index()
