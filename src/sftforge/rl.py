@@ -471,7 +471,7 @@ def _rl(run: Run, model, tokenizer) -> dict[str, Any]:
                                                   "index_in_epoch": (done - 1) % per_epoch + 1}, tokenizer)  # fmt: skip
     start = run.resume(checkpointer, data_fingerprint(prompts))
     stop = run.stop_step(start, total)
-    log = run.open_log(total, start,
+    run.open_log(total, start,
         f"sftforge rl: {len(prompts)} prompts ({counts['truncated']} truncated, {counts['dropped']} dropped by "
         f"data.truncation), {total} steps of {cfg.rollout.prompts_per_step} prompts × {cfg.rollout.n} responses, "
         f"{run.world_size} process(es) (trainer.strategy={strategy})")  # fmt: skip
@@ -502,9 +502,7 @@ def _rl(run: Run, model, tokenizer) -> dict[str, Any]:
                       "train_tokens_per_s": metrics["trained_tokens"] / max(train_s, 1e-9),
                       "tokens_per_s": metrics["trained_tokens"] / max(train_s, 1e-9),
                       "elapsed_s": round(run.elapsed(), 4)}  # fmt: skip
-            log.log_step(record)
-            interrupted = run.interrupted(signals, done, stop)
-            checkpointer.after_step(done, stop, interrupted)
+            interrupted = run.end_step(record, signals, checkpointer, done, stop)
             if interrupted:
                 stop = done
                 break

@@ -462,6 +462,14 @@ class Run:
         """Seconds of training in this process."""
         return time.perf_counter() - self._t0
 
+    def end_step(self, record: dict, signals: Signals, checkpointer: Checkpointer, done: int, stop: int) -> int:
+        """After step ``done``: log its record, ask whether a signal stops the run, let the checkpointer save;
+        returns the stopping signal (0: go on)."""
+        self.log.log_step(record)
+        sig = self.interrupted(signals, done, stop)
+        checkpointer.after_step(done, stop, sig)
+        return sig
+
     def interrupted(self, signals: Signals, done: int, stop: int) -> int:
         """The signal to stop after step ``done`` for (0: go on), decided on every rank alike; prints the resume hint."""
         sig = signals.any_rank()

@@ -162,9 +162,7 @@ def _train(run: Run, model, tokenizer, train_dataset, val_dataset) -> dict[str, 
                 with ulysses.disabled(model), unsharded(engine):  # generation: every rank on its own full sequences
                     record.update(evaluator(model))
                 log.print(f"step {done}: eval {t.eval_task} accuracy {record['eval_accuracy']:.1%} on data.eval_files")
-            log.log_step(record)
-            interrupted = run.interrupted(signals, done, stop)
-            checkpointer.after_step(done, stop, interrupted)
+            interrupted = run.end_step(record, signals, checkpointer, done, stop)
             if interrupted:
                 stop = done
                 break
