@@ -139,12 +139,13 @@ def test_cache_hit_and_invalidation(tmp_path, tokenizers, monkeypatch):
     f = write_jsonl(tmp_path / "d.jsonl", [GOOD])
     c = cfg(cache_dir=str(tmp_path / "cache"))
     first = build_dataset(c, tok, str(f))
-    assert list((tmp_path / "cache" / "tokenized").glob("*.arrow"))
+    assert list((tmp_path / "cache" / "tokenized").glob("*/meta.json"))
 
     def boom(*a, **k):
         raise AssertionError("render called on a cache hit")
 
     monkeypatch.setattr("sftforge.data.render", boom)
+    monkeypatch.setattr("sftforge.data.layout", boom)
     again = build_dataset(c, tok, str(f))
     assert [s.input_ids for s in again] == [s.input_ids for s in first] and again.report == first.report
     with pytest.raises(AssertionError):  # options are part of the key

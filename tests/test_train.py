@@ -63,9 +63,9 @@ def test_plan_and_epoch_order():
     cfg = load_config(None, ["data.train_batch_size=4", "trainer.total_epochs=2"])
     plan = make_plan(cfg, 10)
     assert (plan.steps_per_epoch, plan.total_steps, plan.dropped_per_epoch) == (2, 4, 2)
-    a, b = epoch_order(10, 42, 0), epoch_order(10, 42, 1)
-    assert sorted(a) == list(range(10)) and a != b and a == epoch_order(10, 42, 0)
-    assert epoch_order(5, 42, 0, shuffle=False) == (0, 1, 2, 3, 4)
+    a, b = tuple(epoch_order(10, 42, 0)), tuple(epoch_order(10, 42, 1))
+    assert sorted(a) == list(range(10)) and a != b and a == tuple(epoch_order(10, 42, 0))
+    assert tuple(epoch_order(5, 42, 0, shuffle=False)) == (0, 1, 2, 3, 4)
     with pytest.raises(ConfigError, match="fewer than data.train_batch_size"):
         make_plan(cfg, 3)
 

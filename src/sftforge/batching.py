@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sftforge.config import Config, ConfigError
@@ -33,13 +34,18 @@ def grad_accum_steps(train_batch_size: int, micro_batch_size: int, world_size: i
     return train_batch_size // per_step
 
 
-@functools.lru_cache(maxsize=4)
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> tuple[int, ...]:
-    """Sample indices of one epoch: a permutation seeded with seed + epoch (deterministic, same on every rank)."""
+@functools.lru_cache(maxsize=2)
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """Sample indices of one epoch: a permutation seeded with seed + epoch (deterministic, same on every rank), as a
+    read-only int32/int64 array (4 bytes a sample: millions of samples cost megabytes, not a tuple of ints)."""
+    dtype = np.int32 if n < 2**31 else np.int64
     if not shuffle:
-        return tuple(range(n))
-    g = torch.Generator().manual_seed(seed + epoch)
-    return tuple(torch.randperm(n, generator=g).tolist())
+        order = np.arange(n, dtype=dtype)
+    else:
+        g = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(n, generator=g).numpy().astype(dtype)
+    order.flags.writeable = False  # shared by the cache: nobody may shuffle it in place
+    return order
 
 
 @dataclass
@@ -70,7 +76,7 @@ def step_micro_batches(dataset, step: int, cfg: Config, plan: Plan) -> tuple[int
     d = cfg.data
     epoch, b = divmod(step, plan.steps_per_epoch)
     order = epoch_order(len(dataset), cfg.trainer.seed, epoch, d.shuffle)
-    batch = [dataset[i] for i in order[b * d.train_batch_size : (b + 1) * d.train_batch_size]]
+    batch = [dataset[int(i)] for i in order[b * d.train_batch_size : (b + 1) * d.train_batch_size]]
     per_rank = d.train_batch_size // plan.world_size
     mine = batch[plan.rank * per_rank : (plan.rank + 1) * per_rank]
     micro = micro_batches(mine, d.micro_batch_size_per_gpu, d.max_tokens_per_micro_batch, d.packing)

@@ -210,7 +210,7 @@ def _child_trl(spec: dict) -> dict:
     from sftforge.model import load_model
 
     cfg, tok, ds, n, tok_s = _setup(spec)
-    rows = ds.samples[:n]
+    rows = [ds[i] for i in range(min(n, len(ds)))]
     data = datasets.Dataset.from_dict(
         {"input_ids": [s.input_ids for s in rows], "assistant_masks": [s.loss_mask for s in rows]}
     )

@@ -183,7 +183,7 @@ def special_tokens(tokenizer) -> tuple[str, ...]:
     """The tokenizer's special (atomic, never-split) tokens, longest first."""
     found = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special and t.content}
     found |= {t for t in getattr(tokenizer, "all_special_tokens", []) if t}
-    return tuple(sorted(found, key=len, reverse=True))
+    return tuple(sorted(found, key=lambda t: (-len(t), t)))  # longest first; ties by name (the cache key is stable)
 
 
 @lru_cache(maxsize=16)
@@ -862,6 +862,17 @@ def _locate(text: str, messages: list[dict], markers: TemplateMarkers) -> tuple[
     return spans, open_end
 
 
+@dataclass
+class Layout:
+    """One checked render before tokenization: the text, and the character spans trained and held out."""
+
+    text: str
+    trained: list[tuple[int, int]]
+    holes: list[tuple[int, int]]
+    system_merged: bool = False
+    reasoning_dropped: int = 0
+
+
 def render(
     tokenizer,
     messages: list[dict],
@@ -873,6 +884,23 @@ def render(
     system_into_first_user: bool = False,
 ) -> Rendered:
     """Render the whole conversation once and derive the loss mask from that render (checked, see the module doc)."""
+    lay = layout(tokenizer, messages, tools, flags, train_on, template_kwargs, markers, system_into_first_user)
+    ((ids, mask),) = tokenize_layouts(tokenizer, [lay])
+    return Rendered(lay.text, ids.tolist(), mask.tolist(), sorted(lay.trained), lay.system_merged,
+                    lay.reasoning_dropped)  # fmt: skip
+
+
+def layout(
+    tokenizer,
+    messages: list[dict],
+    tools: list | None = None,
+    flags: list[bool | None] | None = None,
+    train_on: str = "assistant",
+    template_kwargs: dict | None = None,
+    markers: TemplateMarkers | None = None,
+    system_into_first_user: bool = False,
+) -> Layout:
+    """:func:`render` up to the tokenizer: the one render and the spans it trains (the checks included)."""
     markers = markers or template_markers(tokenizer, template_kwargs)
     flags = flags or [None] * len(messages)
     if any(m.get("tool_calls") for m in messages) and not markers.tool_arguments:
@@ -926,12 +954,37 @@ def render(
             trained.append(span)
         elif flags[i] is False:
             holes.append(span)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    mask = _mask_from_spans(enc["offset_mapping"], len(text), trained, holes)
-    return Rendered(text, list(enc["input_ids"]), mask, sorted(trained), merged, dropped)
+    return Layout(text, trained, holes, merged, dropped)
 
 
-def _mask_from_spans(offsets, n_chars: int, spans, holes) -> list[int]:
+def tokenize_layouts(tokenizer, layouts: list[Layout]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input_ids int32, loss_mask uint8) of each layout, from ONE tokenizer call over all their texts."""
+    encoded = _encode_with_offsets(tokenizer, [lay.text for lay in layouts])
+    return [
+        (np.asarray(ids, dtype=np.int32), _mask_from_spans(offsets, len(lay.text), lay.trained, lay.holes))
+        for lay, (ids, offsets) in zip(layouts, encoded)
+    ]
+
+
+def _encode_with_offsets(tokenizer, texts: list[str]) -> list[tuple[list[int], list]]:
+    """What ``tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)`` returns, per text. A fast
+    tokenizer whose Python side adds nothing (no truncation, padding or split special tokens) is called directly
+    (the same Rust call without the per-token conversion of transformers); any other goes through transformers."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    plain = (
+        backend is not None
+        and not getattr(tokenizer, "split_special_tokens", False)
+        and not getattr(backend, "encode_special_tokens", False)
+        and backend.truncation is None
+        and backend.padding is None
+    )
+    if plain:
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return list(zip(enc["input_ids"], enc["offset_mapping"]))
+
+
+def _mask_from_spans(offsets, n_chars: int, spans, holes) -> np.ndarray:
     """A token is trained iff one of its characters lies in a trained span and in no hole. A token that starts in a
     lead-in and ends in the output (' [/INST]' + ' A' in Mistral's format, where the space is the answer's) is trained:
     dropping it would drop the output's first token."""
@@ -947,4 +1000,4 @@ def _mask_from_spans(offsets, n_chars: int, spans, holes) -> list[int]:
         k = int(np.searchsorted(start, a, side="right")) - 1
         if k >= 0 and start[k] < a < pos[2 * k + 1] and chars[a]:
             mask[k] = 1
-    return mask.tolist()
+    return mask.astype(np.uint8, copy=False)

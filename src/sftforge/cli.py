@@ -74,7 +74,7 @@ def _load(args) -> tuple:
 def cmd_tokenize(args) -> int:
     cfg, tok, ds, seconds = _load(args)
     with open(args.output, "w", encoding="utf-8") as f:
-        for s in ds.samples:
+        for s in ds:
             f.write(json.dumps({"input_ids": s.input_ids, "loss_mask": s.loss_mask}) + "\n")
     for line in ds.report.lines():
         print(line, file=sys.stderr)

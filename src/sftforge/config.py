@@ -110,10 +110,14 @@ class DataConfig:
     """error | left | right | drop, applied to samples longer than data.max_length, decided before training."""
     bad_rows: str = "error"
     """error: stop at the first malformed row; skip: drop it and report counts per reason."""
-    num_proc: int = 1
-    """Processes used to tokenize."""
+    num_proc: str = "auto"
+    """Processes used to tokenize: a number, or auto (the usable cores; one per 4 MiB of input for small files)."""
     cache_dir: str = ""
-    """Tokenization cache folder; empty means $SFTFORGE_CACHE or ~/.cache/sftforge; "none" disables it."""
+    """Tokenization cache folder; empty means $SFTFORGE_CACHE or ~/.cache/sftforge; "none" disables it (the
+    samples then go to a temporary store for this run only)."""
+    cache_wait_s: int = 3600
+    """Seconds to wait for another process writing the same cache entry (another rank of this job, or another job)
+    before failing with a message that names it."""
     train_batch_size: int = 8
     """GLOBAL number of sequences per optimizer step (all micro-batches, all ranks)."""
     micro_batch_size_per_gpu: int = 1
@@ -1202,7 +1206,10 @@ def validate(cfg: Config) -> None:
             problems.append(
                 f"{dotted} must be one of {' | '.join(choices)}, got {value!r}.{_suggest(str(value), choices)}"
             )
-    positive = ["data.max_length", "data.train_batch_size", "data.micro_batch_size_per_gpu", "data.num_proc"]
+    positive = ["data.max_length", "data.train_batch_size", "data.micro_batch_size_per_gpu"]
+    n_proc = str(cfg.data.num_proc)
+    if n_proc != "auto" and not (n_proc.isdigit() and int(n_proc) >= 1):
+        problems.append(f"data.num_proc must be auto or a number >= 1, got {cfg.data.num_proc!r}.")
     for dotted in positive:
         section, name = dotted.split(".")
         if getattr(getattr(cfg, section), name) < 1:

@@ -10,21 +10,37 @@ from __future__ import annotations
 import ast
 import glob
 import hashlib
+import io
 import json
 import os
+import shutil
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftforge import prefix_tree
-from sftforge.chat import RowError, TemplateMarkers, load_chat_template, render, row_to_conversation, template_markers
-from sftforge.config import Config, ConfigError, DataConfig
+import numpy as np
 
-CACHE_VERSION = "2"  # 2: masks from the template markers of chat.template_markers (closings per context)
+from sftforge import prefix_tree
+from sftforge.chat import (
+    Layout,
+    RowError,
+    TemplateMarkers,
+    layout,
+    load_chat_template,
+    render,
+    row_to_conversation,
+    template_markers,
+    tokenize_layouts,
+)
+from sftforge.config import Config, ConfigError, DataConfig
+from sftforge.store import Store, StoreWriter, exclusive, open_store, remove_partials
+
+CACHE_VERSION = "3"  # 2: masks from the template markers (closings per context); 3: the memory-mapped store
 
 
 class DataError(ValueError):
@@ -107,21 +123,6 @@ class DataReport:
         return out
 
 
-class TokenizedDataset(Sequence):
-    """The kept samples, in input order, plus the report of what happened to every row."""
-
-    def __init__(self, samples: list[Sample], report: DataReport, fingerprint: str = ""):
-        self.samples = samples
-        self.report = report
-        self.fingerprint = fingerprint  # the cache key: files, tokenizer, template and data options
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        return self.samples[i]
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # Files
 
@@ -176,17 +177,7 @@ def read_rows(path: str) -> Iterator[tuple[str, Any]]:
                 except json.JSONDecodeError as e:
                     yield f"{path}:{n}", RowError("invalid JSON", f"the line is not valid JSON: {e}")
     elif suffix == ".json":
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}: not valid JSON ({e}). A .json file must hold a list of rows; use .jsonl for one row per line."
-            ) from None
-        if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-            data = next(iter(data.values()))
-        if not isinstance(data, list):
-            raise DataError(f"{path}: a .json file must hold a list of rows, got {type(data).__name__}.")
-        for i, row in enumerate(data):
+        for i, row in enumerate(_json_rows(path)):
             yield f"{path} row {i}", row
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -217,14 +208,99 @@ def _read_hub(spec: str) -> Iterator[tuple[str, Any]]:
         yield f"{spec} row {i}", row
 
 
-def file_fingerprint(path: str) -> str:
+def _json_rows(path: str) -> Iterator[Any]:
+    """The rows of a .json file holding a list (or {"name": [rows]}), parsed as they come: the file is never read
+    whole."""
+    dec, f = json.JSONDecoder(), open(path, encoding="utf-8")
+    buf, pos, eof = "", 0, False
+
+    def fill() -> bool:
+        nonlocal buf, pos, eof
+        more = f.read(1 << 20)
+        buf, pos, eof = buf[pos:] + more, 0, not more
+        return bool(more)
+
+    def peek() -> str:
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or not fill():
+                return buf[pos] if pos < len(buf) else ""
+
+    def value() -> Any:
+        nonlocal pos
+        peek()
+        while True:
+            try:
+                obj, end = dec.raw_decode(buf, pos)
+                if end < len(buf) or eof:
+                    pos = end
+                    return obj
+            except json.JSONDecodeError as e:
+                if eof:
+                    raise DataError(f"{path}: not valid JSON ({e}). A .json file must hold a list of rows; use .jsonl "
+                                    "for one row per line.") from None  # fmt: skip
+            fill()
+
+    def expect(ch: str, what: str) -> None:
+        nonlocal pos
+        if peek() != ch:
+            raise DataError(f"{path}: a .json file must hold a list of rows ({what}); use .jsonl for one row per line.")
+        pos += 1
+
+    with f:
+        first = peek()
+        wrapped = first == "{"
+        if wrapped:  # {"rows": [...]}: one key holding the list
+            pos += 1
+            value()
+            expect(":", "an object with one key holding a list")
+        expect("[", "got " + ("an object" if wrapped else "no list"))
+        if peek() == "]":
+            pos += 1
+        else:
+            while True:
+                yield value()
+                sep = peek()
+                pos += 1
+                if sep == "]":
+                    break
+                if sep != ",":
+                    raise DataError(f"{path}: not valid JSON (expected ',' or ']' near character {pos}).")
+        if wrapped:
+            expect("}", "an object with more than one key")
+        if peek():
+            raise DataError(f"{path}: not valid JSON (extra data after the list).")
+
+
+def file_fingerprint(path: str, memo: Path | None = None) -> str:
+    """The sha256 of a file's bytes (a hub dataset: its id). With ``memo`` (a folder), the hash of an unchanged file
+    (same path, size, mtime and inode) is read from there instead of re-reading the file."""
     if not os.path.exists(path):  # hub dataset: the id (and split) is all we have
         return f"hub:{path}"
+    st = os.stat(path)
+    stamp = [os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino]
+    entry = memo / (hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:32] + ".json") if memo else None
+    if entry is not None:
+        try:
+            return json.loads(entry.read_text())["sha256"]
+        except (OSError, ValueError, KeyError):
+            pass
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if entry is not None and time.time() - st.st_mtime > 2:  # a file written this instant may change again unseen
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"stamp": stamp, "sha256": digest}))
+            os.replace(tmp, entry)
+        except OSError:
+            pass
+    return digest
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -263,10 +339,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 # Tokenization (one row)
 
-_WORKER: dict[str, Any] = {}
-
 
 def tokenize_row(loc: str, row: Any, tokenizer, data_cfg: DataConfig, markers: TemplateMarkers) -> Sample:
+    """One row as one sample (the reference the batched path of :func:`build_dataset` must equal)."""
     if isinstance(row, RowError):
         raise row
     messages, tools, flags = row_to_conversation(row, data_cfg)
@@ -275,8 +350,11 @@ def tokenize_row(loc: str, row: Any, tokenizer, data_cfg: DataConfig, markers: T
     r = render(tokenizer, messages, tools, flags, data_cfg.train_on, data_cfg.chat_template_kwargs, markers,
                data_cfg.system_into_first_user)  # fmt: skip
     if not any(r.loss_mask):
-        raise RowError("no trained tokens", "no token of this conversation is trained (check the train flags)")
+        raise RowError(*_NO_TRAINED)
     return Sample(r.input_ids, r.loss_mask, loc, r.system_merged, r.reasoning_dropped)
+
+
+_NO_TRAINED = ("no trained tokens", "no token of this conversation is trained (check the train flags)")
 
 
 def _per_turn(loc, messages, tools, flags, tokenizer, data_cfg: DataConfig, markers) -> Sample:
@@ -296,22 +374,216 @@ def _per_turn(loc, messages, tools, flags, tokenizer, data_cfg: DataConfig, mark
         reasoning = (m.get("reasoning_content") or "").strip()
         dropped += int(bool(reasoning) and reasoning not in r.text)
     if not contexts:
-        raise RowError("no trained tokens", "no token of this conversation is trained (check the train flags)")
+        raise RowError(*_NO_TRAINED)
     ids, mask, parents = prefix_tree.merge(contexts)
     expanded = sum(len(x) for x, _ in contexts)
     tree = None if prefix_tree.is_chain(parents) else parents
     return Sample(ids, mask, loc, merged, dropped, tree, expanded, len(contexts))
 
 
-def _worker_chunk(chunk: list[tuple[str, Any]]) -> list[Sample | tuple[str, str, str]]:
-    tok, data_cfg, markers = _WORKER["tok"], _WORKER["cfg"], _WORKER["markers"]
-    out: list[Sample | tuple[str, str, str]] = []
-    for loc, row in chunk:
+# ------------------------------------------------------------------------------------------------------------------
+# Tokenization (many rows): chunks of rows, each tokenized with one tokenizer call, in worker processes, in order
+
+
+@dataclass
+class _Task:
+    """A chunk of input: raw jsonl lines (``lines``, the first one numbered ``first``), an Arrow record batch of a
+    parquet file (its first row numbered ``first``), or rows already read (``rows``: (row number, row))."""
+
+    file: int
+    lines: bytes | None = None
+    batch: Any = None
+    rows: list | None = None
+    first: int = 0
+    done: float = 0.0
+    """The share of all input read once this chunk is done (for the progress line)."""
+
+
+@dataclass
+class _Chunk:
+    """What a worker made of one task: the kept samples as flat arrays, and the counts for the data report."""
+
+    rows: int = 0
+    lengths: Any = None
+    ids: Any = None
+    mask: Any = None
+    parents: Any = None
+    tree: Any = None
+    trained: Any = None
+    row: Any = None
+    file: int = 0
+    bad: list = field(default_factory=list)
+    """(location, reason, detail) of every bad row, in input order."""
+    counts: Counter = field(default_factory=Counter)
+    max_seen: int = 0
+    over_examples: list = field(default_factory=list)
+    problems: list = field(default_factory=list)
+    done: float = 0.0
+
+
+_WORKER: dict[str, Any] = {}
+_PROBLEMS_KEPT = 20
+
+
+def _location(path: str, n: int) -> str:
+    return f"{path}:{n}" if Path(path).suffix.lower() == ".jsonl" else f"{path} row {n}"
+
+
+def _task_rows(task: _Task, path: str) -> list[tuple[int, Any]]:
+    if task.rows is not None:
+        return task.rows
+    if task.batch is not None:
+        return list(enumerate(task.batch.to_pylist(), task.first))
+    out = []
+    try:
+        text = task.lines.decode("utf-8")
+    except UnicodeDecodeError as e:
+        n = task.first + _count_lines(task.lines[: e.start])
+        raise DataError(f"{path}:{n}: the line is not valid UTF-8 ({e.reason}); save the file as UTF-8.") from None
+    for n, line in enumerate(io.StringIO(text, newline=None), task.first):
+        if not line.strip():
+            continue
         try:
-            out.append(tokenize_row(loc, row, tok, data_cfg, markers))
-        except RowError as e:
-            out.append((loc, e.reason, e.detail))
+            out.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            out.append((n, RowError("invalid JSON", f"the line is not valid JSON: {e}")))
     return out
+
+
+def _count_lines(b: bytes) -> int:
+    """Lines as Python's text mode counts them (universal newlines: \\n, \\r\\n and a lone \\r)."""
+    return b.count(b"\n") + b.count(b"\r") - b.count(b"\r\n")
+
+
+def _tokenize_chunk(task: _Task) -> _Chunk:
+    tok, data_cfg, markers, files = _WORKER["tok"], _WORKER["cfg"], _WORKER["markers"], _WORKER["files"]
+    path = files[task.file]
+    rows = _task_rows(task, path)
+    out = _Chunk(rows=len(rows), file=task.file, done=task.done)
+    kept: list[tuple[int, str, Any, Any, Any]] = []  # (row, location, ids, mask, parents) in input order
+    bad: list[tuple[int, str, str, str]] = []
+    lays: list[tuple[int, str, Layout]] = []
+    per_turn = data_cfg.reasoning_history == "per_turn"
+    for n, row in rows:
+        loc = _location(path, n)
+        try:
+            if per_turn:
+                s = tokenize_row(loc, row, tok, data_cfg, markers)
+                out.counts.update(system_merged=int(s.system_merged), reasoning_dropped=s.reasoning_dropped,
+                                  contexts=s.contexts, expanded_tokens=s.expanded_tokens)  # fmt: skip
+                kept.append((n, loc, np.asarray(s.input_ids, np.int32), np.asarray(s.loss_mask, np.uint8), s.parents))
+                continue
+            if isinstance(row, RowError):
+                raise row
+            messages, tools, flags = row_to_conversation(row, data_cfg)
+            lays.append((n, loc, layout(tok, messages, tools, flags, data_cfg.train_on, data_cfg.chat_template_kwargs,
+                                        markers, data_cfg.system_into_first_user)))  # fmt: skip
+        except RowError as e:
+            bad.append((n, loc, e.reason, e.detail))
+    if lays:
+        for (n, loc, lay), (ids, mask) in zip(lays, tokenize_layouts(tok, [x for _, _, x in lays])):
+            if not mask.any():
+                bad.append((n, loc, *_NO_TRAINED))
+                continue
+            out.counts.update(system_merged=int(lay.system_merged), reasoning_dropped=lay.reasoning_dropped)
+            kept.append((n, loc, ids, mask, None))
+        kept.sort(key=lambda x: x[0])
+    out.bad = [(loc, reason, detail) for _, loc, reason, detail in sorted(bad, key=lambda x: x[0])]
+    out.counts["tokenized"] = len(kept)
+    final = [x for x in (_truncate(*k, data_cfg, out) for k in kept) if x is not None]
+    lengths = [len(x[1]) for x in final]
+    out.lengths = np.asarray(lengths, np.int32)
+    out.ids = np.concatenate([x[1] for x in final]) if final else np.zeros(0, np.int32)
+    out.mask = np.concatenate([x[2] for x in final]) if final else np.zeros(0, np.uint8)
+    out.trained = np.asarray([int(x[2].sum()) for x in final], np.int32)
+    out.row = np.asarray([x[0] for x in final], np.int32)
+    if per_turn:  # a plain chain keeps the chain's parents (and tree=0: read back as None)
+        out.tree = np.asarray([x[3] is not None for x in final], np.uint8)
+        chains = [np.asarray(x[3], np.int32) if x[3] is not None else np.arange(-1, len(x[1]) - 1, dtype=np.int32)
+                  for x in final]  # fmt: skip
+        out.parents = np.concatenate(chains) if chains else np.zeros(0, np.int32)
+    return out
+
+
+def _truncate(n, loc, ids, mask, parents, data_cfg: DataConfig, out: _Chunk):
+    """data.truncation for one sample: (row, ids, mask, parents), or None when it is dropped (counted in ``out``)."""
+    limit, length = data_cfg.max_length, len(ids)
+    out.max_seen = max(out.max_seen, length)
+    if length <= limit:
+        return n, ids, mask, parents
+    out.counts["over_length"] += 1
+    if data_cfg.truncation == "error":
+        if len(out.over_examples) < 3:
+            out.over_examples.append(f"{loc} ({length} tokens)")
+        return None
+    if data_cfg.truncation == "drop":
+        out.counts["dropped_over_length"] += 1
+        if len(out.problems) < _PROBLEMS_KEPT:
+            out.problems.append(f"{loc}: dropped, {length} tokens > data.max_length")
+        return None
+    if parents is not None:
+        raise DataError(
+            f"{loc}: its prefix tree (data.reasoning_history=per_turn) has {length} tokens > "
+            f"data.max_length={limit}, and a tree cannot be cut at one end: set data.truncation=drop or error, or "
+            "raise data.max_length."
+        )
+    cut = slice(-limit, None) if data_cfg.truncation == "left" else slice(0, limit)
+    ids, mask = ids[cut], mask[cut]
+    if not mask[1:].any():  # the first token is never a prediction target
+        out.counts["dropped_no_trained_tokens"] += 1
+        if len(out.problems) < _PROBLEMS_KEPT:
+            out.problems.append(f"{loc}: dropped, truncation cut away every trained token")
+        return None
+    out.counts["truncated"] += 1
+    return n, ids, mask, None
+
+
+_CHUNK_BYTES = 1 << 20  # jsonl bytes per task (~2,700 short conversations, ~150 long agent episodes)
+_CHUNK_ROWS = 1024  # rows per task for parquet, json and hub datasets
+
+
+def _tasks(files: list[str]) -> Iterator[_Task]:
+    """The input as tasks, streamed: no file is read whole (jsonl by byte blocks cut at line ends, parquet by record
+    batches, .json by a streaming parser)."""
+    sizes = [os.path.getsize(f) if os.path.exists(f) else 0 for f in files]
+    total, before = max(sum(sizes), 1), 0
+    for i, f in enumerate(files):
+        suffix = Path(f).suffix.lower()
+        if suffix == ".jsonl":
+            with open(f, "rb") as fh:
+                line, rest, pos = 1, b"", 0
+                while True:
+                    block = fh.read(_CHUNK_BYTES)
+                    buf = rest + block
+                    cut = buf.rfind(b"\n") + 1 if block else len(buf)
+                    if cut == 0 and block:  # no line end yet: read on
+                        rest = buf
+                        continue
+                    chunk, rest = buf[:cut], buf[cut:]
+                    if chunk:
+                        pos += len(chunk)
+                        yield _Task(i, lines=chunk, first=line, done=(before + pos) / total)
+                        line += _count_lines(chunk)
+                    if not block:
+                        break
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(f)
+            n_rows, first = max(pf.metadata.num_rows, 1), 0
+            for batch in pf.iter_batches(batch_size=_CHUNK_ROWS):
+                first += batch.num_rows
+                yield _Task(
+                    i, batch=batch, first=first - batch.num_rows, done=(before + sizes[i] * first / n_rows) / total
+                )
+        else:  # .json (streamed) and hub datasets: rows parsed here, tokenized by the workers
+            for chunk in _chunks(read_rows(f), _CHUNK_ROWS):
+                yield _Task(i, rows=[(_row_number(loc), row) for loc, row in chunk], done=before / total)
+        before += sizes[i]
+
+
+def _row_number(loc: str) -> int:
+    return int(loc.rsplit(" ", 1)[-1])
 
 
 def _chunks(it: Iterator, n: int) -> Iterator[list]:
@@ -325,24 +597,74 @@ def _chunks(it: Iterator, n: int) -> Iterator[list]:
         yield buf
 
 
-def _tokenize_all(files: list[str], tokenizer, data_cfg: DataConfig, markers) -> Iterator[Sample | tuple]:
-    rows = (item for f in files for item in read_rows(f))
-    _WORKER.update(tok=tokenizer, cfg=data_cfg, markers=markers)
-    if data_cfg.num_proc <= 1:
-        for chunk in _chunks(rows, 256):
-            yield from _worker_chunk(chunk)
+def worker_count(data_cfg: DataConfig, files: list[str]) -> int:
+    """data.num_proc: a number, or auto = the usable cores, fewer for a small input (4 MiB of files per worker)."""
+    if str(data_cfg.num_proc) != "auto":
+        return int(data_cfg.num_proc)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if any(not os.path.exists(f) for f in files):  # a hub dataset: size unknown
+        return cores
+    size = sum(os.path.getsize(f) for f in files)
+    return max(1, min(cores, -(-size // (4 << 20))))
+
+
+def _chunk_results(files: list[str], tokenizer, data_cfg: DataConfig, markers, procs: int) -> Iterator[_Chunk]:
+    _WORKER.update(tok=tokenizer, cfg=data_cfg, markers=markers, files=files)
+    if procs <= 1:
+        for task in _tasks(files):
+            yield _tokenize_chunk(task)
         return
     import multiprocessing as mp
+    from collections import deque
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # fork: workers inherit the tokenizer instead of unpickling it; imap keeps input order.
-    with mp.get_context("fork").Pool(data_cfg.num_proc) as pool:
-        for result in pool.imap(_worker_chunk, _chunks(rows, 64)):
-            yield from result
+    # fork: the workers inherit the tokenizer instead of unpickling it. At most 2 tasks per worker are in flight
+    # (memory stays bounded however large the input); results are taken in submission order.
+    with mp.get_context("fork").Pool(procs) as pool:
+        pending: deque = deque()
+        for task in _tasks(files):
+            pending.append(pool.apply_async(_tokenize_chunk, (task,)))
+            if len(pending) >= 2 * procs:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+class _Progress:
+    """One line on stderr with rows/s and an ETA, once tokenization has taken more than a few seconds."""
+
+    def __init__(self, what: str, after_s: float = 3.0):
+        self.what, self.after = what, after_s
+        self.start = self.last = time.monotonic()
+        self.shown, self.tty = False, sys.stderr.isatty()
+
+    def update(self, rows: int, tokens: int, done: float) -> None:
+        now = time.monotonic()
+        elapsed = now - self.start
+        if elapsed < self.after or now - self.last < (0.5 if self.tty else 30.0):
+            return
+        self.last, self.shown = now, True
+        eta = f", ETA {_seconds(elapsed * (1 - done) / done)}" if 0 < done < 1 else ""
+        line = (f"tokenizing {self.what}: {rows:,} rows, {tokens:,} tokens, {rows / elapsed:,.0f} rows/s"
+                f"{f', {done:.0%}' if done else ''}{eta}")  # fmt: skip
+        print(("\r" + line + "\033[K") if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self, rows: int, tokens: int) -> None:
+        if self.shown:
+            elapsed = time.monotonic() - self.start
+            line = f"tokenized {self.what}: {rows:,} rows, {tokens:,} tokens in {_seconds(elapsed)} ({rows / elapsed:,.0f} rows/s)"
+            print(("\r" + line + "\033[K\n") if self.tty else line, end="", file=sys.stderr, flush=True)
+            if not self.tty:
+                print(file=sys.stderr)
+
+
+def _seconds(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# The dataset: policies and cache
+# The dataset: policies, the on-disk store, the cache
 
 
 def template_name(tokenizer, data_cfg: DataConfig) -> str:
@@ -356,47 +678,52 @@ def template_name(tokenizer, data_cfg: DataConfig) -> str:
 _FIX_HINT = "Fix the row, or set data.bad_rows=skip to drop such rows (they are counted and reported)."
 
 
-def _apply_truncation(samples: list[Sample], data_cfg: DataConfig, report: DataReport) -> list[Sample]:
-    limit = data_cfg.max_length
-    over = [s for s in samples if len(s.input_ids) > limit]
-    report.over_length = len(over)
-    report.max_tokens_seen = max((len(s.input_ids) for s in samples), default=0)
-    if not over:
-        return samples
-    if data_cfg.truncation == "error":
-        examples = "; ".join(f"{s.source} ({len(s.input_ids)} tokens)" for s in over[:3])
-        raise DataError(
-            f"{len(over)} of {len(samples)} samples are longer than data.max_length={limit} (longest "
-            f"{report.max_tokens_seen} tokens), e.g. {examples}. Raise data.max_length to at least "
-            f"{report.max_tokens_seen}, or set data.truncation to left (keep the end), right (keep the start) or drop."
-        )
-    kept = []
-    for s in samples:
-        if len(s.input_ids) <= limit:
-            kept.append(s)
-            continue
-        if data_cfg.truncation == "drop":
-            report.dropped_over_length += 1
-            report.first_problems.append(f"{s.source}: dropped, {len(s.input_ids)} tokens > data.max_length")
-            continue
-        if s.parents is not None:
-            raise DataError(
-                f"{s.source}: its prefix tree (data.reasoning_history=per_turn) has {len(s.input_ids)} tokens > "
-                f"data.max_length={limit}, and a tree cannot be cut at one end: set data.truncation=drop or error, or "
-                "raise data.max_length."
-            )
-        cut = slice(-limit, None) if data_cfg.truncation == "left" else slice(0, limit)
-        s = Sample(s.input_ids[cut], s.loss_mask[cut], s.source)
-        if not any(s.loss_mask[1:]):  # the first token is never a prediction target
-            report.dropped_no_trained_tokens += 1
-            report.first_problems.append(f"{s.source}: dropped, truncation cut away every trained token")
-            continue
-        report.truncated += 1
-        kept.append(s)
-    return kept
+class TokenizedDataset(Sequence):
+    """The kept samples, in input order, read by index from the memory-mapped store (store.py), plus the report of
+    what happened to every row. ``lengths`` and ``trained`` (tokens and trained tokens per sample) are read without
+    touching the tokens."""
+
+    def __init__(self, st: Store, report: DataReport, fingerprint: str = "", origin: str = "cache"):
+        self.store, self.report = st, report
+        self.origin = origin
+        """cache (found in the cache), waited (written by another process while this one waited), tokenized"""
+        self.fingerprint = fingerprint  # the cache key: files, tokenizer, template and data options
+        self.files = [str(f) for f in st.meta.get("files", [])]
+        self._tree = st.rows("tree") if st.has("tree") else None
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i) -> Sample:
+        i = int(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} of {len(self)}")
+        i %= len(self)
+        st = self.store
+        parents = st.tokens("parents", i).tolist() if self._tree is not None and self._tree[i] else None
+        return Sample(st.tokens("input_ids", i).tolist(), st.tokens("loss_mask", i).tolist(), self.source(i),
+                      parents=parents)  # fmt: skip
+
+    def describe(self) -> str:
+        how = {"cache": "read from the cache", "waited": "written by another process (waited for it), read from there",
+               "tokenized": "tokenized into the cache"}[self.origin]  # fmt: skip
+        where = self.store.path if self.store.path.exists() else "a temporary store (data.cache_dir=none)"
+        return f"data: {len(self):,} samples, {how}: {where}"
+
+    def source(self, i: int) -> str:
+        return _location(self.files[int(self.store.rows("file")[i])], int(self.store.rows("row")[i]))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.store.rows("length")
+
+    @property
+    def trained(self) -> np.ndarray:
+        return self.store.rows("trained")
 
 
-def cache_key(files: list[str], tokenizer, data_cfg: DataConfig, markers: TemplateMarkers | None = None) -> str:
+def cache_key(files: list[str], tokenizer, data_cfg: DataConfig, markers: TemplateMarkers | None = None,
+              memo: Path | None = None) -> str:  # fmt: skip
     opts = {
         k: v
         for k, v in asdict(data_cfg).items()
@@ -423,7 +750,7 @@ def cache_key(files: list[str], tokenizer, data_cfg: DataConfig, markers: Templa
     key = [CACHE_VERSION, opts, tokenizer_fingerprint(tokenizer), learned]
     h.update(json.dumps(key, sort_keys=True, default=str).encode())
     for f in files:
-        h.update(f"{f}\0{file_fingerprint(f)}".encode())
+        h.update(f"{f}\0{file_fingerprint(f, memo)}".encode())
     return h.hexdigest()[:32]
 
 
@@ -434,88 +761,107 @@ def cache_dir(data_cfg: DataConfig) -> Path | None:
     return Path(os.path.expanduser(root)) / "tokenized"
 
 
-def _save_cache(path: Path, ds: TokenizedDataset) -> None:
-    import pyarrow as pa
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table(
-        {
-            "input_ids": pa.array([s.input_ids for s in ds.samples], type=pa.list_(pa.int32())),
-            "loss_mask": pa.array([s.loss_mask for s in ds.samples], type=pa.list_(pa.int8())),
-            "source": pa.array([s.source for s in ds.samples], type=pa.string()),
-            "parents": pa.array([s.parents for s in ds.samples], type=pa.list_(pa.int32())),
-        },
-        metadata={"report": json.dumps(asdict(ds.report))},
-    )
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    os.replace(tmp, path)  # atomic: a reader never sees a half-written cache
-
-
-def _load_cache(path: Path) -> TokenizedDataset | None:
-    import pyarrow as pa
-
-    try:
-        with pa.memory_map(str(path)) as source:
-            table = pa.ipc.open_file(source).read_all()
-    except (OSError, pa.ArrowInvalid):
+def _open(path: Path, key: str, origin: str = "cache") -> TokenizedDataset | None:
+    st = open_store(path)
+    if st is None:
         return None
-    report = DataReport(**json.loads(table.schema.metadata[b"report"]))
-    cols = table.to_pydict()
-    parents = cols.get("parents") or [None] * len(cols["input_ids"])
-    samples = [Sample(i, m, s, parents=p) for i, m, s, p in zip(cols["input_ids"], cols["loss_mask"], cols["source"],
-                                                                 parents)]  # fmt: skip
-    return TokenizedDataset(samples, report)
+    return TokenizedDataset(st, DataReport(**st.meta["report"]), key[:16], origin)
+
+
+def _writable(root: Path) -> bool:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            return True
+    except OSError as e:
+        print(f"warning: the tokenization cache {root} is not writable ({e}); tokenizing into a temporary folder "
+              "for this run only (set data.cache_dir to a writable folder to keep it).", file=sys.stderr)  # fmt: skip
+        return False
 
 
 def build_dataset(
     data_cfg: DataConfig, tokenizer, files: Any = None, key: str = "data.train_files"
 ) -> TokenizedDataset:
-    """Read, normalize, render and tokenize every row of ``files``; apply the bad-row and truncation policies."""
+    """Read, normalize, render and tokenize every row of ``files``; apply the bad-row and truncation policies.
+
+    The samples go to a memory-mapped store in the cache (written once: under torchrun one process writes it, the
+    others wait and map it) and are read from there by index."""
+    option = key
     files = resolve_files(data_cfg.train_files if files is None else files, key)
     markers = template_markers(tokenizer, data_cfg.chat_template_kwargs)
-    cdir = cache_dir(data_cfg)
-    key = cache_key(files, tokenizer, data_cfg, markers)
-    cpath = cdir / f"{key}.arrow" if cdir else None
-    if cpath is not None and cpath.exists():
-        cached = _load_cache(cpath)
-        if cached is not None:
-            cached.fingerprint = key[:16]
-            return cached
-    report = DataReport()
-    skipped: Counter[str] = Counter()
-    samples: list[Sample] = []
-    for result in _tokenize_all(files, tokenizer, data_cfg, markers):
-        report.rows += 1
-        if isinstance(result, Sample):
-            samples.append(result)
-            report.system_merged += result.system_merged
-            report.reasoning_dropped += result.reasoning_dropped
-            if data_cfg.reasoning_history == "per_turn":
-                report.contexts += result.contexts
-                report.expanded_tokens += result.expanded_tokens
-            continue
-        loc, reason, detail = result
-        if data_cfg.bad_rows == "error":
-            raise DataError(f"{loc}: {reason}: {detail} [{template_name(tokenizer, data_cfg)}]. {_FIX_HINT}")
-        skipped[reason] += 1
-        if len(report.first_problems) < 20:
-            report.first_problems.append(f"{loc}: {reason}: {detail}")
-    report.skipped = dict(skipped)
-    samples = _apply_truncation(samples, data_cfg, report)
-    if not samples:
-        raise DataError(
-            f"No usable sample in {', '.join(files)} ({report.rows} rows read). " + " ".join(report.lines()[1:])
-        )
-    report.samples = len(samples)
-    report.tokens = sum(len(s.input_ids) for s in samples)
-    report.trained_tokens = sum(sum(s.loss_mask) for s in samples)
-    ds = TokenizedDataset(samples, report, key[:16])
-    if cpath is not None:
-        try:
-            _save_cache(cpath, ds)
-        except OSError as e:  # a read-only home must not stop training
-            print(f"warning: could not write the tokenization cache {cpath}: {e}", file=sys.stderr)
-    return ds
+    root = cache_dir(data_cfg)
+    fp = cache_key(files, tokenizer, data_cfg, markers, memo=root.parent / "file-hashes" if root else None)
+    if root is not None:
+        found = _open(root / fp, fp)
+        if found is not None:
+            return found
+        root = root if _writable(root) else None
+    temporary = root is None
+    if temporary:  # no cache: a private store, removed once mapped (the maps keep the files until they close)
+        root = Path(tempfile.mkdtemp(prefix="sftforge-tokenized-"))
+    what = f"tokenizing {option} ({len(files)} file{'s' * (len(files) > 1)})"
+    try:
+        with exclusive(root / f"{fp}.lock", data_cfg.cache_wait_s, what) as holder:
+            found = _open(root / fp, fp, "waited")
+            if found is not None:  # another process (a rank of this job, another job) wrote it while we waited
+                return found
+            remove_partials(root, fp)
+            path = _write(files, tokenizer, data_cfg, markers, root, fp, holder, option)
+        return _open(path, fp, "tokenized")
+    finally:
+        if temporary:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _write(files, tokenizer, data_cfg: DataConfig, markers, root: Path, fp: str, holder, option: str) -> Path:
+    per_turn = data_cfg.reasoning_history == "per_turn"
+    tokens = {"input_ids": "int32", "loss_mask": "uint8", **({"parents": "int32"} if per_turn else {})}
+    rows = {"length": "int32", "trained": "int32", "file": "int32", "row": "int32", **({"tree": "uint8"} if per_turn else {})}  # fmt: skip
+    writer = StoreWriter(root, fp, tokens, rows)
+    report, skipped, counts = DataReport(), Counter(), Counter()
+    problems, trunc_problems, over_examples = [], [], []
+    progress = _Progress(option)
+    try:
+        for c in _chunk_results(files, tokenizer, data_cfg, markers, worker_count(data_cfg, files)):
+            report.rows += c.rows
+            for loc, reason, detail in c.bad:
+                if data_cfg.bad_rows == "error":
+                    raise DataError(f"{loc}: {reason}: {detail} [{template_name(tokenizer, data_cfg)}]. {_FIX_HINT}")
+                skipped[reason] += 1
+                if len(problems) < _PROBLEMS_KEPT:
+                    problems.append(f"{loc}: {reason}: {detail}")
+            counts.update(c.counts)
+            report.max_tokens_seen = max(report.max_tokens_seen, c.max_seen)
+            over_examples += c.over_examples[: 3 - len(over_examples)]
+            trunc_problems += c.problems[: _PROBLEMS_KEPT - len(trunc_problems)]
+            cols = {"input_ids": c.ids, "loss_mask": c.mask, "parents": c.parents}
+            writer.append(c.lengths, cols, {"length": c.lengths, "trained": c.trained, "row": c.row, "tree": c.tree,
+                                            "file": np.full(len(c.lengths), c.file, np.int32)})  # fmt: skip
+            report.samples, report.tokens = writer.n, writer.n_tokens
+            report.trained_tokens += int(c.trained.sum(dtype=np.int64))
+            progress.update(report.rows, report.tokens, c.done)
+            holder.progress(f"{report.rows:,} rows")
+        progress.close(report.rows, report.tokens)
+        report.skipped = dict(skipped)
+        report.system_merged, report.reasoning_dropped = counts["system_merged"], counts["reasoning_dropped"]
+        if per_turn:
+            report.contexts, report.expanded_tokens = counts["contexts"], counts["expanded_tokens"]
+        report.over_length, report.truncated = counts["over_length"], counts["truncated"]
+        report.dropped_over_length = counts["dropped_over_length"]
+        report.dropped_no_trained_tokens = counts["dropped_no_trained_tokens"]
+        report.first_problems = problems + trunc_problems
+        if data_cfg.truncation == "error" and report.over_length:
+            raise DataError(
+                f"{report.over_length} of {counts['tokenized']} samples are longer than data.max_length="
+                f"{data_cfg.max_length} (longest {report.max_tokens_seen} tokens), e.g. {'; '.join(over_examples)}. "
+                f"Raise data.max_length to at least {report.max_tokens_seen}, or set data.truncation to left (keep the "
+                "end), right (keep the start) or drop."
+            )
+        if not report.samples:
+            raise DataError(
+                f"No usable sample in {', '.join(files)} ({report.rows} rows read). " + " ".join(report.lines()[1:])
+            )
+        return writer.commit({"report": asdict(report), "files": files})
+    except BaseException:
+        writer.abort()
+        raise

@@ -8,6 +8,7 @@ which timing alone cannot give. ``SFTFORGE_TEST_FAULT`` holds comma-separated it
   save_sleep=S:PHASE   inside the save of step_S, print "fault: sleeping in save of step S at PHASE" to stderr and
                        sleep 60 s, so the test can SIGKILL the process there. PHASE: weights (model.safetensors
                        written, nothing else) | marker (the .tmp folder is complete, not yet renamed)
+  store_kill=K         the writer of a tokenized store SIGKILLs itself right after its K-th chunk (1-based)
 """
 
 from __future__ import annotations
@@ -42,3 +43,10 @@ def in_save(step: int, phase: str) -> None:
     if spec and spec == f"{step}:{phase}":
         print(f"fault: sleeping in save of step {step} at {phase}", file=sys.stderr, flush=True)
         time.sleep(60)
+
+
+def after_store_append(n: int) -> None:
+    """Called by the tokenized store's writer after its n-th chunk (1-based)."""
+    spec = _items().get("store_kill")
+    if spec and int(spec) == n:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -27,9 +27,10 @@ import dataclasses
 import json
 import math
 import re
-import statistics
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from sftforge.batching import grad_accum_steps, make_plan
 from sftforge.config import Config, ConfigError, load_config
@@ -377,22 +378,46 @@ def _count(total: int, freq: int) -> int:
     return total // freq + (1 if total % freq else 0)
 
 
-def length_stats(lengths: list[int]) -> dict[str, int]:
-    if not lengths:
+_SLICE = 1 << 20  # elements per slice when reading a store's columns (no whole-column temporaries)
+
+
+def _length_counts(lengths) -> np.ndarray:
+    """counts[L] = how many samples have L tokens, read slice by slice (memory: the longest length, not the data)."""
+    counts = np.zeros(1, np.int64)
+    for k in range(0, len(lengths), _SLICE):
+        c = np.bincount(np.asarray(lengths[k : k + _SLICE]))
+        counts = np.pad(counts, (0, max(0, len(c) - len(counts))))
+        counts[: len(c)] += c
+    return counts
+
+
+def _column_sum(values) -> int:
+    return sum(int(np.asarray(values[k : k + _SLICE]).sum(dtype=np.int64)) for k in range(0, len(values), _SLICE))
+
+
+def length_stats(lengths) -> dict[str, int]:
+    """min, median, p95 and max of a list or an array of lengths (a store's column is read slice by slice)."""
+    n = len(lengths)
+    if not n:
         return {"min": 0, "median": 0, "p95": 0, "max": 0}
-    s = sorted(lengths)
-    p95 = s[min(len(s) - 1, math.ceil(0.95 * len(s)) - 1)]
-    return {"min": s[0], "median": int(statistics.median(s)), "p95": p95, "max": s[-1]}
+    cum = np.cumsum(_length_counts(lengths))
+
+    def kth(k: int) -> int:  # the k-th smallest (0-based)
+        return int(np.searchsorted(cum, k + 1))
+
+    median = kth(n // 2) if n % 2 else int((kth(n // 2 - 1) + kth(n // 2)) / 2)
+    return {"min": kth(0), "median": median, "p95": kth(min(n - 1, math.ceil(0.95 * n) - 1)), "max": kth(n - 1)}
 
 
-def histogram(lengths: list[int], bins: int = 8, width: int = 30) -> list[str]:
-    if not lengths:
+def histogram(lengths, bins: int = 8, width: int = 30) -> list[str]:
+    if not len(lengths):
         return []
-    lo, hi = min(lengths), max(lengths)
+    per_length = _length_counts(lengths)
+    present = np.flatnonzero(per_length)
+    lo, hi = int(present[0]), int(present[-1])
     step = max(1, math.ceil((hi - lo + 1) / bins))
-    counts = [0] * bins
-    for n in lengths:
-        counts[min(bins - 1, (n - lo) // step)] += 1
+    counts = [int(per_length[lo + k * step : lo + (k + 1) * step].sum()) for k in range(bins)]
+    counts[-1] += int(per_length[lo + bins * step :].sum())
     top = max(counts)
     return [f"{lo + k * step:>7}-{lo + (k + 1) * step - 1:<7} {'█' * round(width * c / top):<{width}} {c}"
             for k, c in enumerate(counts) if lo + k * step <= hi]  # fmt: skip
@@ -415,10 +440,10 @@ def build_plan(
     warnings: list[str] = []
     notes: list[str] = []
     n = len(lengths)
-    supervised = supervised if supervised is not None else [0] * n
+    supervised = supervised if supervised is not None else np.zeros(n, np.int32)
     ws = world_size(cfg)
     out: dict[str, Any] = {"samples": n, "world_size": ws, "sp_size": max(1, t.sp_size)}
-    tokens, sup_tokens = sum(lengths), sum(supervised)
+    tokens, sup_tokens = _column_sum(lengths), _column_sum(supervised)
     out["tokens"], out["supervised_tokens"] = tokens, sup_tokens
     out["supervised_share"] = round(sup_tokens / tokens, 4) if tokens else 0.0
     out["length"] = length_stats(lengths)
@@ -491,11 +516,13 @@ def build_plan(
 
     # Memory
     longest = out["length"]["max"] or None
-    max_share = max((s / max(1, L) for s, L in zip(supervised, lengths)), default=1.0) if n else 1.0
+    max_share = max((float((np.asarray(supervised[k : k + _SLICE]) / np.maximum(np.asarray(lengths[k : k + _SLICE]), 1)).max())
+                     for k in range(0, n, _SLICE)), default=1.0)  # fmt: skip
     memory = None
     if shape is not None:
         mb_tokens = micro_batch_tokens(cfg, d.micro_batch_size_per_gpu, longest)
-        mb_sup = min(mb_tokens, d.micro_batch_size_per_gpu * max(supervised, default=mb_tokens)) if n else mb_tokens
+        most = max(int(np.asarray(supervised[k : k + _SLICE]).max()) for k in range(0, n, _SLICE)) if n else 0
+        mb_sup = min(mb_tokens, d.micro_batch_size_per_gpu * most) if n else mb_tokens
         shards = fsdp_shards(cfg, ws)
         est = estimate_memory(shape, cfg, mb_tokens, mb_sup, gpu_memory=gpu_memory, shard_over=shards)
         memory = {**est.gib(), "n_params": shape.n_params, "tokens_per_micro_batch": est.tokens_per_micro_batch,
@@ -550,8 +577,7 @@ def plan_from_config(cfg: Config, gpu_memory: str | int | None = None) -> tuple[
     if cfg.data.val_files:
         val_n = len(build_dataset(cfg.data, tok, cfg.data.val_files, key="data.val_files"))
     shape = ModelShape.from_path(cfg.model.path, cfg.model.trust_remote_code)
-    lengths = [len(s.input_ids) for s in ds.samples]
-    supervised = [sum(s.loss_mask) for s in ds.samples]
+    lengths, supervised = ds.lengths, ds.trained  # read from the store without touching the tokens
     plan = build_plan(cfg, lengths, supervised, shape=shape, gpu_memory=mem, report=ds.report, val_samples=val_n)
     return plan, lengths
 
@@ -564,7 +590,7 @@ def format_plan(p: dict[str, Any], lengths: list[int] | None = None) -> str:
         + (f"; validation: {p['val_samples']:,} samples" if p.get("val_samples") else ""),
         f"tokens per sample: min {L['min']}, median {L['median']}, p95 {L['p95']}, max {L['max']}",
     ]
-    lines += ["  " + h for h in histogram(lengths or [])]
+    lines += ["  " + h for h in histogram(lengths if lengths is not None else [])]
     ov = p.get("over_max_length")
     if ov:
         lines.append(

@@ -151,7 +151,7 @@ def step_prompts(prompts: list, step: int, cfg: Config) -> list:
     per_epoch = max(1, len(prompts) // k)
     epoch, b = divmod(step, per_epoch)
     order = epoch_order(len(prompts), cfg.trainer.seed, epoch, cfg.data.shuffle)
-    return [prompts[i] for i in order[b * k : (b + 1) * k]]
+    return [prompts[int(i)] for i in order[b * k : (b + 1) * k]]
 
 
 class Sampler:

@@ -127,6 +127,8 @@ def _train(run: Run, model, tokenizer, train_dataset, val_dataset) -> dict[str, 
     tokenizer, train_ds, val_ds = load_data(cfg, tokenizer, train_dataset, val_dataset)
     plan = make_plan(cfg, len(train_ds), dp_size, dp_rank)
     run.lines.extend(getattr(getattr(train_ds, "report", None), "lines", list)())
+    if hasattr(train_ds, "describe"):
+        run.lines.append(train_ds.describe())
     run.prepare_output()
     model, engine, optimizer = run.build(model, sp_size=sp_size)
     runner = Runner(cfg, engine, run.device, pad_id(tokenizer), run.world_size)
