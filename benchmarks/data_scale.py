@@ -66,7 +66,7 @@ def child(args) -> None:
     cfg = load_config(None, over)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     ds = build_dataset(cfg.data, tok)
-    build_plan(cfg, ds.lengths, ds.trained, report=ds.report)  # what `sftforge plan` computes from the data
+    build_plan(cfg, ds.store.column("length"), ds.store.column("trained"), report=ds.report)  # as `sftforge plan`
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     plan = make_plan(cfg, len(ds), world, rank)
     _, _, micro, _, _ = step_micro_batches(ds, 0, cfg, plan)  # a training start: the first step's samples
@@ -92,7 +92,8 @@ def main() -> None:
     shared = ROOT.parent / "shared" / "assets" / "tokenizers" / "qwen3"
     ap.add_argument("--tokenizer", default=str(shared) if shared.exists() else "")
     ap.add_argument("--torchrun", action="store_true", help="also a 2-process torchrun start (cold and cached)")
-    ap.add_argument("--workdir", default="")
+    ap.add_argument("--workdir", default="", help="keep the data and the caches here (default: a temporary folder)")
+    ap.add_argument("--cached-only", action="store_true", help="only the cached starts (after a run with --workdir)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cache", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -121,9 +122,10 @@ def main() -> None:
             launches.append(("2", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                    "2", *me[1:]]))  # fmt: skip
         for procs, cmd in launches:
-            cache = work / f"cache-{procs}"
-            shutil.rmtree(cache, ignore_errors=True)
-            for start in ("cold", "cached"):
+            cache = work / f"cache-{procs}-{data.stem}"
+            if not args.cached_only:
+                shutil.rmtree(cache, ignore_errors=True)
+            for start in ("cached",) if args.cached_only else ("cold", "cached"):
                 results = run([*cmd, "--file", str(data), "--cache", str(cache)], env)
                 for r in results:
                     who = "this rank" if r["origin"] == "tokenized" else "the store" if r["origin"] == "cache" else (

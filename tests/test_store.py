@@ -304,7 +304,6 @@ def test_num_proc_auto_and_validation(tmp_path):
 
 def test_progress_line_has_rate_and_eta(capsys):
     p = data_mod._Progress("data.train_files", after_s=0.0)
-    p.last = -1e9
     p.update(5000, 400_000, 0.25)
     p.close(20000, 1_600_000)
     err = capsys.readouterr().err

@@ -43,7 +43,7 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarr
         order = np.arange(n, dtype=dtype)
     else:
         g = torch.Generator().manual_seed(seed + epoch)
-        order = torch.randperm(n, generator=g).numpy().astype(dtype)
+        order = torch.randperm(n, generator=g, dtype=torch.int32 if dtype == np.int32 else torch.int64).numpy()
     order.flags.writeable = False  # shared by the cache: nobody may shuffle it in place
     return order
 
@@ -88,12 +88,18 @@ def step_micro_batches(dataset, step: int, cfg: Config, plan: Plan) -> tuple[int
 def micro_batches(samples: list, micro_batch_size: int, max_tokens: int, packing: bool) -> list[list]:
     """``samples`` in groups of ``micro_batch_size``, each split further to stay under ``max_tokens``
     (data.max_tokens_per_micro_batch; 0 = no limit)."""
+    lengths = [len(s.input_ids) for s in samples]
+    return [[samples[i] for i in g] for g in micro_batch_groups(lengths, micro_batch_size, max_tokens, packing)]
+
+
+def micro_batch_groups(lengths, micro_batch_size: int, max_tokens: int, packing: bool) -> list[list[int]]:
+    """:func:`micro_batches` from the lengths alone: the indices of each micro-batch (no sample is read)."""
     out = []
-    for k in range(0, len(samples), micro_batch_size):
-        chunk = samples[k : k + micro_batch_size]
-        for group in split_to_budget([len(s.input_ids) for s in chunk], max_tokens, packing):
-            out.append([chunk[i] for i in group])
+    for k in range(0, len(lengths), micro_batch_size):
+        for group in split_to_budget([int(n) for n in lengths[k : k + micro_batch_size]], max_tokens, packing):
+            out.append([k + i for i in group])
     return out
 
 
-__all__ = ["Plan", "epoch_order", "grad_accum_steps", "make_plan", "micro_batches", "step_micro_batches"]
+__all__ = ["Plan", "epoch_order", "grad_accum_steps", "make_plan", "micro_batch_groups", "micro_batches",
+           "step_micro_batches"]  # fmt: skip

@@ -635,7 +635,7 @@ class _Progress:
 
     def __init__(self, what: str, after_s: float = 3.0):
         self.what, self.after = what, after_s
-        self.start = self.last = time.monotonic()
+        self.start, self.last = time.monotonic(), float("-inf")  # the first line as soon as after_s has passed
         self.shown, self.tty = False, sys.stderr.isatty()
 
     def update(self, rows: int, tokens: int, done: float) -> None:

@@ -577,7 +577,8 @@ def plan_from_config(cfg: Config, gpu_memory: str | int | None = None) -> tuple[
     if cfg.data.val_files:
         val_n = len(build_dataset(cfg.data, tok, cfg.data.val_files, key="data.val_files"))
     shape = ModelShape.from_path(cfg.model.path, cfg.model.trust_remote_code)
-    lengths, supervised = ds.lengths, ds.trained  # read from the store without touching the tokens
+    # the store's length and trained columns, read slice by slice: neither the tokens nor whole columns in memory
+    lengths, supervised = ds.store.column("length"), ds.store.column("trained")
     plan = build_plan(cfg, lengths, supervised, shape=shape, gpu_memory=mem, report=ds.report, val_samples=val_n)
     return plan, lengths
 

@@ -119,6 +119,27 @@ class Store:
     def rows(self, name: str) -> np.ndarray:
         return self._rows[name]
 
+    def column(self, name: str) -> Column:
+        """A row column for one pass over all samples (statistics): read slice by slice, nothing stays mapped."""
+        return Column(self.path / f"{name}.bin", np.dtype(self.meta["rows"][name]), self.n)
+
+
+class Column:
+    """``len()`` and slices of a row column, each slice read from its file (resident memory: one slice)."""
+
+    def __init__(self, path: Path, dtype: np.dtype, n: int):
+        self.path, self.dtype, self.n = path, dtype, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        start, stop, _ = s.indices(self.n)
+        count = max(0, stop - start)
+        if not count:
+            return np.zeros(0, self.dtype)
+        return np.fromfile(self.path, self.dtype, count=count, offset=start * self.dtype.itemsize)
+
 
 def open_store(path: Path) -> Store | None:
     """The committed entry at ``path``, or None when there is none (or it is from another format version)."""
@@ -210,4 +231,4 @@ def exclusive(lock_path: Path, timeout_s: float, what: str, key: str = "data.cac
         os.close(fd)
 
 
-__all__ = ["STORE_VERSION", "Holder", "Store", "StoreWriter", "exclusive", "open_store", "remove_partials"]
+__all__ = ["STORE_VERSION", "Column", "Holder", "Store", "StoreWriter", "exclusive", "open_store", "remove_partials"]

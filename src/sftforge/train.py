@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from sftforge import faults, ulysses
-from sftforge.batching import Plan, grad_accum_steps, make_plan, micro_batches, step_micro_batches
+from sftforge.batching import Plan, grad_accum_steps, make_plan, micro_batch_groups, step_micro_batches
 from sftforge.config import Config
 from sftforge.data import build_dataset, load_tokenizer
 from sftforge.distributed import all_reduce_sum, any_rank_max
@@ -81,12 +81,14 @@ class Runner:
         """Token-weighted loss over every validation sample (sum of CE / number of supervised tokens)."""
         self.model.eval()
         d = self.cfg.data
-        mine = [dataset[i] for i in range(dp_rank, len(dataset), dp_size)]
-        groups = micro_batches(mine, d.micro_batch_size_per_gpu, d.max_tokens_per_micro_batch, d.packing)
+        mine = range(dp_rank, len(dataset), dp_size)  # read a micro-batch at a time (the store stays on disk)
+        own = getattr(dataset, "lengths", None)
+        lengths = [own[i] for i in mine] if own is not None else [len(dataset[i].input_ids) for i in mine]
+        groups = micro_batch_groups(lengths, d.micro_batch_size_per_gpu, d.max_tokens_per_micro_batch, d.packing)
         total, count = 0.0, 0
         for k in range(any_rank_max(len(groups)) if dp_size > 1 else len(groups)):
             # FSDP2 gathers weights in every forward: every rank runs as many as the busiest (extra ones count 0)
-            s, n = self.loss(groups[k] if k < len(groups) else [dataset[0]])
+            s, n = self.loss([dataset[mine[j]] for j in groups[k]] if k < len(groups) else [dataset[0]])
             if k < len(groups):
                 total, count = total + float(s), count + n
         total, count = all_reduce_sum(total, count)  # token-weighted over all ranks
