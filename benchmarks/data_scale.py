@@ -1,6 +1,7 @@
 """Data at scale: cold and cached starts of a large conversation set, one process and a 2-process torchrun start.
 
-    python benchmarks/data_scale.py --rows 1570000 [--rows 5000000] [--file F.jsonl] [--tokenizer DIR] [--torchrun]
+    python benchmarks/data_scale.py --rows 1570000 [5000000] [--torchrun] [--tokenizer DIR]
+    python benchmarks/data_scale.py --file F.parquet --set data.messages_key=messages [--torchrun]
 
 Without --file it writes a multiple-choice set shaped like the ExplicitLM notes' (system, a question with four
 options, a one-line answer; ``conversations`` role/content, ~90 Qwen3 tokens a row) with --rows rows. Each
@@ -62,7 +63,7 @@ def child(args) -> None:
 
     over = [f"data.train_files={args.file}", f"data.cache_dir={args.cache}", "data.format=messages",
             "data.messages_key=conversations", "data.max_length=2048", "data.train_batch_size=64",
-            f"model.path={args.tokenizer}"]  # fmt: skip
+            f"model.path={args.tokenizer}", *args.set]  # fmt: skip
     cfg = load_config(None, over)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     ds = build_dataset(cfg.data, tok)
@@ -92,6 +93,8 @@ def main() -> None:
     shared = ROOT.parent / "shared" / "assets" / "tokenizers" / "qwen3"
     ap.add_argument("--tokenizer", default=str(shared) if shared.exists() else "")
     ap.add_argument("--torchrun", action="store_true", help="also a 2-process torchrun start (cold and cached)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides for --file (e.g. data.messages_key=messages)")  # fmt: skip
     ap.add_argument("--workdir", default="", help="keep the data and the caches here (default: a temporary folder)")
     ap.add_argument("--cached-only", action="store_true", help="only the cached starts (after a run with --workdir)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -106,7 +109,7 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sftforge-data-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    me = [sys.executable, str(Path(__file__).resolve()), "--child", "--tokenizer", args.tokenizer]
+    me = [sys.executable, str(Path(__file__).resolve()), "--child", "--tokenizer", args.tokenizer, "--set", *args.set]
     print(f"{os.cpu_count()} cores; tokenizer {args.tokenizer}\n")
     print("| rows | start | processes | wall | rows/s | tokens/s | peak resident | above torch import | tokenized by |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---|")

@@ -481,7 +481,10 @@ def _tokenize_chunk(task: _Task) -> _Chunk:
         except RowError as e:
             bad.append((n, loc, e.reason, e.detail))
     if lays:
-        for (n, loc, lay), (ids, mask) in zip(lays, tokenize_layouts(tok, [x for _, _, x in lays])):
+        encoded = []  # one tokenizer call per ~256k characters: long conversations keep the call's memory bounded
+        for group in _by_size([x for _, _, x in lays], _CALL_CHARS):
+            encoded += tokenize_layouts(tok, group)
+        for (n, loc, lay), (ids, mask) in zip(lays, encoded):
             if not mask.any():
                 bad.append((n, loc, *_NO_TRAINED))
                 continue
@@ -503,6 +506,18 @@ def _tokenize_chunk(task: _Task) -> _Chunk:
                   for x in final]  # fmt: skip
         out.parents = np.concatenate(chains) if chains else np.zeros(0, np.int32)
     return out
+
+
+def _by_size(layouts: list[Layout], chars: int) -> Iterator[list[Layout]]:
+    group, size = [], 0
+    for lay in layouts:
+        if group and size + len(lay.text) > chars:
+            yield group
+            group, size = [], 0
+        group.append(lay)
+        size += len(lay.text)
+    if group:
+        yield group
 
 
 def _truncate(n, loc, ids, mask, parents, data_cfg: DataConfig, out: _Chunk):
@@ -539,7 +554,8 @@ def _truncate(n, loc, ids, mask, parents, data_cfg: DataConfig, out: _Chunk):
 
 
 _CHUNK_BYTES = 1 << 20  # jsonl bytes per task (~2,700 short conversations, ~150 long agent episodes)
-_CHUNK_ROWS = 1024  # rows per task for parquet, json and hub datasets
+_CHUNK_ROWS = 1024  # rows per task for json and hub datasets, and at most for parquet (fewer for long rows)
+_CALL_CHARS = 1 << 18  # characters per tokenizer call
 
 
 def _tasks(files: list[str]) -> Iterator[_Task]:
@@ -571,7 +587,10 @@ def _tasks(files: list[str]) -> Iterator[_Task]:
 
             pf = pq.ParquetFile(f)
             n_rows, first = max(pf.metadata.num_rows, 1), 0
-            for batch in pf.iter_batches(batch_size=_CHUNK_ROWS):
+            md = pf.metadata
+            row_bytes = sum(md.row_group(g).total_byte_size for g in range(md.num_row_groups)) / n_rows
+            rows = int(min(_CHUNK_ROWS, max(16, _CHUNK_BYTES // max(row_bytes, 1))))  # ~_CHUNK_BYTES a task
+            for batch in pf.iter_batches(batch_size=rows):
                 first += batch.num_rows
                 yield _Task(
                     i, batch=batch, first=first - batch.num_rows, done=(before + sizes[i] * first / n_rows) / total
