@@ -271,6 +271,7 @@ def test_plan_reads_lengths_without_touching_the_tokens(tmp_path, tokenizer_dirs
     first, _ = plan_from_config(cfg)
     monkeypatch.setattr(Store, "tokens", lambda *a: pytest.fail("the plan read a sample's tokens"))
     again, lengths = plan_from_config(cfg)  # cached: the store's length and trained columns only
+    assert "tokenized into the cache" in first.pop("store") and "read from the cache" in again.pop("store")
     assert again == first and len(lengths) == 40
 
 

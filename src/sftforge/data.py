@@ -727,7 +727,7 @@ class TokenizedDataset(Sequence):
         how = {"cache": "read from the cache", "waited": "written by another process (waited for it), read from there",
                "tokenized": "tokenized into the cache"}[self.origin]  # fmt: skip
         where = self.store.path if self.store.path.exists() else "a temporary store (data.cache_dir=none)"
-        return f"data: {len(self):,} samples, {how}: {where}"
+        return f"tokenized store: {len(self):,} samples {how} ({where})"
 
     def source(self, i: int) -> str:
         return _location(self.files[int(self.store.rows("file")[i])], int(self.store.rows("row")[i]))

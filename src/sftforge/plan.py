@@ -580,6 +580,7 @@ def plan_from_config(cfg: Config, gpu_memory: str | int | None = None) -> tuple[
     # the store's length and trained columns, read slice by slice: neither the tokens nor whole columns in memory
     lengths, supervised = ds.store.column("length"), ds.store.column("trained")
     plan = build_plan(cfg, lengths, supervised, shape=shape, gpu_memory=mem, report=ds.report, val_samples=val_n)
+    plan["store"] = ds.describe()  # where the tokenized samples are (and whether this run tokenized them)
     return plan, lengths
 
 
@@ -592,6 +593,8 @@ def format_plan(p: dict[str, Any], lengths: list[int] | None = None) -> str:
         f"tokens per sample: min {L['min']}, median {L['median']}, p95 {L['p95']}, max {L['max']}",
     ]
     lines += ["  " + h for h in histogram(lengths if lengths is not None else [])]
+    if p.get("store"):
+        lines.append(p["store"])
     ov = p.get("over_max_length")
     if ov:
         lines.append(
