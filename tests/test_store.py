@@ -323,3 +323,17 @@ def test_dataset_rows_stay_on_disk(tmp_path, tokenizers):
     pq.write_table(pa.table({"messages": [json.dumps(r["messages"]) for r in _tiny_rows(5)]}), tmp_path / "p.parquet")
     ds = build_dataset(DataConfig(cache_dir="none"), tokenizers["qwen2.5"], str(tmp_path / "p.parquet"))
     assert ds[4].source.endswith("p.parquet row 4") and "temporary store" in ds.describe()
+
+
+def test_a_damaged_entry_is_not_read_but_rewritten(tmp_path, tokenizers, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _tiny_rows(30)))
+    c = DataConfig(cache_dir=str(tmp_path / "c"))
+    good = build_dataset(c, tokenizers["qwen2.5"], str(data))
+    ids = [good[i].input_ids for i in range(len(good))]
+    col = good.store.path / "input_ids.bin"
+    col.write_bytes(col.read_bytes()[:-8])  # a half-copied cache
+    assert open_store(good.store.path) is None
+    again = build_dataset(c, tokenizers["qwen2.5"], str(data))
+    assert again.origin == "tokenized" and [again[i].input_ids for i in range(len(again))] == ids
+    assert "is damaged" in capsys.readouterr().err and open_store(good.store.path) is not None

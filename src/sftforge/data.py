@@ -824,6 +824,9 @@ def build_dataset(
             found = _open(root / fp, fp, "waited")
             if found is not None:  # another process (a rank of this job, another job) wrote it while we waited
                 return found
+            if (root / fp).exists():
+                print(f"warning: the tokenized store {root / fp} is damaged (a column's size does not match its "
+                      "meta.json); tokenizing again.", file=sys.stderr)  # fmt: skip
             remove_partials(root, fp)
             path = _write(files, tokenizer, data_cfg, markers, root, fp, holder, option)
         return _open(path, fp, "tokenized")

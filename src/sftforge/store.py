@@ -147,15 +147,27 @@ def open_store(path: Path) -> Store | None:
         meta = json.loads((Path(path) / "meta.json").read_text())
     except (OSError, ValueError):
         return None
-    if meta.get("version") != STORE_VERSION:
+    if meta.get("version") != STORE_VERSION or not _sizes_match(Path(path), meta):
         return None
     return Store(path, meta)
 
 
+def _sizes_match(path: Path, meta: dict[str, Any]) -> bool:
+    """Every column file has the size meta.json says (a damaged or half-copied entry is not read)."""
+    want = {"offsets": (np.dtype("int64"), int(meta["n"]) + 1)}
+    want |= {k: (np.dtype(t), int(meta["n_tokens"])) for k, t in meta["tokens"].items()}
+    want |= {k: (np.dtype(t), int(meta["n"])) for k, t in meta["rows"].items()}
+    try:
+        return all((path / f"{k}.bin").stat().st_size == d.itemsize * n for k, (d, n) in want.items())
+    except OSError:
+        return False
+
+
 def remove_partials(root: Path, key: str) -> int:
-    """Remove what killed writers of ``key`` left (call it holding the entry's lock); returns how many."""
+    """Remove what killed writers of ``key`` left, and the entry itself when it is damaged (call it holding the
+    entry's lock, after :func:`open_store` found nothing readable); returns how many."""
     n = 0
-    for p in Path(root).glob(f"{key}.tmp-*"):
+    for p in [*Path(root).glob(f"{key}.tmp-*"), *([Path(root) / key] if (Path(root) / key).exists() else [])]:
         shutil.rmtree(p, ignore_errors=True)
         n += 1
     return n
