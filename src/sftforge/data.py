@@ -164,6 +164,11 @@ def _looks_like_hub_id(item: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/")) and Path(name).suffix == ""
 
 
+def _location(path: str, n: int) -> str:
+    """How a row is named in every message: ``file:line`` for jsonl, ``file row N`` (from 0) otherwise."""
+    return f"{path}:{n}" if Path(path).suffix.lower() == ".jsonl" else f"{path} row {n}"
+
+
 def read_rows(path: str) -> Iterator[tuple[str, Any]]:
     """Yield (location, row) for every row; a line that is not JSON yields a RowError as its row."""
     suffix = Path(path).suffix.lower()
@@ -173,12 +178,12 @@ def read_rows(path: str) -> Iterator[tuple[str, Any]]:
                 if not line.strip():
                     continue
                 try:
-                    yield f"{path}:{n}", json.loads(line)
+                    yield _location(path, n), json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield f"{path}:{n}", RowError("invalid JSON", f"the line is not valid JSON: {e}")
+                    yield _location(path, n), RowError("invalid JSON", f"the line is not valid JSON: {e}")
     elif suffix == ".json":
         for i, row in enumerate(_json_rows(path)):
-            yield f"{path} row {i}", row
+            yield _location(path, i), row
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -186,7 +191,7 @@ def read_rows(path: str) -> Iterator[tuple[str, Any]]:
         i = 0
         for batch in pf.iter_batches(batch_size=1024):
             for row in batch.to_pylist():
-                yield f"{path} row {i}", row
+                yield _location(path, i), row
                 i += 1
     elif not os.path.exists(path) and _looks_like_hub_id(path):
         yield from _read_hub(path)
@@ -205,7 +210,7 @@ def _read_hub(spec: str) -> Iterator[tuple[str, Any]]:
     name, _, split = spec.partition(":")
     ds = datasets.load_dataset(name, split=split or "train")
     for i, row in enumerate(ds):
-        yield f"{spec} row {i}", row
+        yield _location(spec, i), row
 
 
 def _json_rows(path: str) -> Iterator[Any]:
@@ -425,10 +430,6 @@ _WORKER: dict[str, Any] = {}
 _PROBLEMS_KEPT = 20
 
 
-def _location(path: str, n: int) -> str:
-    return f"{path}:{n}" if Path(path).suffix.lower() == ".jsonl" else f"{path} row {n}"
-
-
 def _task_rows(task: _Task, path: str) -> list[tuple[int, Any]]:
     if task.rows is not None:
         return task.rows
@@ -596,13 +597,10 @@ def _tasks(files: list[str]) -> Iterator[_Task]:
                     i, batch=batch, first=first - batch.num_rows, done=(before + sizes[i] * first / n_rows) / total
                 )
         else:  # .json (streamed) and hub datasets: rows parsed here, tokenized by the workers
-            for chunk in _chunks(read_rows(f), _CHUNK_ROWS):
-                yield _Task(i, rows=[(_row_number(loc), row) for loc, row in chunk], done=before / total)
+            rows = (row for _, row in read_rows(f))  # numbered from 0, as read_rows names them
+            for k, chunk in enumerate(_chunks(rows, _CHUNK_ROWS)):
+                yield _Task(i, rows=list(enumerate(chunk, k * _CHUNK_ROWS)), done=before / total)
         before += sizes[i]
-
-
-def _row_number(loc: str) -> int:
-    return int(loc.rsplit(" ", 1)[-1])
 
 
 def _chunks(it: Iterator, n: int) -> Iterator[list]:
