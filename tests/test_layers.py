@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "sftforge"
 # Lowest first; the README's "Architecture" section lists the same flow.
 ORDER = [
     "faults", "config", "distributed",  # bottom: config, process-group and device queries, test hooks
-    "chat", "prefix_tree", "store", "data", "attention", "packing", "batching",  # rows -> samples -> micro-batches
+    "chat", "vision", "prefix_tree", "store", "data", "attention", "packing", "batching",  # rows -> samples -> micro-batches
     "loss", "ulysses", "optim", "model", "lora", "parallel",  # the model stack
     "checkpoint", "export", "metrics",  # what a run writes
     "scorers", "generation", "envs", "envs.textcraft", "evaluate", "grpo",  # generation, scoring, RL maths

@@ -108,9 +108,11 @@ def _register() -> None:
 
 
 def select(model: torch.nn.Module) -> None:
-    """Select the packed attention on every config of ``model`` that uses sdpa (idempotent)."""
+    """Select the packed attention on every config of ``model``'s decoder that uses sdpa (idempotent). A vision
+    tower keeps its own attention: its samples are images, whose boundaries it computes itself."""
     _register()
-    for m in model.modules():
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for m in decoder.modules():
         c = getattr(m, "config", None)
         if c is not None and getattr(c, "_attn_implementation", None) == "sdpa":
             c._attn_implementation = NAME
@@ -121,7 +123,8 @@ def hidden_states_inputs(model: torch.nn.Module, inputs: dict) -> dict:
     attention needs a model that has it selected (parallel.build_engine selects it up front; a library caller
     calls :func:`select`)."""
     if inputs.get("packed_cu_seqlens") is not None:
-        config = getattr(model, "config", None)
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+        config = getattr(decoder, "config", getattr(model, "config", None))
         current = getattr(config, "_attn_implementation", NAME)
         if current not in (NAME, "sftforge_ulysses"):
             raise ValueError(

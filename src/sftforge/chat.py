@@ -57,6 +57,10 @@ _PROBE_TOOLS = [
 ]
 
 
+IMAGE_PLACEHOLDER = "<image>"
+"""Where an image of the row's ``images`` column goes in a message's text (verl, LLaMA-Factory)."""
+
+
 class RowError(ValueError):
     """A malformed conversation; ``reason`` is a short category used by the skip report."""
 
@@ -528,11 +532,17 @@ def normalize_messages(messages: Any, what: str = "messages") -> tuple[list[dict
         content = m.get("content")
         if content is None:
             content = ""
+        parts = None
+        if isinstance(content, list):
+            content, parts = _content_parts(content, i, role)
         if not isinstance(content, str):
             raise RowError(
-                "wrong type", f"message {i} ({role}): content must be a string, got {type(content).__name__}"
+                "wrong type",
+                f"message {i} ({role}): content must be a string or a list of parts, got {type(content).__name__}",
             )
         new: dict[str, Any] = {"role": role, "content": content}
+        if parts is not None:
+            new["parts"] = parts
         if role == "assistant":
             if m.get("tool_calls"):
                 new["tool_calls"] = _normalize_tool_calls(m["tool_calls"], i)
@@ -548,6 +558,81 @@ def normalize_messages(messages: Any, what: str = "messages") -> tuple[list[dict
     if not any(m["role"] == "assistant" for m in clean):
         raise RowError("no assistant turn", "the conversation has no assistant message to train on")
     return clean, flags
+
+
+def _content_parts(parts: list, i: int, role: str) -> tuple[str, list[dict] | None]:
+    """A content list -> (its text, its parts when it holds images, else None): text parts {"type": "text"},
+    images {"type": "image", "image": SOURCE} (also OpenAI's {"type": "image_url", "image_url": {"url": ...}})."""
+    out, texts = [], []
+    for j, p in enumerate(parts):
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind == "text" or (kind is None and isinstance(p, dict) and "text" in p):
+            if not isinstance(p.get("text"), str):
+                raise RowError("wrong type", f"message {i} ({role}) part {j}: text must be a string")
+            out.append({"type": "text", "text": p["text"]})
+            texts.append(p["text"])
+        elif kind == "image" or (kind is None and isinstance(p, dict) and "image" in p):
+            out.append({"type": "image", "image": p.get("image", p.get("path"))})
+        elif kind == "image_url":
+            url = p.get("image_url")
+            out.append({"type": "image", "image": url.get("url") if isinstance(url, dict) else url})
+        else:
+            raise RowError("wrong type", f"message {i} ({role}) part {j}: expected a text or image part "
+                                         f"({{'type': 'text' | 'image' | 'image_url', ...}}), got {str(p)[:80]}")  # fmt: skip
+    if not any(p["type"] == "image" for p in out):
+        return "".join(texts), None
+    if role == "assistant":
+        raise RowError("image in assistant turn", f"message {i} (assistant) holds an image; only user, system and "
+                                                  "tool messages may (the model is not trained to output images)")  # fmt: skip
+    return "".join(texts), out
+
+
+def attach_images(messages: list[dict], images: Any, what: str = "images") -> list[dict]:
+    """The verl / LLaMA-Factory form: an ``images`` list and ``<image>`` placeholders in the message texts, in order
+    -> image parts. The counts must match."""
+    if isinstance(images, (str, bytes, dict)):
+        images = [images]
+    images = list(images)
+    found = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if found != len(images):
+        raise RowError("image count", f"'{what}' has {len(images)} image(s) but the messages hold {found} "
+                                      f"{IMAGE_PLACEHOLDER} placeholder(s); put one {IMAGE_PLACEHOLDER} where each "
+                                      "image goes")  # fmt: skip
+    out, k = [], 0
+    for i, m in enumerate(messages):
+        if IMAGE_PLACEHOLDER not in m["content"]:
+            out.append(m)
+            continue
+        if m["role"] == "assistant":
+            raise RowError("image in assistant turn", f"message {i} (assistant) holds {IMAGE_PLACEHOLDER}")
+        parts = []
+        for j, piece in enumerate(m["content"].split(IMAGE_PLACEHOLDER)):
+            if j:
+                parts.append({"type": "image", "image": images[k]})
+                k += 1
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        out.append({**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, ""), "parts": parts})
+    return out
+
+
+def image_sources(messages: list[dict]) -> list[Any]:
+    """The image sources of a conversation, in the order the template renders them."""
+    return [p["image"] for m in messages for p in m.get("parts") or () if p["type"] == "image"]
+
+
+def template_form(messages: list[dict]) -> list[dict]:
+    """Messages as the template takes them: a message with images gets its parts as content (images without their
+    source: the template only places a placeholder)."""
+    if not any("parts" in m for m in messages):
+        return messages
+    out = []
+    for m in messages:
+        if "parts" in m:
+            parts = [p if p["type"] == "text" else {"type": "image"} for p in m["parts"]]
+            m = {**{k: v for k, v in m.items() if k != "parts"}, "content": parts}
+        out.append(m)
+    return out
 
 
 _SHAREGPT_ROLES = {
@@ -670,6 +755,12 @@ def row_to_conversation(row: Any, data_cfg) -> tuple[list[dict], list | None, li
         flags = [False if m["role"] == "assistant" else f for m, f in zip(messages[:-1], prompt_flags)] + [None]
     else:
         raise RowError("wrong type", f"unknown data.format {fmt!r}")
+    images = row.get(data_cfg.images_key)
+    if images is not None and not (hasattr(images, "__len__") and len(images) == 0):
+        if any("parts" in m for m in messages):
+            raise RowError("image count", f"the row has both '{data_cfg.images_key}' and image parts in its messages; "
+                                          "use one form")  # fmt: skip
+        messages = attach_images(messages, images, data_cfg.images_key)
     tools = None
     if data_cfg.tools_key in row and row[data_cfg.tools_key] is not None:
         tools = _as_json(row[data_cfg.tools_key], data_cfg.tools_key)
@@ -696,10 +787,14 @@ def prepare_messages(messages: list[dict], markers: TemplateMarkers, system_into
             if m["role"] == "system":
                 continue
             if m["role"] == "user" and system:
-                m, system = {**m, "content": f"{system}\n\n{m['content']}"}, ""
+                m = {**m, "content": f"{system}\n\n{m['content']}"}
+                if "parts" in m:
+                    m["parts"] = [{"type": "text", "text": f"{system}\n\n"}, *m["parts"]]
+                system = ""
             out.append(m)
         if system:  # no user message to carry it
             raise RowError("system role", "data.system_into_first_user=true but the conversation has no user message")
+    out = template_form(out)
     if markers.content_parts:
         out = _as_parts(out)
     if markers.tool_arguments == "json" or markers.tool_call_content_none:
@@ -733,6 +828,22 @@ def _find_rendered(text: str, content: str, start: int) -> tuple[int, int] | Non
         if pos != -1:
             return pos, pos + len(form)
     return None
+
+
+def _find_parts(text: str, m: dict, start: int) -> tuple[int, int] | None:
+    """Where a message's content is: its text, or for a message with images, from its first text part through its
+    last (the images' placeholders between them)."""
+    if "parts" not in m:
+        return _find_rendered(text, m["content"], start)
+    first = end = None
+    for p in m["parts"]:
+        if p["type"] == "text" and p["text"].strip():
+            span = _find_rendered(text, p["text"], start if end is None else end)
+            if span is None:
+                return None
+            first = span[0] if first is None else first
+            end = span[1]
+    return (first, end) if first is not None else None
 
 
 def _assistant_anchors(m: dict) -> list[str]:
@@ -801,7 +912,7 @@ def _locate(text: str, messages: list[dict], markers: TemplateMarkers) -> tuple[
     for i, m in enumerate(messages):
         role = m["role"]
         if role != "assistant":
-            span = _find_rendered(text, m["content"], cursor) if m["content"] else None
+            span = _find_parts(text, m, cursor) if m["content"] else None
             if m["content"] and span is None:
                 raise RowError(
                     "template mismatch",

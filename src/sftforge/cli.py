@@ -62,12 +62,13 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args) -> tuple:
     from sftforge.data import build_dataset, load_tokenizer
+    from sftforge.vision import load_vision
 
     path, overrides = _split_config(args.args)
     cfg = load_config(path, overrides)
     tok = load_tokenizer(cfg)
     t0 = time.perf_counter()
-    ds = build_dataset(cfg.data, tok)
+    ds = build_dataset(cfg.data, tok, vision=load_vision(cfg, tok))
     return cfg, tok, ds, time.perf_counter() - t0
 
 

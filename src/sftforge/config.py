@@ -86,6 +86,17 @@ class DataConfig:
     """Column holding OpenAI-style messages (list of {role, content, tool_calls?}) or its JSON string."""
     tools_key: str = "tools"
     """Column holding the tools schema (list or JSON string) passed to the chat template."""
+    images_key: str = "images"
+    """Column of a row's images (paths relative to the data file, bytes, base64 or data URLs), placed where its
+    messages say <image> (the verl / LLaMA-Factory form). Messages may instead hold image parts ({"type": "image",
+    "image": ...} or OpenAI's image_url); both are detected."""
+    image_processor: str = ""
+    """Image processor settings of a vision-language model: a preprocessor_config.json or its folder; empty: the
+    one beside the tokenizer or the model."""
+    image_min_pixels: int = 0
+    """Smallest image area (pixels) after resizing; 0 = the image processor's min_pixels."""
+    image_max_pixels: int = 0
+    """Largest image area (pixels) after resizing (fewer image tokens, less memory); 0 = the processor's."""
     prompt_key: str = "prompt"
     """Column of the prompt for the prompt_response format (a string or a list of messages)."""
     response_key: str = "response"

@@ -30,6 +30,7 @@ from sftforge.chat import (
     Layout,
     RowError,
     TemplateMarkers,
+    image_sources,
     layout,
     load_chat_template,
     render,
@@ -65,6 +66,8 @@ class Sample:
     """per_turn: the tokens of the K per-turn contexts laid out one after another (what the tree saves on)."""
     contexts: int = 0
     """per_turn: K, the assistant turns rendered in their own context."""
+    images: list | None = None
+    """(encoded bytes, (t, h, w) patch grid) of every image, in the order its placeholders come (vision.py)."""
 
 
 @dataclass
@@ -92,6 +95,14 @@ class DataReport:
     """data.reasoning_history=per_turn: assistant turns rendered in their own inference context."""
     expanded_tokens: int = 0
     """per_turn: the tokens of every context one after another (naive expansion)."""
+    images: int = 0
+    """Images of the kept samples."""
+    image_tokens: int = 0
+    """Their placeholder tokens (never trained)."""
+    image_bytes: int = 0
+    """Their encoded size in the store."""
+    dropped_image_cut: int = 0
+    """Samples over data.max_length that truncation would have cut through an image: dropped."""
     first_problems: list[str] = field(default_factory=list)
     """A few examples (location: reason) of skipped or dropped rows."""
 
@@ -111,6 +122,9 @@ class DataReport:
             out.append(f"data.reasoning_history=per_turn: {self.contexts} assistant turns, each in its own context, "
                        f"as prefix trees: {self.tokens:,} tokens instead of {self.expanded_tokens:,} expanded "
                        f"({saving:.1%} saved)")  # fmt: skip
+        if self.images:
+            out.append(f"images: {self.images:,} ({self.image_tokens:,} image tokens, never trained; "
+                       f"{self.image_bytes / 2**20:.1f} MiB encoded in the store)")  # fmt: skip
         for reason, n in sorted(self.skipped.items()):
             out.append(f"skipped (data.bad_rows=skip): {n} rows — {reason}")
         if self.over_length:
@@ -118,6 +132,11 @@ class DataReport:
                 f"over data.max_length: {self.over_length} (longest {self.max_tokens_seen}); truncated: {self.truncated}; "
                 f"dropped: {self.dropped_over_length}; dropped because no trained token survived truncation: "
                 f"{self.dropped_no_trained_tokens}"
+                + (
+                    f"; dropped because truncation would cut an image: {self.dropped_image_cut}"
+                    if self.dropped_image_cut
+                    else ""
+                )
             )
         out += [f"  e.g. {p}" for p in self.first_problems[:5]]
         return out
@@ -350,6 +369,10 @@ def tokenize_row(loc: str, row: Any, tokenizer, data_cfg: DataConfig, markers: T
     if isinstance(row, RowError):
         raise row
     messages, tools, flags = row_to_conversation(row, data_cfg)
+    if image_sources(messages):
+        raise RowError("images", "this path renders text only: conversations with images are tokenized by "
+                                 "build_dataset with the model's image processor (data.reasoning_history=per_turn "
+                                 "does not take images)")  # fmt: skip
     if data_cfg.reasoning_history == "per_turn":
         return _per_turn(loc, messages, tools, flags, tokenizer, data_cfg, markers)
     r = render(tokenizer, messages, tools, flags, data_cfg.train_on, data_cfg.chat_template_kwargs, markers,
@@ -417,6 +440,10 @@ class _Chunk:
     trained: Any = None
     row: Any = None
     file: int = 0
+    images: Any = None
+    """Per kept sample: its number of images (vision models only)."""
+    image_bytes: list = field(default_factory=list)
+    image_grids: list = field(default_factory=list)
     bad: list = field(default_factory=list)
     """(location, reason, detail) of every bad row, in input order."""
     counts: Counter = field(default_factory=Counter)
@@ -465,6 +492,8 @@ def _tokenize_chunk(task: _Task) -> _Chunk:
     bad: list[tuple[int, str, str, str]] = []
     lays: list[tuple[int, str, Layout]] = []
     per_turn = data_cfg.reasoning_history == "per_turn"
+    vis = _WORKER.get("vision")
+    images: dict[int, list] = {}  # row -> its images (bytes, grid)
     for n, row in rows:
         loc = _location(path, n)
         try:
@@ -477,8 +506,11 @@ def _tokenize_chunk(task: _Task) -> _Chunk:
             if isinstance(row, RowError):
                 raise row
             messages, tools, flags = row_to_conversation(row, data_cfg)
+            imgs = _load_images(messages, path, vis)
             lays.append((n, loc, layout(tok, messages, tools, flags, data_cfg.train_on, data_cfg.chat_template_kwargs,
                                         markers, data_cfg.system_into_first_user)))  # fmt: skip
+            if imgs:
+                images[n] = imgs
         except RowError as e:
             bad.append((n, loc, e.reason, e.detail))
     if lays:
@@ -486,6 +518,12 @@ def _tokenize_chunk(task: _Task) -> _Chunk:
         for group in _by_size([x for _, _, x in lays], _CALL_CHARS):
             encoded += tokenize_layouts(tok, group)
         for (n, loc, lay), (ids, mask) in zip(lays, encoded):
+            if n in images:
+                try:
+                    ids, mask = vis.expand(ids, mask, [g for _, g in images[n]])
+                except RowError as e:
+                    bad.append((n, loc, e.reason, e.detail))
+                    continue
             if not mask.any():
                 bad.append((n, loc, *_NO_TRAINED))
                 continue
@@ -494,7 +532,15 @@ def _tokenize_chunk(task: _Task) -> _Chunk:
         kept.sort(key=lambda x: x[0])
     out.bad = [(loc, reason, detail) for _, loc, reason, detail in sorted(bad, key=lambda x: x[0])]
     out.counts["tokenized"] = len(kept)
-    final = [x for x in (_truncate(*k, data_cfg, out) for k in kept) if x is not None]
+    final = [
+        x for x in (_truncate(*k, data_cfg, out, n_images=len(images.get(k[0], ()))) for k in kept) if x is not None
+    ]
+    if vis is not None:
+        out.images = np.asarray([len(images.get(x[0], ())) for x in final], np.int32)
+        for x in final:
+            for data, grid in images.get(x[0], ()):
+                out.image_bytes.append(data)
+                out.image_grids.append(grid)
     lengths = [len(x[1]) for x in final]
     out.lengths = np.asarray(lengths, np.int32)
     out.ids = np.concatenate([x[1] for x in final]) if final else np.zeros(0, np.int32)
@@ -521,8 +567,32 @@ def _by_size(layouts: list[Layout], chars: int) -> Iterator[list[Layout]]:
         yield group
 
 
-def _truncate(n, loc, ids, mask, parents, data_cfg: DataConfig, out: _Chunk):
-    """data.truncation for one sample: (row, ids, mask, parents), or None when it is dropped (counted in ``out``)."""
+def _load_images(messages: list[dict], path: str, vis) -> list | None:
+    """(bytes, grid) of every image of a conversation; paths are relative to the data file's folder."""
+    sources = image_sources(messages)
+    if not sources:
+        return None
+    if vis is None:
+        raise RowError("images on a text model", "the conversation has images but model.path has no vision tower "
+                                                 "(no vision_config in its config.json): use a vision-language model "
+                                                 "(e.g. Qwen2.5-VL) or remove the images")  # fmt: skip
+    base = os.path.dirname(os.path.abspath(path)) if os.path.exists(path) else None
+    return [vis.load(src, base, f"image {k} ({_describe_source(src)})") for k, src in enumerate(sources)]
+
+
+def _describe_source(src) -> str:
+    if isinstance(src, dict):
+        src = src.get("path") or ("bytes" if src.get("bytes") else src)
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return f"{len(src)} bytes"
+    text = str(src)
+    return text if len(text) <= 80 else text[:40] + "…"
+
+
+def _truncate(n, loc, ids, mask, parents, data_cfg: DataConfig, out: _Chunk, n_images: int = 0):
+    """data.truncation for one sample: (row, ids, mask, parents), or None when it is dropped (counted in ``out``).
+    A sample with images is never cut (its images would lose tokens or their place): over the limit it is dropped
+    (counted) under left/right, as under drop."""
     limit, length = data_cfg.max_length, len(ids)
     out.max_seen = max(out.max_seen, length)
     if length <= limit:
@@ -536,6 +606,12 @@ def _truncate(n, loc, ids, mask, parents, data_cfg: DataConfig, out: _Chunk):
         out.counts["dropped_over_length"] += 1
         if len(out.problems) < _PROBLEMS_KEPT:
             out.problems.append(f"{loc}: dropped, {length} tokens > data.max_length")
+        return None
+    if n_images:
+        out.counts["dropped_image_cut"] += 1
+        if len(out.problems) < _PROBLEMS_KEPT:
+            out.problems.append(f"{loc}: dropped, {length} tokens > data.max_length and truncation would cut an "
+                                f"image (raise data.max_length or lower data.image_max_pixels)")  # fmt: skip
         return None
     if parents is not None:
         raise DataError(
@@ -625,8 +701,9 @@ def worker_count(data_cfg: DataConfig, files: list[str]) -> int:
     return max(1, min(cores, -(-size // (4 << 20))))
 
 
-def _chunk_results(files: list[str], tokenizer, data_cfg: DataConfig, markers, procs: int) -> Iterator[_Chunk]:
-    _WORKER.update(tok=tokenizer, cfg=data_cfg, markers=markers, files=files)
+def _chunk_results(files: list[str], tokenizer, data_cfg: DataConfig, markers, procs: int,
+                   vision=None) -> Iterator[_Chunk]:  # fmt: skip
+    _WORKER.update(tok=tokenizer, cfg=data_cfg, markers=markers, files=files, vision=vision)
     if procs <= 1:
         for task in _tasks(files):
             yield _tokenize_chunk(task)
@@ -707,6 +784,7 @@ class TokenizedDataset(Sequence):
         self.fingerprint = fingerprint  # the cache key: files, tokenizer, template and data options
         self.files = [str(f) for f in st.meta.get("files", [])]
         self._tree = st.rows("tree") if st.has("tree") else None
+        self._images = open_store(st.path / "images") if st.has("images") else None
 
     def __len__(self) -> int:
         return len(self.store)
@@ -719,7 +797,15 @@ class TokenizedDataset(Sequence):
         st = self.store
         parents = st.tokens("parents", i).tolist() if self._tree is not None and self._tree[i] else None
         return Sample(st.tokens("input_ids", i).tolist(), st.tokens("loss_mask", i).tolist(), self.source(i),
-                      parents=parents)  # fmt: skip
+                      parents=parents, images=self.images(i))  # fmt: skip
+
+    def images(self, i: int) -> list | None:
+        """(encoded bytes, (t, h, w)) of sample i's images; None when it has none."""
+        if self._images is None or not self.store.rows("images")[i]:
+            return None
+        first, im = int(self.store.rows("image_first")[i]), self._images
+        return [(im.tokens("bytes", k).tobytes(), (int(im.rows("t")[k]), int(im.rows("h")[k]), int(im.rows("w")[k])))
+                for k in range(first, first + int(self.store.rows("images")[i]))]  # fmt: skip
 
     def describe(self) -> str:
         how = {"cache": "read from the cache", "waited": "written by another process (waited for it), read from there",
@@ -740,7 +826,7 @@ class TokenizedDataset(Sequence):
 
 
 def cache_key(files: list[str], tokenizer, data_cfg: DataConfig, markers: TemplateMarkers | None = None,
-              memo: Path | None = None) -> str:  # fmt: skip
+              memo: Path | None = None, vision=None) -> str:  # fmt: skip
     opts = {
         k: v
         for k, v in asdict(data_cfg).items()
@@ -765,6 +851,8 @@ def cache_key(files: list[str], tokenizer, data_cfg: DataConfig, markers: Templa
     h = hashlib.sha256()
     learned = asdict(markers) if markers is not None else None  # also what the generation config added (stop tokens)
     key = [CACHE_VERSION, opts, tokenizer_fingerprint(tokenizer), learned]
+    if vision is not None:  # (absent for text models: their caches stay valid)
+        key += [vision.fingerprint(), data_cfg.images_key]
     h.update(json.dumps(key, sort_keys=True, default=str).encode())
     for f in files:
         h.update(f"{f}\0{file_fingerprint(f, memo)}".encode())
@@ -780,7 +868,7 @@ def cache_dir(data_cfg: DataConfig) -> Path | None:
 
 def _open(path: Path, key: str, origin: str = "cache") -> TokenizedDataset | None:
     st = open_store(path)
-    if st is None:
+    if st is None or (st.has("images") and open_store(Path(path) / "images") is None):  # (a damaged image store too)
         return None
     return TokenizedDataset(st, DataReport(**st.meta["report"]), key[:16], origin)
 
@@ -797,17 +885,20 @@ def _writable(root: Path) -> bool:
 
 
 def build_dataset(
-    data_cfg: DataConfig, tokenizer, files: Any = None, key: str = "data.train_files"
+    data_cfg: DataConfig, tokenizer, files: Any = None, key: str = "data.train_files", vision=None
 ) -> TokenizedDataset:
     """Read, normalize, render and tokenize every row of ``files``; apply the bad-row and truncation policies.
 
     The samples go to a memory-mapped store in the cache (written once: under torchrun one process writes it, the
-    others wait and map it) and are read from there by index."""
+    others wait and map it) and are read from there by index. ``vision``: a vision-language model's
+    :class:`~sftforge.vision.Vision` (images are read, counted into tokens and kept in the store); None for a text
+    model (a row with images is then a bad row)."""
     option = key
     files = resolve_files(data_cfg.train_files if files is None else files, key)
     markers = template_markers(tokenizer, data_cfg.chat_template_kwargs)
     root = cache_dir(data_cfg)
-    fp = cache_key(files, tokenizer, data_cfg, markers, memo=root.parent / "file-hashes" if root else None)
+    fp = cache_key(files, tokenizer, data_cfg, markers, memo=root.parent / "file-hashes" if root else None,
+                   vision=vision)  # fmt: skip
     if root is not None:
         found = _open(root / fp, fp)
         if found is not None:
@@ -826,23 +917,29 @@ def build_dataset(
                 print(f"warning: the tokenized store {root / fp} is damaged (a column's size does not match its "
                       "meta.json); tokenizing again.", file=sys.stderr)  # fmt: skip
             remove_partials(root, fp)
-            path = _write(files, tokenizer, data_cfg, markers, root, fp, holder, option)
+            path = _write(files, tokenizer, data_cfg, markers, root, fp, holder, option, vision)
         return _open(path, fp, "tokenized")
     finally:
         if temporary:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _write(files, tokenizer, data_cfg: DataConfig, markers, root: Path, fp: str, holder, option: str) -> Path:
+def _write(files, tokenizer, data_cfg: DataConfig, markers, root: Path, fp: str, holder, option: str,
+           vision=None) -> Path:  # fmt: skip
     per_turn = data_cfg.reasoning_history == "per_turn"
     tokens = {"input_ids": "int32", "loss_mask": "uint8", **({"parents": "int32"} if per_turn else {})}
     rows = {"length": "int32", "trained": "int32", "file": "int32", "row": "int32", **({"tree": "uint8"} if per_turn else {})}  # fmt: skip
+    if vision is not None:
+        rows.update(images="int32", image_first="int64")
     writer = StoreWriter(root, fp, tokens, rows)
+    # images: a store of their own inside the entry, one "sample" per image (its encoded bytes, its patch grid)
+    image_writer = StoreWriter(writer.tmp, "images", {"bytes": "uint8"}, {"t": "int32", "h": "int32", "w": "int32"}) \
+        if vision is not None else None  # fmt: skip
     report, skipped, counts = DataReport(), Counter(), Counter()
     problems, trunc_problems, over_examples = [], [], []
     progress = _Progress(option)
     try:
-        for c in _chunk_results(files, tokenizer, data_cfg, markers, worker_count(data_cfg, files)):
+        for c in _chunk_results(files, tokenizer, data_cfg, markers, worker_count(data_cfg, files), vision):
             report.rows += c.rows
             for loc, reason, detail in c.bad:
                 if data_cfg.bad_rows == "error":
@@ -855,8 +952,13 @@ def _write(files, tokenizer, data_cfg: DataConfig, markers, root: Path, fp: str,
             over_examples += c.over_examples[: 3 - len(over_examples)]
             trunc_problems += c.problems[: _PROBLEMS_KEPT - len(trunc_problems)]
             cols = {"input_ids": c.ids, "loss_mask": c.mask, "parents": c.parents}
+            extra = {}
+            if image_writer is not None:
+                first = image_writer.n + np.concatenate([[0], np.cumsum(c.images[:-1], dtype=np.int64)])
+                extra = {"images": c.images, "image_first": first[: len(c.images)]}
+                _append_images(image_writer, c, vision, report)
             writer.append(c.lengths, cols, {"length": c.lengths, "trained": c.trained, "row": c.row, "tree": c.tree,
-                                            "file": np.full(len(c.lengths), c.file, np.int32)})  # fmt: skip
+                                            "file": np.full(len(c.lengths), c.file, np.int32), **extra})  # fmt: skip
             report.samples, report.tokens = writer.n, writer.n_tokens
             report.trained_tokens += int(c.trained.sum(dtype=np.int64))
             progress.update(report.rows, report.tokens, c.done)
@@ -869,6 +971,7 @@ def _write(files, tokenizer, data_cfg: DataConfig, markers, root: Path, fp: str,
         report.over_length, report.truncated = counts["over_length"], counts["truncated"]
         report.dropped_over_length = counts["dropped_over_length"]
         report.dropped_no_trained_tokens = counts["dropped_no_trained_tokens"]
+        report.dropped_image_cut = counts["dropped_image_cut"]
         report.first_problems = problems + trunc_problems
         if data_cfg.truncation == "error" and report.over_length:
             raise DataError(
@@ -881,7 +984,23 @@ def _write(files, tokenizer, data_cfg: DataConfig, markers, root: Path, fp: str,
             raise DataError(
                 f"No usable sample in {', '.join(files)} ({report.rows} rows read). " + " ".join(report.lines()[1:])
             )
+        if image_writer is not None:
+            image_writer.commit({"vision": vision.source})
         return writer.commit({"report": asdict(report), "files": files})
     except BaseException:
+        if image_writer is not None:
+            image_writer.abort()
         writer.abort()
         raise
+
+
+def _append_images(image_writer: StoreWriter, c: _Chunk, vision, report: DataReport) -> None:
+    if not c.image_bytes:
+        return
+    sizes = np.asarray([len(b) for b in c.image_bytes], np.int64)
+    grids = np.asarray(c.image_grids, np.int32).reshape(-1, 3)
+    image_writer.append(sizes, {"bytes": np.frombuffer(b"".join(c.image_bytes), np.uint8)},
+                        {"t": grids[:, 0], "h": grids[:, 1], "w": grids[:, 2]})  # fmt: skip
+    report.images += len(sizes)
+    report.image_bytes += int(sizes.sum())
+    report.image_tokens += int(sum(vision.tokens(g) for g in grids))

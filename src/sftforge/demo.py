@@ -34,13 +34,14 @@ CHATML = (
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def make_tokenizer(folder: Path):
-    """A character-level tokenizer (letters, digits, punctuation, space, newline) with a ChatML template."""
+def make_tokenizer(folder: Path, extra_specials: tuple[str, ...] = (), template: str = CHATML):
+    """A character-level tokenizer (letters, digits, punctuation, space, newline) with a ChatML template (or
+    ``template``); ``extra_specials``: more special tokens (a vision model's placeholders)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = list(string.ascii_letters + string.digits + string.punctuation + " \n")
-    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
+    vocab = {t: i for i, t in enumerate(SPECIALS + list(extra_specials) + chars)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
     backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     backend.decoder = decoders.Fuse()
@@ -48,9 +49,9 @@ def make_tokenizer(folder: Path):
         tokenizer_object=backend,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIALS[1:],
+        additional_special_tokens=SPECIALS[1:] + list(extra_specials),
     )
-    tok.chat_template = CHATML
+    tok.chat_template = template
     tok.save_pretrained(str(folder))
     return tok
 

@@ -26,7 +26,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from sftforge.chat import RowError, row_to_conversation
+from sftforge.chat import RowError, image_sources, row_to_conversation
 from sftforge.config import ConfigError, DataConfig, load_config
 from sftforge.data import DataError, load_tokenizer, read_rows, resolve_files
 from sftforge.envs import rollout
@@ -43,17 +43,20 @@ from sftforge.generation import (
 )
 from sftforge.model import load_model, with_dtype
 from sftforge.scorers import ENV_TASKS, EvalSample, as_score, get_scorer, is_task
+from sftforge.vision import load_vision
 
 # ------------------------------------------------------------------------------------------------------------------
 # Samples
 
 
-def samples_from_rows(rows: Sequence[tuple[str, Any]], data_cfg: DataConfig, turns: str = "last") -> list[EvalSample]:
-    """(location, row) pairs -> eval samples: one per row (``turns="last"``) or one per assistant turn (``"all"``)."""
+def samples_from_rows(rows: Sequence[tuple], data_cfg: DataConfig, turns: str = "last") -> list[EvalSample]:
+    """(location, row) pairs -> eval samples: one per row (``turns="last"``) or one per assistant turn (``"all"``).
+    A third item, the data file, is where the row's relative image paths start (:func:`file_rows`)."""
     if turns not in ("last", "all"):
         raise ConfigError(f"turns must be 'last' or 'all', got {turns!r}.")
     out = []
-    for loc, row in rows:
+    for loc, row, *where in rows:
+        base = str(Path(where[0]).resolve().parent) if where else None
         if isinstance(row, RowError):
             raise DataError(f"{loc}: {row.detail}")
         try:
@@ -65,13 +68,33 @@ def samples_from_rows(rows: Sequence[tuple[str, Any]], data_cfg: DataConfig, tur
         chosen = idx if turns == "all" else idx[-1:]
         for i in chosen:
             sid = rid if turns == "last" else f"{rid}#{i}"
-            out.append(EvalSample(sid, messages[:i], tools, messages[i], row))
+            out.append(EvalSample(sid, messages[:i], tools, messages[i], row, base))
     return out
 
 
+def file_rows(files: Any, key: str) -> list[tuple[str, Any, str]]:
+    """(location, row, file) of every row of ``files``."""
+    return [(loc, row, f) for f in resolve_files(files, key) for loc, row in read_rows(f)]
+
+
 def load_samples(files: Any, data_cfg: DataConfig, turns: str = "last", key: str = "--data") -> list[EvalSample]:
-    rows = [pair for f in resolve_files(files, key) for pair in read_rows(f)]
-    return samples_from_rows(rows, data_cfg, turns)
+    return samples_from_rows(file_rows(files, key), data_cfg, turns)
+
+
+def sample_images(samples: list[EvalSample], vision) -> list | None:
+    """Per sample, its prompt's images as (bytes, grid) (None without); None when no sample has one."""
+    found = [image_sources(s.messages) for s in samples]
+    if not any(found):
+        return None
+    if vision is None:
+        raise ConfigError("the eval data has images but the model has no vision tower (no vision_config).")
+    out = []
+    for s, sources in zip(samples, found):
+        try:
+            out.append([vision.load(src, s.base_dir, f"image {k}") for k, src in enumerate(sources)] or None)
+        except RowError as e:
+            raise DataError(f"sample {s.id}: {e.detail}") from None
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -116,7 +139,7 @@ def evaluate(generator: Generator, samples: list[EvalSample], task: str = "exact
     """Generate an answer for every sample and score it; records hold prompt, generation, reference and score."""
     scorer = get_scorer(task)
     prompts = [generator.prompt(s.messages, s.tools) for s in samples]
-    gens = generator.generate(prompts)
+    gens = generator.generate(prompts, sample_images(samples, generator.vision))
     records = []
     for s, p, g in zip(samples, prompts, gens):
         scored = as_score(scorer(g.text, s))
@@ -163,12 +186,12 @@ def print_summary(summary: dict, console=None) -> None:
 # Multi-turn environments
 
 
-def evaluate_env(generator: Generator, rows: list[tuple[str, Any]], data_cfg: DataConfig, task: str = "textcraft",
+def evaluate_env(generator: Generator, rows: list[tuple], data_cfg: DataConfig, task: str = "textcraft",
                  max_turns: int = 40) -> EvalResult:  # fmt: skip
     """Roll out the model in an environment on every task in ``rows``; the score is success (1/0)."""
     if task != "textcraft":
         raise ConfigError(f"unknown environment {task!r}; available: {', '.join(ENV_TASKS)}")
-    tasks, book = load_tasks(rows, data_cfg)
+    tasks, book = load_tasks([r[:2] for r in rows], data_cfg)  # (location, row): the file is not needed
 
     def policy(conversations):
         return generator.chat(conversations)
@@ -196,14 +219,16 @@ class TrainingEval:
     def __init__(self, cfg, tokenizer, max_new_tokens: int = 256):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.task = cfg.trainer.eval_task
-        self.rows = [p for f in resolve_files(cfg.data.eval_files, "data.eval_files") for p in read_rows(f)]
+        self.rows = file_rows(cfg.data.eval_files, "data.eval_files")
+        self.vision = load_vision(cfg, tokenizer)
         self.samples = None if self.task in ENV_TASKS else samples_from_rows(self.rows, cfg.data)
         self.opts = GenerationOptions(
             max_new_tokens=max_new_tokens, batch_size=max(cfg.data.micro_batch_size_per_gpu, 8)
         )
 
     def __call__(self, model) -> dict:
-        gen = hf_generator(model, self.tokenizer, self.opts, self.cfg.data.chat_template_kwargs, self.cfg.model.dtype)
+        gen = hf_generator(model, self.tokenizer, self.opts, self.cfg.data.chat_template_kwargs, self.cfg.model.dtype,
+                           self.vision)  # fmt: skip
         if self.samples is None:
             res = evaluate_env(gen, self.rows, self.cfg.data, self.task)
         else:
@@ -255,7 +280,7 @@ def eval_main(args) -> int:
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu"
     cfg = with_dtype(cfg, device)  # model.dtype=auto: bf16 on a bf16 GPU, fp32 on the CPU
     tok = load_tokenizer(cfg)
-    rows = [pair for f in resolve_files(args.data, "--data") for pair in read_rows(f)]
+    rows = file_rows(args.data, "--data")
     if args.limit > 0:
         rows = rows[: args.limit]
     opts = GenerationOptions(args.max_new_tokens, args.temperature, args.top_p, args.do_sample, args.batch_size,
@@ -266,7 +291,7 @@ def eval_main(args) -> int:
     else:
         model = load_model(cfg.model, device)
         backend = HFBackend(model, pad_id(tok), cfg.model.dtype)
-    generator = Generator(backend, tok, opts, cfg.data.chat_template_kwargs)
+    generator = Generator(backend, tok, opts, cfg.data.chat_template_kwargs, load_vision(cfg, tok))
     if args.task in ENV_TASKS:
         result = evaluate_env(generator, rows, cfg.data, args.task, args.max_turns)
     else:

@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from sftforge.chat import end_of_turn_token_ids
+from sftforge.chat import end_of_turn_token_ids, load_chat_template
 from sftforge.checkpoint import child, is_complete, latest_checkpoint, load_any
 from sftforge.config import ConfigError, load_config
 from sftforge.lora import is_peft, prepare_model
 from sftforge.model import compute_dtype, load_model
+from sftforge.vision import load_vision
 
 
 def generation_eos_ids(tokenizer, template_kwargs: dict | None = None) -> list[int]:
@@ -37,8 +38,10 @@ def export_hf(
     eos_token_ids: list[int] | None = None,
     dtype: torch.dtype = torch.float32,
     state_dict: dict[str, torch.Tensor] | None = None,
+    vision=None,
 ) -> Path:
-    """Save a folder ``AutoModelForCausalLM.from_pretrained`` loads: safetensors, config, tokenizer, generation config.
+    """Save a folder ``AutoModelForCausalLM.from_pretrained`` loads: safetensors, config, tokenizer, generation config
+    (a vision-language model: ``AutoModelForImageTextToText``, with the image processor's preprocessor_config.json).
 
     generation_config.eos_token_id lists ``eos_token_ids`` (the template's end-of-turn token and the tokenizer's eos),
     so ``generate`` stops at the end of an assistant turn.
@@ -57,6 +60,8 @@ def export_hf(
         model.config.use_cache, model.config.dtype = False, old_dtype
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+    if vision is not None:
+        vision.save(out)
     gen = GenerationConfig.from_model_config(model.config)
     if eos_token_ids:
         gen.eos_token_id = list(eos_token_ids)
@@ -123,21 +128,29 @@ def unsharded_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) 
 
 
 def export_model(model, out_dir, tokenizer=None, eos_token_ids=None, dtype=torch.float32, *, merge=True, adapter_dir=None,
-                 base_path: str = "", state_dict=None) -> Path:  # fmt: skip
+                 base_path: str = "", state_dict=None, vision=None) -> Path:  # fmt: skip
     """HF export of a plain or LoRA model. LoRA: ``merge`` writes the merged full model to ``out_dir`` (and the
     adapter to ``adapter_dir`` when given); without ``merge`` the adapter alone goes to ``out_dir``. ``state_dict``:
     the full weights when ``model``'s parameters are FSDP2 shards (gathered on this rank beforehand)."""
     if not is_peft(model):
-        return export_hf(model, out_dir, tokenizer, eos_token_ids, dtype, state_dict=state_dict)
+        return export_hf(model, out_dir, tokenizer, eos_token_ids, dtype, state_dict=state_dict, vision=vision)
     if state_dict is not None:
         model = unsharded_copy(model, state_dict)
     if not merge:
         out = save_adapter(model, out_dir, base_path)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out))
+        if vision is not None:
+            vision.save(out)
         return out
     out = export_hf(
-        model.get_base_model(), out_dir, tokenizer, eos_token_ids, dtype, state_dict=merged_state_dict(model)
+        model.get_base_model(),
+        out_dir,
+        tokenizer,
+        eos_token_ids,
+        dtype,
+        state_dict=merged_state_dict(model),
+        vision=vision,
     )
     if adapter_dir is not None:
         save_adapter(model, adapter_dir, base_path)
@@ -166,8 +179,10 @@ def export_checkpoint(ckpt: str | Path, output: str | Path, merge: bool = False)
     load_any(p, model, None, restore_rng=False)  # one-process safetensors, or DCP shards of any world size
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
+    if cfg.data.chat_template:
+        tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
     return export_model(model, output, tokenizer, generation_eos_ids(tokenizer, cfg.data.chat_template_kwargs), compute_dtype(cfg.model.dtype),
-                        merge=merge, base_path=cfg.model.path)  # fmt: skip
+                        merge=merge, base_path=cfg.model.path, vision=load_vision(cfg, tokenizer))  # fmt: skip
 
 
 __all__ = [

@@ -12,6 +12,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import GenerationConfig
 
@@ -71,7 +72,9 @@ class HFBackend:
     def __init__(self, model, pad_id: int, dtype: str = "fp32"):
         self.model, self.pad_id, self.dtype = model, pad_id, dtype
 
-    def generate(self, prompts: list[list[int]], opts: GenerationOptions, stop_ids: list[int]) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], opts: GenerationOptions, stop_ids: list[int], images=None,
+                 vision=None) -> list[list[int]]:  # fmt: skip
+        """``images``: per prompt, None or its (bytes, grid) images, whose placeholders ``prompts`` already expand."""
         model = self.model
         device = next(model.parameters()).device
         cfg = {"max_new_tokens": opts.max_new_tokens, "do_sample": opts.do_sample, "eos_token_id": stop_ids,
@@ -95,14 +98,29 @@ class HFBackend:
                         n = len(prompts[i])
                         ids[r, width - n :] = torch.tensor(prompts[i], dtype=torch.long)
                         mask[r, width - n :] = 1
+                    extra = _image_inputs(model, ids, [images[i] for i in batch], vision) if images else {}
                     res = model.generate(
-                        input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg
+                        input_ids=ids.to(device),
+                        attention_mask=mask.to(device),
+                        generation_config=gen_cfg,
+                        **{k: v.to(device) for k, v in extra.items()},
                     )
                     for r, i in enumerate(batch):
                         out[i] = res[r, width:].tolist()
         finally:
             model.train(was_training)
         return out
+
+
+def _image_inputs(model, ids: torch.Tensor, images: list, vision) -> dict:
+    """pixel_values and image_grid_thw of a generate batch (rows in order), and the image-token mask the model
+    needs to place its 3-D positions (mm_token_type_ids: 1 at image tokens)."""
+    flat = [im for row in images for im in row or ()]
+    if not flat:
+        return {}
+    out = vision.pixels([b for b, _ in flat], [g for _, g in flat])
+    out["mm_token_type_ids"] = (ids == vision.image_token_id).int()
+    return out
 
 
 class VLLMBackend:
@@ -119,8 +137,12 @@ class VLLMBackend:
             skip_tokenizer_init=False,
         )
 
-    def generate(self, prompts: list[list[int]], opts: GenerationOptions, stop_ids: list[int]) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], opts: GenerationOptions, stop_ids: list[int], images=None,
+                 vision=None) -> list[list[int]]:  # fmt: skip
         from vllm import SamplingParams
+
+        if images and any(images):
+            raise ConfigError("--backend vllm: prompts with images are not supported here yet; use --backend hf.")
 
         params = SamplingParams(
             max_tokens=opts.max_new_tokens,
@@ -146,8 +168,9 @@ def check_vllm() -> None:
 class Generator:
     """Renders conversations with the chat template, runs a backend, cuts at the end-of-turn token, decodes."""
 
-    def __init__(self, backend, tokenizer, opts: GenerationOptions | None = None, template_kwargs: dict | None = None):
-        self.backend, self.tokenizer = backend, tokenizer
+    def __init__(self, backend, tokenizer, opts: GenerationOptions | None = None, template_kwargs: dict | None = None,
+                 vision=None):  # fmt: skip
+        self.backend, self.tokenizer, self.vision = backend, tokenizer, vision
         self.opts = opts or GenerationOptions()
         self.template_kwargs = template_kwargs or {}
         self.stop_ids = end_of_turn_token_ids(tokenizer, self.template_kwargs)
@@ -156,10 +179,17 @@ class Generator:
     def prompt(self, messages: list[dict], tools: list | None = None) -> str:
         return render_prompt(self.tokenizer, messages, tools, self.template_kwargs)
 
-    def generate(self, prompts: list[str]) -> list[Generation]:
+    def generate(self, prompts: list[str], images: list | None = None) -> list[Generation]:
+        """``images``: per prompt, None or its (bytes, grid) images (vision.Vision.load), in placeholder order."""
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        if images and any(images):
+            if self.vision is None:
+                raise ConfigError("prompts with images need a vision-language model (its config has a vision_config).")
+            ids = [self.vision.expand(np.asarray(x), np.zeros(len(x), np.uint8), [g for _, g in im])[0].tolist()
+                   if im else x for x, im in zip(ids, images)]  # fmt: skip
         t0 = time.perf_counter()
-        new = self.backend.generate(ids, self.opts, self.stop_ids)
+        new = self.backend.generate(ids, self.opts, self.stop_ids, images, self.vision) if images and any(images) \
+            else self.backend.generate(ids, self.opts, self.stop_ids)  # fmt: skip
         self.stats.seconds += time.perf_counter() - t0
         out = []
         for toks in new:
@@ -187,6 +217,7 @@ def pad_id(tokenizer) -> int:
     return next((i for i in ids if i is not None), 0)
 
 
-def hf_generator(model, tokenizer, opts: GenerationOptions | None = None, template_kwargs=None, dtype="fp32"):
+def hf_generator(model, tokenizer, opts: GenerationOptions | None = None, template_kwargs=None, dtype="fp32",
+                 vision=None):  # fmt: skip
     pad = pad_id(tokenizer)
-    return Generator(HFBackend(model, pad, dtype), tokenizer, opts, template_kwargs)
+    return Generator(HFBackend(model, pad, dtype), tokenizer, opts, template_kwargs, vision)

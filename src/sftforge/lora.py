@@ -1,7 +1,7 @@
 """LoRA (through peft) and freezing, applied by a function to a plain loaded model; LoRA-aware HF export.
 
 ``prepare_model`` is called once after :func:`sftforge.model.load_model`: it wraps the model with peft LoRA adapters
-(model.lora.rank > 0) or freezes parameters by regex (model.trainable / model.frozen), and returns a table of frozen
+(model.lora.rank > 0; on a vision-language model, by default, the language model's linear layers only) or freezes parameters by regex (model.trainable / model.frozen), and returns a table of frozen
 vs trainable parameters. The optimizer is then built over ``requires_grad`` parameters only, so frozen parameters get
 no optimizer state. Checkpoints keep holding every weight (base + adapter), so resume stays exact with LoRA too.
 """
@@ -13,6 +13,8 @@ import re
 import torch
 
 from sftforge.config import ConfigError, ModelConfig
+from sftforge.loss import multimodal_body
+from sftforge.model import is_vision_language
 
 
 def is_peft(model: torch.nn.Module) -> bool:
@@ -42,6 +44,8 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
 
     targets = list(cfg.lora.target_modules) or ["all-linear"]
     target = "all-linear" if targets == ["all-linear"] else targets
+    if target == "all-linear" and is_vision_language(model.config):
+        target = language_model_linears(model)  # the vision tower and its projector keep their weights
     lcfg = LoraConfig(
         r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=target,
         bias="none", task_type="CAUSAL_LM",
@@ -53,6 +57,17 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(f"model.lora.target_modules={targets}: {e} Linear layers here: {names}.") from None
+
+
+def language_model_linears(model: torch.nn.Module) -> str:
+    """peft target (a regex over module names) for every Linear of a vision-language model except the vision
+    tower's, the projector's (the multimodal model's children other than the decoder) and the LM head."""
+    body, decoder, head = multimodal_body(model), model.get_decoder(), model.get_output_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    skip = [names[id(c)] for _, c in body.named_children() if c is not decoder]
+    leafs = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and m is not head and not any(n.startswith(s + ".") for s in skip)})  # fmt: skip
+    return rf"^(?!(?:{'|'.join(map(re.escape, skip))})\.).*\.(?:{'|'.join(map(re.escape, leafs))})$"
 
 
 def apply_freezing(model: torch.nn.Module, cfg: ModelConfig) -> None:

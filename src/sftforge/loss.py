@@ -27,11 +27,19 @@ def decoder_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def hidden_states(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
-    """Final hidden states [B, L, H] from the model's decoder (no LM head, no patched forward)."""
-    decoder = model.get_decoder()
+    """Final hidden states [B, L, H] from the model's decoder (no LM head, no patched forward); a micro-batch with
+    images goes through the multimodal model under the LM head (vision tower, projector, then the decoder)."""
     inputs = hidden_states_inputs(model, batch.model_inputs(decoder_dtype(model)))
+    decoder = multimodal_body(model) if "pixel_values" in inputs else model.get_decoder()
     out = decoder(**inputs, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def multimodal_body(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under the LM head of an image-text model (Qwen2.5-VL's ``model``: vision tower + language model),
+    through a peft wrapper."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model
 
 
 def supervised_rows(hidden: torch.Tensor, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,4 +120,12 @@ def supervised_logprobs(
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-__all__ = ["decoder_dtype", "hidden_states", "loss_sum", "supervised_ce", "supervised_logprobs", "supervised_rows"]
+__all__ = [
+    "decoder_dtype",
+    "hidden_states",
+    "loss_sum",
+    "multimodal_body",
+    "supervised_ce",
+    "supervised_logprobs",
+    "supervised_rows",
+]

@@ -58,7 +58,7 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", *, skeleton
 
     ``skeleton``: the same module tree on the meta device, without reading or initializing any weight (FSDP2's
     ranks other than 0 build this; their shards come from rank 0, see parallel.materialize_from_rank0)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     check_model_options(cfg)
     common = {"trust_remote_code": cfg.trust_remote_code, "attn_implementation": cfg.attn_implementation}
@@ -67,7 +67,7 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", *, skeleton
         if skeleton:
             config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
             with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **common)
+                model = auto_class(config).from_config(config, dtype=torch.float32, **common)
         elif local.is_dir() and not has_weights(local):
             if any(local.glob("*.bin")) or any(local.glob("*.pt")) or any(local.glob("*.pth")):
                 raise ConfigError(
@@ -78,9 +78,10 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", *, skeleton
                 raise ConfigError(f"model.path={cfg.path!r} has neither weights nor a config.json.")
             config = AutoConfig.from_pretrained(str(local), trust_remote_code=cfg.trust_remote_code)
             with _seeded(cfg.init_seed):
-                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **common)
+                model = auto_class(config).from_config(config, dtype=torch.float32, **common)
         else:
-            model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=torch.float32, use_safetensors=True, **common)
+            config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+            model = auto_class(config).from_pretrained(cfg.path, dtype=torch.float32, use_safetensors=True, **common)
     except ConfigError:
         raise
     except Exception as e:
@@ -96,6 +97,18 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", *, skeleton
         model.to(device)
     model.train()
     return model
+
+
+def is_vision_language(config) -> bool:
+    """A model with a vision tower (Qwen2.5-VL, Qwen3-VL, ...): its config has a vision_config."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def auto_class(config):
+    """transformers' auto class for ``config``: image-text-to-text for a vision-language model, else causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
 
 
 @contextlib.contextmanager
@@ -151,5 +164,5 @@ def compute_dtype(dtype: str) -> torch.dtype:
     return torch.bfloat16 if dtype == "bf16" else torch.float32
 
 
-__all__ = ["autocast", "check_attn_implementation", "check_model_options", "compute_dtype", "enable_tf32", "has_weights",
+__all__ = ["auto_class", "is_vision_language", "autocast", "check_attn_implementation", "check_model_options", "compute_dtype", "enable_tf32", "has_weights",
            "load_model", "resolve_dtype", "with_dtype"]  # fmt: skip

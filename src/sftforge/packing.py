@@ -37,7 +37,8 @@ class MicroBatch:
     labels: torch.Tensor
     """[B, L] next-token targets, IGNORE_INDEX where nothing is trained."""
     position_ids: torch.Tensor
-    """[B, L] positions, restarting at 0 for every sample."""
+    """[B, L] positions, restarting at 0 for every sample; [3, B, L] (temporal, height, width) when the
+    micro-batch has images (vision.py)."""
     attention_mask: torch.Tensor | None
     """[B, L] padding mask (unpacked), [1, 1, L, L] block-diagonal causal mask (packed, eager), or None (packed
     sdpa and flash: the boundaries are in ``extra``)."""
@@ -149,6 +150,36 @@ def block_causal_mask(seq_lens: Sequence[int], kind: str = "bool", dtype: torch.
     return mask[None, None]
 
 
+def _images(sample: Any) -> list | None:
+    if isinstance(sample, dict):
+        return sample.get("images")
+    if isinstance(sample, (tuple, list)):
+        return None
+    return getattr(sample, "images", None)
+
+
+def _with_images(mb: MicroBatch, samples: Sequence[Any], rows: list[list[int]], vision) -> MicroBatch:
+    """A micro-batch whose samples have images: 3-D rotary positions per sample (each restarting at 0, as when the
+    sample runs alone), ``pixel_values`` and ``image_grid_thw`` of its images in row order (vision.py)."""
+    if vision is None:
+        raise ValueError("a micro-batch with images needs the model's vision settings: collate(..., vision=...) "
+                         "(sftforge.vision.load_vision).")  # fmt: skip
+    images = [im for s in samples for im in _images(s) or ()]
+    pos = torch.zeros((3, *mb.input_ids.shape), dtype=torch.long)
+    k = 0
+    for r, members in enumerate(rows):
+        at = 0
+        for j in members:
+            ids, _ = _ids_mask(samples[j])
+            grids = [g for _, g in _images(samples[j]) or ()]
+            pos[:, r, at : at + len(ids)] = torch.from_numpy(vision.positions(ids, grids))
+            at += len(ids)
+            k += len(grids)
+    mb.position_ids = pos
+    mb.extra.update(vision.pixels([b for b, _ in images], [g for _, g in images]))
+    return mb
+
+
 def _parents(sample: Any) -> list[int] | None:
     if isinstance(sample, dict):
         return sample.get("parents")
@@ -190,9 +221,18 @@ def pack_trees(samples: Sequence[Any], attn_implementation: str, mask_dtype: tor
 
 
 def pack(
-    samples: Sequence[Any], attn_implementation: str = "sdpa", mask_dtype: torch.dtype = torch.float32
+    samples: Sequence[Any], attn_implementation: str = "sdpa", mask_dtype: torch.dtype = torch.float32, vision=None
 ) -> MicroBatch:
     """Concatenate samples into one row; positions restart per sample; attention never crosses samples."""
+    if any(_images(s) for s in samples):
+        if any(_parents(s) is not None for s in samples):
+            raise ValueError("prefix-tree samples do not take images.")
+        return _with_images(_pack(samples, attn_implementation, mask_dtype), samples, [list(range(len(samples)))],
+                            vision)  # fmt: skip
+    return _pack(samples, attn_implementation, mask_dtype)
+
+
+def _pack(samples: Sequence[Any], attn_implementation: str, mask_dtype: torch.dtype) -> MicroBatch:
     if any(_parents(s) is not None for s in samples):
         return pack_trees(samples, attn_implementation, mask_dtype)
     ids: list[int] = []
@@ -222,8 +262,14 @@ def pack(
     return MicroBatch(t(ids), t(labels), t(pos), mask, lens, extra)
 
 
-def pad_collate(samples: Sequence[Any], pad_id: int = 0) -> MicroBatch:
+def pad_collate(samples: Sequence[Any], pad_id: int = 0, vision=None) -> MicroBatch:
     """Right-padded [B, max_len] batch with a 2D padding mask (data.packing=false)."""
+    if any(_images(s) for s in samples):
+        return _with_images(_pad(samples, pad_id), samples, [[j] for j in range(len(samples))], vision)
+    return _pad(samples, pad_id)
+
+
+def _pad(samples: Sequence[Any], pad_id: int) -> MicroBatch:
     if any(_parents(s) is not None for s in samples):
         raise ValueError("prefix-tree samples (data.reasoning_history=per_turn) are packed: set data.packing=true.")
     rows = [_ids_mask(s) for s in samples]
@@ -245,10 +291,12 @@ def collate(
     attn_implementation: str = "sdpa",
     pad_id: int = 0,
     mask_dtype: torch.dtype = torch.float32,
+    vision=None,
 ) -> MicroBatch:
+    """One micro-batch of ``samples``; ``vision``: the model's vision settings when samples have images."""
     if packing:
-        return pack(samples, attn_implementation, mask_dtype)
-    return pad_collate(samples, pad_id)
+        return pack(samples, attn_implementation, mask_dtype, vision)
+    return pad_collate(samples, pad_id, vision)
 
 
 def padded_tokens(lengths: Sequence[int], packing: bool = True) -> int:

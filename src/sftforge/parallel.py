@@ -82,8 +82,10 @@ def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated transformer blocks (each its own FSDP unit): the children of the largest ModuleList."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    """The repeated transformer blocks of the decoder (each its own FSDP unit): the children of the largest
+    ModuleList under ``get_decoder()`` (not a vision tower's blocks, which may be more numerous)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    lists = [m for m in decoder.modules() if isinstance(m, torch.nn.ModuleList)]
     return list(max(lists, key=len)) if lists else []
 
 

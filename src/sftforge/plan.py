@@ -35,8 +35,10 @@ import numpy as np
 from sftforge.batching import grad_accum_steps, make_plan
 from sftforge.config import Config, ConfigError, load_config
 from sftforge.data import build_dataset, load_tokenizer
+from sftforge.model import auto_class
 from sftforge.optim import warmup_steps
 from sftforge.ulysses import sp_group_layout
+from sftforge.vision import load_vision
 
 GIB = 1 << 30
 # Fixed GPU cost outside the tensors counted below: CUDA context, cuBLAS/NCCL workspaces, allocator slack.
@@ -99,10 +101,9 @@ class ModelShape:
     def from_config(cls, config: Any) -> ModelShape:
         """Exact parameter count from the config, by building the model on the meta device (no memory, no weights)."""
         import torch
-        from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = auto_class(config).from_config(config)  # (a vision-language model: its vision tower counted)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -572,10 +573,11 @@ def plan_from_config(cfg: Config, gpu_memory: str | int | None = None) -> tuple[
     mem = parse_memory(gpu_memory) if not isinstance(gpu_memory, int) else gpu_memory
     mem = mem if mem is not None else visible_gpu_memory()
     tok = load_tokenizer(cfg)
-    ds = build_dataset(cfg.data, tok)
+    vision = load_vision(cfg, tok)
+    ds = build_dataset(cfg.data, tok, vision=vision)
     val_n = None
     if cfg.data.val_files:
-        val_n = len(build_dataset(cfg.data, tok, cfg.data.val_files, key="data.val_files"))
+        val_n = len(build_dataset(cfg.data, tok, cfg.data.val_files, "data.val_files", vision))
     shape = ModelShape.from_path(cfg.model.path, cfg.model.trust_remote_code)
     # the store's length and trained columns, read slice by slice: neither the tokens nor whole columns in memory
     lengths, supervised = ds.store.column("length"), ds.store.column("trained")

@@ -69,6 +69,7 @@ from sftforge.optim import build_optimizer
 from sftforge.parallel import build_engine, is_fsdp, materialize_from_rank0, resolve_strategy, to_float
 from sftforge.ulysses import disabled as disabled_sp
 from sftforge.ulysses import restore as restore_attention
+from sftforge.vision import load_vision
 
 LOCK_NAME = "run.lock"
 
@@ -272,6 +273,7 @@ class Checkpointer:
                     generation_eos_ids(self.tokenizer, c.data.chat_template_kwargs) if self.tokenizer else None,
                     compute_dtype(c.model.dtype), adapter_dir=folder / "huggingface" / "adapter",
                     base_path=c.model.path, state_dict=full,
+                    vision=load_vision(c, self.tokenizer) if self.tokenizer else None,
                 )  # fmt: skip
 
         return write
@@ -493,6 +495,7 @@ class Run:
                     self.model, self.out / "final", tokenizer,
                     generation_eos_ids(tokenizer, c.data.chat_template_kwargs), compute_dtype(c.model.dtype),
                     adapter_dir=self.out / "final" / "adapter", base_path=c.model.path, state_dict=full,
+                    vision=load_vision(c, tokenizer) if tokenizer else None,
                 )  # fmt: skip
             barrier()
         if self.guard.skipped:

@@ -28,6 +28,8 @@ class EvalSample:
     reference_message: dict
     """The assistant message the model should produce."""
     row: Any = None
+    base_dir: str | None = None
+    """The data file's folder: relative image paths resolve from there."""
 
     @property
     def reference(self) -> str:

@@ -40,20 +40,22 @@ from sftforge.packing import collate, padded_tokens
 from sftforge.parallel import grad_scale, no_grad_sync, unsharded
 from sftforge.run import NonFiniteError, Run, Signals, clip_gradients, data_fingerprint
 from sftforge.ulysses import sp_group_layout
+from sftforge.vision import load_vision
 
 
 class Runner:
     """Turns sample lists into a loss on the device; holds what every micro-batch needs."""
 
-    def __init__(self, cfg: Config, engine, device, pad_id: int, world_size: int):
+    def __init__(self, cfg: Config, engine, device, pad_id: int, world_size: int, vision=None):
         # engine: the model under its strategy (parallel.build_engine), engine(micro_batch) -> (loss sum, count)
         self.cfg, self.model, self.device, self.pad_id, self.world_size = cfg, engine, device, pad_id, world_size
         self.scale = grad_scale(engine, world_size)  # wrappers average gradients over ranks; the loss needs their sum
         self.mask_dtype = compute_dtype(cfg.model.dtype)  # an eager L × L mask in the compute dtype: never cast again
+        self.vision = vision  # a vision-language model's image settings: micro-batches with images get their pixels
 
     def loss(self, samples) -> tuple[torch.Tensor, int]:
         c = self.cfg
-        mb = collate(samples, c.data.packing, c.model.attn_implementation, self.pad_id, self.mask_dtype)
+        mb = collate(samples, c.data.packing, c.model.attn_implementation, self.pad_id, self.mask_dtype, self.vision)
         mb = ulysses.shard(mb).to(self.device)  # this rank's slice of the row under sequence parallelism, on the host
         with autocast(c.model.dtype, self.device):
             return self.model(mb)
@@ -97,14 +99,16 @@ class Runner:
 
 
 def load_data(cfg: Config, tokenizer, train_dataset, val_dataset):
-    """(tokenizer, train, val): what is not given is built from the config."""
+    """(tokenizer, train, val, vision): what is not given is built from the config; vision: the image settings of a
+    vision-language model (vision.py), else None."""
     if tokenizer is None and (cfg.model.tokenizer_path or train_dataset is None):
         tokenizer = load_tokenizer(cfg)
+    vision = load_vision(cfg, tokenizer) if tokenizer is not None else None
     if train_dataset is None:
-        train_dataset = build_dataset(cfg.data, tokenizer, cfg.data.train_files, key="data.train_files")
+        train_dataset = build_dataset(cfg.data, tokenizer, cfg.data.train_files, "data.train_files", vision)
     if val_dataset is None and cfg.data.val_files:
-        val_dataset = build_dataset(cfg.data, tokenizer, cfg.data.val_files, key="data.val_files")
-    return tokenizer, train_dataset, val_dataset
+        val_dataset = build_dataset(cfg.data, tokenizer, cfg.data.val_files, "data.val_files", vision)
+    return tokenizer, train_dataset, val_dataset, vision
 
 
 def train(cfg: Config, *, model=None, tokenizer=None, train_dataset=None, val_dataset=None) -> dict[str, Any]:
@@ -126,14 +130,14 @@ def _train(run: Run, model, tokenizer, train_dataset, val_dataset) -> dict[str, 
     dp_rank = run.rank // sp_size  # ranks k·sp … k·sp+sp-1 share data-parallel rank k (ulysses.py)
     grad_accum_steps(cfg.data.train_batch_size, cfg.data.micro_batch_size_per_gpu, dp_size)
     strategy = run.strategy()
-    tokenizer, train_ds, val_ds = load_data(cfg, tokenizer, train_dataset, val_dataset)
+    tokenizer, train_ds, val_ds, vision = load_data(cfg, tokenizer, train_dataset, val_dataset)
     plan = make_plan(cfg, len(train_ds), dp_size, dp_rank)
     run.lines.extend(getattr(getattr(train_ds, "report", None), "lines", list)())
     if hasattr(train_ds, "describe"):
         run.lines.append(train_ds.describe())
     run.prepare_output()
     model, engine, optimizer = run.build(model, sp_size=sp_size)
-    runner = Runner(cfg, engine, run.device, pad_id(tokenizer), run.world_size)
+    runner = Runner(cfg, engine, run.device, pad_id(tokenizer), run.world_size, vision)
     evaluator = TrainingEval(cfg, tokenizer) if t.eval_freq > 0 else None  # generation eval on data.eval_files
     checkpointer = run.checkpointer(lambda done: _position(done, plan), tokenizer)
     start = run.resume(checkpointer, data_fingerprint(train_ds))
