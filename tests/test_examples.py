@@ -21,3 +21,18 @@ def test_textcraft_seed_hyper_parameters():
     assert cfg.optim.betas == [0.9, 0.95] and cfg.optim.weight_decay == 0.01 and cfg.optim.warmup_ratio == 0.1
     assert cfg.optim.clip_grad == 1.0 and cfg.optim.lr_scheduler == "cosine"
     assert cfg.trainer.total_epochs == 10 and cfg.data.max_length == 4096
+
+
+def test_vlm_demo_runs_end_to_end(tmp_path):
+    """examples/vlm/vlm_demo.py (the README's command) for a few steps on a few pictures: before/after printed."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("PIL")
+    script = Path(__file__).parent.parent / "examples" / "vlm" / "vlm_demo.py"
+    p = subprocess.run([sys.executable, str(script), "--train", "64", "--test", "8", "trainer.max_steps=3",
+                        "data.train_batch_size=8", "data.micro_batch_size_per_gpu=8", f"trainer.output_dir={tmp_path / 'o'}"],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "before training:" in p.stdout and "after training:" in p.stdout, p.stdout
+    assert (tmp_path / "o" / "final" / "preprocessor_config.json").is_file()

@@ -316,7 +316,10 @@ def test_two_processes_equal_one(vl_model, tmp_path, strategy):
 
     from sftforge.metrics import read_metrics
 
-    data = write_jsonl(tmp_path / "train.jsonl", colour_rows(tmp_path, 8))
+    text = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
+            for w in ("one", "two", "three", "four")]  # fmt: skip
+    # text-only rows too: a rank whose micro-batch has no image still runs the vision tower (Vision.blank_sample)
+    data = write_jsonl(tmp_path / "train.jsonl", [r for pair in zip(colour_rows(tmp_path, 4), text) for r in pair])
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     outs = []
@@ -329,3 +332,59 @@ def test_two_processes_equal_one(vl_model, tmp_path, strategy):
         assert p.returncode == 0, p.stderr[-3000:]
         outs.append([r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r])
     assert len(outs[0]) == 4 and outs[0] == pytest.approx(outs[1], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def qwen3_vl_model(tmp_path_factory, tokenizer_dirs) -> Path:
+    """Tiny Qwen3-VL: 16-px patches, deepstack features, interleaved 3-D RoPE (processor settings: Qwen3-VL's public
+    preprocessor_config.json values, tests/fixtures/processors/qwen3-vl)."""
+    d = tmp_path_factory.mktemp("vl3") / "model"
+    shutil.copytree(tokenizer_dirs["qwen2.5"], d)
+    shutil.copy(FIXTURES / "model_configs" / "qwen3-vl-tiny" / "config.json", d / "config.json")
+    shutil.copy(FIXTURES / "processors" / "qwen3-vl" / "chat_template.jinja", d / "chat_template.jinja")
+    settings = json.loads((FIXTURES / "processors" / "qwen3-vl" / "preprocessor_config.json").read_text())
+    settings["size"] = {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}
+    (d / "preprocessor_config.json").write_text(json.dumps(settings))
+    return d
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])
+def test_packed_loss_equals_the_models_own_forward(family, vl_model, qwen3_vl_model, tmp_path):
+    """Our packed row (3-D positions per sample, images scattered by the model) == transformers' own forward of each
+    sample (its get_rope_index from mm_token_type_ids, its full logits), sample by sample."""
+    import torch.nn.functional as F
+
+    folder = vl_model if family == "qwen2.5-vl" else qwen3_vl_model
+    ds, tok, vision, cfg = dataset(folder, tmp_path, colour_rows(tmp_path, 3))
+    model = load_model(cfg.model).eval()
+    attention.select(model)
+    samples = [ds[i] for i in range(3)]
+    with torch.no_grad():
+        packed, _ = loss_sum(model, collate(samples, True, "sdpa", 0, vision=vision))
+        own = 0.0
+        for s in samples:
+            mb = collate([s], False, "sdpa", 0, vision=vision)
+            logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                           pixel_values=mb.extra["pixel_values"], image_grid_thw=mb.extra["image_grid_thw"],
+                           mm_token_type_ids=(mb.input_ids == vision.image_token_id).int()).logits  # fmt: skip
+            own += float(F.cross_entropy(logits[0].float(), mb.labels[0], reduction="sum"))
+    assert float(packed) == pytest.approx(own, rel=1e-5)
+
+
+def test_a_blank_image_changes_nothing_but_runs_the_vision_tower(vl_model, tmp_path):
+    """Under DDP/FSDP2 a micro-batch without images gets Vision.blank_sample: same loss, zero vision gradients (but
+    gradients: every rank reduces the same parameters)."""
+    text = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
+            for w in ("one", "two")]  # fmt: skip
+    ds, tok, vision, cfg = dataset(vl_model, tmp_path, text)
+    model = load_model(cfg.model)
+    attention.select(model)
+    samples = [ds[0], ds[1]]
+    alone, n = loss_sum(model, collate(samples, True, "sdpa", 0, vision=vision))
+    blank = vision.blank_sample()
+    assert sum(blank["loss_mask"]) == 0 and blank["input_ids"][0] == VISION_START
+    with_blank, n2 = loss_sum(model, collate([*samples, blank], True, "sdpa", 0, vision=vision))
+    assert n == n2 and float(with_blank) == pytest.approx(float(alone), rel=1e-6)
+    with_blank.backward()
+    visual = {k: p.grad for k, p in model.named_parameters() if ".visual." in k}
+    assert visual and all(g is not None and float(g.abs().max()) == 0.0 for g in visual.values())

@@ -1,6 +1,6 @@
 """A tiny Qwen2.5-VL-shaped model, from config (random init), learns to name the colour and the shape in a picture.
 
-    python examples/vlm/vlm_demo.py [key=value ...]      # e.g. trainer.max_steps=100 trainer.output_dir=outputs/x
+    python examples/vlm/vlm_demo.py [--train N] [--test N] [key=value ...]   # e.g. trainer.output_dir=outputs/x
 
 Everything is generated under trainer.output_dir (default outputs/vlm-demo): 112×112 PNG pictures of one shape
 (circle, square, triangle) in one of six colours, at a random place and size on a noisy background; train / test
@@ -42,9 +42,9 @@ def picture(rng: random.Random, colour: str, shape: str) -> Image.Image:
     bg = tuple(rng.randint(0, 60) for _ in range(3))
     img = Image.new("RGB", (SIZE, SIZE), bg)
     px = img.load()
-    for _ in range(300):  # speckle noise
+    for _ in range(150):  # speckle noise
         px[rng.randrange(SIZE), rng.randrange(SIZE)] = tuple(rng.randint(0, 90) for _ in range(3))
-    r = rng.randint(24, 40)
+    r = rng.randint(32, 44)
     cx, cy = rng.randint(r + 2, SIZE - r - 3), rng.randint(r + 2, SIZE - r - 3)
     fill = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLOURS[colour])
     d = ImageDraw.Draw(img)
@@ -115,22 +115,29 @@ def exact_match(model, tok, vision, path: Path) -> tuple[float, list[str]]:
     return res.summary["accuracy"], shown
 
 
-def main(overrides: list[str]) -> int:
+def main(argv: list[str]) -> int:
+    counts, overrides = {"--train": 10000, "--test": 200}, []
+    it = iter(argv)
+    for a in it:
+        if a in counts:
+            counts[a] = int(next(it))
+        else:
+            overrides.append(a)
     out = Path(next((o.split("=", 1)[1] for o in overrides if o.startswith("trainer.output_dir=")), "outputs/vlm-demo"))
     assets = out / "assets"
     make_model(assets / "model")
-    train_file = write_split(assets, "train", 10000, seed=1)
-    test_file = write_split(assets, "test", 200, seed=2)
+    train_file = write_split(assets, "train", counts["--train"], seed=1)
+    test_file = write_split(assets, "test", counts["--test"], seed=2)
     cfg = load_config(None, [
         f"model.path={assets / 'model'}", f"data.train_files={train_file}", "data.max_length=128",
         "data.train_batch_size=32", "data.micro_batch_size_per_gpu=32", "optim.lr=2e-3", "optim.weight_decay=0.0",
-        "optim.warmup_steps=20", "optim.lr_scheduler=cosine", "optim.min_lr_ratio=0.1", "trainer.max_steps=300",
-        "trainer.log_freq=50", f"trainer.output_dir={out}", *overrides,
+        "optim.warmup_steps=20", "optim.lr_scheduler=cosine", "optim.min_lr_ratio=0.1", "trainer.max_steps=1000",
+        "trainer.log_freq=100", f"trainer.output_dir={out}", *overrides,
     ])  # fmt: skip
     tok = load_tokenizer(cfg)
     vision = load_vision(cfg, tok)
     before, _ = exact_match(load_model(cfg.model), tok, vision, test_file)
-    print(f"vlm demo: exact match on {test_file.parent / 'test'} (200 held-out pictures) before training: {before:.1%}")
+    print(f"vlm demo: exact match on {counts['--test']} held-out pictures ({test_file}) before training: {before:.1%}")
     result = train(cfg, tokenizer=tok)
     if result["final_dir"]:
         from transformers import AutoModelForImageTextToText

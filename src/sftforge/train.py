@@ -28,7 +28,7 @@ import torch
 
 from sftforge import faults, ulysses
 from sftforge.batching import Plan, grad_accum_steps, make_plan, micro_batch_groups, step_micro_batches
-from sftforge.config import Config
+from sftforge.config import Config, ConfigError
 from sftforge.data import build_dataset, load_tokenizer
 from sftforge.distributed import all_reduce_sum, any_rank_max
 from sftforge.evaluate import TrainingEval
@@ -55,6 +55,8 @@ class Runner:
 
     def loss(self, samples) -> tuple[torch.Tensor, int]:
         c = self.cfg
+        if self.vision is not None and self.world_size > 1 and not any(getattr(s, "images", None) for s in samples):
+            samples = [*samples, self.vision.blank_sample()]  # every rank runs the vision tower (vision.py)
         mb = collate(samples, c.data.packing, c.model.attn_implementation, self.pad_id, self.mask_dtype, self.vision)
         mb = ulysses.shard(mb).to(self.device)  # this rank's slice of the row under sequence parallelism, on the host
         with autocast(c.model.dtype, self.device):
@@ -131,6 +133,9 @@ def _train(run: Run, model, tokenizer, train_dataset, val_dataset) -> dict[str, 
     grad_accum_steps(cfg.data.train_batch_size, cfg.data.micro_batch_size_per_gpu, dp_size)
     strategy = run.strategy()
     tokenizer, train_ds, val_ds, vision = load_data(cfg, tokenizer, train_dataset, val_dataset)
+    if vision is not None and sp_size > 1:
+        raise ConfigError(f"trainer.sp_size={sp_size}: sequence parallelism does not split a vision-language model's "
+                          "3-D positions and images yet; set trainer.sp_size=1.")  # fmt: skip
     plan = make_plan(cfg, len(train_ds), dp_size, dp_rank)
     run.lines.extend(getattr(getattr(train_ds, "report", None), "lines", list)())
     if hasattr(train_ds, "describe"):

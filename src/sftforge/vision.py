@@ -143,6 +143,8 @@ class Vision:
     image_token_id: int
     untrained_ids: tuple[int, ...]
     merge_size: int
+    frame_ids: tuple[int, int] | None = None
+    """(vision start, vision end) token ids around an image's placeholders (for :meth:`blank_sample`)."""
     source: str = ""
     """Where the settings came from (shown in the data report)."""
     _processor: Any = field(default=None, repr=False, compare=False)
@@ -228,6 +230,22 @@ class Vision:
         path = Path(folder) / "preprocessor_config.json"
         path.write_text(json.dumps(out, indent=2) + "\n")
         return path
+
+    def blank_sample(self) -> dict:
+        """An untrained sample holding one black image of the smallest size the processor makes: under DDP/FSDP2 a
+        micro-batch without images gets it, so that every rank runs the vision tower (the same collectives and
+        gradient reductions; the sample's outputs reach no loss, so its gradients are zero)."""
+        factor = self.patch_size * self.merge_size
+        check_pillow()
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (factor, factor)).save(buf, "PNG")
+        data = buf.getvalue()
+        grid = self.grid(factor, factor)
+        start, end = self.frame_ids or (self.image_token_id, self.image_token_id)
+        ids = [start] + [self.image_token_id] * self.tokens(grid) + [end]
+        return {"input_ids": ids, "loss_mask": [0] * len(ids), "images": [(data, grid)]}
 
     def positions(self, ids, grids) -> np.ndarray:
         return rope_positions(ids, grids, self.image_token_id, self.merge_size)
@@ -322,7 +340,9 @@ def load_vision(cfg, tokenizer) -> Vision | None:
         int(i) for t in VISION_TOKENS for i in [tokenizer.convert_tokens_to_ids(t)]
         if i is not None and i != tokenizer.unk_token_id and tokenizer.convert_ids_to_tokens(i) == t
     })  # fmt: skip
-    return Vision(settings, token, int(image_id), tuple(untrained), merge, str(found))
+    frame = (model_cfg.get("vision_start_token_id"), model_cfg.get("vision_end_token_id"))
+    frame_ids = (int(frame[0]), int(frame[1])) if None not in frame else None
+    return Vision(settings, token, int(image_id), tuple(untrained), merge, frame_ids, str(found))
 
 
 def _model_config(cfg) -> dict | None:
