@@ -388,3 +388,20 @@ def test_a_blank_image_changes_nothing_but_runs_the_vision_tower(vl_model, tmp_p
     with_blank.backward()
     visual = {k: p.grad for k, p in model.named_parameters() if ".visual." in k}
     assert visual and all(g is not None and float(g.abs().max()) == 0.0 for g in visual.values())
+
+
+def test_a_changed_image_file_is_tokenized_again(vl_model, tmp_path, capfd):
+    """The store keeps a copy of each image's bytes; an image file changed since is noticed and read again."""
+    import os
+
+    png = picture(tmp_path / "img" / "p.png", "red")
+    rows = [parts_row("img/p.png")]
+    ds, *_ = dataset(vl_model, tmp_path, rows)
+    assert ds.origin == "tokenized" and ds[0].images[0][0] == png.read_bytes()
+    again, *_ = dataset(vl_model, tmp_path, rows)
+    assert again.origin == "cache"
+    picture(png, "blue", (112, 56))
+    os.utime(png, ns=(1, 1))  # a different mtime whatever the clock's resolution
+    fresh, *_ = dataset(vl_model, tmp_path, rows)
+    assert fresh.origin == "tokenized" and fresh[0].images[0] == (png.read_bytes(), (1, 4, 8))
+    assert "1 image file(s) changed or removed since it was tokenized" in capfd.readouterr().err

@@ -103,6 +103,7 @@ def cmd_preview(args) -> int:
     for i in range(1, len(s.input_ids) + 1):
         if i == len(s.input_ids) or s.loss_mask[i] != s.loss_mask[start]:
             piece = tok.decode(s.input_ids[start:i], skip_special_tokens=False)
+            piece = _collapse_image_tokens(piece, s)
             text.append(piece, style="bold black on green" if s.loss_mask[start] else "dim")
             start = i
     console.rule(f"sample {args.index} — {s.source}")
@@ -119,6 +120,15 @@ def cmd_preview(args) -> int:
     for line in template_markers(tok, cfg.data.chat_template_kwargs).describe():
         console.print(line, markup=False)
     return 0
+
+
+def _collapse_image_tokens(piece: str, sample) -> str:
+    """An image's run of placeholder tokens shown as one: <|image_pad|>×16 (1×4×4 patches)."""
+    import re
+
+    if not getattr(sample, "images", None):
+        return piece
+    return re.sub(r"(<\|image_pad\|>)(?:\1)+", lambda m: f"{m.group(1)}×{len(m.group(0)) // len(m.group(1))}", piece)
 
 
 def main(argv: list[str] | None = None) -> int:

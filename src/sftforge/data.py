@@ -40,6 +40,7 @@ from sftforge.chat import (
 )
 from sftforge.config import Config, ConfigError, DataConfig
 from sftforge.store import Store, StoreWriter, exclusive, open_store, remove_partials
+from sftforge.vision import image_file
 
 CACHE_VERSION = "3"  # 2: masks from the template markers (closings per context); 3: the memory-mapped store
 
@@ -444,6 +445,8 @@ class _Chunk:
     """Per kept sample: its number of images (vision models only)."""
     image_bytes: list = field(default_factory=list)
     image_grids: list = field(default_factory=list)
+    image_files: set = field(default_factory=set)
+    """(path, size, mtime_ns) of the image files read (the store checks them when opened)."""
     bad: list = field(default_factory=list)
     """(location, reason, detail) of every bad row, in input order."""
     counts: Counter = field(default_factory=Counter)
@@ -506,7 +509,7 @@ def _tokenize_chunk(task: _Task) -> _Chunk:
             if isinstance(row, RowError):
                 raise row
             messages, tools, flags = row_to_conversation(row, data_cfg)
-            imgs = _load_images(messages, path, vis)
+            imgs = _load_images(messages, path, vis, out.image_files)
             lays.append((n, loc, layout(tok, messages, tools, flags, data_cfg.train_on, data_cfg.chat_template_kwargs,
                                         markers, data_cfg.system_into_first_user)))  # fmt: skip
             if imgs:
@@ -567,8 +570,9 @@ def _by_size(layouts: list[Layout], chars: int) -> Iterator[list[Layout]]:
         yield group
 
 
-def _load_images(messages: list[dict], path: str, vis) -> list | None:
-    """(bytes, grid) of every image of a conversation; paths are relative to the data file's folder."""
+def _load_images(messages: list[dict], path: str, vis, files: set) -> list | None:
+    """(bytes, grid) of every image of a conversation; paths are relative to the data file's folder. ``files``
+    collects (path, size, mtime_ns) of the image files read."""
     sources = image_sources(messages)
     if not sources:
         return None
@@ -577,7 +581,13 @@ def _load_images(messages: list[dict], path: str, vis) -> list | None:
                                                  "(no vision_config in its config.json): use a vision-language model "
                                                  "(e.g. Qwen2.5-VL) or remove the images")  # fmt: skip
     base = os.path.dirname(os.path.abspath(path)) if os.path.exists(path) else None
-    return [vis.load(src, base, f"image {k} ({_describe_source(src)})") for k, src in enumerate(sources)]
+    out = [vis.load(src, base, f"image {k} ({_describe_source(src)})") for k, src in enumerate(sources)]
+    for src in sources:
+        f = image_file(src, base)
+        if f is not None:
+            st = f.stat()
+            files.add((str(f.resolve()), st.st_size, st.st_mtime_ns))
+    return out
 
 
 def _describe_source(src) -> str:
@@ -870,7 +880,31 @@ def _open(path: Path, key: str, origin: str = "cache") -> TokenizedDataset | Non
     st = open_store(path)
     if st is None or (st.has("images") and open_store(Path(path) / "images") is None):  # (a damaged image store too)
         return None
+    if st.has("images") and changed_images(Path(path)):
+        return None
     return TokenizedDataset(st, DataReport(**st.meta["report"]), key[:16], origin)
+
+
+def changed_images(entry: Path) -> str:
+    """'' when every image file the entry copied is as it was at tokenization; else which changed (the entry is
+    then tokenized again: it holds the old bytes)."""
+    listing = entry / "images" / _IMAGE_FILES
+    if not listing.exists():
+        return ""
+    changed, n = [], 0
+    with open(listing, encoding="utf-8") as f:
+        for line in f:
+            size, mtime, p = line.rstrip("\n").split("\t", 2)
+            try:
+                st = os.stat(p)
+                same = st.st_size == int(size) and st.st_mtime_ns == int(mtime)
+            except OSError:
+                same = False
+            if not same:
+                n += 1
+                if len(changed) < 3:
+                    changed.append(p)
+    return f"{n} image file(s) changed or removed since it was tokenized (e.g. {', '.join(changed)})" if n else ""
 
 
 def _writable(root: Path) -> bool:
@@ -914,8 +948,9 @@ def build_dataset(
             if found is not None:  # another process (a rank of this job, another job) wrote it while we waited
                 return found
             if (root / fp).exists():
-                print(f"warning: the tokenized store {root / fp} is damaged (a column's size does not match its "
-                      "meta.json); tokenizing again.", file=sys.stderr)  # fmt: skip
+                why = changed_images(root / fp) or "damaged (a column's size does not match its meta.json)"
+                print(f"warning: the tokenized store {root / fp}: {why}; tokenizing again.",
+                      file=sys.stderr)  # fmt: skip
             remove_partials(root, fp)
             path = _write(files, tokenizer, data_cfg, markers, root, fp, holder, option, vision)
         return _open(path, fp, "tokenized")
@@ -994,7 +1029,13 @@ def _write(files, tokenizer, data_cfg: DataConfig, markers, root: Path, fp: str,
         raise
 
 
+_IMAGE_FILES = "files.tsv"  # in the images store: size, mtime_ns and path of every image file read
+
+
 def _append_images(image_writer: StoreWriter, c: _Chunk, vision, report: DataReport) -> None:
+    if c.image_files:
+        with open(image_writer.tmp / _IMAGE_FILES, "a", encoding="utf-8") as f:
+            f.writelines(f"{size}\t{mtime}\t{p}\n" for p, size, mtime in sorted(c.image_files))
     if not c.image_bytes:
         return
     sizes = np.asarray([len(b) for b in c.image_bytes], np.int64)

@@ -88,11 +88,7 @@ def image_bytes(source: Any, base_dir: str | Path | None, what: str) -> bytes:
     if source.startswith(("http://", "https://")):
         raise RowError("bad image", f"{what}: {source[:80]} is a web URL; download the images and give their paths "
                                     "(nothing is fetched during training).")  # fmt: skip
-    if source.startswith("file://"):
-        source = source[len("file://") :]
-    path = Path(source).expanduser()
-    if not path.is_absolute() and base_dir is not None:
-        path = Path(base_dir) / path
+    path = _source_path(source, base_dir)
     try:
         return path.read_bytes()
     except OSError as e:
@@ -101,6 +97,24 @@ def image_bytes(source: Any, base_dir: str | Path | None, what: str) -> bytes:
             return data
         raise RowError("bad image", f"{what}: cannot read {path} ({e.strerror or e}); paths are relative to the data "
                                     "file's folder") from None  # fmt: skip
+
+
+def _source_path(source: str, base_dir) -> Path:
+    if source.startswith("file://"):
+        source = source[len("file://") :]
+    path = Path(source).expanduser()
+    return Path(base_dir) / path if not path.is_absolute() and base_dir is not None else path
+
+
+def image_file(source: Any, base_dir) -> Path | None:
+    """The file an image source names (None for bytes, base64 and data URLs): the tokenized store keeps a copy of
+    its bytes and checks, when it is opened, that the file has not changed since (data.py)."""
+    if isinstance(source, dict) and not source.get("bytes"):
+        source = source.get("path")
+    if not isinstance(source, str) or source.startswith("data:"):
+        return None
+    path = _source_path(source, base_dir)
+    return path if path.is_file() else None
 
 
 def _maybe_b64(text: str) -> bytes | None:
@@ -369,4 +383,13 @@ def _hub_file(repo: str, name: str = "preprocessor_config.json") -> Path | None:
         return None
 
 
-__all__ = ["VISION_TOKENS", "Vision", "check_pillow", "image_bytes", "load_vision", "open_image", "rope_positions"]
+__all__ = [
+    "VISION_TOKENS",
+    "Vision",
+    "check_pillow",
+    "image_bytes",
+    "image_file",
+    "load_vision",
+    "open_image",
+    "rope_positions",
+]
