@@ -4,7 +4,11 @@ Tokenizers in tests/fixtures/tokenizers are copies of ../shared/assets/tokenizer
 vocabulary from llama.cpp's ggml-vocab-qwen2.gguf with the public added tokens and chat templates, Apache-2.0;
 Phi-3: ggml-vocab-phi-3.gguf with the Phi-3.5-mini-instruct template, MIT), with tokenizer.json xz-compressed.
 tests/fixtures/textcraft holds the first 40 rows of ../shared/data/textcraft (platoon-textcraft, MIT).
-tests/fixtures/model_configs holds config.json shapes from ../shared/assets/model_configs.
+tests/fixtures/model_configs holds config.json shapes from ../shared/assets/model_configs, and two tiny
+vision-language shapes written here (qwen2.5-vl-tiny, qwen3-vl-tiny: the public architectures, 2 layers).
+tests/fixtures/processors: the Qwen2.5-VL chat template and image-processor settings and the Qwen3-VL chat template
+from ../shared/assets/processors (Qwen, Apache-2.0); qwen3-vl/preprocessor_config.json is written here with the
+public Qwen3-VL values (16-px patches, merge 2, mean/std 0.5).
 """
 
 from __future__ import annotations

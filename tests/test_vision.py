@@ -405,3 +405,33 @@ def test_a_changed_image_file_is_tokenized_again(vl_model, tmp_path, capfd):
     fresh, *_ = dataset(vl_model, tmp_path, rows)
     assert fresh.origin == "tokenized" and fresh[0].images[0] == (png.read_bytes(), (1, 4, 8))
     assert "1 image file(s) changed or removed since it was tokenized" in capfd.readouterr().err
+
+
+def test_image_files_are_read_by_the_writer_a_group_at_a_time(vl_model, tmp_path, monkeypatch):
+    """Workers return image files by path (their results stay the size of their input); the writer reads them in
+    bounded groups — one image per group gives the same store."""
+    from sftforge import data
+
+    rows = colour_rows(tmp_path, 6)
+    ref, *_ = dataset(vl_model, tmp_path, rows)
+    monkeypatch.setattr(data, "_IMAGE_GROUP_BYTES", 1)
+    small, *_ = dataset(vl_model, tmp_path, rows, "data.cache_dir=none", name="small")
+    assert [small[i].images for i in range(6)] == [ref[i].images for i in range(6)]
+    assert small.report.images == 6 and small.report.image_bytes == sum(len(ref[i].images[0][0]) for i in range(6))
+
+
+def test_lora_run_with_in_training_eval_on_images(vl_model, tmp_path):
+    """LoRA (language model only) trains on images, the in-training generation eval reads images too, and the
+    merged export loads."""
+    from transformers import AutoModelForImageTextToText
+
+    from sftforge.metrics import read_metrics
+    from sftforge.train import train
+
+    data = write_jsonl(tmp_path / "train.jsonl", colour_rows(tmp_path, 8))
+    args = train_args(vl_model, data, tmp_path / "lora", "model.lora.rank=4", f"data.eval_files={data}",
+                      "trainer.eval_freq=2", "trainer.eval_task=exact")  # fmt: skip
+    result = train(load_config(None, args))
+    evals = [r for r in read_metrics(tmp_path / "lora" / "metrics.jsonl") if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(0.0 <= r["eval_accuracy"] <= 1.0 for r in evals)
+    assert isinstance(AutoModelForImageTextToText.from_pretrained(result["final_dir"]), torch.nn.Module)

@@ -833,10 +833,11 @@ def _find_rendered(text: str, content: str, start: int) -> tuple[int, int] | Non
 def _find_parts(text: str, m: dict, start: int) -> tuple[int, int] | None:
     """Where a message's content is: its text, or for a message with images, from its first text part through its
     last (the images' placeholders between them)."""
-    if "parts" not in m:
+    parts = m.get("parts") or (m["content"] if isinstance(m["content"], list) else None)  # (or in template form)
+    if parts is None:
         return _find_rendered(text, m["content"], start)
     first = end = None
-    for p in m["parts"]:
+    for p in parts:
         if p["type"] == "text" and p["text"].strip():
             span = _find_rendered(text, p["text"], start if end is None else end)
             if span is None:

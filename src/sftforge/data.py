@@ -444,6 +444,8 @@ class _Chunk:
     images: Any = None
     """Per kept sample: its number of images (vision models only)."""
     image_bytes: list = field(default_factory=list)
+    """Per image of the kept samples: its bytes, or the path of its file (read by the writer: a worker's memory and
+    its result stay the size of its input, not of the image files it names)."""
     image_grids: list = field(default_factory=list)
     image_files: set = field(default_factory=set)
     """(path, size, mtime_ns) of the image files read (the store checks them when opened)."""
@@ -581,12 +583,15 @@ def _load_images(messages: list[dict], path: str, vis, files: set) -> list | Non
                                                  "(no vision_config in its config.json): use a vision-language model "
                                                  "(e.g. Qwen2.5-VL) or remove the images")  # fmt: skip
     base = os.path.dirname(os.path.abspath(path)) if os.path.exists(path) else None
-    out = [vis.load(src, base, f"image {k} ({_describe_source(src)})") for k, src in enumerate(sources)]
-    for src in sources:
+    out = []
+    for k, src in enumerate(sources):
+        data, grid = vis.load(src, base, f"image {k} ({_describe_source(src)})")
         f = image_file(src, base)
         if f is not None:
             st = f.stat()
             files.add((str(f.resolve()), st.st_size, st.st_mtime_ns))
+            data = str(f.resolve())
+        out.append((data, grid))
     return out
 
 
@@ -1030,18 +1035,31 @@ def _write(files, tokenizer, data_cfg: DataConfig, markers, root: Path, fp: str,
 
 
 _IMAGE_FILES = "files.tsv"  # in the images store: size, mtime_ns and path of every image file read
+_IMAGE_GROUP_BYTES = 1 << 26  # image bytes the writer holds at a time
 
 
 def _append_images(image_writer: StoreWriter, c: _Chunk, vision, report: DataReport) -> None:
     if c.image_files:
         with open(image_writer.tmp / _IMAGE_FILES, "a", encoding="utf-8") as f:
             f.writelines(f"{size}\t{mtime}\t{p}\n" for p, size, mtime in sorted(c.image_files))
-    if not c.image_bytes:
-        return
-    sizes = np.asarray([len(b) for b in c.image_bytes], np.int64)
-    grids = np.asarray(c.image_grids, np.int32).reshape(-1, 3)
-    image_writer.append(sizes, {"bytes": np.frombuffer(b"".join(c.image_bytes), np.uint8)},
-                        {"t": grids[:, 0], "h": grids[:, 1], "w": grids[:, 2]})  # fmt: skip
-    report.images += len(sizes)
-    report.image_bytes += int(sizes.sum())
-    report.image_tokens += int(sum(vision.tokens(g) for g in grids))
+    group: list[bytes] = []
+
+    def flush():
+        if group:
+            grids = np.asarray(c.image_grids[report.images - first : report.images - first + len(group)], np.int32)
+            sizes = np.asarray([len(b) for b in group], np.int64)
+            image_writer.append(sizes, {"bytes": np.frombuffer(b"".join(group), np.uint8)},
+                                {"t": grids[:, 0], "h": grids[:, 1], "w": grids[:, 2]})  # fmt: skip
+            report.images += len(group)
+            report.image_bytes += int(sizes.sum())
+            group.clear()
+
+    first, size = report.images, 0
+    for b in c.image_bytes:  # file images are read here, ~64 MiB at a time
+        group.append(b if isinstance(b, bytes) else Path(b).read_bytes())
+        size += len(group[-1])
+        if size >= _IMAGE_GROUP_BYTES:
+            flush()
+            size = 0
+    flush()
+    report.image_tokens += int(sum(vision.tokens(g) for g in c.image_grids))

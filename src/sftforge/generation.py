@@ -9,6 +9,7 @@ the template's end-of-turn tokens (:func:`~sftforge.chat.end_of_turn_token_ids`)
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -119,7 +120,9 @@ def _image_inputs(model, ids: torch.Tensor, images: list, vision) -> dict:
     if not flat:
         return {}
     out = vision.pixels([b for b, _ in flat], [g for _, g in flat])
-    out["mm_token_type_ids"] = (ids == vision.image_token_id).int()
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # (through a peft wrapper)
+    if "mm_token_type_ids" in inspect.signature(inner.forward).parameters:  # (transformers that need it told)
+        out["mm_token_type_ids"] = (ids == vision.image_token_id).int()
     return out
 
 

@@ -166,7 +166,6 @@ def _with_images(mb: MicroBatch, samples: Sequence[Any], rows: list[list[int]], 
                          "(sftforge.vision.load_vision).")  # fmt: skip
     images = [im for s in samples for im in _images(s) or ()]
     pos = torch.zeros((3, *mb.input_ids.shape), dtype=torch.long)
-    k = 0
     for r, members in enumerate(rows):
         at = 0
         for j in members:
@@ -174,7 +173,6 @@ def _with_images(mb: MicroBatch, samples: Sequence[Any], rows: list[list[int]], 
             grids = [g for _, g in _images(samples[j]) or ()]
             pos[:, r, at : at + len(ids)] = torch.from_numpy(vision.positions(ids, grids))
             at += len(ids)
-            k += len(grids)
     mb.position_ids = pos
     mb.extra.update(vision.pixels([b for b, _ in images], [g for _, g in images]))
     return mb
