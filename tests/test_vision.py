@@ -107,6 +107,10 @@ def test_masks_image_tokens_untrained_answer_trained(vl_model, tmp_path):
     ids, mask = np.asarray(ds_all[0].input_ids), np.asarray(ds_all[0].loss_mask)
     assert mask[np.isin(ids, vision.untrained_ids)].sum() == 0 and mask.sum() > 10
     assert "images: 1 (8 image tokens" in "\n".join(ds.report.lines())
+    # data.image_max_pixels overrides the processor's: the same picture in fewer patches
+    small, *_ = dataset(vl_model, tmp_path, [parts_row(str(tmp_path / "a.png"))], "data.image_max_pixels=3136",
+                        name="small")  # fmt: skip
+    assert small[0].images[0][1] == (1, 2, 4) and small[0].input_ids.count(IMAGE_PAD) == 2  # 56×28 px
 
 
 def test_every_image_form_gives_the_same_sample(vl_model, tmp_path):
@@ -219,9 +223,10 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_packed_equals_unpacked_logits_and_gradients(vl_model, tmp_path, checkpointing):
-    ds, tok, vision, cfg = dataset(vl_model, tmp_path, colour_rows(tmp_path, 3),
+@pytest.mark.parametrize("family,checkpointing", [("qwen2.5-vl", False), ("qwen2.5-vl", True), ("qwen3-vl", True)])
+def test_packed_equals_unpacked_logits_and_gradients(vl_model, qwen3_vl_model, tmp_path, family, checkpointing):
+    folder = vl_model if family == "qwen2.5-vl" else qwen3_vl_model
+    ds, tok, vision, cfg = dataset(folder, tmp_path, colour_rows(tmp_path, 3),
                                    f"model.enable_gradient_checkpointing={str(checkpointing).lower()}")  # fmt: skip
     model = load_model(cfg.model)
     attention.select(model)
