@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from sftforge import attention  # noqa: E402
 from sftforge.config import load_config  # noqa: E402
 from sftforge.data import DataError, build_dataset, load_tokenizer  # noqa: E402
-from sftforge.loss import loss_sum  # noqa: E402
+from sftforge.loss import hidden_states, loss_sum  # noqa: E402
 from sftforge.model import load_model  # noqa: E402
 from sftforge.packing import collate  # noqa: E402
 from sftforge.vision import load_vision, rope_positions  # noqa: E402
@@ -246,6 +246,14 @@ def test_packed_equals_unpacked_logits_and_gradients(vl_model, qwen3_vl_model, t
         total, n_total = total + float(loss), n_total + n
     g_alone = _grads(model)
     model.zero_grad()
+    with torch.no_grad():  # the logits of every position: the packed row's slices are the samples run alone
+        head = model.get_output_embeddings()
+        row = head(hidden_states(model, packed))[0]
+        at = 0
+        for s in samples:
+            alone = head(hidden_states(model, collate([s], True, "sdpa", 0, vision=vision)))[0]
+            torch.testing.assert_close(row[at : at + len(s.input_ids)], alone, rtol=1e-4, atol=1e-5)
+            at += len(s.input_ids)
     padded = collate(samples, False, "sdpa", 0, vision=vision)
     s_padded, _ = loss_sum(model, padded)
     assert n_packed == n_total and float(s_packed) == pytest.approx(total, rel=1e-5)
