@@ -953,9 +953,9 @@ def build_dataset(
             if found is not None:  # another process (a rank of this job, another job) wrote it while we waited
                 return found
             if (root / fp).exists():
-                why = changed_images(root / fp) or "damaged (a column's size does not match its meta.json)"
-                print(f"warning: the tokenized store {root / fp}: {why}; tokenizing again.",
-                      file=sys.stderr)  # fmt: skip
+                why = changed_images(root / fp)
+                what_now = f": {why}" if why else " is damaged (a column's size does not match its meta.json)"
+                print(f"warning: the tokenized store {root / fp}{what_now}; tokenizing again.", file=sys.stderr)
             remove_partials(root, fp)
             path = _write(files, tokenizer, data_cfg, markers, root, fp, holder, option, vision)
         return _open(path, fp, "tokenized")
