@@ -104,9 +104,11 @@ def test_missing_logger_package_names_the_fix(tmp_path, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else real(n, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in ("wandb", "swanlab") else real(n, *a))
     with pytest.raises(ConfigError, match=r"trainer.logger.*pip install wandb"):
         MetricsLogger(tmp_path, ["console", "wandb"], 10)
+    with pytest.raises(ConfigError, match=r"trainer.logger includes 'swanlab'.*pip install swanlab"):
+        MetricsLogger(tmp_path, ["console", "swanlab"], 10)
     with pytest.raises(ConfigError, match="unknown logger"):
         MetricsLogger(tmp_path, ["mlflow"], 10)
 

@@ -262,19 +262,22 @@ def test_redaction_helper():
     assert scrub("key sk-abcdef123 here") == "key *** here"  # values seen under secret keys are scrubbed later too
 
 
-def test_secrets_never_printed_logged_or_saved(tmp_path, model_config_dir, tokenizer_dirs, monkeypatch, capsys):
+@pytest.mark.parametrize("logger", ["wandb", "swanlab"])
+def test_secrets_never_printed_logged_or_saved(logger, tmp_path, model_config_dir, tokenizer_dirs, monkeypatch, capsys):
     import importlib.machinery
 
     wandb_key, hf_token, cfg_secret = "wandb-secret-1234567890", "hf_SECRETsecret0987", "sk-config-secret-777"
     monkeypatch.setenv("WANDB_API_KEY", wandb_key)
     monkeypatch.setenv("HF_TOKEN", hf_token)
     logged = []
-    fake = types.ModuleType("wandb")
-    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
-    run = types.SimpleNamespace(log=lambda *a, **k: logged.append((a, k)), finish=lambda: None)
+    monkeypatch.setenv("SWANLAB_API_KEY", wandb_key)
+    monkeypatch.setenv("WANDB_PROJECT", "proj-x")
+    fake = types.ModuleType(logger)
+    fake.__spec__ = importlib.machinery.ModuleSpec(logger, None)
+    run = types.SimpleNamespace(log=lambda *a, **k: logged.append((a, k)), finish=lambda: logged.append("finish"))
     fake.init = lambda **k: logged.append(k) or run
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    extra = ["trainer.logger=[console,jsonl,wandb]", "trainer.save_freq=1", "trainer.max_steps=2",
+    monkeypatch.setitem(sys.modules, logger, fake)
+    extra = [f"trainer.logger=[console,jsonl,{logger}]", "trainer.save_freq=1", "trainer.max_steps=2",
              f"data.chat_template_kwargs={{api_token: {cfg_secret}, enable_thinking: false}}",
              f"data.cache_dir=/tmp/{hf_token}"]  # fmt: skip
     cfg = cfg_for(tmp_path, model_config_dir, tokenizer_dirs, "run", extra=extra)
@@ -282,11 +285,15 @@ def test_secrets_never_printed_logged_or_saved(tmp_path, model_config_dir, token
     train(cfg, train_dataset=make_samples(8))
     out = capsys.readouterr()
     written = [p.read_text() for p in (tmp_path / "run").rglob("*") if p.suffix in (".yaml", ".json", ".jsonl")]
-    places = {"stdout": out.out, "stderr": out.err, "wandb": repr(logged), **dict(enumerate(written))}
+    places = {"stdout": out.out, "stderr": out.err, logger: repr(logged), **dict(enumerate(written))}
     for where, text in places.items():
         for secret in (wandb_key, hf_token, cfg_secret):
             assert secret not in text, (where, secret)
     assert "step 2/2" in out.err and logged[0]["config"]["data"]["chat_template_kwargs"]["api_token"] == "***"
+    steps = [k["step"] for a, k in (x for x in logged[1:] if isinstance(x, tuple))]
+    assert steps == [1, 2] and logged[-1] == "finish"
+    if logger == "swanlab":  # project from $WANDB_PROJECT (verl's trainer.project_name), name = the output folder
+        assert logged[0]["project"] == "proj-x" and logged[0]["experiment_name"] == "run"
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["data"]["chat_template_kwargs"] == {"api_token": "***", "enable_thinking": False}
     assert saved["data"]["cache_dir"] == "/tmp/***"

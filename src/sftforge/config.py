@@ -69,6 +69,15 @@ class ModelConfig:
     """Regex patterns over parameter names (re.search): train only the matching parameters, freeze the rest."""
     frozen: list = field(default_factory=list)
     """Regex patterns over parameter names (re.search): freeze the matching parameters (not with model.trainable)."""
+    builder: str = ""
+    """Your own model: package.module:function or path/to/file.py:function, called as function(model, cfg) with the
+    model loaded from model.path (None when model.path is empty) and the resolved config; it returns the
+    torch.nn.Module to train. Imported only because this key names it. See the README's "Bring your own model"."""
+    init_checkpoint: str = ""
+    """Weights loaded into the (built) model before training: a .safetensors file, or a .pt/.pth state dict read
+    with torch.load(weights_only=True) (a pickle that needs code is refused)."""
+    init_checkpoint_strict: bool = True
+    """Missing or unexpected keys in model.init_checkpoint are an error (false: listed as a warning)."""
 
 
 @dataclass
@@ -205,7 +214,7 @@ class TrainerConfig:
     """End the run after this step as if interrupted (checkpoint written, schedule unchanged). Ignored by a run that
     resumes at or after this step, so rerunning the same command continues to the end."""
     logger: list = field(default_factory=lambda: ["console", "jsonl"])
-    """Any of console | jsonl | tensorboard | wandb."""
+    """Any of console | jsonl | tensorboard | wandb | swanlab (wandb and swanlab: optional packages)."""
     device: str = "auto"
     """auto | cpu | cuda."""
     n_gpus_per_node: int = 0
@@ -852,8 +861,9 @@ VERL_ALIASES: dict[str, tuple[str, Any]] = {
         _ignore_unless(
             _NULL,
             "null: no extra module",
-            "no extra Python module is imported: the model must load with transformers' AutoModelForCausalLM (set "
-            "model.trust_remote_code=true for a hub model that ships its own code).",
+            "no extra Python module is imported from this key: the model loads with transformers' Auto classes (set "
+            "model.trust_remote_code=true for a hub model that ships its own code), or set model.builder="
+            "package.module:function to build your own module.",
         ),
     ),
     "model.use_liger": (

@@ -60,6 +60,27 @@ def init_distributed(device_type: str) -> bool:
     return True
 
 
+def launcher_notes(model_dtype: str, compile_: bool) -> list[str]:
+    """What a launcher set that sftforge reads differently, checked before anything starts. ``accelerate launch``
+    is a torchrun with other flag names: its processes and rendezvous (RANK, WORLD_SIZE, MASTER_ADDR) are used as
+    torchrun's; its --mixed_precision and --dynamo_backend are not read (model.dtype and model.compile are), and its
+    --cpu starts ONE process whatever --num_processes says (CPU processes need --multi_gpu, which uses gloo here)."""
+    env, notes = os.environ, []
+    mixed = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if mixed == "fp16":
+        raise ConfigError("accelerate launch --mixed_precision fp16: sftforge trains in fp32 or bf16 only (fp16 needs "
+                          "loss scaling it does not do); use --mixed_precision bf16 with model.dtype=bf16.")  # fmt: skip
+    if mixed == "bf16" and model_dtype != "bf16":
+        raise ConfigError(f"accelerate launch --mixed_precision bf16 but model.dtype={model_dtype}: sftforge's "
+                          "precision is model.dtype; set model.dtype=bf16 (or launch with --mixed_precision no).")  # fmt: skip
+    if env.get("ACCELERATE_DYNAMO_BACKEND", "NO").upper() not in ("NO", "") and not compile_:
+        notes.append("accelerate launch --dynamo_backend is not read: set model.compile=true to compile the layers")
+    if env.get("ACCELERATE_USE_CPU", "").lower() == "true" and int(env.get("WORLD_SIZE", "1")) <= 1:
+        notes.append("accelerate launch --cpu starts one process: for N processes on CPUs use accelerate launch "
+                     "--multi_gpu --num_processes N (gloo) or torchrun --nproc_per_node N")  # fmt: skip
+    return notes
+
+
 def init_single_process_group(device_type: str) -> bool:
     """A process group of this process alone (an in-memory store, no rendezvous), for FSDP2 in one process
     (trainer.strategy=fsdp2 or trainer.offload=true without torchrun); returns True."""
@@ -194,6 +215,7 @@ __all__ = [
     "collective_device",
     "destroy",
     "init_distributed",
+    "launcher_notes",
     "init_single_process_group",
     "is_distributed",
     "local_device",

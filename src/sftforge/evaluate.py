@@ -31,6 +31,7 @@ from sftforge.config import ConfigError, DataConfig, load_config
 from sftforge.data import DataError, load_tokenizer, read_rows, resolve_files
 from sftforge.envs import rollout
 from sftforge.envs.textcraft import TextCraftEnv, load_tasks
+from sftforge.export import is_built_module, load_trained
 from sftforge.generation import (
     GenerationOptions,
     GenerationStats,
@@ -289,7 +290,7 @@ def eval_main(args) -> int:
         check_vllm()
         backend: Any = VLLMBackend(args.model, cfg.model.dtype, cfg.model.trust_remote_code)
     else:
-        model = load_model(cfg.model, device)
+        model = load_trained(args.model, device) if is_built_module(args.model) else load_model(cfg.model, device)
         backend = HFBackend(model, pad_id(tok), cfg.model.dtype)
     generator = Generator(backend, tok, opts, cfg.data.chat_template_kwargs, load_vision(cfg, tok))
     if args.task in ENV_TASKS:

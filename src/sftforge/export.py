@@ -11,13 +11,15 @@ import copy
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig
+import yaml
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from sftforge.chat import end_of_turn_token_ids, load_chat_template
 from sftforge.checkpoint import child, is_complete, latest_checkpoint, load_any
 from sftforge.config import ConfigError, load_config
 from sftforge.lora import is_peft, prepare_model
-from sftforge.model import compute_dtype, load_model
+from sftforge.model import build_model, compute_dtype
 from sftforge.vision import load_vision
 
 
@@ -127,11 +129,60 @@ def unsharded_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) 
     return plain.eval()
 
 
+def export_module(model: torch.nn.Module, out_dir, tokenizer=None, run_config: dict | None = None,
+                  state_dict: dict | None = None) -> Path:  # fmt: skip
+    """The export of a module that is not a transformers model (model.builder): ``model.safetensors`` (every
+    weight), ``trainable.safetensors`` (only the trained ones), ``config.yaml`` (the resolved config, without
+    model.init_checkpoint: the weights are here) and the tokenizer. :func:`load_trained` rebuilds it."""
+    out = Path(out_dir)
+    child(out.parent, out.name)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_peft(model):  # LoRA on a built module: its weights with the adapters merged; trainable = the adapters
+        if state_dict is not None:
+            model = unsharded_copy(model, state_dict)
+        adapters = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+        source, model = merged_state_dict(model), model.get_base_model()
+    else:
+        source = model.state_dict() if state_dict is None else state_dict
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        adapters = {k: v for k, v in source.items() if k in trained}
+    full = {k: v.detach().to("cpu").clone().contiguous() for k, v in source.items()}  # (tied weights: one copy each)
+    save_file(full, str(out / "model.safetensors"))
+    save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in adapters.items()},
+              str(out / "trainable.safetensors"))  # fmt: skip
+    if run_config is not None:
+        cfg = copy.deepcopy(run_config)
+        cfg.setdefault("model", {})["init_checkpoint"] = ""
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def load_trained(folder: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A module exported by :func:`export_module`, rebuilt from its config.yaml (model.builder) and loaded."""
+    folder = Path(folder)
+    cfg = load_config(folder / "config.yaml")
+    model = build_model(cfg, device)
+    model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(device)))
+    return model.eval()
+
+
+def is_built_module(folder: str | Path) -> bool:
+    """A folder :func:`export_module` wrote (config.yaml + model.safetensors, no config.json)."""
+    p = Path(folder)
+    return (p / "config.yaml").is_file() and (p / "model.safetensors").is_file() and not (p / "config.json").exists()
+
+
 def export_model(model, out_dir, tokenizer=None, eos_token_ids=None, dtype=torch.float32, *, merge=True, adapter_dir=None,
-                 base_path: str = "", state_dict=None, vision=None) -> Path:  # fmt: skip
+                 base_path: str = "", state_dict=None, vision=None, run_config: dict | None = None) -> Path:  # fmt: skip
     """HF export of a plain or LoRA model. LoRA: ``merge`` writes the merged full model to ``out_dir`` (and the
     adapter to ``adapter_dir`` when given); without ``merge`` the adapter alone goes to ``out_dir``. ``state_dict``:
-    the full weights when ``model``'s parameters are FSDP2 shards (gathered on this rank beforehand)."""
+    the full weights when ``model``'s parameters are FSDP2 shards (gathered on this rank beforehand). A module that
+    is not a transformers model (model.builder): :func:`export_module`."""
+    inner = model.get_base_model() if is_peft(model) else model
+    if not isinstance(inner, PreTrainedModel):
+        return export_module(model, out_dir, tokenizer, run_config, state_dict)
     if not is_peft(model):
         return export_hf(model, out_dir, tokenizer, eos_token_ids, dtype, state_dict=state_dict, vision=vision)
     if state_dict is not None:
@@ -175,20 +226,24 @@ def export_checkpoint(ckpt: str | Path, output: str | Path, merge: bool = False)
             f"{p} holds neither model.safetensors (written by one process) nor dcp/ (a distributed checkpoint, written "
             "by several): nothing to export. Give a complete step_<N> folder written by sftforge train."
         )
-    model = prepare_model(load_model(cfg.model, "cpu"), cfg.model)
+    model = prepare_model(build_model(cfg, "cpu"), cfg.model)
     load_any(p, model, None, restore_rng=False)  # one-process safetensors, or DCP shards of any world size
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
     if cfg.data.chat_template:
         tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
     return export_model(model, output, tokenizer, generation_eos_ids(tokenizer, cfg.data.chat_template_kwargs), compute_dtype(cfg.model.dtype),
-                        merge=merge, base_path=cfg.model.path, vision=load_vision(cfg, tokenizer))  # fmt: skip
+                        merge=merge, base_path=cfg.model.path, vision=load_vision(cfg, tokenizer),
+                        run_config=yaml.safe_load((p / "config.yaml").read_text()))  # fmt: skip
 
 
 __all__ = [
     "export_checkpoint",
     "export_hf",
     "export_model",
+    "export_module",
+    "is_built_module",
+    "load_trained",
     "generation_eos_ids",
     "merged_state_dict",
     "save_adapter",

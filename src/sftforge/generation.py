@@ -19,6 +19,7 @@ from transformers import GenerationConfig
 
 from sftforge.chat import end_of_turn_token_ids, render_prompt
 from sftforge.config import ConfigError
+from sftforge.loss import has_fast_path
 from sftforge.model import autocast
 
 
@@ -99,6 +100,11 @@ class HFBackend:
                         n = len(prompts[i])
                         ids[r, width - n :] = torch.tensor(prompts[i], dtype=torch.long)
                         mask[r, width - n :] = 1
+                    if not hasattr(model, "generate"):  # a module of one's own (model.builder)
+                        new = greedy_generate(model, ids.to(device), mask.to(device), opts, stop_ids, self.pad_id)
+                        for r, i in enumerate(batch):
+                            out[i] = new[r].tolist()
+                        continue
                     extra = _image_inputs(model, ids, [images[i] for i in batch], vision) if images else {}
                     res = model.generate(
                         input_ids=ids.to(device),
@@ -111,6 +117,38 @@ class HFBackend:
         finally:
             model.train(was_training)
         return out
+
+
+def _next_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    if has_fast_path(model):  # the decoder, then the head at the last position only
+        h = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+        h = h.last_hidden_state if hasattr(h, "last_hidden_state") else h[0]
+        return model.get_output_embeddings()(h[:, -1])
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos)
+    logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
+    return (logits if logits is not None else out[0])[:, -1]
+
+
+def greedy_generate(model, ids: torch.Tensor, mask: torch.Tensor, opts: GenerationOptions, stop_ids, pad_id: int):
+    """Greedy decoding for a module without ``generate`` (model.builder): the whole sequence through the model at
+    every new token (no KV cache: for short answers, such as multiple choice). Returns the new tokens [B, n]."""
+    if opts.do_sample:
+        raise ConfigError("sampling (--do-sample) needs a model with transformers' generate; this module decodes "
+                          "greedily only.")  # fmt: skip
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    new = []
+    stops = torch.tensor(list(stop_ids), device=ids.device)
+    for _ in range(opts.max_new_tokens):
+        nxt = _next_logits(model, ids, mask).argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        new.append(nxt)
+        done |= torch.isin(nxt, stops)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, (~done | torch.isin(nxt, stops)).long()[:, None]], 1)
+        if bool(done.all()):
+            break
+    return torch.stack(new, 1)
 
 
 def _image_inputs(model, ids: torch.Tensor, images: list, vision) -> dict:

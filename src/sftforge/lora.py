@@ -41,14 +41,18 @@ def check_trainable_options(cfg: ModelConfig) -> None:
 def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
     """The model wrapped in a peft ``PeftModel`` with fresh adapters; only the adapters require grad."""
     from peft import LoraConfig, get_peft_model
+    from transformers import PreTrainedModel
 
     targets = list(cfg.lora.target_modules) or ["all-linear"]
     target = "all-linear" if targets == ["all-linear"] else targets
-    if target == "all-linear" and is_vision_language(model.config):
-        target = language_model_linears(model)  # the vision tower and its projector keep their weights
+    hf = isinstance(model, PreTrainedModel)
+    if target == "all-linear" and (not hf or is_vision_language(model.config)):
+        # the vision tower and its projector keep their weights; a module of one's own (model.builder): every Linear
+        # but the LM head (peft's all-linear only knows transformers models)
+        target = language_model_linears(model) if hf else linears_but_head(model)
     lcfg = LoraConfig(
         r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=target,
-        bias="none", task_type="CAUSAL_LM",
+        bias="none", task_type="CAUSAL_LM" if hf else None,
     )  # fmt: skip
     try:  # adapters initialized from model.init_seed: the same run gets the same adapters whatever came before
         with torch.random.fork_rng(devices=[]):
@@ -68,6 +72,15 @@ def language_model_linears(model: torch.nn.Module) -> str:
     leafs = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                     if isinstance(m, torch.nn.Linear) and m is not head and not any(n.startswith(s + ".") for s in skip)})  # fmt: skip
     return rf"^(?!(?:{'|'.join(map(re.escape, skip))})\.).*\.(?:{'|'.join(map(re.escape, leafs))})$"
+
+
+def linears_but_head(model: torch.nn.Module) -> str:
+    """peft target (a regex over module names) for every Linear of ``model`` except its output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    if not names:
+        raise ConfigError(f"model.lora: {type(model).__name__} has no Linear layer to put adapters on.")
+    return "^(?:" + "|".join(map(re.escape, names)) + ")$"
 
 
 def apply_freezing(model: torch.nn.Module, cfg: ModelConfig) -> None:

@@ -20,10 +20,11 @@ from sftforge.packing import MicroBatch
 def decoder_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype the decoder computes in: autocast's when on, else its embedding's (under FSDP2 mixed precision,
     inside the root's forward, the gathered bf16 weight)."""
-    device = model.get_input_embeddings().weight.device
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return model.get_input_embeddings().weight.dtype
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = emb.weight if emb is not None else next(model.parameters())  # (a module of one's own: its first)
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
 
 
 def hidden_states(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
@@ -82,9 +83,37 @@ def supervised_ce(
 
 def loss_sum(model: torch.nn.Module, batch: MicroBatch, chunk_size: int = 0) -> tuple[torch.Tensor, int]:
     """(sum of CE over the micro-batch's supervised positions, number of those positions)."""
+    if not has_fast_path(model):
+        return full_logits_loss(model, batch)
     h, y = supervised_rows(hidden_states(model, batch), batch)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     return supervised_ce(h, y, model.get_output_embeddings(), chunk_size, softcap), int(y.numel())
+
+
+def has_fast_path(model: torch.nn.Module) -> bool:
+    """Whether the loss can run the decoder alone and the LM head only at trained positions: the module has
+    ``get_decoder()`` (forward -> last_hidden_state) and ``get_output_embeddings()`` (a Linear-like head)."""
+    try:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return hasattr(model, "get_decoder") and model.get_decoder() is not None and hasattr(head, "weight")
+    except (AttributeError, NotImplementedError):
+        return False
+
+
+def full_logits_loss(model: torch.nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, int]:
+    """The loss of a module without the fast path (model.builder): ``model(input_ids, attention_mask,
+    position_ids)`` returns logits (a tensor, an output with ``.logits``, or a tuple whose first item they are) for
+    every position of a PADDED micro-batch (a packed row would need per-sample attention the module may not do)."""
+    if batch.attention_mask is None or batch.attention_mask.dim() != 2:
+        raise ValueError("a module without get_decoder()/get_output_embeddings() takes padded micro-batches only: "
+                         "set data.packing=false.")  # fmt: skip
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
+    if logits is None:
+        logits = out[0]
+    index = batch.supervised_index()
+    rows = logits.reshape(-1, logits.shape[-1]).index_select(0, index).float()
+    return F.cross_entropy(rows, batch.labels.reshape(-1).index_select(0, index), reduction="sum"), int(index.numel())
 
 
 def _chunk_logp_entropy(h, y, weight, bias, softcap):
@@ -107,7 +136,7 @@ def supervised_logprobs(
     h, y = supervised_rows(hidden_states(model, batch), batch)
     head = model.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     n = h.shape[0]
     size = n if chunk_size <= 0 else chunk_size
     parts = []
@@ -122,6 +151,8 @@ def supervised_logprobs(
 
 __all__ = [
     "decoder_dtype",
+    "full_logits_loss",
+    "has_fast_path",
     "hidden_states",
     "loss_sum",
     "multimodal_body",

@@ -1,5 +1,5 @@
 """Where the numbers of a run go: metrics.jsonl, the console (rich progress bar + a summary line every
-trainer.log_freq steps), and optionally tensorboard / wandb.
+trainer.log_freq steps), and optionally tensorboard / wandb / swanlab.
 
 metrics.jsonl has one JSON object per optimizer step::
 
@@ -13,7 +13,11 @@ metrics.jsonl has one JSON object per optimizer step::
 by trainer.nan_policy=skip_step has ``"skipped": true, "skipped_steps": <count so far>``; non-finite numbers are
 written as the strings "nan" / "inf" / "-inf" so the file stays strict JSON.
 
-Every message and the run config given to wandb pass through :func:`sftforge.config.redacted` / ``scrub``: secrets
+SwanLab: project from $SWANLAB_PROJECT (else $WANDB_PROJECT, which verl's trainer.project_name sets, else
+"sftforge"), experiment name from $SWANLAB_EXP_NAME (else $WANDB_NAME / trainer.experiment_name, else the output
+folder's name); the API key is swanlab's own ($SWANLAB_API_KEY or `swanlab login`), never read here.
+
+Every message and the run config given to wandb and swanlab pass through :func:`sftforge.config.redacted` / ``scrub``: secrets
 never reach the console or a logger.
 """
 
@@ -28,8 +32,8 @@ from typing import Any
 
 from sftforge.config import ConfigError, redacted, scrub
 
-LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
-_PIP = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
+LOGGERS = ("console", "jsonl", "tensorboard", "wandb", "swanlab")
+_PIP = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb", "swanlab": "pip install swanlab"}
 
 
 def check_loggers(names: list[str]) -> None:
@@ -82,6 +86,7 @@ class MetricsLogger:
         self._jsonl = None
         self._tb = None
         self._wandb = None
+        self._swanlab = None
         self._progress = None
         self._console = None
         self._first_step: int | None = None
@@ -103,6 +108,17 @@ class MetricsLogger:
             import wandb
 
             self._wandb = wandb.init(config=redacted(run_config or {}), dir=str(output_dir), resume="allow")
+        if "swanlab" in loggers:
+            import os
+
+            import swanlab
+
+            self._swanlab = swanlab.init(
+                project=os.environ.get("SWANLAB_PROJECT") or os.environ.get("WANDB_PROJECT") or "sftforge",
+                experiment_name=os.environ.get("SWANLAB_EXP_NAME") or os.environ.get("WANDB_NAME")
+                or Path(output_dir).resolve().name,
+                config=redacted(run_config or {}), logdir=str(Path(output_dir) / "swanlab"),
+            )  # fmt: skip
         if "console" in loggers:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -145,6 +161,8 @@ class MetricsLogger:
                 self._tb.add_scalar(f"train/{k}" if k != "val_loss" else "val/loss", v, step)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
+        if self._swanlab is not None:
+            self._swanlab.log(scalars, step=step)
         if self._progress is not None:
             tps = record.get("tokens_per_s", 0.0)
             info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {tps:,.0f} tok/s"
@@ -183,6 +201,8 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+        if self._swanlab is not None:
+            self._swanlab.finish()
 
 
 def is_finite(x: float) -> bool:

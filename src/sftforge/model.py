@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
 
 from sftforge.config import Config, ConfigError, ModelConfig
+from sftforge.loss import has_fast_path
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
@@ -35,10 +38,17 @@ def check_attn_implementation(name: str) -> None:
 
 
 def check_model_options(cfg: ModelConfig) -> None:
-    """What can be checked without loading anything: model.path set and, when it is a local path, present;
-    model.attn_implementation valid and its package installed."""
-    if not cfg.path:
-        raise ConfigError("Set model.path to a model folder, a hub id, or a folder with only config.json.")
+    """What can be checked without loading anything: model.path set (or model.builder) and, when it is a local
+    path, present; model.builder and model.init_checkpoint well formed; model.attn_implementation valid and its
+    package installed."""
+    if not cfg.path and not cfg.builder:
+        raise ConfigError("Set model.path to a model folder, a hub id, or a folder with only config.json (or "
+                          "model.builder to build your own module).")  # fmt: skip
+    if cfg.builder:
+        _builder_parts(cfg.builder)
+    if cfg.init_checkpoint and not Path(cfg.init_checkpoint).expanduser().is_file():
+        raise ConfigError(f"model.init_checkpoint={cfg.init_checkpoint!r} is not a file: give a .safetensors file or "
+                          "a .pt/.pth state dict.")  # fmt: skip
     for key in ("path", "tokenizer_path"):
         value = getattr(cfg, key)
         if value and _looks_local(value) and not Path(value).expanduser().exists():
@@ -111,6 +121,121 @@ def auto_class(config):
     return AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
 
 
+def build_model(cfg: Config, device: str | torch.device = "cpu", *, skeleton: bool = False,
+                notes: list | None = None) -> torch.nn.Module:  # fmt: skip
+    """The module to train: model.path's model (:func:`load_model`; None when model.path is empty) given to
+    model.builder when set, then model.init_checkpoint's weights loaded into it. ``notes``: lines for the run log."""
+    m = cfg.model
+    check_model_options(m)
+    base = load_model(m, device, skeleton=skeleton) if m.path else None
+    model = base
+    if m.builder:
+        fn = import_builder(m.builder)
+        with _seeded(m.init_seed):  # the new modules' random init: the same on every rank and every run
+            model = fn(base, cfg)
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"model.builder={m.builder!r} returned {type(model).__name__}, not a torch.nn.Module.")
+        if not skeleton:
+            model.to(device)
+        model.train()
+        if notes is not None:
+            n = sum(p.numel() for p in model.parameters())
+            notes.append(f"model.builder: {m.builder} built {type(model).__name__} ({n:,} parameters)"
+                         + ("" if has_fast_path(model) else "; it has no get_decoder()/get_output_embeddings(): "
+                            "the loss computes full logits (slower, more memory; see the README)"))  # fmt: skip
+    if m.init_checkpoint:
+        line = load_init_checkpoint(model, m.init_checkpoint, m.init_checkpoint_strict)
+        if notes is not None:
+            notes.append(line)
+    return model
+
+
+def _builder_parts(spec: str) -> tuple[str, str]:
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name.isidentifier():
+        raise ConfigError(f"model.builder={spec!r}: expected package.module:function or path/to/file.py:function.")
+    return target, name
+
+
+def import_builder(spec: str):
+    """The function model.builder names, imported now (a module by name, or a .py file by path)."""
+    target, name = _builder_parts(spec)
+    try:
+        if target.endswith(".py") or "/" in target or "\\" in target:
+            path = Path(target).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"model.builder={spec!r}: {path} is not a file (relative paths start at the "
+                                  "current folder).")  # fmt: skip
+            mod_name = f"sftforge_builder_{path.stem}"
+            loader = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(loader)
+            sys.modules[mod_name] = module  # (pickling, dataclasses and torch.compile look modules up by name)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"model.builder={spec!r}: importing {target} failed ({type(e).__name__}: {e}).") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"model.builder={spec!r}: {target} has no function {name!r}.")
+    return fn
+
+
+def read_state_dict(path: str | Path, key: str = "model.init_checkpoint") -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file or a weights-only .pt/.pth pickle (``{"state_dict": ...}`` / ``{"model":
+    ...}`` wrappers and DDP's ``module.`` prefix are taken off)."""
+    import pickle
+
+    p = Path(path).expanduser()
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    if p.suffix not in (".pt", ".pth", ".bin"):
+        raise ConfigError(f"{key}={str(path)!r}: expected a .safetensors, .pt or .pth file.")
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "global" in ln), str(e)[:200])
+        raise ConfigError(
+            f"{key}={str(path)!r} was NOT loaded: it is a pickle that needs code to load, which sftforge never runs "
+            f"(torch.load(weights_only=True): {why}). Save a plain state dict instead: torch.save(model.state_dict(), "
+            "path), or safetensors."
+        ) from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ConfigError(f"{key}={str(path)!r} cannot be read ({type(e).__name__}: {e}).") from None
+    if isinstance(sd, dict) and not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        sd = next((sd[w] for w in ("state_dict", "model", "module") if isinstance(sd.get(w), dict)), sd)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConfigError(f"{key}={str(path)!r} is not a state dict (a mapping of names to tensors).")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def load_init_checkpoint(model: torch.nn.Module, path: str, strict: bool = True) -> str:
+    """Load ``path`` into ``model``; missing/unexpected keys are an error when ``strict``. Returns the log line."""
+    sd = read_state_dict(path)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shapes that differ
+        raise ConfigError(f"model.init_checkpoint={path!r} does not fit the model: {str(e)[:1500]}") from None
+
+    def shown(keys):
+        return ", ".join(keys[:8]) + (f", … ({len(keys)} in all)" if len(keys) > 8 else "")
+
+    problems = [f"missing in the file: {shown(missing)}"] * bool(missing) + [
+        f"in the file but not in the model: {shown(unexpected)}"
+    ] * bool(unexpected)
+    if problems and strict:
+        raise ConfigError(f"model.init_checkpoint={path!r}: {'; '.join(problems)}. Fix the names, or set "
+                          "model.init_checkpoint_strict=false to load what matches.")  # fmt: skip
+    line = f"model.init_checkpoint: {len(sd) - len(unexpected):,} tensors loaded from {path}"
+    return line + (f" (warning: {'; '.join(problems)})" if problems else "")
+
+
 @contextlib.contextmanager
 def _seeded(seed: int):
     """Random init from model.init_seed without disturbing the caller's RNG stream."""
@@ -164,5 +289,6 @@ def compute_dtype(dtype: str) -> torch.dtype:
     return torch.bfloat16 if dtype == "bf16" else torch.float32
 
 
-__all__ = ["auto_class", "is_vision_language", "autocast", "check_attn_implementation", "check_model_options", "compute_dtype", "enable_tf32", "has_weights",
+__all__ = ["auto_class", "build_model", "import_builder", "is_vision_language",
+           "load_init_checkpoint", "read_state_dict", "autocast", "check_attn_implementation", "check_model_options", "compute_dtype", "enable_tf32", "has_weights",
            "load_model", "resolve_dtype", "with_dtype"]  # fmt: skip

@@ -56,6 +56,7 @@ from sftforge.distributed import (
     init_distributed,
     init_single_process_group,
     is_distributed,
+    launcher_notes,
     local_device,
     ranks_where,
     resolve_device,
@@ -63,8 +64,9 @@ from sftforge.distributed import (
 )
 from sftforge.export import export_model, generation_eos_ids
 from sftforge.lora import prepare_model
+from sftforge.loss import has_fast_path
 from sftforge.metrics import MetricsLogger
-from sftforge.model import compute_dtype, enable_tf32, load_model, with_dtype
+from sftforge.model import build_model, compute_dtype, enable_tf32, with_dtype
 from sftforge.optim import build_optimizer
 from sftforge.parallel import build_engine, is_fsdp, materialize_from_rank0, resolve_strategy, to_float
 from sftforge.ulysses import disabled as disabled_sp
@@ -273,7 +275,7 @@ class Checkpointer:
                     generation_eos_ids(self.tokenizer, c.data.chat_template_kwargs) if self.tokenizer else None,
                     compute_dtype(c.model.dtype), adapter_dir=folder / "huggingface" / "adapter",
                     base_path=c.model.path, state_dict=full,
-                    vision=load_vision(c, self.tokenizer) if self.tokenizer else None,
+                    vision=load_vision(c, self.tokenizer) if self.tokenizer else None, run_config=r.saved_config,
                 )  # fmt: skip
 
         return write
@@ -350,6 +352,7 @@ class Run:
         self._t0, self._prior_elapsed = time.perf_counter(), 0.0
 
     def __enter__(self) -> Run:
+        self.lines.extend(launcher_notes(self.cfg.model.dtype, self.cfg.model.compile))  # (accelerate launch)
         self._created_group = init_distributed(self.device.type)  # under torchrun (WORLD_SIZE > 1)
         self.world_size, self.rank = world()
         if self.world_size == 1 and not is_distributed() and self.strategy() == "fsdp2":
@@ -407,8 +410,15 @@ class Run:
         # FSDP2 on several processes: rank 0 reads the weights into host memory, the others build the module tree on
         # the meta device; after sharding each rank receives its shards from rank 0 (never the full model per rank)
         from_rank0 = model is None and before_engine is None and self.strategy() == "fsdp2" and self.world_size > 1
+        from_rank0 = from_rank0 and not c.model.builder  # (a built module: every rank builds it, seeded alike)
         if model is None:
-            model = load_model(c.model, "cpu" if from_rank0 else self.device, skeleton=from_rank0 and not self.main)
+            model = build_model(c, "cpu" if from_rank0 else self.device, skeleton=from_rank0 and not self.main,
+                                notes=self.lines)  # fmt: skip
+        if not has_fast_path(model) and c.data.packing:
+            raise ConfigError(f"{type(model).__name__} has no get_decoder()/get_output_embeddings(), so the loss "
+                              "computes full logits from model(input_ids, attention_mask, position_ids), which cannot "
+                              "keep packed samples apart: set data.packing=false (or give the module those two "
+                              "methods; see the README's \"Bring your own model\").")  # fmt: skip
         model = prepare_model(model, c.model, console=Console() if console and self.main else None)
         full = dict(model.state_dict()) if from_rank0 and self.main else {}  # rank 0's weights, kept for the copy
         torch.manual_seed(c.trainer.seed)  # dropout (e.g. LoRA's); a resume restores the checkpoint's RNG instead
@@ -495,7 +505,7 @@ class Run:
                     self.model, self.out / "final", tokenizer,
                     generation_eos_ids(tokenizer, c.data.chat_template_kwargs), compute_dtype(c.model.dtype),
                     adapter_dir=self.out / "final" / "adapter", base_path=c.model.path, state_dict=full,
-                    vision=load_vision(c, tokenizer) if tokenizer else None,
+                    vision=load_vision(c, tokenizer) if tokenizer else None, run_config=self.saved_config,
                 )  # fmt: skip
             barrier()
         if self.guard.skipped:
