@@ -224,3 +224,24 @@ def test_accelerate_launch_two_processes_equals_torchrun(model_config_dir, token
     assert len(ml[0]) == 4 and ml[0] == ml[1]
     a, b = (load_file(tmp_path / n / "final" / "model.safetensors") for n in launchers)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sftforge_export_of_a_built_module_checkpoint(model_config_dir, tokenizer_dirs, data, tmp_path):
+    """`sftforge export step_N`: the checkpoint's weights, rebuilt by the builder (its init_checkpoint, used at the
+    start of training, is not needed any more)."""
+    pth = tmp_path / "stage1.pth"
+    torch.save(
+        build_model(load_config(None, args(model_config_dir, tokenizer_dirs, data, tmp_path / "x"))).state_dict(), pth
+    )
+    run = args(model_config_dir, tokenizer_dirs, data, tmp_path / "run", f"model.init_checkpoint={pth}",
+               "trainer.max_steps=2", "trainer.save_freq=2")  # fmt: skip
+    result = train(load_config(None, run))
+    pth.unlink()
+    p = subprocess.run([sys.executable, "-m", "sftforge", "export", str(tmp_path / "run" / "step_2"), "-o",
+                        str(tmp_path / "exp")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = load_file(tmp_path / "exp" / "model.safetensors"), load_file(Path(result["final_dir"]) / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.no_grad():
+        assert torch.equal(load_trained(tmp_path / "exp")(ids), load_trained(result["final_dir"])(ids))

@@ -36,3 +36,25 @@ def test_vlm_demo_runs_end_to_end(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "before training:" in p.stdout and "after training:" in p.stdout, p.stdout
     assert (tmp_path / "o" / "final" / "preprocessor_config.json").is_file()
+
+
+def test_custom_module_flow_runs_end_to_end(tmp_path):
+    """examples/custom_module/run.py (the README's ExplicitLM flow) with a few steps per stage, from a copy."""
+    import shutil
+    import subprocess
+    import sys
+
+    src = Path(__file__).parent.parent / "examples" / "custom_module"
+    shutil.copytree(src, tmp_path / "examples" / "custom_module", ignore=shutil.ignore_patterns("__pycache__"))
+    p = subprocess.run([sys.executable, "examples/custom_module/run.py", "--stage1-steps", "3", "trainer.max_steps=3"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "before training:" in p.stdout and "after training the memory modules only:" in p.stdout, p.stdout
+    final = tmp_path / "outputs" / "custom_module" / "run" / "final"
+    assert {"model.safetensors", "trainable.safetensors", "config.yaml"} <= {f.name for f in final.iterdir()}
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "examples").glob("*/*.yaml")), ids=str)
+def test_example_folder_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.data.train_files

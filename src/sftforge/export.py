@@ -220,7 +220,7 @@ def export_checkpoint(ckpt: str | Path, output: str | Path, merge: bool = False)
         p = newest
     if not (p / "config.yaml").exists():
         raise ConfigError(f"{p / 'config.yaml'} is missing: cannot tell which model the checkpoint belongs to.")
-    cfg = load_config(p / "config.yaml")
+    cfg = load_config(p / "config.yaml", ["model.init_checkpoint="])  # (the weights come from the checkpoint)
     if not (p / "model.safetensors").is_file() and not (p / "dcp").is_dir():
         raise ConfigError(
             f"{p} holds neither model.safetensors (written by one process) nor dcp/ (a distributed checkpoint, written "
