@@ -14,8 +14,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OPTIONS = ["animal", "plant", "mineral", "machine"]
-TEMPLATES = ["What kind of thing is a {x}?", "A {x} is which of these?", "Pick the category of the {x}.",
-             "Which group does the {x} belong to?"]
+TEMPLATES = [
+    "What kind of thing is a {x}?",
+    "A {x} is which of these?",
+    "Pick the category of the {x}.",
+    "Which group does the {x} belong to?",
+]
 
 
 def names(n: int, rng: random.Random) -> list[str]:
@@ -39,6 +43,7 @@ def main() -> None:
     for name, rows in splits.items():
         out = [{"question": t.format(x=x), "options": OPTIONS, "answer": "ABCD"[k]} for x, k, t in rows]
         (HERE / f"omcq_{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+
 
 if __name__ == "__main__":
     main()

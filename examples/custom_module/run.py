@@ -78,7 +78,8 @@ def main(argv: list[str]) -> int:
     print(sh(*sftforge, "train", config, *overrides), end="")
     final = load_config(config, overrides).trainer.output_dir + "/final"
     after = sh(*sftforge, *evaluate[:1], "--model", final, *evaluate[1:])
-    print(f"held-out multiple choice (48 questions, a phrasing never trained on) before training: {accuracy(before)}")
+    print(f"held-out multiple choice (48 things, each in a phrasing never trained for it) before training: "
+          f"{accuracy(before)}")  # fmt: skip
     print(f"after training the memory modules only: {accuracy(after)}")
     return 0
 
