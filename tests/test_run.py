@@ -109,3 +109,32 @@ def test_build_engine_selects_packed_attention_up_front(model_config_dir):
         engine, notes = build_engine(model, cfg, torch.device("cpu"), 1, "none")
         assert model.config._attn_implementation == expected and notes == []
         assert engine.model is model
+
+
+def test_other_libraries_progress_bars_stay_out_of_the_run_log(tmp_path, model_config_dir, tokenizer_dirs):
+    """transformers' own bars ("Loading weights", "Writing model shards") are off during a run, back after it."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers.utils import logging as hf_logging
+
+    data = tmp_path / "d.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "ok"}]} for i in range(8)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = subprocess.run([sys.executable, "-m", "sftforge", "train", f"model.path={model_config_dir / 'qwen3-tiny'}",
+                        f"model.tokenizer_path={tokenizer_dirs['qwen3']}", f"data.train_files={data}",
+                        "data.train_batch_size=4", "trainer.max_steps=1", "trainer.device=cpu",
+                        f"trainer.output_dir={tmp_path / 'o'}"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "o" / "final" / "model.safetensors").exists()
+    for bar in ("Writing model shards", "Loading weights", "it/s]"):
+        assert bar not in p.stdout + p.stderr, bar
+    from sftforge.config import load_config
+    from sftforge.run import Run
+
+    with Run(load_config(None, [f"model.path={model_config_dir / 'qwen3-tiny'}", "trainer.device=cpu"])):
+        assert not hf_logging.is_progress_bar_enabled()
+    assert hf_logging.is_progress_bar_enabled()  # restored after the run

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import yaml
 from rich.console import Console
+from transformers.utils import logging as hf_logging
 
 from sftforge.checkpoint import (
     child,
@@ -353,6 +354,10 @@ class Run:
 
     def __enter__(self) -> Run:
         self.lines.extend(launcher_notes(self.cfg.model.dtype, self.cfg.model.compile))  # (accelerate launch)
+        # transformers' own bars ("Loading weights", "Writing model shards") would cut through the run's log; the
+        # hub's download bars stay (a large download should show it is moving)
+        self._hf_bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
         self._created_group = init_distributed(self.device.type)  # under torchrun (WORLD_SIZE > 1)
         self.world_size, self.rank = world()
         if self.world_size == 1 and not is_distributed() and self.strategy() == "fsdp2":
@@ -374,6 +379,8 @@ class Run:
             # so that destroy() can free the groups
             self.model = self.engine = self.optimizer = None
             self.guard.checkpointer = None
+            if getattr(self, "_hf_bars", False):
+                hf_logging.enable_progress_bar()
             if self._created_group:
                 destroy()
 
