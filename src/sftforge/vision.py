@@ -270,27 +270,22 @@ def rope_positions(ids, grids, image_token_id: int, merge_size: int) -> np.ndarr
     ids = np.asarray(ids)
     out = np.empty((3, len(ids)), np.int64)
     image = ids == image_token_id
-    start, pos, k = 0, 0, 0
-    n = len(ids)
-    while start < n:
+    edges = np.flatnonzero(np.diff(image.astype(np.int8))) + 1  # where a text run or an image's tokens begin
+    pos, k = 0, 0
+    for start, end in zip([0, *edges.tolist()], [*edges.tolist(), len(ids)]):
         if not image[start]:
-            end = start
-            while end < n and not image[end]:
-                end += 1
             out[:, start:end] = np.arange(pos, pos + end - start)
             pos += end - start
-            start = end
             continue
-        t, h, w = (int(x) for x in grids[k])
-        k += 1
-        gh, gw = h // merge_size, w // merge_size
-        size = t * gh * gw
-        tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
-        out[0, start : start + size] = tt.reshape(-1) + pos
-        out[1, start : start + size] = hh.reshape(-1) + pos
-        out[2, start : start + size] = ww.reshape(-1) + pos
-        pos += max(gh, gw)
-        start += size
+        while start < end:  # one image's tokens after another (adjacent images share a run)
+            t, h, w = (int(x) for x in grids[k])
+            k += 1
+            gh, gw = h // merge_size, w // merge_size
+            size = t * gh * gw
+            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+            out[:, start : start + size] = np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + pos
+            pos += max(gh, gw)
+            start += size
     return out
 
 
