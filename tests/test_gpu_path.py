@@ -377,16 +377,16 @@ def test_fsdp2_in_one_process_trains_like_none_and_resumes(tmp_path, model_confi
 
 LOAD_WORKER = """
 import os, sys
-from sftforge import run as run_module
+from sftforge import model as model_module
 from sftforge.cli import main
-real = run_module.load_model
+real = model_module.load_model
 def spy(cfg, device="cpu", skeleton=False):
     m = real(cfg, device, skeleton=skeleton)
     kinds = sorted({p.device.type for p in m.parameters()})
     sys.stdout.write(f"RANK {os.environ['RANK']} load device={device} skeleton={skeleton} params_on={kinds}\\n")
     sys.stdout.flush()
     return m
-run_module.load_model = spy
+model_module.load_model = spy  # (run.build -> model.build_model -> load_model)
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -272,6 +272,8 @@ def test_secrets_never_printed_logged_or_saved(logger, tmp_path, model_config_di
     logged = []
     monkeypatch.setenv("SWANLAB_API_KEY", wandb_key)
     monkeypatch.setenv("WANDB_PROJECT", "proj-x")
+    for name in ("WANDB_NAME", "SWANLAB_PROJECT", "SWANLAB_EXP_NAME"):  # (a verl-alias test may have set one)
+        monkeypatch.delenv(name, raising=False)
     fake = types.ModuleType(logger)
     fake.__spec__ = importlib.machinery.ModuleSpec(logger, None)
     run = types.SimpleNamespace(log=lambda *a, **k: logged.append((a, k)), finish=lambda: logged.append("finish"))
