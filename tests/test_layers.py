@@ -9,14 +9,14 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "sftforge"
 
 # Lowest first; the README's "Architecture" section lists the same flow.
 ORDER = [
-    "faults", "config", "distributed",  # bottom: config, process-group and device queries, test hooks
+    "faults", "progress", "config", "distributed",  # bottom: live displays, config, process-group queries, test hooks
     "chat", "vision", "prefix_tree", "store", "data", "attention", "packing", "batching",  # rows -> samples -> micro-batches
     "loss", "ulysses", "optim", "model", "lora", "parallel",  # the model stack
     "checkpoint", "export", "metrics",  # what a run writes
     "scorers", "generation", "envs", "envs.textcraft", "evaluate", "grpo",  # generation, scoring, RL maths
     "run",  # the lifecycle shared by train and rl
     "train", "rl",  # the steps
-    "plan", "demo", "bench", "convert",  # entry points
+    "measure", "plan", "demo", "bench", "convert", "report",  # entry points
     "cli", "__main__",
 ]  # fmt: skip
 # the CLI keeps `--help` fast; bench runs each measured trainer in a child process that imports only what it measures

@@ -1,6 +1,7 @@
 """sftforge plan: the trainer's arithmetic on tricky cases, every warning, --json fields, memory estimate, preset."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,40 @@ def test_plan_says_where_the_weights_are_loaded(small_shape):
     one = build_plan(load_config(None, ["trainer.n_gpus_per_node=1"]), [100] * 64, [30] * 64, shape=small_shape)
     assert sharded["memory"]["host_load"].startswith("rank 0 only") and one["memory"]["host_load"] == "every process"
     assert sharded["memory"]["host_load_gib"] == round(4 * small_shape.n_params / 2**30, 2)
+
+
+def test_plan_measure_times_real_steps_and_leaves_nothing_behind(textcraft_cfg, tmp_path, monkeypatch, capsys):
+    """--measure runs warm-up + N steps of the run in a temporary folder (removed after) and extrapolates them."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # (tempfile caches its folder)
+    out = tmp_path / "would_be_the_run"
+    args = [*textcraft_cfg, "data.train_batch_size=4", "trainer.total_epochs=3", "trainer.device=cpu",
+            f"trainer.output_dir={out}", "--json", "--measure", "--steps", "3"]  # fmt: skip
+    assert main(["plan", *args]) == 0
+    p = json.loads(capsys.readouterr().out)  # stdout: the JSON only (the run's own lines go to stderr)
+    m = p["measured"]
+    assert p["total_steps"] == 30 and m["steps_run"] == 5 and m["warmup_steps"] == 2
+    assert m["step_s_min"] <= m["step_s"] <= m["step_s_max"] and m["step_s"] > 0 and m["tokens_per_s"] > 0
+    assert m["startup_s"] > 0 and m["save_s"] >= 0 and m["checkpoints"] == p["num_checkpoints"] == 1
+    steps_only = p["total_steps"] * m["step_s"]
+    parts = steps_only + m["startup_s"] + m["warmup_extra_s"] + 2 * m["save_s"]  # (1 checkpoint + the final export)
+    assert steps_only < m["run_s"] == pytest.approx(parts, abs=0.05)
+    assert m["epoch_s"] == pytest.approx(p["steps_per_epoch"] * m["step_s"], rel=1e-3)
+    assert m["peak_memory_gib"] > 0 and m["memory_kind"] == "resident"
+    assert not out.exists() and list((tmp_path / "tmp").iterdir()) == []  # nothing left behind
+
+
+def test_plan_measure_text_and_validation_timing(textcraft_cfg, tmp_path, capsys):
+    data = textcraft_cfg[2].split("=", 1)[1]
+    args = [*textcraft_cfg, "data.train_batch_size=4", "trainer.max_steps=40", "trainer.test_freq=10",
+            f"data.val_files={data}", "trainer.device=cpu", f"trainer.output_dir={tmp_path / 'r'}", "--measure",
+            "--steps", "2"]  # fmt: skip
+    assert main(["plan", *args]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 10/epoch, 40 total" in out  # the plan first
+    assert re.search(r"measured here: 4 steps \(2 warm-up\): [\d.]+ s/step", out)
+    assert re.search(r"validation [\d.]+s × 4", out) and "measured time:" in out and "for the run (40 steps)" in out
+    assert "measured memory:" in out and "peak resident" in out

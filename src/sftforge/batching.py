@@ -58,6 +58,16 @@ class Plan:
     dropped_per_epoch: int
 
 
+def event_count(total: int, freq: int) -> int:
+    """Saves / validations / evals of a run of ``total`` steps: one at every multiple of ``freq`` plus one at the end
+    (the trainer always does them at the last step); ``freq`` <= 0: only the one at the end."""
+    if total <= 0:
+        return 0
+    if freq <= 0:
+        return 1
+    return total // freq + (1 if total % freq else 0)
+
+
 def make_plan(cfg: Config, n_samples: int, world_size: int = 1, rank: int = 0) -> Plan:
     d, t = cfg.data, cfg.trainer
     accum = grad_accum_steps(d.train_batch_size, d.micro_batch_size_per_gpu, world_size)

@@ -9,7 +9,8 @@ sftforge data preview  [CONFIG.yaml] [key=value ...] [--index N]
 sftforge eval --model DIR|HUB_ID --data FILE --task TASK [--output results.jsonl] [gen options] [key=value ...]
 sftforge data check    FILE ... [key=value ...] [--json]
 sftforge data convert  IN OUT [--from F] [key=value ...]
-sftforge plan [CONFIG.yaml] [key=value ...] [--json] [--gpu-memory 80GB]
+sftforge plan [CONFIG.yaml] [key=value ...] [--json] [--gpu-memory 80GB] [--measure [--steps N]]
+sftforge report RUN_DIR [RUN_DIR ...] [--output report.html]
 sftforge bench [--batch 8 16] [--steps 3] [--no-trl] [--model-config DIR] [--data FILE]
 """
 
@@ -176,6 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     p_plan.add_argument("--json", action="store_true", help="print one JSON object")
     p_plan.add_argument("--gpu-memory", default=None, help="GPU memory to fit, e.g. 80GB (default: the visible GPU)")
 
+    p_plan.add_argument("--measure", action="store_true", help="also run a few real steps here (in a temporary "
+                        "folder, removed after) and turn the plan into measured time per step, epoch and run, and "
+                        "measured peak memory")  # fmt: skip
+    p_plan.add_argument("--steps", type=int, default=0, help="--measure: steps to time after 2 warm-up steps "
+                        "(default: 10, fewer when the run is shorter)")  # fmt: skip
+
+    p_report = sub.add_parser("report", help="one self-contained HTML file of runs: curves, data, plan, config, evals")
+    p_report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="trainer.output_dir of one or more runs")
+    p_report.add_argument("--output", "-o", default=None, help="the .html to write (default: RUN_DIR/report.html "
+                          "for one run, ./report.html for several); the curves' PNGs go next to it")  # fmt: skip
+
     p_eval = sub.add_parser("eval", help="generate on a data file and score the answers (accuracy, 95%% interval)")
     from sftforge.evaluate import add_eval_arguments
 
@@ -219,7 +231,16 @@ def main(argv: list[str] | None = None) -> int:
             from sftforge.plan import plan_main
 
             path, overrides = _split_config(args.args)
-            return plan_main(path, overrides, as_json=args.json, gpu_memory=args.gpu_memory)
+            if path is None and not names_model(overrides):  # as `sftforge train`: no config, no model = the demo
+                from sftforge.demo import demo_config_overrides
+
+                overrides = demo_config_overrides(overrides)
+            return plan_main(path, overrides, as_json=args.json, gpu_memory=args.gpu_memory, measure=args.measure,
+                             steps=args.steps)  # fmt: skip
+        if args.command == "report":
+            from sftforge.report import report_main
+
+            return report_main(args.runs, args.output)
         if args.command == "data" and args.data_command in ("check", "convert"):
             from sftforge import convert
 

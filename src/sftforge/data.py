@@ -39,6 +39,7 @@ from sftforge.chat import (
     tokenize_layouts,
 )
 from sftforge.config import Config, ConfigError, DataConfig
+from sftforge.progress import Live, on_terminal
 from sftforge.store import Store, StoreWriter, exclusive, open_store, remove_partials
 from sftforge.vision import image_file
 
@@ -740,31 +741,36 @@ def _chunk_results(files: list[str], tokenizer, data_cfg: DataConfig, markers, p
 
 
 class _Progress:
-    """One line on stderr with rows/s and an ETA, once tokenization has taken more than a few seconds."""
+    """Tokenization progress once it has taken more than a few seconds: a live bar on a terminal (progress.Live),
+    else a plain line on stderr with rows/s and an ETA every 30 s."""
 
     def __init__(self, what: str, after_s: float = 3.0):
         self.what, self.after = what, after_s
         self.start, self.last = time.monotonic(), float("-inf")  # the first line as soon as after_s has passed
-        self.shown, self.tty = False, sys.stderr.isatty()
+        self.shown, self.tty, self.live = False, on_terminal(), None
 
     def update(self, rows: int, tokens: int, done: float) -> None:
         now = time.monotonic()
         elapsed = now - self.start
-        if elapsed < self.after or now - self.last < (0.5 if self.tty else 30.0):
+        if elapsed < self.after or now - self.last < (0.2 if self.tty else 30.0):
             return
         self.last, self.shown = now, True
+        numbers = f"{rows:,} rows, {tokens:,} tokens, {rows / elapsed:,.0f} rows/s"
+        if self.tty:
+            if self.live is None:
+                self.live = Live(f"tokenize {self.what}", 100)
+            self.live.update(int(done * 100), numbers)
+            return
         eta = f", ETA {_seconds(elapsed * (1 - done) / done)}" if 0 < done < 1 else ""
-        line = (f"tokenizing {self.what}: {rows:,} rows, {tokens:,} tokens, {rows / elapsed:,.0f} rows/s"
-                f"{f', {done:.0%}' if done else ''}{eta}")  # fmt: skip
-        print(("\r" + line + "\033[K") if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+        print(f"tokenizing {self.what}: {numbers}{f', {done:.0%}' if done else ''}{eta}", file=sys.stderr, flush=True)
 
     def close(self, rows: int, tokens: int) -> None:
+        if self.live is not None:
+            self.live.close()
         if self.shown:
             elapsed = time.monotonic() - self.start
             line = f"tokenized {self.what}: {rows:,} rows, {tokens:,} tokens in {_seconds(elapsed)} ({rows / elapsed:,.0f} rows/s)"
-            print(("\r" + line + "\033[K\n") if self.tty else line, end="", file=sys.stderr, flush=True)
-            if not self.tty:
-                print(file=sys.stderr)
+            print(line, file=sys.stderr, flush=True)
 
 
 def _seconds(s: float) -> str:

@@ -25,6 +25,7 @@ from sftforge.data import load_tokenizer, read_rows
 from sftforge.evaluate import evaluate, samples_from_rows
 from sftforge.generation import GenerationOptions, hf_generator
 from sftforge.model import load_model
+from sftforge.progress import quiet_libraries
 from sftforge.train import train
 
 CHATML = (
@@ -158,19 +159,29 @@ def exact_match(model, tokenizer, path: Path, limit: int = 100, max_new_tokens: 
     return result.summary["accuracy"], shown
 
 
+def demo_config_overrides(user_overrides: list[str]) -> list[str]:
+    """The overrides that make the demo's run (its assets written under trainer.output_dir/assets, default
+    outputs/demo), then the user's own: what `sftforge train` trains and `sftforge plan` plans with no config."""
+    out = next((o.split("=", 1)[1] for o in user_overrides if o.startswith("trainer.output_dir=")), "outputs/demo")
+    return demo_overrides(prepare(Path(out) / "assets"), Path(out)) + list(user_overrides)
+
+
 def run_demo(user_overrides: list[str]) -> int:
     """`sftforge train` with no config: prepare the assets, score the untrained model, train, score again."""
     out = next((o.split("=", 1)[1] for o in user_overrides if o.startswith("trainer.output_dir=")), "outputs/demo")
     paths = prepare(Path(out) / "assets")
     cfg = load_config(None, demo_overrides(paths, Path(out)) + user_overrides)
     tok = load_tokenizer(cfg)
-    before, _ = exact_match(load_model(cfg.model), tok, paths["test"])
+    with quiet_libraries():
+        untrained = load_model(cfg.model)
+    before, _ = exact_match(untrained, tok, paths["test"])
     print(f"demo: exact match of assistant answers on held-out conversations before training: {before:.1%}")
     result = train(cfg, tokenizer=tok)
     if result["final_dir"]:
         from transformers import AutoModelForCausalLM
 
-        trained = AutoModelForCausalLM.from_pretrained(result["final_dir"])
+        with quiet_libraries():
+            trained = AutoModelForCausalLM.from_pretrained(result["final_dir"])
         score, shown = exact_match(trained, tok, paths["test"])
         print(f"demo: exact match of assistant answers on held-out conversations after training: {score:.1%}")
         print("demo: sample generations (greedy, stopped at <|im_end|>):")

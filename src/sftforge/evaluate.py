@@ -43,6 +43,7 @@ from sftforge.generation import (
     pad_id,
 )
 from sftforge.model import load_model, with_dtype
+from sftforge.progress import Live, quiet_libraries
 from sftforge.scorers import ENV_TASKS, EvalSample, as_score, get_scorer, is_task
 from sftforge.vision import load_vision
 
@@ -140,7 +141,15 @@ def evaluate(generator: Generator, samples: list[EvalSample], task: str = "exact
     """Generate an answer for every sample and score it; records hold prompt, generation, reference and score."""
     scorer = get_scorer(task)
     prompts = [generator.prompt(s.messages, s.tools) for s in samples]
-    gens = generator.generate(prompts, sample_images(samples, generator.vision))
+    live = Live(f"eval {task}", len(prompts))
+    if live.active and hasattr(generator.backend, "on_batch"):
+        generator.backend.on_batch = lambda done, total: live.update(done)
+    try:
+        gens = generator.generate(prompts, sample_images(samples, generator.vision))
+    finally:
+        live.close()
+        if hasattr(generator.backend, "on_batch"):
+            generator.backend.on_batch = None
     records = []
     for s, p, g in zip(samples, prompts, gens):
         scored = as_score(scorer(g.text, s))
@@ -227,13 +236,17 @@ class TrainingEval:
             max_new_tokens=max_new_tokens, batch_size=max(cfg.data.micro_batch_size_per_gpu, 8)
         )
 
-    def __call__(self, model) -> dict:
+    def __call__(self, model, records_path=None) -> dict:
+        """The eval numbers for the step's record; ``records_path``: also write every sample's result there."""
         gen = hf_generator(model, self.tokenizer, self.opts, self.cfg.data.chat_template_kwargs, self.cfg.model.dtype,
                            self.vision)  # fmt: skip
         if self.samples is None:
             res = evaluate_env(gen, self.rows, self.cfg.data, self.task)
         else:
             res = evaluate(gen, self.samples, self.task)
+        if records_path is not None:
+            Path(records_path).parent.mkdir(parents=True, exist_ok=True)
+            write_records(records_path, res.records)
         s = res.summary
         out = {"eval_accuracy": s["accuracy"], "eval_ci95_low": s["ci95_low"], "eval_ci95_high": s["ci95_high"]}
         out.update({f"eval_{k}": v for k, v in s.items() if k in ("valid", "hit_max_new_tokens", "tokens_per_s")})
@@ -290,7 +303,8 @@ def eval_main(args) -> int:
         check_vllm()
         backend: Any = VLLMBackend(args.model, cfg.model.dtype, cfg.model.trust_remote_code)
     else:
-        model = load_trained(args.model, device) if is_built_module(args.model) else load_model(cfg.model, device)
+        with quiet_libraries():
+            model = load_trained(args.model, device) if is_built_module(args.model) else load_model(cfg.model, device)
         backend = HFBackend(model, pad_id(tok), cfg.model.dtype)
     generator = Generator(backend, tok, opts, cfg.data.chat_template_kwargs, load_vision(cfg, tok))
     if args.task in ENV_TASKS:

@@ -73,6 +73,7 @@ class HFBackend:
 
     def __init__(self, model, pad_id: int, dtype: str = "fp32"):
         self.model, self.pad_id, self.dtype = model, pad_id, dtype
+        self.on_batch = None  # called with (prompts done, prompts) after each batch (a progress display)
 
     def generate(self, prompts: list[list[int]], opts: GenerationOptions, stop_ids: list[int], images=None,
                  vision=None) -> list[list[int]]:  # fmt: skip
@@ -104,6 +105,7 @@ class HFBackend:
                         new = greedy_generate(model, ids.to(device), mask.to(device), opts, stop_ids, self.pad_id)
                         for r, i in enumerate(batch):
                             out[i] = new[r].tolist()
+                        self._done(k + len(batch), len(order))
                         continue
                     extra = _image_inputs(model, ids, [images[i] for i in batch], vision) if images else {}
                     res = model.generate(
@@ -114,9 +116,14 @@ class HFBackend:
                     )
                     for r, i in enumerate(batch):
                         out[i] = res[r, width:].tolist()
+                    self._done(k + len(batch), len(order))
         finally:
             model.train(was_training)
         return out
+
+    def _done(self, done: int, total: int) -> None:
+        if self.on_batch is not None:
+            self.on_batch(done, total)
 
 
 def _next_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

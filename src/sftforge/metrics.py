@@ -3,12 +3,13 @@ trainer.log_freq steps), and optionally tensorboard / wandb / swanlab.
 
 metrics.jsonl has one JSON object per optimizer step::
 
-    {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "supervised_tokens", "padding_fraction", "elapsed_s"
-     [, "val_loss"]}
+    {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "supervised_tokens", "padding_fraction", "elapsed_s",
+     "tokens_per_s", "memory_gb" [, "val_loss", "val_s"] [, "eval_accuracy", ..., "eval_s"]}
 
 ``tokens`` counts non-padding input tokens of the step, ``supervised_tokens`` the trained targets,
 ``padding_fraction`` the share of padding in this rank's micro-batches (0 with data.packing; packing efficiency is
-1 - padding_fraction). The last line is
+1 - padding_fraction), ``tokens_per_s`` the mean over this process's steps so far, ``memory_gb`` the peak memory so
+far (progress.peak_memory_gb), ``val_s`` / ``eval_s`` the seconds the step's validation / generation eval took. The last line is
 ``{"event": "end", "train_runtime_s", "tokens", "tokens_per_s"[, "skipped_steps", "interrupted_by"]}``. A step skipped
 by trainer.nan_policy=skip_step has ``"skipped": true, "skipped_steps": <count so far>``; non-finite numbers are
 written as the strings "nan" / "inf" / "-inf" so the file stays strict JSON.
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from sftforge.config import ConfigError, redacted, scrub
+from sftforge.progress import Live
 
 LOGGERS = ("console", "jsonl", "tensorboard", "wandb", "swanlab")
 _PIP = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb", "swanlab": "pip install swanlab"}
@@ -120,22 +122,8 @@ class MetricsLogger:
                 config=redacted(run_config or {}), logdir=str(Path(output_dir) / "swanlab"),
             )  # fmt: skip
         if "console" in loggers:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._console = Console(stderr=True, highlight=False, soft_wrap=True)
-            self._progress = Progress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn(),
-                console=self._console,
-                transient=True,
-                disable=not self._console.is_terminal,
-            )
-            self._progress.start()
-            self._task = self._progress.add_task("train", total=total_steps, completed=start_step, info="")
+            self._progress = Live("train", total_steps, completed=start_step)
+            self._console = self._progress.console
 
     def print(self, message: str) -> None:
         if not self.enabled:
@@ -165,8 +153,10 @@ class MetricsLogger:
             self._swanlab.log(scalars, step=step)
         if self._progress is not None:
             tps = record.get("tokens_per_s", 0.0)
-            info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {tps:,.0f} tok/s"
-            self._progress.update(self._task, completed=step, info=info)
+            info = f"epoch {record['epoch']}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  {tps:,.0f} tok/s"
+            if "memory_gb" in record:
+                info += f"  {record['memory_gb']:.1f} GiB peak"
+            self._progress.update(step, info)
             if step % self.log_freq == 0 or step == self.total_steps or "val_loss" in record:
                 self._console.print(self.summary(record))
 
@@ -189,12 +179,13 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self._progress is not None:
-            self._progress.stop()
+            self._progress.close()
         if end is not None:
             if self._jsonl is not None:
                 self._jsonl.write(json.dumps({"event": "end", **end}) + "\n")
             if self._console is not None:
                 self._console.print(" ".join(f"{k}={_fmt(v)}" for k, v in end.items()))
+                self._console.print(f"curves, data and config of this run: sftforge report {self.path.parent}")
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:

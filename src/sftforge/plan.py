@@ -32,9 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from sftforge.batching import grad_accum_steps, make_plan
+from sftforge.batching import event_count, grad_accum_steps, make_plan
 from sftforge.config import Config, ConfigError, load_config
 from sftforge.data import build_dataset, load_tokenizer
+from sftforge.measure import DEFAULT_STEPS, WARMUP, format_measured, process_age_s
+from sftforge.measure import measure as run_measure
 from sftforge.model import auto_class
 from sftforge.optim import warmup_steps
 from sftforge.ulysses import sp_group_layout
@@ -370,15 +372,6 @@ def choose_preset(
 # The plan
 
 
-def _count(total: int, freq: int) -> int:
-    """Events at every multiple of ``freq`` plus one at the end (the trainer always saves/validates at the end)."""
-    if total <= 0:
-        return 0
-    if freq <= 0:
-        return 1
-    return total // freq + (1 if total % freq else 0)
-
-
 _SLICE = 1 << 20  # elements per slice when reading a store's columns (no whole-column temporaries)
 
 
@@ -482,8 +475,9 @@ def build_plan(
         expanded_tokens_per_step=(
             round(report.expanded_tokens / n * d.train_batch_size) if n and getattr(report, "contexts", 0) else None
         ),  # per_turn: without the tree
-        num_checkpoints=_count(total, t.save_freq),
-        num_validations=_count(total, t.test_freq) if d.val_files else 0,
+        num_checkpoints=event_count(total, t.save_freq),
+        num_validations=event_count(total, t.test_freq) if d.val_files else 0,
+        num_evals=event_count(total, t.eval_freq) if d.eval_files and t.eval_freq > 0 else 0,
         val_samples=val_samples,
     )
 
@@ -673,10 +667,28 @@ def apply_preset(cfg: Config, path: str | None, overrides: list[str]) -> Config:
     return load_config(path, list(overrides) + chosen)
 
 
-def plan_main(path: str | None, overrides: list[str], as_json: bool = False, gpu_memory: str | None = None) -> int:
-
+def plan_main(
+    path: str | None,
+    overrides: list[str],
+    as_json: bool = False,
+    gpu_memory: str | None = None,
+    measure: bool = False,
+    steps: int = 0,
+) -> int:
+    """``sftforge plan``; ``measure``: also run a few real steps here and print the measured times (measure.py)."""
+    imports_s = process_age_s()  # a fresh `sftforge train` pays this too (the interpreter, torch, transformers)
     cfg = load_config(path, overrides)
+    if measure and cfg.trainer.preset == "auto":  # the measured run is the run `sftforge train` would do
+        cfg = apply_preset(cfg, path, overrides)
     p, lengths = plan_from_config(cfg, gpu_memory)
+    if measure:
+        if not as_json:
+            print(format_plan(p, lengths), flush=True)
+            print(f"measuring: {min(p['total_steps'], WARMUP + (steps or DEFAULT_STEPS))} steps of this run here "
+                  "(in a temporary folder, removed after) ...", flush=True)  # fmt: skip
+        p["measured"] = run_measure(cfg, p, steps, imports_s)
+        print(json.dumps(p, indent=2) if as_json else format_measured(p["measured"], p))
+        return 0
     print(json.dumps(p, indent=2) if as_json else format_plan(p, lengths))
     return 0
 

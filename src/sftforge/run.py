@@ -36,7 +36,6 @@ from typing import Any
 import torch
 import yaml
 from rich.console import Console
-from transformers.utils import logging as hf_logging
 
 from sftforge.checkpoint import (
     child,
@@ -70,6 +69,7 @@ from sftforge.metrics import MetricsLogger
 from sftforge.model import build_model, compute_dtype, enable_tf32, with_dtype
 from sftforge.optim import build_optimizer
 from sftforge.parallel import build_engine, is_fsdp, materialize_from_rank0, resolve_strategy, to_float
+from sftforge.progress import quiet_libraries
 from sftforge.ulysses import disabled as disabled_sp
 from sftforge.ulysses import restore as restore_attention
 from sftforge.vision import load_vision
@@ -354,10 +354,8 @@ class Run:
 
     def __enter__(self) -> Run:
         self.lines.extend(launcher_notes(self.cfg.model.dtype, self.cfg.model.compile))  # (accelerate launch)
-        # transformers' own bars ("Loading weights", "Writing model shards") would cut through the run's log; the
-        # hub's download bars stay (a large download should show it is moving)
-        self._hf_bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
+        self._quiet = quiet_libraries()  # transformers' own bars would cut through the run's log
+        self._quiet.__enter__()
         self._created_group = init_distributed(self.device.type)  # under torchrun (WORLD_SIZE > 1)
         self.world_size, self.rank = world()
         if self.world_size == 1 and not is_distributed() and self.strategy() == "fsdp2":
@@ -379,8 +377,8 @@ class Run:
             # so that destroy() can free the groups
             self.model = self.engine = self.optimizer = None
             self.guard.checkpointer = None
-            if getattr(self, "_hf_bars", False):
-                hf_logging.enable_progress_bar()
+            if getattr(self, "_quiet", None) is not None:
+                self._quiet.__exit__(None, None, None)
             if self._created_group:
                 destroy()
 
@@ -394,7 +392,15 @@ class Run:
                 self._lock.acquire()
                 if self._lock.note:
                     self.lines.append(self._lock.note)
-                for name in ("config.yaml", "metrics.jsonl", "final", "tensorboard"):
+                for name in (
+                    "config.yaml",
+                    "metrics.jsonl",
+                    "final",
+                    "tensorboard",
+                    "data_report.json",
+                    "plan.json",
+                    "eval",
+                ):
                     child(self.out, name)  # refuse planted symlinks before training, not after
                 for name in clean_incomplete(self.out):
                     self.lines.append(f"removed {self.out / name}: left by an interrupted save")
@@ -466,6 +472,11 @@ class Run:
         self.lines = []
         self._t0 = time.perf_counter()
         return self.log
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """(rank 0) ``name`` in the output folder: what sftforge report reads besides metrics.jsonl."""
+        if self.main:
+            child(self.out, name).write_text(json.dumps(obj, indent=1, default=str))
 
     def print(self, line: str) -> None:
         if self.log is None:

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from sftforge import faults, ulysses
@@ -38,6 +40,7 @@ from sftforge.model import autocast, check_model_options, compute_dtype
 from sftforge.optim import lr_at, set_lr
 from sftforge.packing import collate, padded_tokens
 from sftforge.parallel import grad_scale, no_grad_sync, unsharded
+from sftforge.progress import peak_memory_gb
 from sftforge.run import NonFiniteError, Run, Signals, clip_gradients, data_fingerprint
 from sftforge.ulysses import sp_group_layout
 from sftforge.vision import load_vision
@@ -141,6 +144,9 @@ def _train(run: Run, model, tokenizer, train_dataset, val_dataset) -> dict[str, 
     if hasattr(train_ds, "describe"):
         run.lines.append(train_ds.describe())
     run.prepare_output()
+    run.write_json("data_report.json", data_summary(train_ds, val_ds, cfg))
+    run.write_json("plan.json", {**dataclasses.asdict(plan), "samples": len(train_ds), "dp_size": dp_size,
+                                 "sp_size": sp_size, "strategy": strategy, "device": str(run.device)})  # fmt: skip
     model, engine, optimizer = run.build(model, sp_size=sp_size)
     runner = Runner(cfg, engine, run.device, pad_id(tokenizer), run.world_size, vision)
     evaluator = TrainingEval(cfg, tokenizer) if t.eval_freq > 0 else None  # generation eval on data.eval_files
@@ -170,10 +176,14 @@ def _train(run: Run, model, tokenizer, train_dataset, val_dataset) -> dict[str, 
             if not applied:
                 record.update(skipped=True, skipped_steps=run.guard.skipped)
             if val_ds is not None and ((t.test_freq > 0 and done % t.test_freq == 0) or done == plan.total_steps):
+                t0 = time.perf_counter()
                 val_loss = record["val_loss"] = runner.validate(val_ds, dp_size, dp_rank)
+                record["val_s"] = round(time.perf_counter() - t0, 4)
             if evaluator is not None and (done % t.eval_freq == 0 or done == plan.total_steps):
+                t0 = time.perf_counter()
                 with ulysses.disabled(model), unsharded(engine):  # generation: every rank on its own full sequences
-                    record.update(evaluator(model))
+                    record.update(evaluator(model, run.out / "eval" / f"step_{done}.jsonl" if run.main else None))
+                record["eval_s"] = round(time.perf_counter() - t0, 4)
                 log.print(f"step {done}: eval {t.eval_task} accuracy {record['eval_accuracy']:.1%} on data.eval_files")
             interrupted = run.end_step(record, signals, checkpointer, done, stop)
             if interrupted:
@@ -201,7 +211,26 @@ def _record(done, epoch, loss, lr, grad_norm, micro, n_sup, n_tok, run: Run, run
     padding = 1 - sum(map(sum, lens)) / max(sum(padded_tokens(x, cfg.data.packing) for x in lens), 1)
     return {"step": done, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tok,
             "supervised_tokens": n_sup, "padding_fraction": round(padding, 4), "elapsed_s": round(run.elapsed(), 4),
-            "tokens_per_s": run_tokens / max(run.runtime(), 1e-9)}  # fmt: skip
+            "tokens_per_s": run_tokens / max(run.runtime(), 1e-9), "memory_gb": round(peak_memory_gb(run.device), 3)}  # fmt: skip
+
+
+def data_summary(train_ds, val_ds, cfg: Config) -> dict[str, Any]:
+    """What data_report.json holds (for sftforge report): each split's DataReport, its files and its length
+    histogram (tokens per sample after truncation)."""
+    out = {}
+    for name, ds, files in (("train", train_ds, cfg.data.train_files), ("val", val_ds, cfg.data.val_files)):
+        if ds is None:
+            continue
+        report = getattr(ds, "report", None)
+        lengths = np.asarray(ds.lengths if hasattr(ds, "lengths") else [len(s.input_ids) for s in ds], np.int64)
+        counts, edges = np.histogram(lengths, bins=min(20, max(1, len(np.unique(lengths)))))
+        out[name] = {
+            "files": files, "report": dataclasses.asdict(report) if dataclasses.is_dataclass(report) else None,
+            "samples": int(len(lengths)), "tokens": int(lengths.sum()),
+            "lengths": {"min": int(lengths.min()), "median": float(np.median(lengths)), "max": int(lengths.max()),
+                        "mean": float(lengths.mean()), "counts": counts.tolist(), "edges": edges.tolist()},
+        }  # fmt: skip
+    return out
 
 
 __all__ = ["NonFiniteError", "Runner", "load_data", "train"]

@@ -1,0 +1,95 @@
+"""Live progress on a terminal: one rich display (label, bar, done/total, a line of numbers, ETA) for training,
+tokenization and evaluation. Off a terminal (CI, a redirected log) it shows nothing: the callers print their plain
+lines as they always did, so logs stay greppable and free of carriage returns.
+
+Peak memory for the display and the step records: the GPU's peak allocated memory on CUDA, else the process's peak
+resident set size (what ``free -h`` in another terminal was watched for).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def on_terminal(stream=None) -> bool:
+    """Whether live displays are shown: stderr is a terminal and $SFTFORGE_PLAIN is not set."""
+    stream = stream or sys.stderr
+    return bool(getattr(stream, "isatty", lambda: False)()) and not os.environ.get("SFTFORGE_PLAIN")
+
+
+class Live:
+    """One progress display; a no-op off a terminal (``active`` is False). ``console``: share a rich Console with
+    the caller's own prints so they appear above the bar."""
+
+    _shown = 0  # rich shows one live display at a time: a display opened inside another (eval during training) is off
+
+    def __init__(self, label: str, total: int | None, completed: int = 0, console: Console | None = None):
+        self.active = on_terminal() and Live._shown == 0
+        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+        self._progress = None
+        if not self.active:
+            return
+        self._progress = Progress(
+            TextColumn(f"[bold]{label}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self._progress.start()
+        Live._shown += 1
+        self._task = self._progress.add_task(label, total=total, completed=completed, info="")
+
+    def update(self, completed: int, info: str = "", total: int | None = None) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=completed, info=info,
+                                  **({"total": total} if total is not None else {}))  # fmt: skip
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+            Live._shown -= 1
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Inside: transformers' own tqdm bars ("Loading weights", "Writing model shards") are off, so the output is
+    ours only; the hub's download bars stay (a large download should show it is moving). The previous state comes
+    back after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def peak_memory_gb(device=None) -> float:
+    """Peak GPU memory allocated on ``device`` (CUDA), else the process's peak resident memory, in GiB."""
+    import torch
+
+    if device is not None and getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (bytes on macOS)
+        return kib / 2**20 if sys.platform != "darwin" else kib / 2**30
+    except (ImportError, OSError):
+        return 0.0
+
+
+__all__ = ["Live", "on_terminal", "peak_memory_gb", "quiet_libraries"]
