@@ -188,3 +188,19 @@ def test_live_displays_stay_off_without_a_terminal_and_the_end_names_the_report(
     err = capsys.readouterr().err
     assert "\r" not in err and "\x1b[" not in err  # plain lines, as in a CI log
     assert "step 1/1" in err and f"sftforge report {tmp_path}" in err
+
+
+def test_an_rl_run_or_a_bare_metrics_file_reports_what_it_has(tmp_path):
+    """sftforge rl writes metrics.jsonl (with reward_mean) and config.yaml only: the report draws what is there and
+    says what is not; a non-finite loss (a skipped step) is left out of the curve, not drawn as 0."""
+    run = tmp_path / "rl_run"
+    run.mkdir()
+    rows = [{"step": s, "epoch": 0, "loss": 0.5 / s if s != 2 else "nan", "lr": 1e-6, "grad_norm": 1.0,
+             "reward_mean": 0.1 * s, "kept_groups": 2, "elapsed_s": s} for s in range(1, 5)]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, _ = build_report([run])
+    page = out.read_text()
+    assert out == run / "report.html"
+    assert 'id="plot-reward_mean"' in page and len(_svg_points(page, "curve-reward_mean-0")) == 4
+    assert [s for s, _ in embedded_data(out)["rl_run"]["curves"]["loss"]] == [1, 3, 4]
+    assert "no data_report.json" in page and "no plan.json" in page and "no checkpoint" in page

@@ -36,7 +36,7 @@ class Live:
             return
         self._progress = Progress(
             TextColumn(f"[bold]{label}"),
-            BarColumn(),
+            BarColumn(bar_width=24),
             MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),

@@ -240,7 +240,7 @@ def _summary_rows(run: RunData) -> list[list[Any]]:
 
 def _data_section(run: RunData) -> str:
     if not run.data:
-        return "<p class='note'>no data_report.json in this run folder (written by sftforge train since 0.1).</p>"
+        return "<p class='note'>no data_report.json in this run folder (sftforge train writes one; sftforge rl does not yet).</p>"
     out = []
     for split, d in run.data.items():
         rep = d.get("report") or {}
