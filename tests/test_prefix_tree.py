@@ -139,6 +139,80 @@ def test_tree_rows_through_eager_equal_sdpa(tokenizers, model_config_dir):
     assert n == n2 and float(s_sdpa) == pytest.approx(float(s_eager), rel=1e-5)
 
 
+def test_subtree_ends_are_the_ancestor_mask_in_o_n():
+    """Node j is an ancestor (or self) of node i iff j <= i < end[j], on random tries; a non-depth-first layout is
+    refused."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        seqs = []
+        for _ in range(int(torch.randint(1, 6, (1,), generator=g))):
+            n = int(torch.randint(1, 12, (1,), generator=g))
+            seqs.append((torch.randint(0, 3, (n,), generator=g).tolist(), [1] * n))
+        _, _, parents = prefix_tree.merge(seqs)
+        ends = torch.tensor(prefix_tree.subtree_ends(parents))
+        i, j = torch.arange(len(parents))[:, None], torch.arange(len(parents))[None, :]
+        assert torch.equal((j <= i) & (i < ends[None, :]), prefix_tree.ancestors(parents))
+    with pytest.raises(ValueError, match="not a depth-first layout"):
+        prefix_tree.subtree_ends([-1, 0, 0, 1])  # node 3's parent 1 is not on the path to node 2
+
+
+def test_flex_tree_attention_equals_the_mask_path(tokenizers, model_config_dir, monkeypatch):
+    """model.tree_attention=flex: one flex_attention call per row from the tokens' subtree ends, no l x l mask; the
+    same loss as the per-tree mask (forward, CPU fp32: flex has no backward on CPU; the gradients are checked on a
+    GPU by test_flex_tree_attention_gradients_on_cuda)."""
+    from sftforge import attention
+
+    tok = tokenizers["qwen3"]
+    cfg = DataConfig(reasoning_history="per_turn")
+    tree = tokenize_row("row", _thinking_conversation(), tok, cfg, template_markers(tok))
+    plain = tokenize_row("plain", _thinking_conversation(), tok, DataConfig(), template_markers(tok))
+    model = load_model(ModelConfig(path=str(model_config_dir / "qwen3-tiny"))).eval()
+    select(model)
+    rows = [plain, tree, plain]
+    flex_mb = pack(rows, "sdpa", tree_attention="flex")
+    assert "packed_tree_masks" not in flex_mb.extra and flex_mb.extra["packed_tree_ends"].shape == (flex_mb.n_tokens,)
+    calls = []
+    real = attention.flex_row
+    monkeypatch.setattr(attention, "flex_row", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        s_mask, n_mask = loss_sum(model, pack(rows, "sdpa"))
+        s_flex, n_flex = loss_sum(model, flex_mb)
+    assert len(calls) == model.config.num_hidden_layers  # every layer through flex, one call per row
+    assert n_mask == n_flex and float(s_flex) == pytest.approx(float(s_mask), rel=1e-5)
+
+
+def test_tree_attention_choice_and_refusals():
+    from sftforge.attention import resolve_tree_attention
+
+    assert resolve_tree_attention("auto", "cpu") == "mask" and resolve_tree_attention("auto", "cuda") == "flex"
+    assert resolve_tree_attention("mask", "cuda") == "mask"
+    with pytest.raises(ConfigError, match="model.tree_attention=flex needs a CUDA device"):
+        resolve_tree_attention("flex", "cpu")
+    with pytest.raises(ConfigError, match="model.tree_attention must be auto | mask | flex"):
+        load_config(None, ["model.tree_attention=sparse"])
+
+
+@pytest.mark.gpu
+def test_flex_tree_attention_gradients_on_cuda(tokenizers, model_config_dir):
+    """On a GPU: loss and gradients of the flex path equal the per-tree mask path (fp32, 1e-4)."""
+    tok = tokenizers["qwen3"]
+    tree = tokenize_row("row", _thinking_conversation(), tok, DataConfig(reasoning_history="per_turn"),
+                        template_markers(tok))  # fmt: skip
+    torch.manual_seed(0)
+    model = load_model(ModelConfig(path=str(model_config_dir / "qwen3-tiny")), "cuda").eval()
+    select(model)
+    out = {}
+    for kind in ("mask", "flex"):
+        model.zero_grad(set_to_none=True)
+        s, n = loss_sum(model, pack([tree, tree], "sdpa", tree_attention=kind).to("cuda"))
+        s.backward()
+        out[kind] = (float(s), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    assert out["mask"][1] == out["flex"][1] and out["flex"][0] == pytest.approx(out["mask"][0], rel=1e-4)
+    for k, g in out["mask"][2].items():
+        d = float((out["flex"][2][k] - g).abs().max()) / max(float(g.abs().max()), 1e-12)
+        assert d < 1e-4, (k, d)
+
+
 @pytest.mark.parametrize(
     "override,needs",
     [("data.packing=false", "data.packing=true"), ("model.attn_implementation=flash_attention_2", "sdpa or eager"),

@@ -16,6 +16,13 @@ sharding (parallel.build_engine), and for good: gradient checkpointing re-runs a
 which must take the same path.
 
 
+Prefix trees (data.reasoning_history=per_turn, prefix_tree.py) take one of two paths (model.tree_attention):
+``mask``, each tree's attention on its own under its [l, l] ancestor mask (in the loop above), or ``flex``, one
+``flex_attention`` call for the whole row with a block-sparse mask built from each token's subtree end
+(``kv <= q < end[kv]``: the ancestors of q, and nothing across samples), computed once per micro-batch and shared by
+every layer; no l × l tensor exists and fully masked blocks are skipped. flex runs compiled on CUDA; torch's
+flex_attention has no backward on CPU, so training there uses ``mask`` (the CPU runs flex's forward only, to test it).
+
 Packed micro-batches carry a stride-0 [1, 1, L, L] tensor of NaN as their ``attention_mask``: it costs no memory,
 stops transformers from building a mask (a 4D mask is passed through unchanged), and makes any attention that is not
 this one produce NaN (an additive NaN mask) rather than silently attend across samples. (An all-False boolean mask
@@ -24,8 +31,12 @@ would not do: torch's sdpa returns zeros for fully masked rows.)
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
+
+from sftforge.config import ConfigError
 
 NAME = "sftforge_packed_sdpa"
 
@@ -70,6 +81,58 @@ def causal_per_sample(q, k, v, cu_seqlens, dropout: float = 0.0, scaling: float 
     return out.transpose(1, 2).contiguous()
 
 
+def resolve_tree_attention(name: str, device) -> str:
+    """model.tree_attention for a run on ``device``: auto -> flex on CUDA, mask elsewhere; flex off CUDA refused."""
+    kind = torch.device(device).type
+    if name == "auto":
+        return "flex" if kind == "cuda" else "mask"
+    if name == "flex" and kind != "cuda":
+        raise ConfigError(f"model.tree_attention=flex needs a CUDA device (torch's flex_attention has no backward on "
+                          f"{kind}); set model.tree_attention=auto or mask.")  # fmt: skip
+    return name
+
+
+def tree_block_mask(ends: torch.Tensor):
+    """The BlockMask of a packed row whose token q may attend to kv iff ``kv <= q < ends[kv]`` (prefix_tree.
+    subtree_ends per sample, offset by the sample's start; a plain sample's ends are its own end: causal)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    n = ends.numel()
+
+    def ancestor_or_self(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx < ends[kv_idx])
+
+    return create_block_mask(
+        ancestor_or_self, None, None, n, n, device=ends.device, _compile=ends.device.type == "cuda"
+    )
+
+
+_compiled_flex = None
+_last_mask: tuple = (None, None)  # (ends, its BlockMask): every layer of a forward (and its recompute) shares one
+
+
+@torch.compiler.disable  # compiled on its own (flex_attention must be, to be fast); model.compile compiles around it
+def flex_row(q, k, v, ends: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
+    """Attention of a packed row of prefix trees (and plain samples) in one flex_attention call: q [1, Hq, L, D],
+    k/v [1, Hkv, L, D], ``ends`` [L] on q's device -> [1, L, Hq, D]."""
+    global _compiled_flex, _last_mask
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _last_mask[0] is not ends:
+        _last_mask = (ends, tree_block_mask(ends))
+    dtype = compute_dtype(q, k, v)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    fn = flex_attention
+    if q.device.type == "cuda":
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=True)
+        fn = _compiled_flex
+    with warnings.catch_warnings():  # off CUDA: the unfused forward (tests), which warns that it is unfused
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        out = fn(q, k, v, block_mask=_last_mask[1], scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2).contiguous()
+
+
 def attention(
     module,
     query,
@@ -80,6 +143,7 @@ def attention(
     scaling: float | None = None,
     packed_cu_seqlens: torch.Tensor | None = None,
     packed_tree_masks: list | None = None,
+    packed_tree_ends: torch.Tensor | None = None,
     **kwargs,
 ):
     """The attention transformers calls per layer: (output [B, L, H, D], None)."""
@@ -89,6 +153,11 @@ def attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)  # fmt: skip
     dropout = dropout if module.training else 0.0
+    if packed_tree_ends is not None:
+        if dropout:
+            raise ValueError(f"model.tree_attention=flex has no attention dropout (the model's is {dropout}); set "
+                             "model.tree_attention=mask.")  # fmt: skip
+        return flex_row(query, key, value, packed_tree_ends, scaling), None
     return causal_per_sample(query, key, value, packed_cu_seqlens, dropout, scaling, packed_tree_masks), None
 
 
@@ -140,7 +209,10 @@ __all__ = [
     "attention",
     "causal_per_sample",
     "compute_dtype",
+    "flex_row",
     "hidden_states_inputs",
     "placeholder_mask",
+    "resolve_tree_attention",
     "select",
+    "tree_block_mask",
 ]

@@ -50,6 +50,10 @@ class ModelConfig:
     supports it, fp32 on the CPU. fp32 on a GPU computes matmuls in TF32."""
     attn_implementation: str = "sdpa"
     """sdpa | eager | flash_attention_2 (needs flash-attn installed)."""
+    tree_attention: str = "auto"
+    """data.reasoning_history=per_turn with sdpa: how a prefix tree attends to its ancestors. mask: each tree under
+    its own [l, l] ancestor mask (any device); flex: one flex_attention call per packed row, block-sparse, from each
+    token's subtree end (CUDA only: torch's flex_attention has no backward on CPU); auto: flex on CUDA, else mask."""
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model. Off unless you trust the model's author."""
     init_seed: int = 0
@@ -1258,6 +1262,8 @@ def validate(cfg: Config) -> None:
         missing = [what for ok, what in needs if not ok]
         if missing:
             problems.append(f"data.reasoning_history=per_turn (prefix-tree packing) needs {', '.join(missing)}.")
+    if cfg.model.tree_attention not in ("auto", "mask", "flex"):
+        problems.append(f"model.tree_attention must be auto | mask | flex, got {cfg.model.tree_attention!r}.")
     if problems:
         raise ConfigError("\n".join(problems))
 

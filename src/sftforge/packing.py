@@ -186,10 +186,13 @@ def _parents(sample: Any) -> list[int] | None:
     return getattr(sample, "parents", None)
 
 
-def pack_trees(samples: Sequence[Any], attn_implementation: str, mask_dtype: torch.dtype) -> MicroBatch:
+def pack_trees(samples: Sequence[Any], attn_implementation: str, mask_dtype: torch.dtype,
+               tree_attention: str = "mask") -> MicroBatch:  # fmt: skip
     """One row of prefix-tree samples (prefix_tree.py) and plain ones: each token at the position it has in its own
-    sequence (its depth), attending to exactly its ancestors, its target the trained child's token. The mask is an
-    explicit [1, 1, L, L] one (bool for sdpa, additive for eager)."""
+    sequence (its depth), attending to exactly its ancestors, its target the trained child's token. sdpa: per
+    sample, a tree under its [l, l] bool ancestor mask (``tree_attention=mask``) or, with ``flex``, the row's
+    ``packed_tree_ends`` (each token's subtree end: one block-sparse flex_attention call, attention.flex_row);
+    eager: one additive [1, 1, L, L] mask."""
     if attn_implementation not in ("sdpa", "eager"):
         raise ValueError(f"prefix-tree samples (data.reasoning_history=per_turn) need sdpa or eager attention, not "
                          f"{attn_implementation}.")  # fmt: skip
@@ -200,16 +203,25 @@ def pack_trees(samples: Sequence[Any], attn_implementation: str, mask_dtype: tor
     pos: list[int] = []
     lens: list[int] = []
     blocks = []
+    ends: list[int] = []
+    flex = attn_implementation == "sdpa" and tree_attention == "flex"
     for s in samples:
         x, m = _ids_mask(s)
         parents = _parents(s) or list(range(-1, len(x) - 1))
+        if flex:
+            ends += [len(ids) + e for e in prefix_tree.subtree_ends(parents)]
         ids += x
         labels += prefix_tree.shifted_labels(x, m, parents, IGNORE_INDEX)
         pos += prefix_tree.depths(parents)
         lens.append(len(x))
         tree = _parents(s) is not None
-        blocks.append(prefix_tree.ancestors(parents) if tree or attn_implementation == "eager" else None)
+        if not flex:
+            blocks.append(prefix_tree.ancestors(parents) if tree or attn_implementation == "eager" else None)
     t = lambda v: torch.tensor(v, dtype=torch.long)[None]  # noqa: E731
+    if flex:
+        extra = {"packed_cu_seqlens": torch.tensor(boundaries(lens), dtype=torch.int64),
+                 "packed_tree_ends": torch.tensor(ends, dtype=torch.int32)}  # fmt: skip
+        return MicroBatch(t(ids), t(labels), t(pos), None, lens, extra)
     if attn_implementation == "sdpa":  # chains: None (causal)
         extra = {"packed_cu_seqlens": torch.tensor(boundaries(lens), dtype=torch.int64), "packed_tree_masks": blocks}
         return MicroBatch(t(ids), t(labels), t(pos), None, lens, extra)
@@ -219,20 +231,23 @@ def pack_trees(samples: Sequence[Any], attn_implementation: str, mask_dtype: tor
 
 
 def pack(
-    samples: Sequence[Any], attn_implementation: str = "sdpa", mask_dtype: torch.dtype = torch.float32, vision=None
-) -> MicroBatch:
-    """Concatenate samples into one row; positions restart per sample; attention never crosses samples."""
+    samples: Sequence[Any], attn_implementation: str = "sdpa", mask_dtype: torch.dtype = torch.float32, vision=None,
+    tree_attention: str = "mask",
+) -> MicroBatch:  # fmt: skip
+    """Concatenate samples into one row; positions restart per sample; attention never crosses samples.
+    ``tree_attention``: mask | flex, how prefix-tree samples attend (model.tree_attention, resolved)."""
     if any(_images(s) for s in samples):
         if any(_parents(s) is not None for s in samples):
             raise ValueError("prefix-tree samples do not take images.")
         return _with_images(_pack(samples, attn_implementation, mask_dtype), samples, [list(range(len(samples)))],
                             vision)  # fmt: skip
-    return _pack(samples, attn_implementation, mask_dtype)
+    return _pack(samples, attn_implementation, mask_dtype, tree_attention)
 
 
-def _pack(samples: Sequence[Any], attn_implementation: str, mask_dtype: torch.dtype) -> MicroBatch:
+def _pack(samples: Sequence[Any], attn_implementation: str, mask_dtype: torch.dtype,
+          tree_attention: str = "mask") -> MicroBatch:  # fmt: skip
     if any(_parents(s) is not None for s in samples):
-        return pack_trees(samples, attn_implementation, mask_dtype)
+        return pack_trees(samples, attn_implementation, mask_dtype, tree_attention)
     ids: list[int] = []
     labels: list[int] = []
     pos: list[int] = []
@@ -290,10 +305,12 @@ def collate(
     pad_id: int = 0,
     mask_dtype: torch.dtype = torch.float32,
     vision=None,
+    tree_attention: str = "mask",
 ) -> MicroBatch:
-    """One micro-batch of ``samples``; ``vision``: the model's vision settings when samples have images."""
+    """One micro-batch of ``samples``; ``vision``: the model's vision settings when samples have images;
+    ``tree_attention``: mask | flex for prefix-tree samples (attention.resolve_tree_attention)."""
     if packing:
-        return pack(samples, attn_implementation, mask_dtype, vision)
+        return pack(samples, attn_implementation, mask_dtype, vision, tree_attention)
     return pad_collate(samples, pad_id, vision)
 
 

@@ -87,4 +87,23 @@ def ancestors(parents: Sequence[int]) -> torch.Tensor:
     return out
 
 
-__all__ = ["ancestors", "depths", "is_chain", "merge", "shifted_labels"]
+def subtree_ends(parents: Sequence[int]) -> list[int]:
+    """Per node j, one past its last descendant: in the depth-first layout a node's subtree is the contiguous range
+    [j, end[j]), so node j is an ancestor (or self) of node i iff j <= i < end[j] — the ancestor mask in O(n)
+    (attention.flex_row builds its block-sparse mask from it). Refuses a layout that is not depth-first (a node's
+    parent must be on the path to the node before it)."""
+    end = [i + 1 for i in range(len(parents))]
+    path: list[int] = []
+    for i, p in enumerate(parents):
+        while path and path[-1] != p:
+            path.pop()
+        if p >= 0 and not path:
+            raise ValueError(f"node {i}'s parent {p} is not on the path to node {i - 1}: not a depth-first layout")
+        path.append(i)
+    for i in range(len(parents) - 1, -1, -1):
+        if parents[i] >= 0:
+            end[parents[i]] = max(end[parents[i]], end[i])
+    return end
+
+
+__all__ = ["ancestors", "depths", "is_chain", "merge", "shifted_labels", "subtree_ends"]

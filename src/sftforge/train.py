@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from sftforge import faults, ulysses
+from sftforge.attention import resolve_tree_attention
 from sftforge.batching import Plan, grad_accum_steps, make_plan, micro_batch_groups, step_micro_batches
 from sftforge.config import Config, ConfigError
 from sftforge.data import build_dataset, load_tokenizer
@@ -55,12 +56,15 @@ class Runner:
         self.scale = grad_scale(engine, world_size)  # wrappers average gradients over ranks; the loss needs their sum
         self.mask_dtype = compute_dtype(cfg.model.dtype)  # an eager L × L mask in the compute dtype: never cast again
         self.vision = vision  # a vision-language model's image settings: micro-batches with images get their pixels
+        per_turn = cfg.data.reasoning_history == "per_turn" and cfg.model.attn_implementation == "sdpa"
+        self.tree_attention = resolve_tree_attention(cfg.model.tree_attention, device) if per_turn else "mask"
 
     def loss(self, samples) -> tuple[torch.Tensor, int]:
         c = self.cfg
         if self.vision is not None and self.world_size > 1 and not any(getattr(s, "images", None) for s in samples):
             samples = [*samples, self.vision.blank_sample()]  # every rank runs the vision tower (vision.py)
-        mb = collate(samples, c.data.packing, c.model.attn_implementation, self.pad_id, self.mask_dtype, self.vision)
+        mb = collate(samples, c.data.packing, c.model.attn_implementation, self.pad_id, self.mask_dtype, self.vision,
+                     self.tree_attention)  # fmt: skip
         mb = ulysses.shard(mb).to(self.device)  # this rank's slice of the row under sequence parallelism, on the host
         with autocast(c.model.dtype, self.device):
             return self.model(mb)
