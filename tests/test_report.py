@@ -197,10 +197,13 @@ def test_an_rl_run_or_a_bare_metrics_file_reports_what_it_has(tmp_path):
     run.mkdir()
     rows = [{"step": s, "epoch": 0, "loss": 0.5 / s if s != 2 else "nan", "lr": 1e-6, "grad_norm": 1.0,
              "reward_mean": 0.1 * s, "kept_groups": 2, "elapsed_s": s} for s in range(1, 5)]  # fmt: skip
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "lo')  # still writing
     out, _ = build_report([run])
     page = out.read_text()
     assert out == run / "report.html"
     assert 'id="plot-reward_mean"' in page and len(_svg_points(page, "curve-reward_mean-0")) == 4
     assert [s for s, _ in embedded_data(out)["rl_run"]["curves"]["loss"]] == [1, 3, 4]
     assert "no data_report.json" in page and "no plan.json" in page and "no checkpoint" in page
+    (run / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ConfigError, match=r"metrics.jsonl: line 2 is not JSON"):
+        build_report([run])
