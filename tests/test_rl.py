@@ -82,6 +82,14 @@ def test_rl_raises_held_out_reward(sft_model, tmp_path):
                 "rollout_tokens_per_s", "train_tokens_per_s", "loss", "grad_norm"):  # fmt: skip
         assert key in records[-1]
     assert any(r["clip_fraction"] > 0 for r in records)  # the second mini-batch is off-policy: clipping happens
+    # sftforge report of the rl run: the reward curve, the plan, finished
+    from sftforge.report import build_report, embedded_data
+
+    page, _ = build_report([out], tmp_path / "rl.html")
+    curve = embedded_data(page)["rl"]["curves"]["reward_mean"]
+    assert [v for _, v in curve] == pytest.approx([r["reward_mean"] for r in records])
+    text = page.read_text()
+    assert "rollout.prompts_per_step" in text and ">finished<" in text
 
 
 def test_rl_resume_is_exact(sft_model, tmp_path):

@@ -232,7 +232,7 @@ def _summary_rows(run: RunData) -> list[list[Any]]:
     vals = series(run, "val_loss")
     evals = series(run, "eval_accuracy")
     end = run.end or {}
-    status = "finished" if run.end and last.get("step") == total else "running or stopped"
+    status = "finished" if run.end and (run.plan is None or last.get("step") == total) else "running or stopped"
     if end.get("interrupted_by"):
         status = f"interrupted by {end['interrupted_by']}"
     mem = max((v for _, v in series(run, "memory_gb")), default=None)
@@ -280,7 +280,8 @@ def _plan_section(run: RunData) -> str:
     labels = {"samples": "training samples", "steps_per_epoch": "steps per epoch", "total_steps": "total steps",
               "grad_accum": "gradient accumulation", "dropped_per_epoch": "samples left out per epoch (drop_last)",
               "world_size": "data-parallel size", "dp_size": "data-parallel groups", "sp_size": "sequence parallel",
-              "strategy": "trainer.strategy", "device": "device"}  # fmt: skip
+              "strategy": "trainer.strategy", "device": "device", "prompts": "prompts (rl)",
+              "prompts_per_step": "rollout.prompts_per_step", "responses_per_prompt": "rollout.n"}  # fmt: skip
     return _table([(labels.get(k, k), v) for k, v in run.plan.items() if k != "rank"])
 
 

@@ -459,6 +459,9 @@ def _rl(run: Run, model, tokenizer) -> dict[str, Any]:
     per_epoch = max(1, len(prompts) // cfg.rollout.prompts_per_step)
     total = t.max_steps if t.max_steps > 0 else t.total_epochs * per_epoch
     run.prepare_output()
+    run.write_json("plan.json", {"prompts": len(prompts), "steps_per_epoch": per_epoch, "total_steps": total,
+                                 "prompts_per_step": cfg.rollout.prompts_per_step, "responses_per_prompt": cfg.rollout.n,
+                                 "world_size": run.world_size, "strategy": strategy, "device": str(run.device)})  # fmt: skip
     rollout_copy: list[RolloutWeights] = []
     keep_copy = lambda m: rollout_copy.append(RolloutWeights(m, strategy == "fsdp2", compute_dtype(cfg.model.dtype)))  # noqa: E731
     model, engine, optimizer = run.build(model, before_engine=keep_copy, console=False)
