@@ -39,7 +39,7 @@ from sftforge.chat import (
     tokenize_layouts,
 )
 from sftforge.config import Config, ConfigError, DataConfig
-from sftforge.progress import Live, on_terminal
+from sftforge.progress import Live, duration, on_terminal
 from sftforge.store import Store, StoreWriter, exclusive, open_store, remove_partials
 from sftforge.vision import image_file
 
@@ -761,7 +761,7 @@ class _Progress:
                 self.live = Live(f"tokenize {self.what}", 100)
             self.live.update(int(done * 100), numbers)
             return
-        eta = f", ETA {_seconds(elapsed * (1 - done) / done)}" if 0 < done < 1 else ""
+        eta = f", ETA {duration(elapsed * (1 - done) / done)}" if 0 < done < 1 else ""
         print(f"tokenizing {self.what}: {numbers}{f', {done:.0%}' if done else ''}{eta}", file=sys.stderr, flush=True)
 
     def close(self, rows: int, tokens: int) -> None:
@@ -769,13 +769,8 @@ class _Progress:
             self.live.close()
         if self.shown:
             elapsed = time.monotonic() - self.start
-            line = f"tokenized {self.what}: {rows:,} rows, {tokens:,} tokens in {_seconds(elapsed)} ({rows / elapsed:,.0f} rows/s)"
+            line = f"tokenized {self.what}: {rows:,} rows, {tokens:,} tokens in {duration(elapsed)} ({rows / elapsed:,.0f} rows/s)"
             print(line, file=sys.stderr, flush=True)
-
-
-def _seconds(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import torch
 from sftforge.config import Config
 from sftforge.distributed import barrier, is_distributed, resolve_device, world
 from sftforge.metrics import read_metrics
+from sftforge.progress import duration
 from sftforge.train import train
 
 WARMUP = 2
@@ -112,11 +113,6 @@ def measure(cfg: Config, plan: dict[str, Any], steps: int = 0, imports_s: float 
     }  # fmt: skip
 
 
-def _duration(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
 def format_measured(m: dict[str, Any], plan: dict[str, Any]) -> str:
     mem = plan.get("memory") or {}
     est = f"{mem['total']:.2f} GiB estimated per GPU" if mem.get("total") is not None else "no estimate"
@@ -128,7 +124,7 @@ def format_measured(m: dict[str, Any], plan: dict[str, Any]) -> str:
         f"measured here: {m['steps_run']} steps ({m['warmup_steps']} warm-up): {m['step_s']:.3f} s/step "
         f"(min {m['step_s_min']}, max {m['step_s_max']}), {m['tokens_per_s']:,.0f} tokens/s; "
         f"startup {m['startup_s']:.1f}s (imports, data, model); " + "; ".join(x for x in extra if x),
-        f"measured time: {_duration(m['epoch_s'])} per epoch, {_duration(m['run_s'])} for the run "
+        f"measured time: {duration(m['epoch_s'])} per epoch, {duration(m['run_s'])} for the run "
         f"({plan['total_steps']} steps)",
         f"measured memory: {m['peak_memory_gib']:.2f} GiB {kind}; plan: {est}",
     ])  # fmt: skip

@@ -61,6 +61,12 @@ class Live:
             Live._shown -= 1
 
 
+def duration(s: float) -> str:
+    """Seconds as ``42s``, ``3m07s`` or ``2h05m`` (whole seconds, truncated)."""
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 @contextlib.contextmanager
 def quiet_libraries():
     """Inside: transformers' own tqdm bars ("Loading weights", "Writing model shards") are off, so the output is
@@ -92,4 +98,4 @@ def peak_memory_gb(device=None) -> float:
         return 0.0
 
 
-__all__ = ["Live", "on_terminal", "peak_memory_gb", "quiet_libraries"]
+__all__ = ["Live", "duration", "on_terminal", "peak_memory_gb", "quiet_libraries"]
