@@ -12,8 +12,8 @@ What it does, each part on its own (a failing part is recorded and the next one 
    sampling, ...).
 3. **throughput**: the Qwen2.5-0.5B shape (random init, ``tests/fixtures/model_configs/qwen2.5-0.5b``) on TextCraft
    conversations packed into micro-batches of 2,048 and 4,096 tokens, bf16, ``model.compile`` off and on: step time,
-   tokens/s, peak memory (``torch.cuda.max_memory_allocated``) and MFU. TRL's SFTTrainer rows (its defaults, same
-   data, model and batch) when trl is installed. MFU = (6·N·T + 12·L·d_attn·Σ s²/2) / step time / peak, N the
+   tokens/s, peak memory (``torch.cuda.max_memory_allocated``) and MFU. TRL's SFTTrainer rows (at its defaults, and
+   padding-free: ``trl-best``; same data, model and batch) when trl is installed. MFU = (6·N·T + 12·L·d_attn·Σ s²/2) / step time / peak, N the
    non-embedding parameters, T the step's tokens, s each sample's length, peak the card's bf16 dense data-sheet figure
    (sftforge.bench.DENSE_BF16_PEAK; a measured matmul probe for a card not in it).
 4. **runs** (``sftforge train`` as a user runs it, a tiny model, bf16): resume exactness (stopped at step 2 and

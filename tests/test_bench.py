@@ -55,3 +55,18 @@ def test_model_flops_formula():
     # per layer: q 8*8 + k,v 2*8*4 + o 8*8 + mlp 3*8*16 = 64 + 64 + 64 + 384 = 576; N = 1152
     n = 1152
     assert bench.model_flops(cfg, [10, 6]) == pytest.approx(6 * n * 16 + 12 * 2 * 8 * (50 + 18))
+
+
+@pytest.mark.slow
+def test_bench_with_trl_has_its_default_and_its_padding_free_rows(model_config_dir, textcraft_dir):
+    """Runs only where the optional trl package is installed (pip install 'sftforge[bench]'; not in CI)."""
+    pytest.importorskip("trl")
+    lines: list[str] = []
+    rows = bench.bench(model_config_dir / "qwen3-tiny", textcraft_dir / "train_react.jsonl", [4], 1,
+                       print_fn=lines.append)  # fmt: skip
+    assert [r["trainer"] for r in rows] == ["sftforge", "trl", "trl-best"]
+    by = {r["trainer"]: r for r in rows}
+    assert by["sftforge"]["padding"] == 0 and by["trl-best"]["padding"] == 0 and by["trl"]["padding"] > 0
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    text = "\n".join(lines)
+    assert "sftforge / TRL tokens/s" in text and "sftforge / TRL padding-free tokens/s" in text

@@ -20,6 +20,9 @@ So TRL keeps its defaults that matter for speed: right padding to the longest sa
 (``padding_free=False``, ``packing=False``), full logits over the vocabulary at every position, and its per-step
 token accuracy/entropy metrics. Its loss is assistant-only through the ``assistant_masks`` column (TRL's own
 ``assistant_only_loss=True`` needs ``{% generation %}`` markers that the Qwen3 template does not have).
+A second TRL row, ``trl-best``, is TRL at its best on the same data: ``padding_free=True`` (each micro-batch's
+samples concatenated into one row with restarting positions, no padding: TRL's packing without cross-sample
+attention, which transformers' sdpa mask builds from the positions) plus the same assistant-only loss.
 
 MFU (one formula for both trainers, counting only useful work — non-padding tokens, each sample's own context)::
 
@@ -67,6 +70,9 @@ def unpack_tokenizer(name: str, dest_root: Path) -> Path:
             else:
                 shutil.copy(f, dest / f.name)
     return dest
+
+
+TRL_ROWS = ("trl", "trl-best")  # TRL's SFTTrainer at its defaults, and at its best (padding-free)
 
 
 def trl_available() -> bool:
@@ -234,7 +240,9 @@ def _child_trl(spec: dict) -> dict:
             return super().training_step(model, inputs, *a, **kw)
 
     micro = cfg.data.micro_batch_size_per_gpu
+    best = spec["trainer"] == "trl-best"  # padding-free (packed, no padding) + assistant-only loss
     args = SFTConfig(
+        padding_free=best,
         output_dir=spec["tmp"],
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=spec["batch"] // micro,
@@ -263,7 +271,7 @@ def _child_trl(spec: dict) -> dict:
 
 
 def _child_main(spec: dict) -> None:
-    out = _child_trl(spec) if spec["trainer"] == "trl" else _child_sftforge(spec)
+    out = _child_trl(spec) if spec["trainer"] in TRL_ROWS else _child_sftforge(spec)
     if spec.get("device", "cpu").startswith("cuda"):
         import torch
 
@@ -324,12 +332,14 @@ def table(rows: list[dict]) -> str:
         )
     for batch in sorted({r["batch"] for r in rows}):
         ours = [r for r in rows if r["batch"] == batch and r["trainer"] == "sftforge"]
-        trl = [r for r in rows if r["batch"] == batch and r["trainer"].startswith("trl")]
-        if ours and trl:
-            out.append(
-                f"\nbatch {batch}: sftforge / TRL tokens/s = {ours[0]['tokens_per_s'] / trl[0]['tokens_per_s']:.1f}×, "
-                f"peak memory {ours[0]['peak_mib'] / trl[0]['peak_mib']:.2f}×"
-            )
+        for name, label in (("trl", "TRL"), ("trl-best", "TRL padding-free")):
+            trl = [r for r in rows if r["batch"] == batch and r["trainer"] == name]
+            if ours and trl:
+                out.append(
+                    f"\nbatch {batch}: sftforge / {label} tokens/s = "
+                    f"{ours[0]['tokens_per_s'] / trl[0]['tokens_per_s']:.1f}×, "
+                    f"peak memory {ours[0]['peak_mib'] / trl[0]['peak_mib']:.2f}×"
+                )
     return "\n".join(out)
 
 
@@ -380,7 +390,7 @@ def bench(
         print_fn(f"TRL is not installed: sftforge rows only. For the comparison: {INSTALL_HINT}")
     rows = []
     for batch in batches:
-        trainers = ["sftforge", "trl"] if with_trl else ["sftforge"]
+        trainers = ["sftforge", *TRL_ROWS] if with_trl else ["sftforge"]
         for trainer in trainers:
             spec = {"trainer": trainer, "batch": batch, "steps": steps, "threads": threads, "device": device,
                     "overrides": [*base, f"data.train_batch_size={batch}"]}  # fmt: skip
