@@ -207,3 +207,13 @@ def test_an_rl_run_or_a_bare_metrics_file_reports_what_it_has(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ConfigError, match=r"metrics.jsonl: line 2 is not JSON"):
         build_report([run])
+
+
+def test_a_resume_over_a_half_written_metrics_line_keeps_the_earlier_records(tmp_path):
+    """A run killed mid-write leaves a partial last line; the resumed run's logger keeps the complete records."""
+    from sftforge.metrics import MetricsLogger
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    log = MetricsLogger(tmp_path, ["jsonl"], 4, start_step=2)
+    log.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]

@@ -51,10 +51,21 @@ def check_loggers(names: list[str]) -> None:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl ([] when there is none). A half-written last line (a run still writing, or
+    killed mid-write) is left out; a damaged line before it is an error naming its number."""
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    lines = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines):
+                break
+            raise ConfigError(f"{p}: line {n} is not JSON ({e.msg}); the file was damaged.") from None
+    return rows
 
 
 def _strict(record: dict[str, Any]) -> dict[str, Any]:

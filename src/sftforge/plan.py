@@ -676,7 +676,7 @@ def plan_main(
     steps: int = 0,
 ) -> int:
     """``sftforge plan``; ``measure``: also run a few real steps here and print the measured times (measure.py)."""
-    imports_s = process_age_s()  # a fresh `sftforge train` pays this too (the interpreter, torch, transformers)
+    imports_s = process_age_s() if measure else 0.0  # a fresh `sftforge train` pays it too (interpreter, torch, ...)
     cfg = load_config(path, overrides)
     if measure and cfg.trainer.preset == "auto":  # the measured run is the run `sftforge train` would do
         cfg = apply_preset(cfg, path, overrides)

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from sftforge.config import ConfigError, redacted, scrub
+from sftforge.metrics import read_metrics
 
 # (metrics key, title, y-axis label); a curve no run has is left out (and the report says so)
 CURVES = [
@@ -93,15 +94,7 @@ def load_run(path: str | Path, name: str = "") -> RunData:
     if not metrics.is_file():
         raise ConfigError(f"sftforge report: {p} has no metrics.jsonl; pass a run's trainer.output_dir (with "
                           "trainer.logger including jsonl, the default).")  # fmt: skip
-    lines = [line for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = []
-    for n, line in enumerate(lines, 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if n == len(lines):  # a run still writing: its last line may be half written
-                break
-            raise ConfigError(f"{metrics}: line {n} is not JSON ({e.msg}); the file was damaged.") from None
+    rows = read_metrics(metrics)  # (a run still writing: its half-written last line is left out)
     records = [r for r in rows if "step" in r and "event" not in r]
     end = next((r for r in reversed(rows) if r.get("event") == "end"), None)
     config = None
