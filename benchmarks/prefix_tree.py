@@ -1,6 +1,6 @@
 """data.reasoning_history=per_turn on a multi-turn reasoning set: tokens per epoch (one render / naive per-turn
 expansion / prefix tree), training step time of the tree vs the one render, and what a model trained each way does
-mid-conversation.
+mid-conversation; the step time by number of assistant turns (the tree's extra tokens grow with them).
 
 The reasoning set: the 1,000 TextCraft react episodes (data/textcraft/train_react.parquet) with each assistant turn
 "Thought: X\\nAction: Y" split into reasoning_content X and content "Action: Y", rendered by the real Qwen3 template
@@ -83,10 +83,37 @@ def run(tmp: Path, name: str, data: Path, tok_dir: Path, mode: str, steps: int, 
     return train(cfg)
 
 
-def step_times(out: Path) -> list[float]:
+def step_times(out: Path) -> tuple[float, float]:
+    """(median step seconds after the first step, mean tokens per step) of a finished run."""
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    el = [r["elapsed_s"] for r in recs if "loss" in r]
-    return [b - a for a, b in zip(el, el[1:])]
+    steps = [r for r in recs if "loss" in r]
+    el = [r["elapsed_s"] for r in steps]
+    return statistics.median(b - a for a, b in zip(el, el[1:])), statistics.mean(r["tokens"] for r in steps[1:])
+
+
+def assistant_turns(row: dict) -> int:
+    return sum(m["role"] == "assistant" for m in row["messages"])
+
+
+def by_turns(rows, tok, tok_dir: Path, tmp: Path, model: str, timed: int) -> None:
+    """Step time of the tree vs the one render on episodes grouped by their number of assistant turns: the tree's
+    extra tokens (each earlier turn's context-specific branch) grow with the turns, and so does its step."""
+    lines = []
+    for lo, hi in ((2, 3), (4, 6), (7, 99)):
+        sel = [r for r in rows if lo <= assistant_turns(r) <= hi][:200]
+        c = token_counts(sel, tok)
+        data = write_jsonl(sel, tmp / f"turns-{lo}.jsonl")
+        t = {}
+        for mode in ("template", "per_turn"):
+            res = run(tmp, f"turns-{lo}-{mode}", data, tok_dir, mode, timed + 1, model=model)
+            t[mode] = step_times(Path(res["output_dir"]))[0]
+        label = f"{lo}-{hi}" if hi < 99 else f"{lo}+"
+        lines.append(f"| {label} | {len(sel)} | {c['tree'] / c['one_render']:.2f}× | {t['template']:.3f} | "
+                     f"{t['per_turn']:.3f} | {t['per_turn'] / t['template']:.2f}× |")  # fmt: skip
+    print(f"\nby assistant turns (up to 200 episodes each, 8 per step, {model} shape, median of {timed} steps):\n")
+    print("| turns | episodes | tree tokens vs one render | one render s | tree s | tree step vs one render |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print("\n".join(lines))
 
 
 def opens_with_reasoning(final_dir: str, rows, tok, n_turns: int) -> float:
@@ -114,6 +141,7 @@ def main() -> None:
     ap.add_argument("--timed", type=int, default=20, help="steps of the step-time comparison (default 20)")
     ap.add_argument("--time-model", default="qwen3-tiny", help="tests/fixtures/model_configs shape of the timing")
     ap.add_argument("--no-eval", action="store_true", help="skip the two training runs and their generations")
+    ap.add_argument("--no-turns", action="store_true", help="skip the step times by number of assistant turns")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tmp = Path(tempfile.mkdtemp(prefix="sftforge-tree-"))
@@ -145,15 +173,19 @@ def main() -> None:
     times = {}
     for mode in ("template", "per_turn"):
         res = run(tmp, f"time-{mode}", data, tok_dir, mode, args.timed + 1, model=args.time_model)
-        times[mode] = statistics.median(step_times(Path(res["output_dir"])))
+        times[mode] = step_times(Path(res["output_dir"]))
     extra = ["data.train_on=last_assistant", f"data.train_batch_size={batch}", f"data.micro_batch_size_per_gpu={batch}"]
     res = run(tmp, "time-expanded", expanded, tok_dir, "template", args.timed + 1, extra, model=args.time_model)
-    times["expanded"] = statistics.median(step_times(Path(res["output_dir"])))
+    times["expanded"] = step_times(Path(res["output_dir"]))
     print(f"\nstep time, 8 episodes per step ({args.time_model} shape, CPU, median of {args.timed} steps):\n")
-    print("| layout | step s | vs one render |\n|---|---:|---:|")
+    print("| layout | tokens per step | step s | vs one render | ms per 1k tokens |\n|---|---:|---:|---:|---:|")
+    base = times["template"][0]
     for name, key in (("one render", "template"), (f"naive expansion ({batch} contexts)", "expanded"),
                       ("prefix tree", "per_turn")):  # fmt: skip
-        print(f"| {name} | {times[key]:.3f} | {times[key] / times['template']:.2f}× |")
+        s, n = times[key]
+        print(f"| {name} | {n:,.0f} | {s:.3f} | {s / base:.2f}× | {1e6 * s / n:.0f} |")
+    if not args.no_turns:
+        by_turns(rows, tok, tok_dir, tmp, args.time_model, args.timed)
     if args.no_eval:
         return
     # what the models do mid-conversation

@@ -7,10 +7,11 @@ import re
 
 import pytest
 import torch
+from test_chat_families import EXPECTED, FAMILIES, SHAPES, family_tokenizer
 
 from sftforge import prefix_tree
 from sftforge.attention import select
-from sftforge.chat import template_markers
+from sftforge.chat import RowError, template_markers
 from sftforge.config import ConfigError, DataConfig, ModelConfig, load_config
 from sftforge.data import tokenize_row
 from sftforge.loss import loss_sum
@@ -97,6 +98,78 @@ def test_tree_loss_and_gradients_equal_the_expanded_samples(kind, tokenizers, mo
     s_row, n_row, _ = _loss_and_grads(model, [[expanded[0], tree, expanded[-1]]])
     s_parts, n_parts, _ = _loss_and_grads(model, [[expanded[0]], [tree], [expanded[-1]]])
     assert n_row == n_parts and s_row == pytest.approx(s_parts, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def family_model(model_config_dir):
+    """qwen3-tiny with a vocabulary that holds every family's added special tokens (test_chat_families)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_config_dir / "qwen3-tiny"))
+    config.vocab_size = 152_064
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
+    select(model)
+    return model
+
+
+def _with_reasoning(messages):
+    out = [dict(m) for m in messages]
+    for i, m in enumerate(out):
+        if m["role"] == "assistant":
+            m.setdefault("reasoning_content", f"thought {i}: what comes next.")
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_per_turn_under_every_template_family(name, family_model, tmp_path_factory):
+    """No per-family code: under each of the conformance matrix's templates (test_chat_families), per_turn refuses
+    exactly what the default path refuses; a template that renders the reasoning of the turn it generates has every
+    turn's reasoning trained, one that never renders it (DeepSeek-R1's, Llama's) has it counted as not rendered,
+    never trained silently half-way; an unbranched result is exactly today's sample; and a branched tree's loss and
+    gradients equal the sum over the expanded samples (fp32, 1e-5)."""
+    tok = family_tokenizer(name, str(tmp_path_factory.mktemp("families")))
+    markers = template_markers(tok)
+    for shape, (messages, tools) in SHAPES.items():
+        if shape == "multi-turn":
+            continue
+        row = {"messages": _with_reasoning(messages), "tools": tools}
+        per_turn = DataConfig(reasoning_history="per_turn")
+        if "refused" in EXPECTED[name][shape]:
+            with pytest.raises(RowError) as refused:
+                tokenize_row("row", row, tok, per_turn, markers)
+            assert refused.value.reason == EXPECTED[name][shape]["refused"], (name, shape)
+            continue
+        tree = tokenize_row("row", row, tok, per_turn, markers)
+        today = tokenize_row("row", row, tok, DataConfig(), markers)
+        trained = tok.decode([t for t, m in zip(tree.input_ids, tree.loss_mask) if m])
+        thoughts = [m["reasoning_content"] for m in row["messages"] if m["role"] == "assistant"]
+        assert tree.reasoning_dropped == sum(t not in trained for t in thoughts), (name, shape)
+        assert tree.reasoning_dropped <= today.reasoning_dropped, (name, shape)
+        if tree.parents is None:
+            assert (tree.input_ids, tree.loss_mask) == (today.input_ids, today.loss_mask), (name, shape)
+            continue
+        expanded = _expanded(row, tok, markers)
+        assert len(tree.input_ids) < tree.expanded_tokens == sum(len(s.input_ids) for s in expanded)
+        s_tree, n_tree, g_tree = _loss_and_grads(family_model, [[tree]])
+        s_exp, n_exp, g_exp = _loss_and_grads(family_model, [[s] for s in expanded])
+        assert n_tree == n_exp and s_tree == pytest.approx(s_exp, rel=1e-5), (name, shape)
+        for k in g_exp:
+            d = float((g_tree[k] - g_exp[k]).abs().max()) / max(float(g_exp[k].abs().max()), 1e-12)
+            assert d < 1e-5, (name, shape, k, d)
+
+
+def test_per_turn_says_when_the_template_renders_no_reasoning_at_all(tmp_path_factory):
+    """DeepSeek-R1's template keeps only the text after </think> in every turn, the generated one included: per_turn
+    cannot train the reasoning, and the data report says so and what to change (not the history hint)."""
+    from sftforge.data import DataReport
+
+    tok = family_tokenizer("deepseek-r1-distill", str(tmp_path_factory.mktemp("families")))
+    row = {"messages": _with_reasoning(SHAPES["reasoning"][0])}
+    tree = tokenize_row("row", row, tok, DataConfig(reasoning_history="per_turn"), template_markers(tok))
+    assert tree.parents is None and tree.reasoning_dropped == 2
+    lines = DataReport(reasoning_dropped=tree.reasoning_dropped, contexts=tree.contexts).lines()
+    assert any("not even as the turn being generated" in x and "set data.chat_template" in x for x in lines), lines
 
 
 def test_history_keeping_template_gives_one_branch_and_todays_tokens(tokenizers):
@@ -190,6 +263,17 @@ def test_tree_attention_choice_and_refusals():
         resolve_tree_attention("flex", "cpu")
     with pytest.raises(ConfigError, match="model.tree_attention must be auto | mask | flex"):
         load_config(None, ["model.tree_attention=sparse"])
+
+
+def test_a_flex_failure_says_what_to_use_instead():
+    """A flex_attention that fails on this torch/device (here: a backward on CPU, which torch refuses) is an error
+    naming the way out, model.tree_attention=mask, not a bare kernel traceback."""
+    from sftforge.attention import flex_row
+
+    q, k, v = (torch.randn(1, 2, 8, 16, requires_grad=True) for _ in range(3))
+    with pytest.raises(RuntimeError, match=r"model.tree_attention=flex failed \(NotImplementedError.*set "
+                                           r"model.tree_attention=mask"):  # fmt: skip
+        flex_row(q, k, v, torch.arange(1, 9))
 
 
 @pytest.mark.gpu

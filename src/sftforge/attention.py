@@ -129,7 +129,16 @@ def flex_row(q, k, v, ends: torch.Tensor, scaling: float | None = None) -> torch
         fn = _compiled_flex
     with warnings.catch_warnings():  # off CUDA: the unfused forward (tests), which warns that it is unfused
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        out = fn(q, k, v, block_mask=_last_mask[1], scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+        try:
+            out = fn(q, k, v, block_mask=_last_mask[1], scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # a compile or kernel failure of this torch/GPU: say what to use instead
+            raise RuntimeError(
+                f"model.tree_attention=flex failed ({type(e).__name__}: {e}) with torch {torch.__version__} on "
+                f"{q.device}, head dim {q.shape[-1]}, {q.shape[2]} tokens; set model.tree_attention=mask (each tree "
+                "under its own ancestor mask through sdpa: the same result, more memory for long trees)."
+            ) from e
     return out.transpose(1, 2).contiguous()
 
 

@@ -116,9 +116,16 @@ class DataReport:
         if self.system_merged:
             out.append(f"system message merged into the first user message (data.system_into_first_user): "
                        f"{self.system_merged} rows")  # fmt: skip
-        if self.reasoning_dropped:
+        if self.reasoning_dropped and self.contexts:  # per_turn: not even in the turn being generated
             out.append(f"reasoning not rendered by the chat template (not trained): {self.reasoning_dropped} "
-                       "assistant messages (templates such as Qwen3's drop the reasoning of earlier turns)")  # fmt: skip
+                       "assistant messages — not even as the turn being generated, so data.reasoning_history="
+                       "per_turn cannot train it (DeepSeek-R1's template keeps only the text after </think>; Llama's "
+                       "and Qwen2.5's render no reasoning): set data.chat_template to a template that renders the "
+                       "last assistant turn's reasoning_content")  # fmt: skip
+        elif self.reasoning_dropped:
+            out.append(f"reasoning not rendered by the chat template (not trained): {self.reasoning_dropped} "
+                       "assistant messages (templates such as Qwen3's drop the reasoning of earlier turns; "
+                       "data.reasoning_history=per_turn trains each turn's in its own context)")  # fmt: skip
         if self.contexts:
             saving = 1 - self.tokens / max(self.expanded_tokens, 1)
             out.append(f"data.reasoning_history=per_turn: {self.contexts} assistant turns, each in its own context, "
