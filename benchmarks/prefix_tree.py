@@ -6,7 +6,8 @@ The reasoning set: the 1,000 TextCraft react episodes (data/textcraft/train_reac
 "Thought: X\\nAction: Y" split into reasoning_content X and content "Action: Y", rendered by the real Qwen3 template
 (which drops the <think> of every assistant turn before the last user message).
 
-    python benchmarks/prefix_tree.py                # the three tables (~5 minutes on 2 CPU cores)
+    python benchmarks/prefix_tree.py                # the tables (~10 minutes on 2 CPU cores)
+    python benchmarks/prefix_tree.py --time-model qwen3-small   # the README's step times (~15 minutes)
     python benchmarks/prefix_tree.py --rows 200 --steps 60
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -145,6 +147,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tmp = Path(tempfile.mkdtemp(prefix="sftforge-tree-"))
+    try:
+        tables(args, tmp)
+    finally:  # the runs' checkpoints (GBs)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tables(args, tmp: Path) -> None:
     tok_dir = unpack_tokenizer("qwen3", tmp / "tok")
     from transformers import AutoTokenizer
 
