@@ -135,7 +135,7 @@ def flex_row(q, k, v, ends: torch.Tensor, scaling: float | None = None) -> torch
             raise
         except Exception as e:  # a compile or kernel failure of this torch/GPU: say what to use instead
             raise RuntimeError(
-                f"model.tree_attention=flex failed ({type(e).__name__}: {e}) with torch {torch.__version__} on "
+                f"model.tree_attention=flex failed ({type(e).__name__}: {str(e)[:500]}) with torch {torch.__version__} on "
                 f"{q.device}, head dim {q.shape[-1]}, {q.shape[2]} tokens; set model.tree_attention=mask (each tree "
                 "under its own ancestor mask through sdpa: the same result, more memory for long trees)."
             ) from e

@@ -125,7 +125,8 @@ class DataReport:
         elif self.reasoning_dropped:
             out.append(f"reasoning not rendered by the chat template (not trained): {self.reasoning_dropped} "
                        "assistant messages (templates such as Qwen3's drop the reasoning of earlier turns; "
-                       "data.reasoning_history=per_turn trains each turn's in its own context)")  # fmt: skip
+                       "data.reasoning_history=per_turn trains it where the template renders the turn being "
+                       "generated with its reasoning)")  # fmt: skip
         if self.contexts:
             saving = 1 - self.tokens / max(self.expanded_tokens, 1)
             out.append(f"data.reasoning_history=per_turn: {self.contexts} assistant turns, each in its own context, "
