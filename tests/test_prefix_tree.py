@@ -69,6 +69,14 @@ def _loss_and_grads(model, samples):
     return total, count, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_same_grads(got, want, tol, tag=()):
+    """Every parameter's gradient equal to tol, relative to the largest entry of the reference gradient."""
+    assert got.keys() == want.keys()
+    for k in want:
+        d = float((got[k] - want[k]).abs().max()) / max(float(want[k].abs().max()), 1e-12)
+        assert d < tol, (*tag, k, d)
+
+
 @pytest.mark.parametrize("kind", ["thinking", "tools"])
 def test_tree_loss_and_gradients_equal_the_expanded_samples(kind, tokenizers, model_config_dir, textcraft_dir):
     tok = tokenizers["qwen3"]
@@ -91,9 +99,7 @@ def test_tree_loss_and_gradients_equal_the_expanded_samples(kind, tokenizers, mo
     s_exp, n_exp, g_exp = _loss_and_grads(model, [[s] for s in expanded])
     assert n_tree == n_exp == sum(sum(s.loss_mask[1:]) for s in expanded)
     assert s_tree == pytest.approx(s_exp, rel=1e-5)
-    for k in g_exp:
-        d = float((g_tree[k] - g_exp[k]).abs().max()) / max(float(g_exp[k].abs().max()), 1e-12)
-        assert d < 1e-5, (k, d)
+    _assert_same_grads(g_tree, g_exp, 1e-5)
     # packed with other samples in one row: still the same sum (attention never crosses samples)
     s_row, n_row, _ = _loss_and_grads(model, [[expanded[0], tree, expanded[-1]]])
     s_parts, n_parts, _ = _loss_and_grads(model, [[expanded[0]], [tree], [expanded[-1]]])
@@ -154,9 +160,7 @@ def test_per_turn_under_every_template_family(name, family_model, tmp_path_facto
         s_tree, n_tree, g_tree = _loss_and_grads(family_model, [[tree]])
         s_exp, n_exp, g_exp = _loss_and_grads(family_model, [[s] for s in expanded])
         assert n_tree == n_exp and s_tree == pytest.approx(s_exp, rel=1e-5), (name, shape)
-        for k in g_exp:
-            d = float((g_tree[k] - g_exp[k]).abs().max()) / max(float(g_exp[k].abs().max()), 1e-12)
-            assert d < 1e-5, (name, shape, k, d)
+        _assert_same_grads(g_tree, g_exp, 1e-5, (name, shape))
 
 
 def test_per_turn_says_when_the_template_renders_no_reasoning_at_all(tmp_path_factory):
@@ -292,9 +296,7 @@ def test_flex_tree_attention_gradients_on_cuda(tokenizers, model_config_dir):
         s.backward()
         out[kind] = (float(s), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
     assert out["mask"][1] == out["flex"][1] and out["flex"][0] == pytest.approx(out["mask"][0], rel=1e-4)
-    for k, g in out["mask"][2].items():
-        d = float((out["flex"][2][k] - g).abs().max()) / max(float(g.abs().max()), 1e-12)
-        assert d < 1e-4, (k, d)
+    _assert_same_grads(out["flex"][2], out["mask"][2], 1e-4)
 
 
 @pytest.mark.parametrize(
