@@ -53,6 +53,19 @@ def reasoning_rows(n: int) -> list[dict]:
     return rows
 
 
+def outputs_unused(parents: list[int], mask: list[int]) -> int:
+    """Nodes of a tree whose output no target uses: neither predicting a trained child nor an ancestor of one that
+    does (each branch's last tokens) — what even an exact method could leave out."""
+    used = [False] * len(parents)
+    for j, p in enumerate(parents):
+        if p >= 0 and mask[j]:
+            used[p] = True
+    for j in range(len(parents) - 1, -1, -1):
+        if used[j] and parents[j] >= 0:
+            used[parents[j]] = True
+    return used.count(False)
+
+
 def token_counts(rows, tok) -> dict:
     markers = template_markers(tok)
     one = [tokenize_row(str(i), r, tok, DataConfig(), markers) for i, r in enumerate(rows)]
@@ -66,6 +79,7 @@ def token_counts(rows, tok) -> dict:
         "tree": sum(len(s.input_ids) for s in tree),
         "tree_trained": sum(sum(s.loss_mask) for s in tree),
         "branched": sum(s.parents is not None for s in tree),
+        "unused": sum(outputs_unused(s.parents, s.loss_mask) for s in tree if s.parents is not None),
     }
 
 
@@ -170,6 +184,8 @@ def tables(args, tmp: Path) -> None:
     print(f"| naive per-turn expansion | {c['expanded']:,} | {c['expanded'] / c['one_render']:.2f}× | "
           f"{c['tree_trained']:,} |")  # fmt: skip
     print(f"| prefix tree (per_turn) | {c['tree']:,} | {c['tree'] / c['one_render']:.2f}× | {c['tree_trained']:,} |")
+    print(f"\n{c['unused']:,} of the tree's tokens ({c['unused'] / c['tree']:.1%}) have outputs no target uses (each "
+          "branch's last tokens); every other one is needed by a trained prediction")  # fmt: skip
     train_rows = rows[:200]
     data = write_jsonl(train_rows, tmp / "train.jsonl")
     # step time: the same 8 episodes per step, the same model; medians of the timed steps after the first. The naive
