@@ -119,6 +119,12 @@ def family_model(model_config_dir):
     return model
 
 
+@pytest.fixture(scope="module")
+def families_root(tmp_path_factory) -> str:
+    """One folder for the family tokenizers of this module (family_tokenizer caches per folder)."""
+    return str(tmp_path_factory.mktemp("families"))
+
+
 def _with_reasoning(messages):
     out = [dict(m) for m in messages]
     for i, m in enumerate(out):
@@ -128,13 +134,13 @@ def _with_reasoning(messages):
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_per_turn_under_every_template_family(name, family_model, tmp_path_factory):
+def test_per_turn_under_every_template_family(name, family_model, families_root):
     """No per-family code: under each of the conformance matrix's templates (test_chat_families), per_turn refuses
     exactly what the default path refuses; a template that renders the reasoning of the turn it generates has every
     turn's reasoning trained, one that never renders it (DeepSeek-R1's, Llama's) has it counted as not rendered,
     never trained silently half-way; an unbranched result is exactly today's sample; and a branched tree's loss and
     gradients equal the sum over the expanded samples (fp32, 1e-5)."""
-    tok = family_tokenizer(name, str(tmp_path_factory.mktemp("families")))
+    tok = family_tokenizer(name, families_root)
     markers = template_markers(tok)
     for shape, (messages, tools) in SHAPES.items():
         if shape == "multi-turn":
@@ -163,12 +169,12 @@ def test_per_turn_under_every_template_family(name, family_model, tmp_path_facto
         _assert_same_grads(g_tree, g_exp, 1e-5, (name, shape))
 
 
-def test_per_turn_says_when_the_template_renders_no_reasoning_at_all(tmp_path_factory):
+def test_per_turn_says_when_the_template_renders_no_reasoning_at_all(families_root):
     """DeepSeek-R1's template keeps only the text after </think> in every turn, the generated one included: per_turn
     cannot train the reasoning, and the data report says so and what to change (not the history hint)."""
     from sftforge.data import DataReport
 
-    tok = family_tokenizer("deepseek-r1-distill", str(tmp_path_factory.mktemp("families")))
+    tok = family_tokenizer("deepseek-r1-distill", families_root)
     row = {"messages": _with_reasoning(SHAPES["reasoning"][0])}
     tree = tokenize_row("row", row, tok, DataConfig(reasoning_history="per_turn"), template_markers(tok))
     assert tree.parents is None and tree.reasoning_dropped == 2

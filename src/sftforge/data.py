@@ -116,17 +116,21 @@ class DataReport:
         if self.system_merged:
             out.append(f"system message merged into the first user message (data.system_into_first_user): "
                        f"{self.system_merged} rows")  # fmt: skip
-        if self.reasoning_dropped and self.contexts:  # per_turn: not even in the turn being generated
+        if self.reasoning_dropped:
+            if self.contexts:  # per_turn: not even in the turn being generated
+                why = (
+                    " — not even as the turn being generated, so data.reasoning_history=per_turn cannot train it "
+                    "(DeepSeek-R1's template keeps only the text after </think>; Llama's and Qwen2.5's render no "
+                    "reasoning): set data.chat_template to a template that renders the last assistant turn's "
+                    "reasoning_content"
+                )
+            else:
+                why = (
+                    " (templates such as Qwen3's drop the reasoning of earlier turns; data.reasoning_history="
+                    "per_turn trains it where the template renders the turn being generated with its reasoning)"
+                )
             out.append(f"reasoning not rendered by the chat template (not trained): {self.reasoning_dropped} "
-                       "assistant messages — not even as the turn being generated, so data.reasoning_history="
-                       "per_turn cannot train it (DeepSeek-R1's template keeps only the text after </think>; Llama's "
-                       "and Qwen2.5's render no reasoning): set data.chat_template to a template that renders the "
-                       "last assistant turn's reasoning_content")  # fmt: skip
-        elif self.reasoning_dropped:
-            out.append(f"reasoning not rendered by the chat template (not trained): {self.reasoning_dropped} "
-                       "assistant messages (templates such as Qwen3's drop the reasoning of earlier turns; "
-                       "data.reasoning_history=per_turn trains it where the template renders the turn being "
-                       "generated with its reasoning)")  # fmt: skip
+                       f"assistant messages{why}")  # fmt: skip
         if self.contexts:
             saving = 1 - self.tokens / max(self.expanded_tokens, 1)
             out.append(f"data.reasoning_history=per_turn: {self.contexts} assistant turns, each in its own context, "
