@@ -1,6 +1,6 @@
 """Peak resident memory (CPU) of training qwen3-small: full fine-tuning vs LoRA vs freezing vs gradient checkpointing.
 
-Each case runs `sftforge.train.train` (so LoRA/freezing go through the trainer's own code) in a fresh Python process
+Each case runs `sftforge.sft.train` (so LoRA/freezing go through the trainer's own code) in a fresh Python process
 on the same synthetic samples and the real Qwen3 tokenizer fixture, and reports that process's own peak resident set
 (VmHWM in /proc/self/status; ru_maxrss of the parent would survive execve and report the parent's peak), minus its
 resident set after the imports. glibc is told to mmap every allocation >= 64 KiB so freed tensors leave the resident
@@ -49,7 +49,7 @@ def child(case: str, tokens: int, micro: int, steps: int) -> None:
     from sftforge.config import load_config
     from sftforge.data import Sample
     from sftforge.lora import parameter_report  # noqa: F401 (imported before the baseline)
-    from sftforge.train import train
+    from sftforge.sft import train
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
     with tempfile.TemporaryDirectory() as tmp:

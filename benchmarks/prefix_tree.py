@@ -30,7 +30,7 @@ from sftforge.config import DataConfig, ModelConfig, load_config
 from sftforge.data import read_rows, tokenize_row
 from sftforge.generation import GenerationOptions, HFBackend
 from sftforge.model import load_model
-from sftforge.train import train
+from sftforge.sft import train
 
 ROOT = Path(__file__).resolve().parent.parent
 THOUGHT = re.compile(r"^Thought:\s*(.*?)\n(Action:.*)$", re.S)

@@ -22,7 +22,7 @@ def test_defaults_and_overrides(tmp_path):
 
 
 def test_unknown_key_suggests():
-    with pytest.raises(ConfigError, match=r"Unknown config key 'data.max_lenght'.*Did you mean 'max_length'"):
+    with pytest.raises(ConfigError, match=r"Unknown config key 'data.max_lenght'.*Did you mean 'data.max_length'"):
         load_config(None, ["data.max_lenght=10"])
 
 

@@ -17,7 +17,7 @@ from sftforge.config import ConfigError, load_config
 from sftforge.export import load_trained
 from sftforge.metrics import read_metrics
 from sftforge.model import build_model, import_builder
-from sftforge.train import train
+from sftforge.sft import train
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILDER = f"{ROOT / 'examples' / 'custom_module' / 'memory.py'}:build"

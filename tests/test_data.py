@@ -279,7 +279,7 @@ def test_cli_errors_are_one_paragraph_not_tracebacks(tmp_path, tokenizer_dirs):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert f"{f}:2: no assistant turn" in p.stderr
     p = run_cli("data", "preview", f"model.path={tokenizer_dirs['qwen3']}", "data.train_file=x")
-    assert p.returncode == 2 and "Did you mean 'train_files'" in p.stderr
+    assert p.returncode == 2 and "Did you mean 'data.train_files'" in p.stderr
 
 
 def test_hub_dataset_id_uses_datasets_when_installed(monkeypatch, tokenizers):

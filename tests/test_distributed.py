@@ -79,8 +79,13 @@ def reference(tmp_path_factory, model_config_dir, tokenizer_dirs):
 def test_two_processes_equal_one(strategy, reference, tmp_path, model_config_dir, tokenizer_dirs):
     data, one = reference
     two = tmp_path / "two"
-    p = run(2, two, data, model_config_dir, tokenizer_dirs, f"trainer.strategy={strategy}")
-    assert f"world size 2 (trainer.strategy={strategy})" in p.stdout + p.stderr
+    verl = ["trainer.project_name=sftforge-test", "trainer.experiment_name=two"]  # verl keys: one info line each
+    p = run(2, two, data, model_config_dir, tokenizer_dirs, f"trainer.strategy={strategy}", *verl)
+    said = (p.stdout + p.stderr).splitlines()
+    assert sum(f"world size 2 (trainer.strategy={strategy})" in line for line in said) == 1
+    ours = [line for line in said if line.startswith(("info:", "warning:", "rows read:", "tokenized store:", "step "))]
+    assert ours and len(ours) == len(set(ours)), ours  # one process speaks for the run
+    assert sum(line.startswith("info: verl key trainer.project_name") for line in said) == 1
     l1, l2 = losses(one), losses(two)
     assert len(l1) == len(l2) == 4
     assert l1 == pytest.approx(l2, rel=1e-4)

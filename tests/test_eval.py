@@ -9,7 +9,7 @@ import pytest
 from sftforge import demo
 from sftforge.chat import render, row_to_conversation
 from sftforge.config import ConfigError, DataConfig, load_config
-from sftforge.evaluate import evaluate, samples_from_rows, wilson
+from sftforge.evaluation import evaluate_samples, samples_from_rows, wilson
 from sftforge.generation import GenerationOptions, hf_generator
 from sftforge.scorers import (
     EvalSample,
@@ -194,7 +194,7 @@ def tiny_model_dir(root):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Train once (in process) with the in-training eval hook on; returns (model_dir, final_dir, data, result)."""
-    from sftforge.train import train
+    from sftforge.sft import train
 
     root = tmp_path_factory.mktemp("qa")
     model_dir = tiny_model_dir(root)
@@ -228,10 +228,12 @@ def test_trained_tiny_model_scores_100_exact_and_untrained_0(trained):
     tok = AutoTokenizer.from_pretrained(final)
     samples = qa_samples(data)
     untrained = load_model(load_config(None, [f"model.path={model_dir}"]).model)
-    before = evaluate(hf_generator(untrained, tok, GenerationOptions(max_new_tokens=12)), samples, "exact").summary
+    before = evaluate_samples(
+        hf_generator(untrained, tok, GenerationOptions(max_new_tokens=12)), samples, "exact"
+    ).summary
     model = AutoModelForCausalLM.from_pretrained(final)
     gen = hf_generator(model, tok, GenerationOptions(max_new_tokens=12, batch_size=5))
-    result = evaluate(gen, samples, "exact")
+    result = evaluate_samples(gen, samples, "exact")
     after = result.summary
     assert before["accuracy"] == 0.0 and before["hit_max_new_tokens"] > 0.5
     assert after["accuracy"] == 1.0, [(r["reference"], r["generation"]) for r in result.records]
@@ -239,7 +241,9 @@ def test_trained_tiny_model_scores_100_exact_and_untrained_0(trained):
     assert after["mean_generated_tokens"] == pytest.approx(sum(len(a) + 1 for _, a in QA) / len(QA))
     assert after["tokens_per_s"] > 0
     # left-padded batches give the same greedy answers as one prompt at a time
-    one = evaluate(hf_generator(model, tok, GenerationOptions(max_new_tokens=12, batch_size=1)), samples, "exact")
+    one = evaluate_samples(
+        hf_generator(model, tok, GenerationOptions(max_new_tokens=12, batch_size=1)), samples, "exact"
+    )
     assert [r["generation"] for r in one.records] == [r["generation"] for r in result.records]
     assert all(r["generation"] == a for r, (_, a) in zip(result.records, QA))
 

@@ -9,7 +9,7 @@ from sftforge.config import ConfigError, ModelConfig, load_config
 from sftforge.lora import parameter_report, prepare_model
 from sftforge.model import load_model
 from sftforge.optim import build_optimizer
-from sftforge.train import train
+from sftforge.sft import train
 
 
 def tiny(model_config_dir):

@@ -323,7 +323,7 @@ def test_sampling_leaves_the_gpu_rng_alone(model_config_dir):
 def test_rollout_copy_casts_weights_not_buffers(model_config_dir):
     """Item 9: the FSDP2 rollout copy is in the compute dtype, its buffers (RoPE's inv_freq) stay fp32: a bf16
     inv_freq shifts every rotary angle, and the sampled log-probs would no longer be the trained model's."""
-    from sftforge.rl import RolloutWeights
+    from sftforge.rl_loop import RolloutWeights
 
     copy = RolloutWeights(_tiny(model_config_dir), True, torch.bfloat16).module
     assert {p.dtype for p in copy.parameters()} == {torch.bfloat16}

@@ -13,9 +13,9 @@ ORDER = [
     "chat", "vision", "prefix_tree", "store", "data", "attention", "packing", "batching",  # rows -> samples -> micro-batches
     "loss", "ulysses", "optim", "model", "lora", "parallel",  # the model stack
     "checkpoint", "export", "metrics",  # what a run writes
-    "scorers", "generation", "envs", "envs.textcraft", "evaluate", "grpo",  # generation, scoring, RL maths
+    "scorers", "generation", "envs", "envs.textcraft", "evaluation", "grpo",  # generation, scoring, RL maths
     "run",  # the lifecycle shared by train and rl
-    "train", "rl",  # the steps
+    "sft", "rl_loop",  # the steps
     "measure", "plan", "demo", "bench", "convert", "report",  # entry points
     "cli", "__main__",
 ]  # fmt: skip
@@ -102,7 +102,7 @@ def test_the_checker_sees_a_cycle(tmp_path):
     """The rule itself: a module importing one above it is reported."""
     rank = {m: i for i, m in enumerate(ORDER)}
     p = tmp_path / "checkpoint.py"
-    p.write_text("from sftforge.train import train\n\ndef f():\n    from sftforge.data import read_rows\n")
+    p.write_text("from sftforge.sft import train\n\ndef f():\n    from sftforge.data import read_rows\n")
     found = list(_imports("checkpoint", p))
-    assert [(t, top) for t, _, _, top in found] == [("train", True), ("data", False)]
-    assert rank["train"] > rank["checkpoint"]
+    assert [(t, top) for t, _, _, top in found] == [("sft", True), ("data", False)]
+    assert rank["sft"] > rank["checkpoint"]

@@ -8,7 +8,7 @@ from test_train import cfg_for, final_weights, losses, make_samples
 from sftforge.cli import main as cli_main
 from sftforge.config import ConfigError, ModelConfig
 from sftforge.model import load_model
-from sftforge.train import train
+from sftforge.sft import train
 
 LORA = ["model.lora.rank=4", "model.lora.alpha=8", "data.micro_batch_size_per_gpu=4", "trainer.save_freq=1"]
 

@@ -54,11 +54,11 @@ def test_nodes_multiply_world_size():
     assert world_size(load_config(None, [])) >= 1  # 0 = what is visible (1 on CPU)
 
 
-def test_accumulation_not_dividing_is_a_warning_naming_the_keys():
+def test_accumulation_not_dividing_is_an_error_naming_the_keys():
     p = _plan(100, data__train_batch_size=30, data__micro_batch_size_per_gpu=4, trainer__n_gpus_per_node=2)
     assert p["grad_accum_steps"] is None
     assert any(
-        "data.train_batch_size (30) must be a multiple of data.micro_batch_size_per_gpu" in w for w in p["warnings"]
+        "data.train_batch_size (30) must be a multiple of data.micro_batch_size_per_gpu" in e for e in p["errors"]
     )
     assert p["steps_per_epoch"] == 3  # the rest of the plan is still computed
 
@@ -73,13 +73,22 @@ WARNINGS = [
     (dict(trainer__save_freq=1000), "trainer.save_freq (1000) is larger than the total steps"),
     (dict(trainer__test_freq=1000, data__val_files="v.jsonl"), "trainer.test_freq (1000) is larger than the total"),
     (dict(trainer__test_freq=2), "trainer.test_freq (2) is set but data.val_files is empty"),
-    (dict(optim__warmup_ratio=0.0), "0 warmup steps with the decaying optim.lr_scheduler=cosine"),
+    (dict(optim__warmup_ratio=0.0), "no warmup (optim.warmup_ratio=0, optim.warmup_steps=0) with the decaying"),
+    (
+        dict(optim__warmup_ratio=0.05, trainer__max_steps=5),
+        "optim.warmup_ratio=0.05 of 5 steps rounds to 0 warmup "
+        "steps (the run is too short for a ratio; it gives 1 from 11 steps)",
+    ),
     (dict(optim__warmup_steps=1000), "the learning rate never leaves warmup"),
     (dict(data__train_files="t.jsonl", data__val_files="t.jsonl"), "data.val_files is the same as data.train_files"),
     (dict(optim__lr=1e-3), "optim.lr (0.001) is unusually high"),
-    (dict(data__train_batch_size=512), "fewer than data.train_batch_size (512)"),
     (dict(data__train_batch_size=64), "data.train_batch_size (64) leaves 36 of 100 samples"),
+]
+# What `sftforge train` refuses, the plan refuses with the same words ("errors"; sftforge plan exits 2).
+ERRORS = [
+    (dict(data__train_batch_size=512), "fewer than data.train_batch_size (512)"),
     (dict(data__train_batch_size=6, data__micro_batch_size_per_gpu=4), "must be a multiple of"),
+    (dict(trainer__sp_size=3, trainer__n_gpus_per_node=2), "trainer.sp_size=3 must divide the world size (2"),
 ]
 
 
@@ -88,6 +97,13 @@ def test_every_warning(kw, text):
     base = dict(data__train_batch_size=10, optim__warmup_ratio=0.1)
     p = _plan(100, **{**base, **kw})
     assert any(text in w for w in p["warnings"]), p["warnings"]
+
+
+@pytest.mark.parametrize("kw,text", ERRORS, ids=[t for _, t in ERRORS])
+def test_every_error(kw, text):
+    p = _plan(100, **{**dict(data__train_batch_size=10, optim__warmup_ratio=0.1), **kw})
+    assert any(text in e for e in p["errors"]), p["errors"]
+    assert not any(text in w for w in p["warnings"])
 
 
 def test_a_clean_config_has_no_warnings():
@@ -234,10 +250,10 @@ def test_cli_text_report(textcraft_cfg, capsys):
 
 def test_cli_plan_reads_the_verl_example(textcraft_cfg, capsys):
     verl = ROOT / "examples" / "textcraft_verl.yaml"
-    assert main(["plan", str(verl), *textcraft_cfg[:3], "--json", "--gpu-memory", "80GB"]) == 0
+    assert main(["plan", str(verl), *textcraft_cfg[:3], "--json", "--gpu-memory", "80GB"]) == 2  # as train would
     p = json.loads(capsys.readouterr().out)
     assert p["world_size"] == 8 and p["sequences_per_step"] == 256 and p["steps_per_epoch"] == 0
-    assert any("fewer than data.train_batch_size (256)" in w for w in p["warnings"])  # 40 fixture rows
+    assert any("fewer than data.train_batch_size (256)" in e for e in p["errors"])  # 40 fixture rows
 
 
 def test_train_with_preset_auto_uses_the_plans_choice(textcraft_cfg, tmp_path, capsys):

@@ -29,7 +29,7 @@ from sftforge.metrics import read_metrics
 from sftforge.model import load_model
 from sftforge.optim import build_optimizer
 from sftforge.run import NonFiniteError
-from sftforge.train import Runner, train
+from sftforge.sft import Runner, train
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from sftforge.cli import main
 from sftforge.config import load_config
 from sftforge.demo import make_tokenizer
 from sftforge.metrics import read_metrics
-from sftforge.train import train
+from sftforge.sft import train
 
 WORDS = ["red", "blue", "green", "one", "two", "three", "cat", "dog", "sun", "moon", "tree", "sea"]
 
@@ -155,7 +155,7 @@ def test_empty_or_all_over_length_data_stops_before_training(tmp_path, tiny):
 
 
 BAD_CONFIGS = {
-    "unknown key": (["trainer.max_step=3"], "Unknown config key 'trainer.max_step'. Did you mean 'max_steps'?"),
+    "unknown key": (["trainer.max_step=3"], "Unknown config key 'trainer.max_step'. Did you mean 'trainer.max_steps'?"),
     "wrong type": (["trainer.max_steps=three"], "trainer.max_steps must be int, got 'three'"),
     "bad choice": (["trainer.nan_policy=ignore"], "trainer.nan_policy must be one of error | skip_step"),
     "batch arithmetic": (["data.train_batch_size=10", "data.micro_batch_size_per_gpu=4"], "must be a multiple of"),

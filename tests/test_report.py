@@ -17,7 +17,7 @@ from sftforge.cli import main
 from sftforge.config import ConfigError, load_config
 from sftforge.metrics import read_metrics
 from sftforge.report import build_report, embedded_data
-from sftforge.train import train
+from sftforge.sft import train
 
 SECRET_ENV, SECRET_CFG = "hf_REPORTsecret4242", "sk-report-config-secret-99"
 

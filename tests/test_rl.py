@@ -15,9 +15,9 @@ from sftforge.config import ConfigError, load_config
 from sftforge.data import load_tokenizer
 from sftforge.demo import prepare
 from sftforge.metrics import read_metrics
-from sftforge.rl import check_rl_config, evaluate_policy, load_prompts, rl
+from sftforge.rl_loop import check_rl_config, evaluate_policy, load_prompts, rl
 from sftforge.scorers import get_scorer
-from sftforge.train import train
+from sftforge.sft import train
 
 
 def _addition(path: Path, n: int, seed: int, hi: int = 19) -> Path:
@@ -145,7 +145,7 @@ def test_rl_config_errors(override, message):
 
 def test_rollout_sampling_does_not_touch_the_global_rng(sft_model):
     from sftforge.model import load_model
-    from sftforge.rl import Sampler
+    from sftforge.rl_loop import Sampler
 
     cfg = load_config(None, [f"model.path={sft_model['model']}", f"data.train_files={sft_model['train']}",
                              "rollout.n=2", "rollout.max_response_length=4"])  # fmt: skip
@@ -162,7 +162,7 @@ def test_rollout_sampling_does_not_touch_the_global_rng(sft_model):
 
 
 def test_groups_split_evenly_over_processes_and_mini_batches():
-    from sftforge.rl import my_groups
+    from sftforge.rl_loop import my_groups
 
     assert my_groups(8, 2, 1, 0) == list(range(8))
     two = [my_groups(8, 2, 2, r) for r in range(2)]
@@ -224,7 +224,7 @@ def test_multi_turn_episodes_in_textcraft(tmp_path, model_config_dir, tokenizer_
     """rollout.max_turns > 1: episodes in the TextCraft environment; an episode trains its assistant turns only."""
     from sftforge.chat import template_markers
     from sftforge.envs import Episode, action_messages
-    from sftforge.rl import episode_response
+    from sftforge.rl_loop import episode_response
 
     rows = tmp_path / "tc.jsonl"
     fixture = Path(__file__).parent / "fixtures" / "textcraft" / "train_tools.jsonl"
@@ -256,7 +256,7 @@ import sys, torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from sftforge.distributed import destroy, init_distributed
 from sftforge.parallel import build_mesh, parallelize
-from sftforge.rl import RolloutWeights
+from sftforge.rl_loop import RolloutWeights
 
 init_distributed("cpu")
 torch.manual_seed(0)
@@ -333,7 +333,7 @@ def test_rl_sigterm_through_the_cli_exits_143(sft_model, tmp_path, monkeypatch):
 
 def _nan_policy_loss(monkeypatch, bad_call: int):
     """The policy loss of the ``bad_call``-th micro-batch (1-based, over the run) is NaN."""
-    import sftforge.rl as rl_module
+    import sftforge.rl_loop as rl_module
 
     real, calls = rl_module.policy_loss_sum, []
 

@@ -12,7 +12,7 @@ from test_train import cfg_for, make_samples
 from sftforge.checkpoint import latest_checkpoint
 from sftforge.config import ConfigError
 from sftforge.run import LOCK_NAME, OutputLock, data_fingerprint, resume_differences
-from sftforge.train import train
+from sftforge.sft import train
 
 
 def _dead_pid() -> int:
@@ -59,7 +59,7 @@ def test_a_lock_from_another_host_is_refused_with_how_to_clear_it(tmp_path):
 
 
 def test_the_lock_is_released_when_the_run_fails(tmp_path, model_config_dir, tokenizer_dirs, monkeypatch):
-    from sftforge.train import Runner
+    from sftforge.sft import Runner
 
     def boom(*args):
         raise RuntimeError("boom")

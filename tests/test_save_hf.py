@@ -9,7 +9,7 @@ from test_train import cfg_for, make_samples
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftforge.checkpoint import is_complete
-from sftforge.train import train
+from sftforge.sft import train
 
 
 def _equal(a, b):

@@ -8,7 +8,7 @@ from sftforge.batching import epoch_order, grad_accum_steps, make_plan
 from sftforge.config import ConfigError, load_config
 from sftforge.data import Sample
 from sftforge.metrics import read_metrics
-from sftforge.train import train
+from sftforge.sft import train
 
 
 def make_samples(n: int, vocab: int = 151000, seed: int = 0, lo: int = 6, hi: int = 20) -> list[Sample]:

@@ -275,7 +275,7 @@ def test_resume_is_exact_and_the_export_loads_and_evaluates(vl_model, tmp_path):
     from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
     from sftforge.metrics import read_metrics
-    from sftforge.train import train
+    from sftforge.sft import train
 
     data = write_jsonl(tmp_path / "train.jsonl", colour_rows(tmp_path, 8))
     full = train(load_config(None, train_args(vl_model, data, tmp_path / "full")))
@@ -439,7 +439,7 @@ def test_lora_run_with_in_training_eval_on_images(vl_model, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     from sftforge.metrics import read_metrics
-    from sftforge.train import train
+    from sftforge.sft import train
 
     data = write_jsonl(tmp_path / "train.jsonl", colour_rows(tmp_path, 8))
     args = train_args(vl_model, data, tmp_path / "lora", "model.lora.rank=4", f"data.eval_files={data}",

@@ -9,7 +9,7 @@ vision tokens and Qwen2.5-VL's chat template (chat_template.jinja here, from the
 Apache-2.0); a 2-layer Qwen2.5-VL config and the Qwen2.5-VL image processor settings with max_pixels = 112 × 112
 (64 patches, 16 image tokens per picture). Half the rows use image parts in the messages, half the verl /
 LLaMA-Factory form (an ``images`` column and ``<image>`` in the text). Exact match of the answer on 200 held-out
-pictures is measured with greedy generation before and after training (sftforge.evaluate, task exact).
+pictures is measured with greedy generation before and after training (sftforge.evaluation, task exact).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from PIL import Image, ImageDraw
 from sftforge.config import load_config
 from sftforge.data import load_tokenizer
 from sftforge.demo import make_tokenizer
-from sftforge.evaluate import evaluate, file_rows, samples_from_rows
+from sftforge.evaluation import evaluate_samples, file_rows, samples_from_rows
 from sftforge.generation import GenerationOptions, hf_generator
 from sftforge.model import load_model
-from sftforge.train import train
+from sftforge.sft import train
 from sftforge.vision import load_vision
 
 HERE = Path(__file__).resolve().parent
@@ -108,7 +108,7 @@ def make_model(folder: Path) -> None:
 def exact_match(model, tok, vision, path: Path) -> tuple[float, list[str]]:
     samples = samples_from_rows(file_rows(str(path), "test"), load_config(None, []).data)
     gen = hf_generator(model, tok, GenerationOptions(max_new_tokens=12, batch_size=50), vision=vision)
-    res = evaluate(gen, samples, "exact")
+    res = evaluate_samples(gen, samples, "exact")
     shown = [f"{Path(s.row.get('images', [None])[0] or s.messages[0]['parts'][0]['image']).name}: "
              f"{s.messages[0]['content'].replace('<image>', '')} -> {r['generation']!r} (expected {s.reference})"
              for s, r in list(zip(samples, res.records))[:4]]  # fmt: skip

@@ -560,6 +560,32 @@ def normalize_messages(messages: Any, what: str = "messages") -> tuple[list[dict
     return clean, flags
 
 
+EMPTY_TURN = "empty assistant turn"
+"""The reason (and data report problem kind) of a row with an assistant message that says nothing."""
+
+
+def empty_assistant_turns(messages: list[dict]) -> list[int]:
+    """Indices of the normalized assistant messages with no text (None, '', whitespace, parts without text) and no
+    tool call — reasoning alone does not count: the turn still ends without an answer."""
+    return [i for i, m in enumerate(messages)
+            if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls")]  # fmt: skip
+
+
+def check_empty_assistant_turns(messages: list[dict], data_cfg) -> int:
+    """data.empty_assistant_turns: ``error`` refuses a row holding an empty assistant turn (a RowError, so that
+    data.bad_rows decides); ``keep`` lets it be trained. Returns the number of empty turns kept."""
+    empty = empty_assistant_turns(messages)
+    if not empty or getattr(data_cfg, "empty_assistant_turns", "error") == "keep":
+        return len(empty)
+    i, m = empty[0], messages[empty[0]]
+    reasoning = (m.get("reasoning_content") or m.get("thinking") or "").strip()
+    what = "only reasoning: no content and no tool calls" if reasoning else "no content and no tool calls"
+    more = f" (empty assistant messages: {', '.join(map(str, empty))})" if len(empty) > 1 else ""
+    raise RowError(EMPTY_TURN, f"message {i} (assistant) has {what}{more}; training on it teaches the model to end "
+                               "its turn at once (data.empty_assistant_turns=keep trains such turns as they "
+                               "are)")  # fmt: skip
+
+
 def _content_parts(parts: list, i: int, role: str) -> tuple[str, list[dict] | None]:
     """A content list -> (its text, its parts when it holds images, else None): text parts {"type": "text"},
     images {"type": "image", "image": SOURCE} (also OpenAI's {"type": "image_url", "image_url": {"url": ...}})."""

@@ -31,7 +31,7 @@ def train_main(path: str | None, overrides: list[str]) -> int:
         from sftforge.demo import run_demo
 
         return run_demo(overrides)
-    from sftforge.train import train
+    from sftforge.sft import train
 
     cfg = load_config(path, overrides)
     if cfg.trainer.preset == "auto":
@@ -44,7 +44,7 @@ def train_main(path: str | None, overrides: list[str]) -> int:
 
 def rl_main(path: str | None, overrides: list[str]) -> int:
     """``sftforge rl CONFIG [key=value ...]``; 128+N when stopped by signal N after saving (rerun to resume)."""
-    from sftforge.rl import rl
+    from sftforge.rl_loop import rl
 
     result = rl(load_config(path, list(overrides or [])))
     return 128 + result["interrupted"] if result["interrupted"] else 0
@@ -141,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="train a model (no config and no model.path: the built-in CPU demo)")
     _config_args(p_train)
 
-    p_rl = sub.add_parser("rl", help="GRPO / DAPO with verifiable rewards on data.train_files prompts")
+    p_rl = sub.add_parser("rl", help="GRPO / DAPO with verifiable rewards on data.train_files prompts",
+                          description="GRPO / DAPO from an SFT checkpoint (model.path) on the prompts of "
+                          "data.train_files.", epilog="Where the keys are: rollout.* (sampling: n, prompts_per_step, "
+                          "temperature, max_response_length, max_turns, ...) and algorithm.* (reward, clip_ratio_low/"
+                          "high, kl_coef, dynamic_sampling, ...); model.*, data.*, optim.* and trainer.* as for sftforge "
+                          "train. `sftforge config` lists every key with its default and meaning.")  # fmt: skip
     _config_args(p_rl)
 
     p_ref = sub.add_parser("config", help="print every config key with its default and meaning (markdown)")
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                           "for one run, ./report.html for several); the curves' PNGs go next to it")  # fmt: skip
 
     p_eval = sub.add_parser("eval", help="generate on a data file and score the answers (accuracy, 95%% interval)")
-    from sftforge.evaluate import add_eval_arguments
+    from sftforge.evaluation import add_eval_arguments
 
     add_eval_arguments(p_eval)
 
@@ -258,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {export_checkpoint(args.checkpoint, args.output, merge=args.merge)}")
             return 0
         if args.command == "eval":
-            from sftforge.evaluate import eval_main
+            from sftforge.evaluation import eval_main
 
             return eval_main(args)
         if args.command == "data":

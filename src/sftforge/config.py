@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from sftforge.progress import say
+
 
 class ConfigError(ValueError):
     """A problem with the user's configuration; the message says what to change."""
@@ -134,6 +136,10 @@ class DataConfig:
     """error | left | right | drop, applied to samples longer than data.max_length, decided before training."""
     bad_rows: str = "error"
     """error: stop at the first malformed row; skip: drop it and report counts per reason."""
+    empty_assistant_turns: str = "error"
+    """error | keep. An assistant message with no content and no tool calls teaches the model to end its turn at
+    once. error: such a row is a bad row (data.bad_rows: refused, or skipped and counted); keep: train it as it is
+    (counted in the data report)."""
     num_proc: str = "auto"
     """Processes used to tokenize: a number, or auto (the usable cores; one per 4 MiB of input for small files)."""
     cache_dir: str = ""
@@ -218,7 +224,8 @@ class TrainerConfig:
     """End the run after this step as if interrupted (checkpoint written, schedule unchanged). Ignored by a run that
     resumes at or after this step, so rerunning the same command continues to the end."""
     logger: list = field(default_factory=lambda: ["console", "jsonl"])
-    """Any of console | jsonl | tensorboard | wandb | swanlab (wandb and swanlab: optional packages)."""
+    """Any of console | jsonl | tensorboard | wandb | swanlab (wandb and swanlab: optional packages). metrics.jsonl is
+    written whatever this says (it is the run's record, read by sftforge report and a resume); jsonl is accepted."""
     device: str = "auto"
     """auto | cpu | cuda."""
     n_gpus_per_node: int = 0
@@ -304,6 +311,7 @@ CHOICES = {
     "data.reasoning_history": ("template", "per_turn"),
     "data.truncation": ("error", "left", "right", "drop"),
     "data.bad_rows": ("error", "skip"),
+    "data.empty_assistant_turns": ("error", "keep"),
     "optim.lr_scheduler": ("cosine", "linear", "constant", "wsd"),
     "optim.implementation": ("auto", "fused", "foreach", "for_loop"),
     "trainer.device": ("auto", "cpu", "cuda"),
@@ -311,6 +319,62 @@ CHOICES = {
     "trainer.nan_policy": ("error", "skip_step"),
     "trainer.strategy": ("auto", "none", "ddp", "fsdp2"),
 }
+
+
+# Numeric keys: (lowest, highest) allowed, None = unbounded; a bound in a 1-tuple is exclusive: (0,) means > 0.
+RANGES: dict[str, tuple] = {
+    "model.init_seed": (0, None), "model.loss_chunk_size": (0, None), "model.lora.rank": (0, None),
+    "model.lora.alpha": ((0,), None), "model.lora.dropout": (0, (1,)),
+    "data.image_min_pixels": (0, None), "data.image_max_pixels": (0, None), "data.max_length": (1, None),
+    "data.cache_wait_s": (0, None), "data.train_batch_size": (1, None), "data.micro_batch_size_per_gpu": (1, None),
+    "data.max_tokens_per_micro_batch": (0, None),
+    "optim.lr": (0, None), "optim.weight_decay": (0, None), "optim.eps": ((0,), None),
+    "optim.warmup_ratio": (0, 1), "optim.warmup_steps": (0, None), "optim.min_lr_ratio": (0, 1),
+    "optim.decay_ratio": (0, 1), "optim.clip_grad": (0, None),
+    "trainer.total_epochs": (1, None), "trainer.max_steps": (0, None), "trainer.seed": (0, None),
+    "trainer.save_freq": (0, None), "trainer.test_freq": (0, None), "trainer.eval_freq": (0, None),
+    "trainer.log_freq": (1, None), "trainer.max_ckpt_to_keep": (0, None), "trainer.stop_at_step": (0, None),
+    "trainer.n_gpus_per_node": (0, None), "trainer.nnodes": (1, None), "trainer.sp_size": (1, None),
+    "rollout.n": (1, None), "rollout.prompts_per_step": (1, None), "rollout.temperature": ((0,), None),
+    "rollout.top_p": ((0,), 1), "rollout.max_response_length": (1, None), "rollout.max_turns": (1, None),
+    "algorithm.clip_ratio_low": (0, (1,)), "algorithm.clip_ratio_high": (0, None), "algorithm.kl_coef": (0, None),
+    "algorithm.mini_batches": (1, None), "algorithm.overlong_buffer": (0, None), "algorithm.overlong_penalty": (0, None),
+}  # fmt: skip
+
+
+def _out_of_range(key: str, value: float) -> str:
+    """'' when ``value`` is within RANGES[key]; else the sentence that says what is allowed."""
+    low, high = RANGES[key]
+    ok_low = low is None or (value > low[0] if isinstance(low, tuple) else value >= low)
+    ok_high = high is None or (value < high[0] if isinstance(high, tuple) else value <= high)
+    if ok_low and ok_high:
+        return ""
+    parts = []
+    if low is not None:
+        parts.append(f"> {low[0]}" if isinstance(low, tuple) else f">= {low}")
+    if high is not None:
+        parts.append(f"< {high[0]}" if isinstance(high, tuple) else f"<= {high}")
+    doc = field_docs(type(_section(Config(), key))).get(key.rsplit(".", 1)[-1], "")
+    return f"{key} must be {' and '.join(parts)}, got {value}." + (f" ({doc})" if doc else "")
+
+
+def _section(cfg: Any, key: str) -> Any:
+    for part in key.split(".")[:-1]:
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def parse_memory(text: str | float | int | None, key: str = "--gpu-memory") -> int | None:
+    """'80GB', '80G', '80GiB', '24000MB', '80' (GB) -> bytes. GB and GiB both mean 2**30, as GPU tools print them."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, (int, float)):
+        return int(float(text) * (1 << 30))
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), flags=re.I)
+    if not m:
+        raise ConfigError(f"{key} {text!r}: write it like 80GB, 24GiB or 40000MB.")
+    unit = {"": 1 << 30, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+    return int(float(m.group(1)) * unit)
 
 
 @functools.cache
@@ -334,6 +398,33 @@ def field_docs(cls: type) -> dict[str, str]:
 def _suggest(name: str, options) -> str:
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
     return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def all_keys(cls: type = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the config (model.path, ..., algorithm.overlong_penalty)."""
+    out = []
+    for f in dataclasses.fields(cls or Config):
+        sub = typing.get_type_hints(cls or Config)[f.name]
+        out += all_keys(sub, f"{prefix}{f.name}.") if dataclasses.is_dataclass(sub) else [f"{prefix}{f.name}"]
+    return out
+
+
+def _suggest_key(key: str) -> str:
+    """The key a user most likely meant by an unknown dotted ``key``: the same name in another section first
+    (data.max_response_length -> rollout.max_response_length), then a close spelling in the same section, then one
+    anywhere (ours and verl's names, which are accepted too)."""
+    keys = all_keys()
+    *section, leaf = key.split(".")
+    same_name = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    if same_name:
+        return f" Did you mean '{same_name[0]}'?"
+    prefix = ".".join(section) + "." if section else ""
+    near = difflib.get_close_matches(leaf, [k[len(prefix) :] for k in keys if k.startswith(prefix)], n=1, cutoff=0.6)
+    if near and prefix:
+        return f" Did you mean '{prefix}{near[0]}'?"
+    verl = [k for k in VERL_ALIASES if not k.endswith("*") and "." in k]
+    near = difflib.get_close_matches(key, keys + verl, n=1, cutoff=0.6)
+    return f" Did you mean '{near[0]}'?" if near else ""
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
@@ -397,7 +488,7 @@ def _apply(obj: Any, values: dict, prefix: str) -> None:
     for k, v in values.items():
         key = f"{prefix}{k}"
         if k not in names:
-            raise ConfigError(f"Unknown config key '{key}'.{_suggest(k, names)}")
+            raise ConfigError(f"Unknown config key '{key}'.{_suggest_key(key)} (`sftforge config` lists every key.)")
         cur = getattr(obj, k)
         if dataclasses.is_dataclass(cur):
             _apply(cur, v if v is not None else {}, f"{key}.")
@@ -1141,11 +1232,9 @@ def apply_verl_aliases(raw: dict, log=None, ctx: Any = None) -> dict:
     key (none for a shared key whose value needs no translation); raise :class:`ConfigError` for a verl setting with
     no equivalent. ``ctx`` is the whole configuration as given (default ``raw``), read for keys that depend on others.
     """
-    import sys
-
     if not isinstance(raw, dict):
         return raw
-    log = log or (lambda line: print(line, file=sys.stderr))
+    log = log or say  # one process speaks for the run under torchrun
     ctx = raw if ctx is None else ctx
     for verl_key, given in _matches(raw):
         out = _convert(verl_key, given, ctx)
@@ -1166,8 +1255,13 @@ def apply_verl_aliases(raw: dict, log=None, ctx: Any = None) -> dict:
 
 def _override_tree(item: str) -> dict:
     parts, value = _parse_override(item)
+    return _dotted_tree(".".join(parts), value)
+
+
+def _dotted_tree(key: str, value: Any) -> dict:
+    """``optim.lr``, 1e-5 -> {"optim": {"lr": 1e-5}}."""
     nested: Any = value
-    for part in reversed(parts):
+    for part in reversed(key.lstrip("+").split(".")):
         nested = {part: nested}
     return nested
 
@@ -1197,8 +1291,13 @@ def names_model(overrides: list[str]) -> bool:
     return named
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build a validated :class:`Config` from an optional YAML file and ``key=value`` overrides."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None, **sections: dict[str, Any]
+) -> Config:
+    """Build a validated :class:`Config`: the YAML file at ``path`` (optional), then ``sections`` (a mapping per
+    section, as in the YAML: ``model={"path": "Qwen/Qwen3-0.6B"}``), then ``overrides``: ``key=value`` strings parsed
+    as on the command line (``["optim.lr=1e-5"]``) or a mapping of dotted keys to values (``{"optim.lr": 1e-5}``).
+    verl's keys are accepted everywhere, as on the command line."""
     cfg = Config()
     raw: Any = {}
     if path:
@@ -1209,7 +1308,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"Config file {p} is not valid YAML: {e}") from None
-    trees = [_override_tree(item) for item in overrides or []]
+    if isinstance(overrides, dict):
+        trees = [_dotted_tree(str(k), v) for k, v in overrides.items()]
+    else:
+        trees = [_override_tree(item) for item in overrides or []]
+    trees = [{name: copy.deepcopy(value)} for name, value in sections.items()] + trees
     ctx: dict = _merge({}, raw) if isinstance(raw, dict) else {}
     for tree in trees:
         _merge(ctx, tree)
@@ -1231,28 +1334,23 @@ def validate(cfg: Config) -> None:
             problems.append(
                 f"{dotted} must be one of {' | '.join(choices)}, got {value!r}.{_suggest(str(value), choices)}"
             )
-    positive = ["data.max_length", "data.train_batch_size", "data.micro_batch_size_per_gpu"]
     n_proc = str(cfg.data.num_proc)
     if n_proc != "auto" and not (n_proc.isdigit() and int(n_proc) >= 1):
         problems.append(f"data.num_proc must be auto or a number >= 1, got {cfg.data.num_proc!r}.")
-    for dotted in positive:
-        section, name = dotted.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            problems.append(f"{dotted} must be >= 1, got {getattr(getattr(cfg, section), name)}.")
-    if cfg.trainer.max_ckpt_to_keep < 0:
-        problems.append(f"trainer.max_ckpt_to_keep must be >= 0 (0 = keep all), got {cfg.trainer.max_ckpt_to_keep}.")
-    if cfg.trainer.nnodes < 1:
-        problems.append(f"trainer.nnodes must be >= 1, got {cfg.trainer.nnodes}.")
-    if cfg.trainer.n_gpus_per_node < 0:
-        problems.append(
-            f"trainer.n_gpus_per_node must be >= 0 (0 = every visible GPU), got {cfg.trainer.n_gpus_per_node}."
-        )
+    for dotted in RANGES:
+        problems.append(_out_of_range(dotted, getattr(_section(cfg, dotted), dotted.rsplit(".", 1)[-1])))
+    betas = cfg.optim.betas
+    if not (len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                    for b in betas)):  # fmt: skip
+        problems.append(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {betas!r}.")
+    try:
+        parse_memory(cfg.trainer.gpu_memory, "trainer.gpu_memory")
+    except ConfigError as e:
+        problems.append(str(e))
     if cfg.trainer.eval_freq > 0 and not cfg.data.eval_files:
         problems.append(
             f"trainer.eval_freq={cfg.trainer.eval_freq} needs data.eval_files (or set trainer.eval_freq=0)."
         )
-    if cfg.trainer.eval_freq < 0:
-        problems.append(f"trainer.eval_freq must be >= 0 (0 = never), got {cfg.trainer.eval_freq}.")
     if not isinstance(cfg.data.chat_template_kwargs, dict):
         problems.append("data.chat_template_kwargs must be a mapping, e.g. {enable_thinking: false}.")
     if cfg.data.reasoning_history == "per_turn":
@@ -1264,6 +1362,7 @@ def validate(cfg: Config) -> None:
             problems.append(f"data.reasoning_history=per_turn (prefix-tree packing) needs {', '.join(missing)}.")
     if cfg.model.tree_attention not in ("auto", "mask", "flex"):
         problems.append(f"model.tree_attention must be auto | mask | flex, got {cfg.model.tree_attention!r}.")
+    problems = [p for p in problems if p]
     if problems:
         raise ConfigError("\n".join(problems))
 

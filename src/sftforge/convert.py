@@ -20,7 +20,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from sftforge.chat import RowError, detect_format, render, row_to_conversation, template_markers
+from sftforge.chat import (
+    RowError,
+    check_empty_assistant_turns,
+    detect_format,
+    render,
+    row_to_conversation,
+    template_markers,
+)
 from sftforge.config import ConfigError, DataConfig, load_config
 from sftforge.data import DataError, load_tokenizer, read_rows
 
@@ -218,7 +225,7 @@ def check_file(path: str, data_cfg: DataConfig, tokenizer=None) -> dict[str, Any
     n_messages, n_tokens, n_trained = [], [], []
     roles: Counter[str] = Counter()
     seen: dict[str, str] = {}
-    rows = 0
+    rows = empty_kept = 0
     markers = template_markers(tokenizer, data_cfg.chat_template_kwargs) if tokenizer is not None else None
 
     def problem(loc: str, reason: str, detail: str) -> None:
@@ -239,6 +246,7 @@ def check_file(path: str, data_cfg: DataConfig, tokenizer=None) -> dict[str, Any
                 messages, tools, flags = row_to_conversation(row, data_cfg)
                 if not any(m["role"] == "assistant" for m in messages):
                     raise RowError("no assistant turn", "the conversation has no assistant message to train on")
+                empty_kept += check_empty_assistant_turns(messages, data_cfg)
                 n_messages.append(len(messages))
                 roles.update(m["role"] for m in messages)
                 key = json.dumps(messages, sort_keys=True, default=str)
@@ -270,6 +278,8 @@ def check_file(path: str, data_cfg: DataConfig, tokenizer=None) -> dict[str, Any
         problem(path, "empty file", "no rows")
     out["problems"] = dict(problems)
     out["examples"] = examples
+    if empty_kept:
+        out["empty_assistant_turns_kept"] = empty_kept
     return out
 
 
@@ -305,6 +315,8 @@ def check_main(files: list[str], overrides: list[str], as_json: bool = False) ->
                 print(f"    {e}")
         else:
             print("  no problems")
+        if r.get("empty_assistant_turns_kept"):
+            print(f"  empty assistant turns kept (data.empty_assistant_turns=keep): {r['empty_assistant_turns_kept']}")
     return 1 if bad else 0
 
 

@@ -30,6 +30,7 @@ from sftforge.chat import (
     Layout,
     RowError,
     TemplateMarkers,
+    check_empty_assistant_turns,
     image_sources,
     layout,
     load_chat_template,
@@ -39,7 +40,7 @@ from sftforge.chat import (
     tokenize_layouts,
 )
 from sftforge.config import Config, ConfigError, DataConfig
-from sftforge.progress import Live, duration, on_terminal
+from sftforge.progress import Live, duration, on_terminal, say
 from sftforge.store import Store, StoreWriter, exclusive, open_store, remove_partials
 from sftforge.vision import image_file
 
@@ -70,6 +71,8 @@ class Sample:
     """per_turn: K, the assistant turns rendered in their own context."""
     images: list | None = None
     """(encoded bytes, (t, h, w) patch grid) of every image, in the order its placeholders come (vision.py)."""
+    empty_turns: int = 0
+    """Assistant messages with no content and no tool calls, trained as they are (data.empty_assistant_turns=keep)."""
 
 
 @dataclass
@@ -93,6 +96,9 @@ class DataReport:
     """Rows whose system message data.system_into_first_user moved into the first user message."""
     reasoning_dropped: int = 0
     """Assistant messages whose reasoning_content the chat template does not render (so it is not trained)."""
+    empty_assistant_turns: int = 0
+    """Assistant messages with no content and no tool calls kept and trained (data.empty_assistant_turns=keep); with
+    the default such rows are bad rows (skipped under the reason 'empty assistant turn')."""
     contexts: int = 0
     """data.reasoning_history=per_turn: assistant turns rendered in their own inference context."""
     expanded_tokens: int = 0
@@ -131,6 +137,9 @@ class DataReport:
                 )
             out.append(f"reasoning not rendered by the chat template (not trained): {self.reasoning_dropped} "
                        f"assistant messages{why}")  # fmt: skip
+        if self.empty_assistant_turns:
+            out.append(f"empty assistant turns kept and trained (data.empty_assistant_turns=keep): "
+                       f"{self.empty_assistant_turns} (no content, no tool calls)")  # fmt: skip
         if self.contexts:
             saving = 1 - self.tokens / max(self.expanded_tokens, 1)
             out.append(f"data.reasoning_history=per_turn: {self.contexts} assistant turns, each in its own context, "
@@ -179,10 +188,13 @@ def resolve_files(spec: Any, key: str = "data.train_files") -> list[str]:
     for item in spec:
         item = os.path.expanduser(str(item))
         if any(c in item for c in "*?["):
-            matched = sorted(glob.glob(item, recursive=True))
+            matched = sorted(m for m in glob.glob(item, recursive=True) if not os.path.isdir(m))  # files, not folders
             if not matched:
                 raise ConfigError(f"{key}: the glob {item!r} matches no file.")
             files += matched
+        elif os.path.isdir(item):
+            raise ConfigError(f"{key}: {item!r} is a folder; name its files (a glob such as "
+                              f"{os.path.join(item, '*.parquet')!r} takes all of them).")  # fmt: skip
         elif os.path.exists(item):
             files.append(item)
         elif _looks_like_hub_id(item):
@@ -190,6 +202,32 @@ def resolve_files(spec: Any, key: str = "data.train_files") -> list[str]:
         else:
             raise ConfigError(f"{key}: file {item!r} does not exist (relative paths start at {os.getcwd()}).")
     return files
+
+
+SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def check_data_paths(data_cfg: DataConfig) -> None:
+    """Every path of the data section checked before anything slow: the data files exist (a glob matches), each is a
+    file with a readable suffix (not a folder), data.chat_template names a file when it is no template,
+    data.image_processor exists and data.cache_dir is not a file."""
+    for key in ("train_files", "val_files", "eval_files"):
+        spec = getattr(data_cfg, key)
+        if spec is None or spec == "" or spec == []:
+            continue  # data.train_files: its absence is said where it is needed (rl reads other keys)
+        for f in resolve_files(spec, f"data.{key}"):  # (a folder is refused there)
+            if os.path.exists(f) and Path(f).suffix.lower() not in SUFFIXES:
+                raise ConfigError(f"data.{key}: {f!r} has the unsupported suffix {Path(f).suffix!r}; use "
+                                  ".jsonl, .json or .parquet (sftforge data convert writes them).")  # fmt: skip
+    if data_cfg.chat_template:
+        load_chat_template(data_cfg.chat_template)
+    if data_cfg.image_processor and not Path(data_cfg.image_processor).expanduser().exists():
+        raise ConfigError(f"data.image_processor={data_cfg.image_processor!r} does not exist; give a "
+                          "preprocessor_config.json or the folder that holds it.")  # fmt: skip
+    root = data_cfg.cache_dir
+    if root and root.lower() != "none" and Path(root).expanduser().exists() and not Path(root).expanduser().is_dir():
+        raise ConfigError(f"data.cache_dir={root!r} is a file; give a folder (it is created when missing) or none "
+                          "for no cache.")  # fmt: skip
 
 
 def _looks_like_hub_id(item: str) -> bool:
@@ -383,17 +421,20 @@ def tokenize_row(loc: str, row: Any, tokenizer, data_cfg: DataConfig, markers: T
     if isinstance(row, RowError):
         raise row
     messages, tools, flags = row_to_conversation(row, data_cfg)
+    empty = check_empty_assistant_turns(messages, data_cfg)
     if image_sources(messages):
         raise RowError("images", "this path renders text only: conversations with images are tokenized by "
                                  "build_dataset with the model's image processor (data.reasoning_history=per_turn "
                                  "does not take images)")  # fmt: skip
     if data_cfg.reasoning_history == "per_turn":
-        return _per_turn(loc, messages, tools, flags, tokenizer, data_cfg, markers)
+        s = _per_turn(loc, messages, tools, flags, tokenizer, data_cfg, markers)
+        s.empty_turns = empty
+        return s
     r = render(tokenizer, messages, tools, flags, data_cfg.train_on, data_cfg.chat_template_kwargs, markers,
                data_cfg.system_into_first_user)  # fmt: skip
     if not any(r.loss_mask):
         raise RowError(*_NO_TRAINED)
-    return Sample(r.input_ids, r.loss_mask, loc, r.system_merged, r.reasoning_dropped)
+    return Sample(r.input_ids, r.loss_mask, loc, r.system_merged, r.reasoning_dropped, empty_turns=empty)
 
 
 _NO_TRAINED = ("no trained tokens", "no token of this conversation is trained (check the train flags)")
@@ -509,6 +550,7 @@ def _tokenize_chunk(task: _Task) -> _Chunk:
     kept: list[tuple[int, str, Any, Any, Any]] = []  # (row, location, ids, mask, parents) in input order
     bad: list[tuple[int, str, str, str]] = []
     lays: list[tuple[int, str, Layout]] = []
+    empty: dict[int, int] = {}  # row -> its empty assistant turns kept (data.empty_assistant_turns=keep)
     per_turn = data_cfg.reasoning_history == "per_turn"
     vis = _WORKER.get("vision")
     images: dict[int, list] = {}  # row -> its images (bytes, grid)
@@ -518,17 +560,21 @@ def _tokenize_chunk(task: _Task) -> _Chunk:
             if per_turn:
                 s = tokenize_row(loc, row, tok, data_cfg, markers)
                 out.counts.update(system_merged=int(s.system_merged), reasoning_dropped=s.reasoning_dropped,
-                                  contexts=s.contexts, expanded_tokens=s.expanded_tokens)  # fmt: skip
+                                  contexts=s.contexts, expanded_tokens=s.expanded_tokens,
+                                  empty_assistant_turns=s.empty_turns)  # fmt: skip
                 kept.append((n, loc, np.asarray(s.input_ids, np.int32), np.asarray(s.loss_mask, np.uint8), s.parents))
                 continue
             if isinstance(row, RowError):
                 raise row
             messages, tools, flags = row_to_conversation(row, data_cfg)
+            n_empty = check_empty_assistant_turns(messages, data_cfg)
             imgs = _load_images(messages, path, vis, out.image_files)
             lays.append((n, loc, layout(tok, messages, tools, flags, data_cfg.train_on, data_cfg.chat_template_kwargs,
                                         markers, data_cfg.system_into_first_user)))  # fmt: skip
             if imgs:
                 images[n] = imgs
+            if n_empty:
+                empty[n] = n_empty
         except RowError as e:
             bad.append((n, loc, e.reason, e.detail))
     if lays:
@@ -545,7 +591,8 @@ def _tokenize_chunk(task: _Task) -> _Chunk:
             if not mask.any():
                 bad.append((n, loc, *_NO_TRAINED))
                 continue
-            out.counts.update(system_merged=int(lay.system_merged), reasoning_dropped=lay.reasoning_dropped)
+            out.counts.update(system_merged=int(lay.system_merged), reasoning_dropped=lay.reasoning_dropped,
+                              empty_assistant_turns=empty.get(n, 0))  # fmt: skip
             kept.append((n, loc, ids, mask, None))
         kept.sort(key=lambda x: x[0])
     out.bad = [(loc, reason, detail) for _, loc, reason, detail in sorted(bad, key=lambda x: x[0])]
@@ -872,6 +919,7 @@ def cache_key(files: list[str], tokenizer, data_cfg: DataConfig, markers: Templa
             "max_length",
             "truncation",
             "bad_rows",
+            "empty_assistant_turns",
         )
     }
     if data_cfg.reasoning_history != "template":  # (absent at the default: earlier caches stay valid)
@@ -931,8 +979,8 @@ def _writable(root: Path) -> bool:
         with tempfile.TemporaryFile(dir=root):
             return True
     except OSError as e:
-        print(f"warning: the tokenization cache {root} is not writable ({e}); tokenizing into a temporary folder "
-              "for this run only (set data.cache_dir to a writable folder to keep it).", file=sys.stderr)  # fmt: skip
+        say(f"warning: the tokenization cache {root} is not writable ({e}); tokenizing into a temporary folder "
+            "for this run only (set data.cache_dir to a writable folder to keep it).")  # fmt: skip
         return False
 
 
@@ -968,7 +1016,7 @@ def build_dataset(
             if (root / fp).exists():
                 why = changed_images(root / fp)
                 what_now = f": {why}" if why else " is damaged (a column's size does not match its meta.json)"
-                print(f"warning: the tokenized store {root / fp}{what_now}; tokenizing again.", file=sys.stderr)
+                say(f"warning: the tokenized store {root / fp}{what_now}; tokenizing again.")
             remove_partials(root, fp)
             path = _write(files, tokenizer, data_cfg, markers, root, fp, holder, option, vision)
         return _open(path, fp, "tokenized")
@@ -1019,6 +1067,7 @@ def _write(files, tokenizer, data_cfg: DataConfig, markers, root: Path, fp: str,
         progress.close(report.rows, report.tokens)
         report.skipped = dict(skipped)
         report.system_merged, report.reasoning_dropped = counts["system_merged"], counts["reasoning_dropped"]
+        report.empty_assistant_turns = counts["empty_assistant_turns"]
         if per_turn:
             report.contexts, report.expanded_tokens = counts["contexts"], counts["expanded_tokens"]
         report.over_length, report.truncated = counts["over_length"], counts["truncated"]

@@ -22,11 +22,11 @@ from pathlib import Path
 
 from sftforge.config import DataConfig, load_config
 from sftforge.data import load_tokenizer, read_rows
-from sftforge.evaluate import evaluate, samples_from_rows
+from sftforge.evaluation import evaluate_samples, samples_from_rows
 from sftforge.generation import GenerationOptions, hf_generator
 from sftforge.model import load_model
 from sftforge.progress import quiet_libraries
-from sftforge.train import train
+from sftforge.sft import train
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -144,11 +144,11 @@ def demo_overrides(paths: dict[str, Path], output_dir: Path) -> list[str]:
 
 def exact_match(model, tokenizer, path: Path, limit: int = 100, max_new_tokens: int = 8) -> tuple[float, list[str]]:
     """Share of assistant answers reproduced exactly by greedy generation, given the gold conversation so far
-    (sftforge.evaluate with task exact on every assistant turn)."""
+    (sftforge.evaluation with task exact on every assistant turn)."""
     rows = list(read_rows(str(path)))[:limit]
     samples = samples_from_rows(rows, DataConfig(), turns="all")
     gen = hf_generator(model, tokenizer, GenerationOptions(max_new_tokens=max_new_tokens, batch_size=64))
-    result = evaluate(gen, samples, "exact")
+    result = evaluate_samples(gen, samples, "exact")
     shown = []
     for s, r in zip(samples, result.records):
         last = len(s.messages) + 1 == len(s.row["messages"])

@@ -30,7 +30,7 @@ from sftforge.config import Config
 from sftforge.distributed import barrier, is_distributed, resolve_device, world
 from sftforge.metrics import read_metrics
 from sftforge.progress import duration
-from sftforge.train import train
+from sftforge.sft import train
 
 WARMUP = 2
 DEFAULT_STEPS = 10

@@ -1,5 +1,6 @@
-"""Where the numbers of a run go: metrics.jsonl, the console (rich progress bar + a summary line every
-trainer.log_freq steps), and optionally tensorboard / wandb / swanlab.
+"""Where the numbers of a run go: metrics.jsonl (always: it is the run's record), the console (rich progress bar + a
+summary line every trainer.log_freq steps), and optionally tensorboard / wandb / swanlab (trainer.logger; "jsonl"
+there is accepted and changes nothing).
 
 metrics.jsonl has one JSON object per optimizer step::
 
@@ -107,12 +108,12 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if "jsonl" in loggers:
-            # A resumed run continues the file: records after the checkpoint's step (and the old end line) are
-            # dropped, so every step appears exactly once.
-            kept = [r for r in read_metrics(self.path) if "step" in r and r["step"] <= start_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            self._jsonl = self.path.open("a", encoding="utf-8")
+        # metrics.jsonl is the run's record (sftforge report, plan --measure and a resume read it): written whatever
+        # trainer.logger says, which only adds outputs. A resumed run continues the file: records after the
+        # checkpoint's step (and the old end line) are dropped, so every step appears exactly once.
+        kept = [r for r in read_metrics(self.path) if "step" in r and r["step"] <= start_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._jsonl = self.path.open("a", encoding="utf-8")
         if "tensorboard" in loggers:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -51,11 +51,21 @@ def check_model_options(cfg: ModelConfig) -> None:
                           "a .pt/.pth state dict.")  # fmt: skip
     for key in ("path", "tokenizer_path"):
         value = getattr(cfg, key)
-        if value and _looks_local(value) and not Path(value).expanduser().exists():
+        where = Path(value).expanduser()
+        if value and _looks_local(value) and not where.exists():
             raise ConfigError(
                 f"model.{key}={value!r} does not exist; point it to a model folder or a hub id (org/name)."
             )
+        if value and where.is_file():
+            raise ConfigError(f"model.{key}={value!r} is a file; give the model's folder (config.json, weights, "
+                              "tokenizer files) or a hub id (org/name).")  # fmt: skip
+        if value and where.is_dir() and not any((where / f).is_file() for f in _MODEL_FILES):
+            raise ConfigError(f"model.{key}={value!r} is a folder with no config.json and no tokenizer files; give the "
+                              "model's folder (a Hugging Face save_pretrained folder) or a hub id (org/name).")  # fmt: skip
     check_attn_implementation(cfg.attn_implementation)
+
+
+_MODEL_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "adapter_config.json")
 
 
 def _looks_local(path: str) -> bool:
@@ -151,21 +161,26 @@ def build_model(cfg: Config, device: str | torch.device = "cpu", *, skeleton: bo
 
 
 def _builder_parts(spec: str) -> tuple[str, str]:
+    """(module or file, function) of model.builder; a file that is not there is an error here, before any loading."""
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name.isidentifier():
         raise ConfigError(f"model.builder={spec!r}: expected package.module:function or path/to/file.py:function.")
+    if _is_file_form(target) and not Path(target).expanduser().is_file():
+        raise ConfigError(f"model.builder={spec!r}: {Path(target).expanduser()} is not a file (relative paths start "
+                          "at the current folder).")  # fmt: skip
     return target, name
+
+
+def _is_file_form(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or "\\" in target
 
 
 def import_builder(spec: str):
     """The function model.builder names, imported now (a module by name, or a .py file by path)."""
     target, name = _builder_parts(spec)
     try:
-        if target.endswith(".py") or "/" in target or "\\" in target:
+        if _is_file_form(target):
             path = Path(target).expanduser()
-            if not path.is_file():
-                raise ConfigError(f"model.builder={spec!r}: {path} is not a file (relative paths start at the "
-                                  "current folder).")  # fmt: skip
             mod_name = f"sftforge_builder_{path.stem}"
             loader = importlib.util.spec_from_file_location(mod_name, path)
             module = importlib.util.module_from_spec(loader)

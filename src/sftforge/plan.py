@@ -26,19 +26,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from sftforge.batching import event_count, grad_accum_steps, make_plan
-from sftforge.config import Config, ConfigError, load_config
+from sftforge.config import Config, ConfigError, load_config, parse_memory
 from sftforge.data import build_dataset, load_tokenizer
 from sftforge.measure import DEFAULT_STEPS, WARMUP, format_measured, process_age_s
 from sftforge.measure import measure as run_measure
+from sftforge.metrics import check_loggers
 from sftforge.model import auto_class
 from sftforge.optim import warmup_steps
+from sftforge.progress import say
+from sftforge.run import check_paths
 from sftforge.ulysses import sp_group_layout
 from sftforge.vision import load_vision
 
@@ -48,19 +50,6 @@ GPU_OVERHEAD_BYTES = int(1.0 * GIB)
 # Throughput of a step with gradient checkpointing relative to one without (one extra forward: ~4/3 of the work).
 CHECKPOINTING_SPEED = 0.75
 LR_HIGH_FOR_FINE_TUNING = 2e-4
-
-
-def parse_memory(text: str | float | int | None) -> int | None:
-    """'80GB', '80G', '80GiB', '24000MB', '80' (GB) -> bytes. GB and GiB both mean 2**30, as GPU tools print them."""
-    if text is None or text == "":
-        return None
-    if isinstance(text, (int, float)):
-        return int(float(text) * GIB)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), flags=re.I)
-    if not m:
-        raise ConfigError(f"--gpu-memory {text!r}: write it like 80GB, 24GiB or 40000MB.")
-    unit = {"": GIB, "K": 1 << 10, "M": 1 << 20, "G": GIB, "T": 1 << 40}[m.group(2).upper()]
-    return int(float(m.group(1)) * unit)
 
 
 def visible_gpu_memory() -> int | None:
@@ -447,19 +436,22 @@ def build_plan(
                                   "dropped_no_trained_tokens": report.dropped_no_trained_tokens,
                                   "rows_read": report.rows, "skipped_rows": dict(report.skipped)}  # fmt: skip
 
-    # Batch arithmetic: the trainer's functions, their errors turned into warnings so the plan shows everything.
-    accum = None
+    # Batch arithmetic: the trainer's own functions. What they refuse, `sftforge train` refuses with the same words:
+    # collected in "errors" (the plan still shows what it can; plan_main then exits 2).
+    errors: list[str] = []
+    accum = dp = None
     try:
         dp = sp_group_layout(ws, t.sp_size)[0]
         accum = grad_accum_steps(d.train_batch_size, d.micro_batch_size_per_gpu, dp)
     except ConfigError as e:
-        warnings.append(str(e))
+        errors.append(str(e))
+    out["dp_size"] = dp
     steps_per_epoch = total = dropped = 0
     try:
         p = make_plan(dataclasses.replace(cfg, data=dataclasses.replace(d, micro_batch_size_per_gpu=1)), n, 1)
         steps_per_epoch, total, dropped = p.steps_per_epoch, p.total_steps, p.dropped_per_epoch
     except ConfigError as e:
-        warnings.append(str(e))
+        errors.append(str(e))
     warm = warmup_steps(o, total)
     out.update(
         micro_batch_size_per_gpu=d.micro_batch_size_per_gpu,
@@ -490,9 +482,17 @@ def build_plan(
     if t.test_freq > 0 and not d.val_files:
         warnings.append(f"trainer.test_freq ({t.test_freq}) is set but data.val_files is empty: nothing is validated.")
     if total and warm == 0 and o.lr_scheduler != "constant":
-        warnings.append(f"optim.warmup_ratio / optim.warmup_steps give 0 warmup steps with the decaying "
-                        f"optim.lr_scheduler={o.lr_scheduler}: the first steps run at the full optim.lr; set "
-                        f"optim.warmup_ratio=0.03..0.1.")  # fmt: skip
+        if o.warmup_ratio > 0:  # a ratio of too few steps rounds to 0
+            need = math.floor(0.5 / o.warmup_ratio)  # the fewest total steps where the ratio gives 1 warmup step
+            while warmup_steps(o, need) == 0:
+                need += 1
+            warnings.append(f"optim.warmup_ratio={o.warmup_ratio:g} of {total} steps rounds to 0 warmup steps (the run is "
+                            f"too short for a ratio; it gives 1 from {need} steps): the first steps run at the full "
+                            "optim.lr; set optim.warmup_steps=1 or more.")  # fmt: skip
+        else:
+            warnings.append(f"no warmup (optim.warmup_ratio=0, optim.warmup_steps=0) with the decaying "
+                            f"optim.lr_scheduler={o.lr_scheduler}: the first steps run at the full optim.lr; set "
+                            f"optim.warmup_ratio=0.03..0.1 or optim.warmup_steps.")  # fmt: skip
     if total and warm >= total:
         warnings.append(f"optim.warmup_steps/warmup_ratio give {warm} warmup steps of {total}: the learning rate "
                         "never leaves warmup; lower it.")  # fmt: skip
@@ -547,6 +547,7 @@ def build_plan(
     out["memory"] = memory
     out["warnings"] = warnings
     out["notes"] = notes
+    out["errors"] = errors
     return out
 
 
@@ -601,11 +602,8 @@ def format_plan(p: dict[str, Any], lengths: list[int] | None = None) -> str:
             lines.append(f"skipped rows (data.bad_rows=skip): {ov['skipped_rows']}")
     accum = p["grad_accum_steps"] if p["grad_accum_steps"] is not None else "— (does not divide)"
     sp = p.get("sp_size", 1)
-    ranks = (
-        f"world size {p['world_size']}"
-        if sp <= 1
-        else f"data-parallel {p['world_size'] // sp} (world {p['world_size']} / sp {sp})"
-    )
+    dp = p.get("dp_size") or "— (trainer.sp_size does not divide the world)"
+    ranks = f"world size {p['world_size']}" if sp <= 1 else f"data-parallel {dp} (world {p['world_size']} / sp {sp})"
     lines += [
         f"{ranks} × micro-batch {p['micro_batch_size_per_gpu']} × accumulation {accum} = "
         f"{p['sequences_per_step']} sequences/step (~{p['tokens_per_step']:,} tokens, "
@@ -647,23 +645,23 @@ def format_plan(p: dict[str, Any], lengths: list[int] | None = None) -> str:
         )
     lines += [f"note: {x}" for x in p.get("notes", [])]
     lines += [f"warning: {w}" for w in p["warnings"]]
+    lines += [f"error: {e}" for e in p.get("errors", [])]
     return "\n".join(lines)
 
 
 def apply_preset(cfg: Config, path: str | None, overrides: list[str]) -> Config:
     """trainer.preset=auto for a training run: the plan's choice of micro-batch and gradient checkpointing, as
     overrides applied after the user's (the choice is printed with its reason)."""
-    import sys
 
     p, _ = plan_from_config(cfg)
     if "preset" not in p:
-        print("info: trainer.preset=auto: no GPU memory known (no GPU visible and trainer.gpu_memory empty); keeping "
-              f"data.micro_batch_size_per_gpu={cfg.data.micro_batch_size_per_gpu}.", file=sys.stderr)  # fmt: skip
+        say("info: trainer.preset=auto: no GPU memory known (no GPU visible and trainer.gpu_memory empty); keeping "
+            f"data.micro_batch_size_per_gpu={cfg.data.micro_batch_size_per_gpu}.")  # fmt: skip
         return cfg
     pr = p["preset"]
     chosen = [f"data.micro_batch_size_per_gpu={pr['micro_batch_size_per_gpu']}",
               f"model.enable_gradient_checkpointing={str(pr['enable_gradient_checkpointing']).lower()}"]  # fmt: skip
-    print(f"info: trainer.preset=auto: {' '.join(chosen)} — {pr['reason']}", file=sys.stderr)
+    say(f"info: trainer.preset=auto: {' '.join(chosen)} — {pr['reason']}")
     return load_config(path, list(overrides) + chosen)
 
 
@@ -678,9 +676,14 @@ def plan_main(
     """``sftforge plan``; ``measure``: also run a few real steps here and print the measured times (measure.py)."""
     imports_s = process_age_s() if measure else 0.0  # a fresh `sftforge train` pays it too (interpreter, torch, ...)
     cfg = load_config(path, overrides)
+    check_loggers(cfg.trainer.logger)  # what `sftforge train` checks before loading anything, in the same words
+    check_paths(cfg)
     if measure and cfg.trainer.preset == "auto":  # the measured run is the run `sftforge train` would do
         cfg = apply_preset(cfg, path, overrides)
     p, lengths = plan_from_config(cfg, gpu_memory)
+    if p["errors"]:  # `sftforge train` refuses this config: the plan shows what it can, then the same errors
+        print(json.dumps(p, indent=2) if as_json else format_plan(p, lengths))
+        return 2
     if measure:
         if not as_json:
             print(format_plan(p, lengths), flush=True)

@@ -16,10 +16,25 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
+def main_process() -> bool:
+    """Whether this process speaks for the run: the only one, or rank 0 under torchrun ($RANK is set by the launcher
+    before the process starts, so this holds before the process group exists)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def say(line: str) -> None:
+    """An info or warning line that every process would print alike (a verl key's mapping, a cache warning): printed
+    on stderr by the main process only. Lines that differ per rank are printed where they arise."""
+    if main_process():
+        print(line, file=sys.stderr, flush=True)
+
+
 def on_terminal(stream=None) -> bool:
-    """Whether live displays are shown: stderr is a terminal and $SFTFORGE_PLAIN is not set."""
+    """Whether live displays are shown: stderr is a terminal, $SFTFORGE_PLAIN is not set and this is the main process
+    (one bar per run, not one per rank)."""
     stream = stream or sys.stderr
-    return bool(getattr(stream, "isatty", lambda: False)()) and not os.environ.get("SFTFORGE_PLAIN")
+    tty = bool(getattr(stream, "isatty", lambda: False)())
+    return tty and not os.environ.get("SFTFORGE_PLAIN") and main_process()
 
 
 class Live:
@@ -98,4 +113,4 @@ def peak_memory_gb(device=None) -> float:
         return 0.0
 
 
-__all__ = ["Live", "duration", "on_terminal", "peak_memory_gb", "quiet_libraries"]
+__all__ = ["Live", "duration", "main_process", "on_terminal", "peak_memory_gb", "quiet_libraries", "say"]

@@ -48,6 +48,7 @@ from sftforge.checkpoint import (
     save_distributed_checkpoint,
 )
 from sftforge.config import Config, ConfigError, redacted, to_dict
+from sftforge.data import check_data_paths
 from sftforge.distributed import (
     any_rank_max,
     barrier,
@@ -66,7 +67,7 @@ from sftforge.export import export_model, generation_eos_ids
 from sftforge.lora import prepare_model
 from sftforge.loss import has_fast_path
 from sftforge.metrics import MetricsLogger
-from sftforge.model import build_model, compute_dtype, enable_tf32, with_dtype
+from sftforge.model import build_model, check_model_options, compute_dtype, enable_tf32, with_dtype
 from sftforge.optim import build_optimizer
 from sftforge.parallel import build_engine, is_fsdp, materialize_from_rank0, resolve_strategy, to_float
 from sftforge.progress import quiet_libraries
@@ -331,6 +332,42 @@ def clip_gradients(model: torch.nn.Module, clip_grad: float) -> float:
     return to_float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
 
 
+# ---- paths, checked before anything slow -----------------------------------------------------------------------------
+
+
+def check_output_paths(cfg: Config) -> None:
+    """trainer.output_dir can be a folder here (it is one, or it can be created: no file in its way, writable) and an
+    explicit trainer.resume is a complete checkpoint."""
+    out = Path(cfg.trainer.output_dir).expanduser()
+    key = f"trainer.output_dir={cfg.trainer.output_dir!r}"
+    if not cfg.trainer.output_dir:
+        raise ConfigError("trainer.output_dir is empty: set it to the folder the run writes (e.g. outputs/run).")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{key} is a file, not a folder: choose another trainer.output_dir (or move the file).")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{key} cannot be created: {parent} is a file. Choose another trainer.output_dir.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key} cannot be written: {parent} is not writable for this user. Choose another "
+                          "trainer.output_dir.")  # fmt: skip
+    if cfg.trainer.resume not in ("auto", "never"):
+        resolve_resume(cfg.trainer.resume, out)
+
+
+def check_paths(cfg: Config, *, model: bool = True, output: bool = True) -> None:
+    """Every path the config names, checked before the model or the data is loaded (one ConfigError each, so the
+    command line prints one paragraph and exits 2): (``model``: not when a model is passed in) model.path,
+    model.tokenizer_path, model.init_checkpoint, model.builder; the data files, data.chat_template,
+    data.image_processor, data.cache_dir; (``output``) trainer.output_dir and trainer.resume."""
+    if model:
+        check_model_options(cfg.model)
+    check_data_paths(cfg.data)
+    if output:
+        check_output_paths(cfg)
+
+
 # ---- the run ---------------------------------------------------------------------------------------------------------
 
 
@@ -542,6 +579,8 @@ __all__ = [
     "OutputLock",
     "Run",
     "Signals",
+    "check_output_paths",
+    "check_paths",
     "clip_gradients",
     "data_fingerprint",
     "resume_differences",

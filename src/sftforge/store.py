@@ -25,7 +25,6 @@ import os
 import secrets
 import shutil
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from sftforge import faults
+from sftforge.progress import say
 
 STORE_VERSION = 1
 
@@ -121,14 +121,15 @@ class Store:
 
     def column(self, name: str) -> Column:
         """A row column for one pass over all samples (statistics): read slice by slice, nothing stays mapped."""
-        return Column(self.path / f"{name}.bin", np.dtype(self.meta["rows"][name]), self.n)
+        return Column(self.path / f"{name}.bin", np.dtype(self.meta["rows"][name]), self.n, self._rows[name])
 
 
 class Column:
-    """``len()`` and slices of a row column, each slice read from its file (resident memory: one slice)."""
+    """``len()`` and slices of a row column, each slice read from its file (resident memory: one slice). A private
+    store (data.cache_dir=none) is removed once mapped: its slices come from the map, which keeps the data."""
 
-    def __init__(self, path: Path, dtype: np.dtype, n: int):
-        self.path, self.dtype, self.n = path, dtype, n
+    def __init__(self, path: Path, dtype: np.dtype, n: int, mapped: np.ndarray | None = None):
+        self.path, self.dtype, self.n, self.mapped = path, dtype, n, mapped
 
     def __len__(self) -> int:
         return self.n
@@ -138,6 +139,8 @@ class Column:
         count = max(0, stop - start)
         if not count:
             return np.zeros(0, self.dtype)
+        if self.mapped is not None and not self.path.exists():
+            return np.array(self.mapped[start:stop])
         return np.fromfile(self.path, self.dtype, count=count, offset=start * self.dtype.itemsize)
 
 
@@ -229,8 +232,8 @@ def exclusive(lock_path: Path, timeout_s: float, what: str, key: str = "data.cac
                         "ends, so a crashed writer never blocks a rerun."
                     ) from None
                 if told is None or time.monotonic() - told >= 30:
-                    print(f"info: waiting for {_describe_holder(lock_path)}: {what}; the result is then read from "
-                          f"there (waited {waited:.0f} s of {key}={timeout_s:g})", file=sys.stderr, flush=True)  # fmt: skip
+                    say(f"info: waiting for {_describe_holder(lock_path)}: {what}; the result is then read from "
+                        f"there (waited {waited:.0f} s of {key}={timeout_s:g})")  # fmt: skip
                     told = time.monotonic()
                 time.sleep(0.2)
         holder = Holder(fd, what)

@@ -44,7 +44,7 @@ from sftforge.data import load_tokenizer, read_rows, resolve_files, tokenize_row
 from sftforge.distributed import all_reduce_sum, any_rank_max
 from sftforge.envs import rollout
 from sftforge.envs.textcraft import TextCraftEnv, load_tasks
-from sftforge.evaluate import samples_from_rows
+from sftforge.evaluation import samples_from_rows
 from sftforge.generation import GenerationOptions, Generator, HFBackend, cut_at_stop
 from sftforge.generation import pad_id as pad_token
 from sftforge.grpo import group_advantages, informative_groups, overlong_penalty, policy_loss_sum, token_advantages
@@ -54,7 +54,7 @@ from sftforge.model import autocast, compute_dtype, load_model
 from sftforge.optim import lr_at, set_lr
 from sftforge.packing import collate, split_to_budget
 from sftforge.parallel import grad_scale, no_grad_sync, prepare_reference
-from sftforge.run import NonFiniteGuard, Run, Signals, clip_gradients, data_fingerprint
+from sftforge.run import NonFiniteGuard, Run, Signals, check_paths, clip_gradients, data_fingerprint
 from sftforge.scorers import ENV_TASKS, as_score, get_scorer
 
 ROLLOUT_BACKENDS = ("hf",)
@@ -443,6 +443,7 @@ def _rl(run: Run, model, tokenizer) -> dict[str, Any]:
     cfg, t = run.cfg, run.cfg.trainer
     check_rl_config(cfg, run.world_size)
     check_loggers(t.logger)
+    check_paths(cfg, model=model is None)  # before the (slow) model and data loading
     strategy = run.strategy()
     if t.offload:
         raise ConfigError("sftforge rl does not support trainer.offload=true yet; set trainer.offload=false.")

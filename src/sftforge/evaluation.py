@@ -42,7 +42,7 @@ from sftforge.generation import (
     hf_generator,
     pad_id,
 )
-from sftforge.model import load_model, with_dtype
+from sftforge.model import check_model_options, load_model, with_dtype
 from sftforge.progress import Live, quiet_libraries
 from sftforge.scorers import ENV_TASKS, EvalSample, as_score, get_scorer, is_task
 from sftforge.vision import load_vision
@@ -137,7 +137,7 @@ def summarize(records: list[dict], stats: GenerationStats, task: str, score_key:
     return summary
 
 
-def evaluate(generator: Generator, samples: list[EvalSample], task: str = "exact") -> EvalResult:
+def evaluate_samples(generator: Generator, samples: list[EvalSample], task: str = "exact") -> EvalResult:
     """Generate an answer for every sample and score it; records hold prompt, generation, reference and score."""
     scorer = get_scorer(task)
     prompts = [generator.prompt(s.messages, s.tools) for s in samples]
@@ -243,7 +243,7 @@ class TrainingEval:
         if self.samples is None:
             res = evaluate_env(gen, self.rows, self.cfg.data, self.task)
         else:
-            res = evaluate(gen, self.samples, self.task)
+            res = evaluate_samples(gen, self.samples, self.task)
         if records_path is not None:
             Path(records_path).parent.mkdir(parents=True, exist_ok=True)
             write_records(records_path, res.records)
@@ -278,41 +278,91 @@ def add_eval_arguments(p) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.format=alpaca")
 
 
+def evaluate(
+    model: str | Path | torch.nn.Module,
+    data: Any,
+    task: str = "exact",
+    *,
+    tokenizer=None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    turns: str = "last",
+    max_turns: int = 40,
+    limit: int = 0,
+    backend: str = "hf",
+    output: str | Path | None = None,
+) -> EvalResult:
+    """Generate on ``data`` and score the answers with ``task``; what ``sftforge eval`` runs.
+
+    ``model``: a folder (e.g. a run's ``final/``) or hub id, or a loaded model (then give ``tokenizer``).
+    ``data``: a file, glob or list of files as data.train_files, or rows in memory (a list of dicts in any format
+    data.format reads; errors name them ``rows[i]``). ``task``: exact | gsm8k | mcq | tool_call | textcraft |
+    module:function. ``overrides``: config keys as on the command line (``["data.format=alpaca"]``) or a mapping.
+    Returns :class:`EvalResult`: ``summary`` (accuracy, 95% Wilson interval, tokens/s, ...) and one record per sample
+    (prompt, generation, reference, score); ``output`` also writes the records as jsonl."""
+    if not is_task(task):
+        get_scorer(task)  # raises with the list of tasks
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size), ("max_turns", max_turns)):
+        if value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+    if backend not in ("hf", "vllm"):
+        raise ConfigError(f"backend must be hf or vllm, got {backend!r}.")
+    loaded = isinstance(model, torch.nn.Module)
+    if loaded and tokenizer is None:
+        raise ConfigError("evaluate(model=<a loaded model>) needs tokenizer= as well (or pass the model's folder).")
+    if loaded and backend == "vllm":
+        raise ConfigError("backend='vllm' loads the model itself: pass the model's folder or hub id, not a module.")
+    cfg = load_config(None, overrides, **({} if loaded else {"model": {"path": str(model)}}))
+    if not loaded and not is_built_module(str(model)):
+        check_model_options(cfg.model)  # a missing folder, a file for a folder: said before anything loads
+    if loaded:
+        device = next(model.parameters()).device
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu")
+    cfg = with_dtype(cfg, device)  # model.dtype=auto: bf16 on a bf16 GPU, fp32 on the CPU
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg)
+    if isinstance(data, (list, tuple)) and data and all(isinstance(r, dict) for r in data):
+        rows = [(f"rows[{i}]", r) for i, r in enumerate(data)]
+    else:
+        rows = file_rows(data, "--data")
+    if limit > 0:
+        rows = rows[:limit]
+    opts = GenerationOptions(max_new_tokens, temperature, top_p, do_sample, batch_size, seed)
+    if backend == "vllm":
+        check_vllm()
+        engine: Any = VLLMBackend(str(model), cfg.model.dtype, cfg.model.trust_remote_code)
+    else:
+        if not loaded:
+            with quiet_libraries():
+                path = str(model)
+                model = load_trained(path, device) if is_built_module(path) else load_model(cfg.model, device)
+        engine = HFBackend(model, pad_id(tok), cfg.model.dtype)
+    generator = Generator(engine, tok, opts, cfg.data.chat_template_kwargs, load_vision(cfg, tok))
+    if task in ENV_TASKS:
+        result = evaluate_env(generator, rows, cfg.data, task, max_turns)
+    else:
+        result = evaluate_samples(generator, samples_from_rows(rows, cfg.data, turns), task)
+    if output:
+        write_records(output, result.records)
+    return result
+
+
 def eval_main(args) -> int:
     """``sftforge eval``: load the model, generate, score, write the jsonl, print the summary table."""
-    if not is_task(args.task):
-        get_scorer(args.task)  # raises with the list of tasks
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise ConfigError(f"unexpected argument(s) {' '.join(bad)}: overrides are key=value (e.g. data.format=alpaca).")
-    for name in ("max_new_tokens", "batch_size", "max_turns"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
     if not args.do_sample and (args.temperature != 1.0 or args.top_p != 1.0):
         print("note: --temperature/--top-p apply only with --do-sample; decoding is greedy.", file=sys.stderr)
-    cfg = load_config(None, [f"model.path={args.model}", *args.overrides])
-    device = "cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu"
-    cfg = with_dtype(cfg, device)  # model.dtype=auto: bf16 on a bf16 GPU, fp32 on the CPU
-    tok = load_tokenizer(cfg)
-    rows = file_rows(args.data, "--data")
-    if args.limit > 0:
-        rows = rows[: args.limit]
-    opts = GenerationOptions(args.max_new_tokens, args.temperature, args.top_p, args.do_sample, args.batch_size,
-                             args.seed)  # fmt: skip
-    if args.backend == "vllm":
-        check_vllm()
-        backend: Any = VLLMBackend(args.model, cfg.model.dtype, cfg.model.trust_remote_code)
-    else:
-        with quiet_libraries():
-            model = load_trained(args.model, device) if is_built_module(args.model) else load_model(cfg.model, device)
-        backend = HFBackend(model, pad_id(tok), cfg.model.dtype)
-    generator = Generator(backend, tok, opts, cfg.data.chat_template_kwargs, load_vision(cfg, tok))
-    if args.task in ENV_TASKS:
-        result = evaluate_env(generator, rows, cfg.data, args.task, args.max_turns)
-    else:
-        result = evaluate(generator, samples_from_rows(rows, cfg.data, args.turns), args.task)
-    if args.output:
-        write_records(args.output, result.records)
+    result = evaluate(args.model, args.data, args.task, overrides=args.overrides, max_new_tokens=args.max_new_tokens,
+                      batch_size=args.batch_size, do_sample=args.do_sample, temperature=args.temperature,
+                      top_p=args.top_p, seed=args.seed, turns=args.turns, max_turns=args.max_turns, limit=args.limit,
+                      backend=args.backend, output=args.output or None)  # fmt: skip
     print_summary(result.summary)
     if args.output:
         print(f"wrote {len(result.records)} records to {args.output}")

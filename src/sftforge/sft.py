@@ -34,15 +34,15 @@ from sftforge.batching import Plan, grad_accum_steps, make_plan, micro_batch_gro
 from sftforge.config import Config, ConfigError
 from sftforge.data import build_dataset, load_tokenizer
 from sftforge.distributed import all_reduce_sum, any_rank_max
-from sftforge.evaluate import TrainingEval
+from sftforge.evaluation import TrainingEval
 from sftforge.generation import pad_id
 from sftforge.metrics import check_loggers
-from sftforge.model import autocast, check_model_options, compute_dtype
+from sftforge.model import autocast, compute_dtype
 from sftforge.optim import lr_at, set_lr
 from sftforge.packing import collate, padded_tokens
 from sftforge.parallel import grad_scale, no_grad_sync, unsharded
 from sftforge.progress import peak_memory_gb
-from sftforge.run import NonFiniteError, Run, Signals, clip_gradients, data_fingerprint
+from sftforge.run import NonFiniteError, Run, Signals, check_paths, clip_gradients, data_fingerprint
 from sftforge.ulysses import sp_group_layout
 from sftforge.vision import load_vision
 
@@ -133,8 +133,7 @@ def train(cfg: Config, *, model=None, tokenizer=None, train_dataset=None, val_da
 def _train(run: Run, model, tokenizer, train_dataset, val_dataset) -> dict[str, Any]:
     cfg, t, o = run.cfg, run.cfg.trainer, run.cfg.optim
     check_loggers(t.logger)
-    if model is None:
-        check_model_options(cfg.model)  # before the (slow) data loading
+    check_paths(cfg, model=model is None)  # before the (slow) model and data loading
     dp_size, sp_size = sp_group_layout(run.world_size, t.sp_size)
     dp_rank = run.rank // sp_size  # ranks k·sp … k·sp+sp-1 share data-parallel rank k (ulysses.py)
     grad_accum_steps(cfg.data.train_batch_size, cfg.data.micro_batch_size_per_gpu, dp_size)
