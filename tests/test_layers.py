@@ -9,7 +9,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "sftforge"
 
 # Lowest first; the README's "Architecture" section lists the same flow.
 ORDER = [
-    "faults", "progress", "config", "distributed",  # bottom: live displays, config, process-group queries, test hooks
+    "faults", "progress", "config", "model_files", "distributed",  # bottom: live displays, config, process-group queries, test hooks
     "chat", "vision", "prefix_tree", "store", "data", "attention", "packing", "batching",  # rows -> samples -> micro-batches
     "loss", "ulysses", "optim", "model", "lora", "parallel",  # the model stack
     "checkpoint", "export", "metrics",  # what a run writes

@@ -2,6 +2,8 @@
 checkpoint before it is marked complete and pruned with it; it loads with AutoModelForCausalLM.from_pretrained, and at
 the last step it equals final/. LoRA: merged + adapter. FSDP2 (one process): gathered from the shards."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -36,6 +38,8 @@ def test_each_checkpoint_holds_a_loadable_hf_folder_pruned_with_it(tmp_path, mod
         res["final_dir"]
     ).encode("hi")
     assert "sftforge" not in (hf / "config.json").read_text()  # the model's own attention, not the packed one
+    # training turns the KV cache off; the export's generate() must have it (it wrote use_cache: false once)
+    assert json.loads((hf / "generation_config.json").read_text()).get("use_cache", True) is True
 
 
 def test_save_hf_lora_writes_merged_and_adapter(tmp_path, model_config_dir, tokenizer_dirs):

@@ -203,11 +203,17 @@ def main(argv: list[str] | None = None) -> int:
 
     add_bench_arguments(p_bench)
 
-    p_export = sub.add_parser("export", help="write a Hugging Face folder from a step_<N> checkpoint (or a run folder)")
+    p_export = sub.add_parser("export", help="write a Hugging Face folder from a step_<N> checkpoint (or a run folder, "
+                              "or a .gguf model)")  # fmt: skip
     p_export.add_argument(
-        "checkpoint", help="a step_<N> folder, or a run's output_dir (its newest complete checkpoint)"
+        "checkpoint",
+        help="a step_<N> folder, a run's output_dir (its newest complete checkpoint), or a .gguf file "
+        "(dequantized to a safetensors folder)",
     )
-    p_export.add_argument("--output", "-o", required=True, help="folder to write")
+    p_export.add_argument("output_dir", nargs="?", default=None, help="folder to write (or --output)")
+    p_export.add_argument("--output", "-o", default=None, help="folder to write")
+    p_export.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="a .gguf model: the dtype of "
+                          "the written weights (default fp32)")  # fmt: skip
     p_export.add_argument("--merge", action="store_true", help="LoRA run: merge the adapter into the base weights "
                           "(default: write the adapter only)")  # fmt: skip
 
@@ -258,9 +264,16 @@ def main(argv: list[str] | None = None) -> int:
 
             return bench_main(args)
         if args.command == "export":
-            from sftforge.export import export_checkpoint
+            from sftforge.export import export_checkpoint, export_gguf
+            from sftforge.model_files import gguf_location
 
-            print(f"wrote {export_checkpoint(args.checkpoint, args.output, merge=args.merge)}")
+            output = args.output or args.output_dir
+            if not output or (args.output and args.output_dir):
+                parser.error("export: give the folder to write once, as a second argument or with --output")
+            if gguf_location(args.checkpoint) is not None:
+                print(f"wrote {export_gguf(args.checkpoint, output, args.dtype)}")
+            else:
+                print(f"wrote {export_checkpoint(args.checkpoint, output, merge=args.merge)}")
             return 0
         if args.command == "eval":
             from sftforge.evaluation import eval_main

@@ -47,6 +47,9 @@ class ModelConfig:
     (random init, see model.init_seed)."""
     tokenizer_path: str = ""
     """Tokenizer folder or hub id; empty means model.path."""
+    gguf_file: str = ""
+    """model.path is a folder with several .gguf files: the one to load (model.path may also name the .gguf file
+    itself). GGUF weights are dequantized to fp32, trained like any model, exported as safetensors."""
     dtype: str = "auto"
     """auto | bf16 | fp32. bf16: bf16 compute, fp32 master weights and optimizer state. auto: bf16 on a GPU that
     supports it, fp32 on the CPU. fp32 on a GPU computes matmuls in TF32."""
@@ -1304,10 +1307,18 @@ def load_config(
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"Config file {p} does not exist.")
+        if p.suffix.lower() in (".parquet", ".jsonl", ".arrow", ".csv", ".gguf", ".safetensors"):
+            what = "a model" if p.suffix.lower() in (".gguf", ".safetensors") else "a data"
+            key = "model.path" if what == "a model" else "data.train_files"
+            raise ConfigError(f"{p} is {what} file, not a config (the first argument is a YAML config): give it as "
+                              f"{key}={p}.")  # fmt: skip
         try:
             raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"Config file {p} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"Config file {p} holds a {type(raw).__name__}, not a mapping of sections (model:, "
+                              "data:, optim:, trainer:, ...).")  # fmt: skip
     if isinstance(overrides, dict):
         trees = [_dotted_tree(str(k), v) for k, v in overrides.items()]
     else:

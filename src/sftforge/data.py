@@ -40,6 +40,7 @@ from sftforge.chat import (
     tokenize_layouts,
 )
 from sftforge.config import Config, ConfigError, DataConfig
+from sftforge.model_files import pretrained_args
 from sftforge.progress import Live, duration, on_terminal, say
 from sftforge.store import Store, StoreWriter, exclusive, open_store, remove_partials
 from sftforge.vision import image_file
@@ -390,10 +391,11 @@ def load_tokenizer(cfg: Config):
     path = cfg.model.tokenizer_path or cfg.model.path
     if not path:
         raise ConfigError("Set model.path (or model.tokenizer_path) to a tokenizer folder or a hub id.")
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    key = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
+    source, gguf = pretrained_args(path, "" if cfg.model.tokenizer_path else cfg.model.gguf_file, key)
+    try:  # a GGUF model: its tokenizer and chat template come from the same file
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code, **gguf)
     except Exception as e:
-        key = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
         raise ConfigError(f"{key}={path!r}: could not load a tokenizer ({type(e).__name__}: {e}).") from None
     if cfg.data.chat_template:
         tok.chat_template = load_chat_template(cfg.data.chat_template)

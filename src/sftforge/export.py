@@ -13,13 +13,15 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 
-from sftforge.chat import end_of_turn_token_ids, load_chat_template
+from sftforge.chat import end_of_turn_token_ids
 from sftforge.checkpoint import child, is_complete, latest_checkpoint, load_any
 from sftforge.config import ConfigError, load_config
+from sftforge.data import load_tokenizer
 from sftforge.lora import is_peft, prepare_model
-from sftforge.model import build_model, compute_dtype
+from sftforge.model import build_model, compute_dtype, load_model
+from sftforge.model_files import gguf_location
 from sftforge.vision import load_vision
 
 
@@ -65,6 +67,7 @@ def export_hf(
     if vision is not None:
         vision.save(out)
     gen = GenerationConfig.from_model_config(model.config)
+    gen.use_cache = True  # (training turns the cache off in model.config; generate() with the export needs it)
     if eos_token_ids:
         gen.eos_token_id = list(eos_token_ids)
     if tokenizer is not None and gen.pad_token_id is None and tokenizer.pad_token_id is not None:
@@ -229,15 +232,30 @@ def export_checkpoint(ckpt: str | Path, output: str | Path, merge: bool = False)
     model = prepare_model(build_model(cfg, "cpu"), cfg.model)
     load_any(p, model, None, restore_rng=False)  # one-process safetensors, or DCP shards of any world size
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
-    if cfg.data.chat_template:
-        tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
+    tokenizer = load_tokenizer(cfg)  # with data.chat_template when the run set one
     return export_model(model, output, tokenizer, generation_eos_ids(tokenizer, cfg.data.chat_template_kwargs), compute_dtype(cfg.model.dtype),
                         merge=merge, base_path=cfg.model.path, vision=load_vision(cfg, tokenizer),
                         run_config=yaml.safe_load((p / "config.yaml").read_text()))  # fmt: skip
 
 
+def export_gguf(source: str | Path, output: str | Path, dtype: str = "fp32") -> Path:
+    """``sftforge export model.gguf OUT/``: a GGUF model (the file, or a folder with one) as a safetensors folder that
+    ``from_pretrained`` loads without the gguf package: weights dequantized to ``dtype``, config with no quantization
+    flag, tokenizer with its chat template, generation_config stopping at the template's end of turn."""
+    cfg = load_config(None, {"model.path": str(source), "model.dtype": dtype})
+    if gguf_location(cfg.model.path) is None:
+        raise ConfigError(f"{source} is neither a .gguf file nor a folder holding one (or a step_<N> checkpoint).")
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} exists and is not an empty folder: give a new folder to write.")
+    model = load_model(cfg.model, "cpu")
+    model.eval()
+    tokenizer = load_tokenizer(cfg)
+    return export_hf(model, out, tokenizer, generation_eos_ids(tokenizer), compute_dtype(dtype))
+
+
 __all__ = [
+    "export_gguf",
     "export_checkpoint",
     "export_hf",
     "export_model",

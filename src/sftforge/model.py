@@ -18,6 +18,7 @@ import torch
 
 from sftforge.config import Config, ConfigError, ModelConfig
 from sftforge.loss import has_fast_path
+from sftforge.model_files import check_gguf_packages, drop_quantizer, gguf_location, pretrained_args
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
@@ -54,14 +55,21 @@ def check_model_options(cfg: ModelConfig) -> None:
         where = Path(value).expanduser()
         if value and _looks_local(value) and not where.exists():
             raise ConfigError(
-                f"model.{key}={value!r} does not exist; point it to a model folder or a hub id (org/name)."
+                f"model.{key}={value!r} does not exist; point it to a model folder, a .gguf file or a hub id (org/name)."
             )
+        gguf = gguf_location(value, cfg.gguf_file if key == "path" or not cfg.path else "", f"model.{key}")
+        if gguf is not None:
+            check_gguf_packages(f"model.{key}={value!r}")
+            continue
         if value and where.is_file():
             raise ConfigError(f"model.{key}={value!r} is a file; give the model's folder (config.json, weights, "
-                              "tokenizer files) or a hub id (org/name).")  # fmt: skip
+                              "tokenizer files), a .gguf file or a hub id (org/name).")  # fmt: skip
         if value and where.is_dir() and not any((where / f).is_file() for f in _MODEL_FILES):
-            raise ConfigError(f"model.{key}={value!r} is a folder with no config.json and no tokenizer files; give the "
-                              "model's folder (a Hugging Face save_pretrained folder) or a hub id (org/name).")  # fmt: skip
+            raise ConfigError(f"model.{key}={value!r} is a folder with no config.json, no tokenizer files and no .gguf "
+                              "file; give the model's folder (a Hugging Face save_pretrained folder) or a hub id "
+                              "(org/name).")  # fmt: skip
+    if cfg.gguf_file and not cfg.path:
+        raise ConfigError("model.gguf_file is set but model.path is empty: set model.path to the folder that holds it.")
     check_attn_implementation(cfg.attn_implementation)
 
 
@@ -83,11 +91,16 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", *, skeleton
     check_model_options(cfg)
     common = {"trust_remote_code": cfg.trust_remote_code, "attn_implementation": cfg.attn_implementation}
     local = Path(cfg.path)
+    source, gguf = pretrained_args(cfg.path, cfg.gguf_file)
     try:
         if skeleton:
-            config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **gguf)
             with torch.device("meta"):
                 model = auto_class(config).from_config(config, dtype=torch.float32, **common)
+        elif gguf:  # dequantized to fp32 by transformers' GGUF reader; then a plain model
+            config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **gguf)
+            model = auto_class(config).from_pretrained(source, dtype=torch.float32, **gguf, **common)
+            drop_quantizer(model)
         elif local.is_dir() and not has_weights(local):
             if any(local.glob("*.bin")) or any(local.glob("*.pt")) or any(local.glob("*.pth")):
                 raise ConfigError(

@@ -38,6 +38,7 @@ from sftforge.measure import DEFAULT_STEPS, WARMUP, format_measured, process_age
 from sftforge.measure import measure as run_measure
 from sftforge.metrics import check_loggers
 from sftforge.model import auto_class
+from sftforge.model_files import pretrained_args
 from sftforge.optim import warmup_steps
 from sftforge.progress import say
 from sftforge.run import check_paths
@@ -113,13 +114,14 @@ class ModelShape:
         )
 
     @classmethod
-    def from_path(cls, path: str, trust_remote_code: bool = False) -> ModelShape:
+    def from_path(cls, path: str, trust_remote_code: bool = False, gguf_file: str = "") -> ModelShape:
         from transformers import AutoConfig
 
         if not path:
             raise ConfigError("Set model.path: the plan reads the model's config.json (no weights).")
+        source, gguf = pretrained_args(path, gguf_file)  # a GGUF file: its header holds the config
         try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf)
         except Exception as e:
             raise ConfigError(f"model.path={path!r}: could not read its config ({type(e).__name__}: {e}).") from None
         return cls.from_config(config)
@@ -573,7 +575,7 @@ def plan_from_config(cfg: Config, gpu_memory: str | int | None = None) -> tuple[
     val_n = None
     if cfg.data.val_files:
         val_n = len(build_dataset(cfg.data, tok, cfg.data.val_files, "data.val_files", vision))
-    shape = ModelShape.from_path(cfg.model.path, cfg.model.trust_remote_code)
+    shape = ModelShape.from_path(cfg.model.path, cfg.model.trust_remote_code, cfg.model.gguf_file)
     # the store's length and trained columns, read slice by slice: neither the tokens nor whole columns in memory
     lengths, supervised = ds.store.column("length"), ds.store.column("trained")
     plan = build_plan(cfg, lengths, supervised, shape=shape, gpu_memory=mem, report=ds.report, val_samples=val_n)
