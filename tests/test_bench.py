@@ -13,7 +13,7 @@ from sftforge.cli import main
 def test_bench_cli_sftforge_only_prints_table(capsys, model_config_dir, textcraft_dir, tmp_path):
     out_json = tmp_path / "rows.json"
     rc = main(
-        ["bench", "--no-trl", "--model-config", str(model_config_dir / "qwen3-tiny"), "--data",
+        ["bench", "--no-trl", f"model.path={model_config_dir / 'qwen3-tiny'}", "--data",
          str(textcraft_dir / "train_react.jsonl"), "--batch", "2", "--steps", "1", "--json", str(out_json)]
     )  # fmt: skip
     assert rc == 0
@@ -26,6 +26,27 @@ def test_bench_cli_sftforge_only_prints_table(capsys, model_config_dir, textcraf
 
     (r,) = json.loads(out_json.read_text())
     assert r["tokens_per_s"] > 0 and r["peak_mib"] > 100 and 0 < r["mfu"] < 1 and r["padding"] == 0
+    assert len(r["losses"]) == 2 and all(x > 0 for x in r["losses"])  # warmup + 1 timed step, each step's mean loss
+
+
+def test_bench_model_given_twice_or_missing_is_refused(capsys, model_config_dir, tmp_path):
+    tiny = str(model_config_dir / "qwen3-tiny")
+    assert main(["bench", "--no-trl", "--model", tiny, f"model.path={tiny}"]) == 2
+    assert "give the model once" in capsys.readouterr().err
+    assert main(["bench", "--no-trl", "--model", str(tmp_path / "nope")]) == 2
+    assert str(tmp_path / "nope") in capsys.readouterr().err
+
+
+def test_loss_table_puts_the_steps_side_by_side_with_the_largest_relative_difference():
+    rows = [{"trainer": "sftforge", "batch": 8, "losses": [2.0, 1.5, 1.0]},
+            {"trainer": "trl", "batch": 8, "losses": [2.0, 1.5003, 1.0]},
+            {"trainer": "trl-best", "batch": 8, "losses": [2.2, 1.5, 1.0]}]  # fmt: skip
+    text = bench.loss_table(rows)
+    assert "| step | sftforge | trl | trl-best | largest rel. diff |" in text
+    assert "| 1 | 2.000000 | 2.000000 | 2.200000 | 1.0e-01 |" in text
+    assert "trl vs sftforge: largest relative loss difference 2.0e-04 over 3 steps" in text
+    assert "trl-best vs sftforge: largest relative loss difference 1.0e-01 over 3 steps" in text
+    assert bench.loss_table(rows[1:]) == ""  # nothing to compare against
 
 
 def test_bench_without_trl_says_how_to_install(monkeypatch, model_config_dir, textcraft_dir):

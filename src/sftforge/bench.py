@@ -48,6 +48,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sftforge.model_files import gguf_files
+
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 INSTALL_HINT = "pip install 'sftforge[bench]' (from a checkout: pip install -e '.[bench]')"
@@ -188,19 +190,21 @@ def _child_sftforge(spec: dict) -> dict:
         sync()
         t0 = time.perf_counter()
         _, _, micro, n_sup, n_tok = step_micro_batches(ds, step, cfg, plan)
-        cells = 0
+        cells, loss = 0, 0.0
         for samples in micro:
             mb = collate(samples, cfg.data.packing, cfg.model.attn_implementation, pad, compute_dtype(cfg.model.dtype))
             cells += mb.input_ids.numel()
             with autocast(cfg.model.dtype, dev):
                 s, _ = engine(mb.to(dev))
-            (s / max(n_sup, 1)).backward()
+            part = s / max(n_sup, 1)
+            part.backward()
+            loss += float(part.detach())
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else 1e9)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
         lens = [len(x.input_ids) for group in micro for x in group]
-        steps.append({"s": time.perf_counter() - t0, "tokens": n_tok, "cells": cells, "lens": lens})
+        steps.append({"s": time.perf_counter() - t0, "tokens": n_tok, "cells": cells, "lens": lens, "loss": loss})
     out = {"steps": steps, "tokenize_s": tok_s, "rows": len(ds), "config": model.config.to_dict()}
     if dev.type == "cuda":
         out["gpu_peak"] = torch.cuda.max_memory_allocated(dev)
@@ -223,7 +227,7 @@ def _child_trl(spec: dict) -> dict:
     device = spec.get("device", "cpu")
     model = load_model(cfg.model, device)
     stamps: list[float] = []
-    counts: list[list[int]] = [[0, 0]]
+    counts: list[list] = [[0, 0, 0.0]]
 
     class Timer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
@@ -231,13 +235,16 @@ def _child_trl(spec: dict) -> dict:
 
         def on_step_end(self, args, state, control, **kw):
             stamps.append(time.perf_counter())
-            counts.append([0, 0])
+            counts.append([0, 0, 0.0])
 
     class Counting(SFTTrainer):
         def training_step(self, model, inputs, *a, **kw):
             counts[-1][0] += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else 0
             counts[-1][1] += int(inputs["input_ids"].numel())
-            return super().training_step(model, inputs, *a, **kw)
+            loss = super().training_step(model, inputs, *a, **kw)
+            # with num_items_in_batch (the step's label count) each micro-batch returns its share of the step's loss
+            counts[-1][2] += float(loss)
+            return loss
 
     micro = cfg.data.micro_batch_size_per_gpu
     best = spec["trainer"] == "trl-best"  # padding-free (packed, no padding) + assistant-only loss
@@ -247,7 +254,13 @@ def _child_trl(spec: dict) -> dict:
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=spec["batch"] // micro,
         max_steps=spec["steps"] + 1,
-        learning_rate=cfg.optim.lr,
+        learning_rate=cfg.optim.lr,  # the optimizer of the sftforge child: AdamW, constant lr, same betas/eps/clip
+        lr_scheduler_type="constant",
+        adam_beta1=cfg.optim.betas[0],
+        adam_beta2=cfg.optim.betas[1],
+        adam_epsilon=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+        max_grad_norm=cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else 1e9,
         bf16=cfg.model.dtype == "bf16",
         gradient_checkpointing=False,
         max_length=None,
@@ -266,7 +279,7 @@ def _child_trl(spec: dict) -> dict:
         batch = rows[k * spec["batch"] : (k + 1) * spec["batch"]]
         lens = [len(s.input_ids) for s in batch]
         steps.append({"s": stamps[k + 1] - stamps[k], "tokens": sum(lens), "cells": counts[k][1], "lens": lens,
-                      "counted_tokens": counts[k][0]})  # fmt: skip
+                      "counted_tokens": counts[k][0], "loss": counts[k][2]})  # fmt: skip
     return {"steps": steps, "tokenize_s": tok_s, "rows": len(ds), "config": model.config.to_dict()}
 
 
@@ -320,7 +333,38 @@ def summarize(trainer: str, batch: int, result: dict, peak_flops: float) -> dict
         "mfu": flops / secs / peak_flops,
         "tokenize_s": result["tokenize_s"],
         "rows": result["rows"],
+        "losses": [s.get("loss") for s in result["steps"]],  # every step, warmup included (step 1 = same weights)
     }
+
+
+def loss_table(rows: list[dict]) -> str:
+    """Per-step training loss of every trainer, side by side, and the largest relative difference to sftforge's:
+    the same tokens, order, weights and optimizer, each normalized by the step's supervised tokens, so they agree
+    to float noise unless one of them computes something else (a mask, a normalization, attention across samples)."""
+    out = []
+    for batch in sorted({r["batch"] for r in rows}):
+        group = [r for r in rows if r["batch"] == batch and r.get("losses")]
+        ours = next((r for r in group if r["trainer"] == "sftforge"), None)
+        if ours is None or len(group) < 2:
+            continue
+        names = [r["trainer"] for r in group]
+        out += [f"\nper-step loss, batch {batch}:", "| step | " + " | ".join(names) + " | largest rel. diff |",
+                "|---:|" + "---:|" * (len(names) + 1)]  # fmt: skip
+        for k, mine in enumerate(ours["losses"]):
+            vals = [r["losses"][k] if k < len(r["losses"]) else None for r in group]
+            diffs = [abs(v - mine) / abs(mine) for v in vals if v is not None and mine]
+            out.append(f"| {k + 1} | " + " | ".join("-" if v is None else f"{v:.6f}" for v in vals)
+                       + f" | {max(diffs):.1e} |")  # fmt: skip
+        for r in group:
+            if r is not ours:
+                d = max_rel_diff(ours["losses"], r["losses"])
+                out.append(f"{r['trainer']} vs sftforge: largest relative loss difference {d:.1e} over "
+                           f"{min(len(r['losses']), len(ours['losses']))} steps")  # fmt: skip
+    return "\n".join(out)
+
+
+def max_rel_diff(a: list[float], b: list[float]) -> float:
+    return max((abs(x - y) / abs(x) for x, y in zip(a, b) if x), default=0.0)
 
 
 def table(rows: list[dict]) -> str:
@@ -343,6 +387,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def tokenizer_overrides(model: str | Path) -> list[str]:
+    """A config-only folder (a shape, random init) gets the vendored Qwen3 tokenizer; a real model (weights, a .gguf
+    file, a hub id) its own."""
+    p = Path(model)
+    if p.is_dir() and not any(p.glob("*.safetensors")) and not gguf_files(p) and not (p / "tokenizer.json").exists():
+        tok = unpack_tokenizer("qwen3", Path(tempfile.gettempdir()) / "sftforge-bench-tokenizers")
+        return [f"model.tokenizer_path={tok}"]
+    return []
+
+
 def bench(
     model_config: str | Path,
     data: str | Path,
@@ -357,14 +411,13 @@ def bench(
     device: str = "cpu",
 ) -> list[dict]:
     with_trl = trl_available() if with_trl is None else with_trl
-    tok_root = Path(tempfile.gettempdir()) / "sftforge-bench-tokenizers"
-    tokenizer = unpack_tokenizer("qwen3", tok_root)
     base = [
         f"model.path={model_config}",
-        f"model.tokenizer_path={tokenizer}",
+        *tokenizer_overrides(model_config),
         f"data.train_files={data}",
         f"data.micro_batch_size_per_gpu={micro}",
         "data.shuffle=false",
+        "optim.weight_decay=0",  # (the trainers' decay groups differ: sftforge exempts tied embeddings, TRL does not)
         *(overrides or []),
     ]
     import torch
@@ -402,11 +455,17 @@ def bench(
                 f"  {trainer} batch {batch}: {row['tokens_per_s']:,.0f} tokens/s ({time.perf_counter() - t0:.0f}s)"
             )
     print_fn(table(rows))
+    losses = loss_table(rows)
+    if losses:
+        print_fn(losses)
     return rows
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-config", default=None, help="folder with a config.json (default: qwen3-small fixture)")
+    p.add_argument("--model", "--model-config", dest="model", default=None,
+                   help="a real model (folder with weights, .gguf file, hub id) or a folder with only a config.json "
+                   "(random init, the vendored Qwen3 tokenizer); default: the qwen3-small shape. model.path=... works "
+                   "too")  # fmt: skip
     p.add_argument("--data", default=None, help="conversations file (default: data/textcraft/train_react.parquet)")
     p.add_argument("--batch", type=int, nargs="+", default=[8, 16], help="global batch sizes (default 8 16)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after 1 warmup step (default 3)")
@@ -419,10 +478,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def bench_main(args: argparse.Namespace) -> int:
-    model_config = args.model_config or FIXTURES / "model_configs" / "qwen3-small"
+    from sftforge.config import ModelConfig
+    from sftforge.model import check_model_options
+
+    named = [o.split("=", 1)[1] for o in args.overrides if o.startswith("model.path=")]
+    if named and args.model:
+        print("error: give the model once: --model or model.path=", file=sys.stderr)
+        return 2
+    model_config = (named[-1] if named else args.model) or FIXTURES / "model_configs" / "qwen3-small"
+    overrides = [o for o in args.overrides if not o.startswith("model.path=")]
+    gguf = [o.split("=", 1)[1] for o in overrides if o.startswith("model.gguf_file=")]
+    check_model_options(ModelConfig(path=str(model_config), gguf_file=gguf[-1] if gguf else ""))  # exit 2 if wrong
     data = args.data or default_data()
-    if not Path(model_config, "config.json").exists() or not Path(data).exists():
-        print(f"error: need {model_config}/config.json and {data} (run from a source checkout)", file=sys.stderr)
+    if not Path(data).exists():
+        print(f"error: {data} does not exist (the default data is in a source checkout; give --data FILE)",
+              file=sys.stderr)  # fmt: skip
         return 2
     if args.no_trl:
         with_trl = False
@@ -434,7 +504,7 @@ def bench_main(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             print("error: --device cuda but no CUDA device is available; use --device cpu", file=sys.stderr)
             return 2
-    rows = bench(model_config, data, args.batch, args.steps, args.micro, with_trl, args.overrides, threads=args.threads,
+    rows = bench(model_config, data, args.batch, args.steps, args.micro, with_trl, overrides, threads=args.threads,
                  device=args.device)  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

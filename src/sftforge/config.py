@@ -43,8 +43,8 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     path: str = ""
-    """Hugging Face model: a local folder, a hub id, or a folder with only config.json + tokenizer files
-    (random init, see model.init_seed)."""
+    """Hugging Face model: a local folder, a hub id, a .gguf file (or a folder holding one; needs the gguf extra),
+    or a folder with only config.json + tokenizer files (random init, see model.init_seed)."""
     tokenizer_path: str = ""
     """Tokenizer folder or hub id; empty means model.path."""
     gguf_file: str = ""
