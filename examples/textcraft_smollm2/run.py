@@ -83,7 +83,7 @@ def main(argv: list[str]) -> int:
         sh("export", str(smollm2_gguf()), str(base))
     train, heldout = split(int(opts["--train-rows"]), int(opts["--eval-rows"]))
     evaluate = ("--data", str(heldout), "--task", "textcraft", "--max-turns", opts["--max-turns"],
-                "--max-new-tokens", "48")  # fmt: skip
+                "--max-new-tokens", "48", "--batch-size", "16")  # fmt: skip
     t0 = time.perf_counter()
     sh("eval", "--model", str(base), *evaluate, "-o", str(OUT / "before.jsonl"))
     t1 = time.perf_counter()
