@@ -63,14 +63,22 @@ def split(train_rows: int, eval_rows: int) -> tuple[Path, Path]:
 
 
 def success(records: Path) -> str:
-    """Success rate of the episodes in an eval's -o file, with its 95% Wilson interval (as sftforge eval prints)."""
-    scores = [json.loads(line)["score"] for line in records.read_text().splitlines()]
-    low, high = wilson(sum(scores), len(scores))
-    return f"success rate {sum(scores) / len(scores):.1%} (95% interval {low:.1%} - {high:.1%}) of {len(scores)}"
+    """Success rate of the episodes in an eval's -o file, with its 95% Wilson interval (as sftforge eval prints), and
+    what the actions did: well formed (the environment parsed a command), crafted something, episode ended by the
+    model's own ``finish``."""
+    eps = [json.loads(line) for line in records.read_text().splitlines()]
+    ok = sum(e["score"] for e in eps)
+    low, high = wilson(ok, len(eps))
+    obs = [o for e in eps for o in e["observations"]]
+    parsed = sum("Invalid action" not in o for o in obs)
+    crafted = sum("Crafted " in o for o in obs)
+    finished = sum(e.get("finished", 0) for e in eps)
+    return (f"success rate {ok / len(eps):.1%} (95% interval {low:.1%} - {high:.1%}) of {len(eps)}; "
+            f"{len(obs)} actions, {parsed} well formed, {crafted} crafted; {finished:.0f} episodes finished")  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
-    opts = {"--train-rows": "400", "--eval-rows": "40", "--base": "", "--max-turns": "20"}
+    opts = {"--train-rows": "320", "--eval-rows": "30", "--base": "", "--max-turns": "12"}
     overrides = list(argv)
     for key in opts:
         if key in overrides:

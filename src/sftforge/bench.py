@@ -6,9 +6,12 @@ alternately (sftforge 8, TRL 8, sftforge 16, TRL 16): on a shared machine, load 
 
 What is identical: the tokens (both get sftforge's one render of each conversation: ``input_ids`` + the assistant
 loss mask; TRL receives them pre-tokenized as ``input_ids`` + ``assistant_masks`` and builds its labels from them), the
-samples of every step (the first samples in file order, no shuffling), the model (same config, same random init,
-sdpa attention, no gradient checkpointing), the precision (model.dtype: auto is fp32 on the CPU, bf16 on a GPU that
-has it), global batch and micro-batch size, AdamW. ``--device cuda`` trains every case on the GPU; peak memory is
+samples of every step (the first samples in file order, no shuffling), the model (same config and random init, or
+the same real weights: ``--model`` / ``model.path=`` takes a .gguf file, a Hugging Face folder or a hub id; sdpa
+attention, no gradient checkpointing), the precision (model.dtype: auto is fp32 on the CPU, bf16 on a GPU that has
+it), global batch and micro-batch size, AdamW with a constant lr and the same betas, eps, clipping and no weight
+decay. Both record each step's loss (divided by the step's supervised tokens): :func:`loss_table` prints them side
+by side with their largest relative difference, which is fp32 noise unless one trainer computes something else. ``--device cuda`` trains every case on the GPU; peak memory is
 then ``torch.cuda.max_memory_allocated`` of the timed steps, and the MFU divides by the card's bf16 dense data-sheet
 peak (:data:`DENSE_BF16_PEAK`; a measured matmul probe for a card not in it).
 
@@ -17,8 +20,8 @@ TRL runs with SFTConfig's defaults except: ``bf16`` as model.dtype (TRL's defaul
 the recomputation), ``max_length=None`` (TRL's default 1024 would truncate long conversations and train fewer
 tokens), ``train_sampling_strategy="sequential"`` (same samples per step), ``use_cpu`` on the CPU, no saving/reporting.
 So TRL keeps its defaults that matter for speed: right padding to the longest sample of each micro-batch
-(``padding_free=False``, ``packing=False``), full logits over the vocabulary at every position, and its per-step
-token accuracy/entropy metrics. Its loss is assistant-only through the ``assistant_masks`` column (TRL's own
+(``padding_free=False``, ``packing=False``), its LM head at every position (TRL 1.16's fused chunked log-prob
+kernel: at labelled positions only on a Triton GPU), and its per-step token accuracy/entropy metrics. Its loss is assistant-only through the ``assistant_masks`` column (TRL's own
 ``assistant_only_loss=True`` needs ``{% generation %}`` markers that the Qwen3 template does not have).
 A second TRL row, ``trl-best``, is TRL at its best on the same data: ``padding_free=True`` (each micro-batch's
 samples concatenated into one row with restarting positions, no padding: TRL's packing without cross-sample
