@@ -109,13 +109,14 @@ def _bad_paths(tmp: Path) -> list[tuple[str, str, str]]:
         ("data.chat_template", missing, "neither an existing file"),
         ("data.image_processor", missing, "does not exist"),
         ("data.cache_dir", str(a_file), "is a file"),
+        ("model.gguf_file", "nope.gguf", "is not in"),
     ]
 
 
 def test_every_path_is_checked_before_anything_slow(tiny, tmp_path, nothing_slow):
     cases = _bad_paths(tmp_path)
     assert {k for k, _, _ in cases} >= {
-        k for k in all_keys() if k.endswith(("path", "_dir", "_files", "checkpoint", "builder", "resume", "template"))
+        k for k in all_keys() if k.endswith(("path", "_dir", "_file", "_files", "checkpoint", "builder", "resume", "template"))
     } | {"data.image_processor"}  # every key that names a path has a case
     for key, value, words in cases:
         extra = ["trainer.eval_freq=1"] if key == "data.eval_files" else []
@@ -158,7 +159,8 @@ def test_the_walk_covers_every_typed_key():
                "algorithm.reward", "optim.betas", "model.attn_implementation", "model.tree_attention",
                "rollout.backend"}  # fmt: skip
     rest = set(all_keys()) - walked - untyped  # the keys that name paths: test_every_path_is_checked_...
-    assert all(k.endswith(("path", "_dir", "_files", "checkpoint", "builder", "resume", "template", "processor"))
+    assert all(k.endswith(("path", "_dir", "_file", "_files", "checkpoint", "builder", "resume", "template",
+                          "processor"))
                for k in rest), rest  # fmt: skip
 
 
