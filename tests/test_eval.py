@@ -166,6 +166,19 @@ def test_prompt_is_the_training_render_cut_at_the_last_assistant_turn(tokenizers
     assert len(every) == sum(sum(m["role"] == "assistant" for m in row_to_conversation(r, cfg)[0]) for _, r in rows)
 
 
+def test_a_prompt_only_row_is_scored_against_its_answer_column_and_one_without_is_refused():
+    """RL-style rows (prompt + answer) evaluate with --task math/exact: the prompt is the whole conversation (a
+    trajectory's tool output never leaks into it); without an answer column there is nothing to score against."""
+    from sftforge.data import DataError
+
+    prompt = [{"role": "system", "content": "Box it."}, {"role": "user", "content": "6 * 7?"}]
+    (s,) = samples_from_rows([("rl.jsonl:1", {"id": "p", "messages": prompt, "answer": 42})], DataConfig(), "all")
+    assert (s.id, s.messages, s.reference) == ("p", prompt, "42")
+    assert get_scorer("math")("The product is \\boxed{42}.", s)["score"] == 1.0
+    with pytest.raises(DataError, match=r"rl.jsonl:2: .*no 'answer' or 'reference' column"):
+        samples_from_rows([("rl.jsonl:2", {"messages": prompt})], DataConfig())
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # A tiny model learns Q->A
 

@@ -116,7 +116,9 @@ def _bad_paths(tmp: Path) -> list[tuple[str, str, str]]:
 def test_every_path_is_checked_before_anything_slow(tiny, tmp_path, nothing_slow):
     cases = _bad_paths(tmp_path)
     assert {k for k, _, _ in cases} >= {
-        k for k in all_keys() if k.endswith(("path", "_dir", "_file", "_files", "checkpoint", "builder", "resume", "template"))
+        k
+        for k in all_keys()
+        if k.endswith(("path", "_dir", "_file", "_files", "checkpoint", "builder", "resume", "template"))
     } | {"data.image_processor"}  # every key that names a path has a case
     for key, value, words in cases:
         extra = ["trainer.eval_freq=1"] if key == "data.eval_files" else []
@@ -151,13 +153,14 @@ BAD = [(k, v) for k in all_keys() for v in _bad_values(k) if (k, v) not in VERL_
 
 def test_the_walk_covers_every_typed_key():
     """Free-form keys (column names, scorer names, patterns) are checked where they are used (rollout.backend by
-    sftforge rl, naming what is supported); every other key is walked."""
+    sftforge rl, naming what is supported; sandbox.interpreter and sandbox.fusion_url by the sandbox, tests/test_sandbox.py); every other key
+    is walked."""
     walked = {k for k, _ in BAD}
     untyped = {"data.format", "data.messages_key", "data.tools_key", "data.images_key", "data.prompt_key",
                "data.response_key", "data.num_proc", "model.compile_backend", "model.lora.target_modules",
                "model.trainable", "model.frozen", "trainer.eval_task", "trainer.logger", "trainer.gpu_memory",
                "algorithm.reward", "optim.betas", "model.attn_implementation", "model.tree_attention",
-               "rollout.backend"}  # fmt: skip
+               "rollout.backend", "sandbox.interpreter", "sandbox.fusion_url"}  # fmt: skip
     rest = set(all_keys()) - walked - untyped  # the keys that name paths: test_every_path_is_checked_...
     assert all(k.endswith(("path", "_dir", "_file", "_files", "checkpoint", "builder", "resume", "template",
                           "processor"))

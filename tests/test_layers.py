@@ -9,11 +9,11 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "sftforge"
 
 # Lowest first; the README's "Architecture" section lists the same flow.
 ORDER = [
-    "faults", "progress", "config", "model_files", "distributed",  # bottom: live displays, config, process-group queries, test hooks
+    "faults", "progress", "config", "model_files", "sandbox", "distributed",  # bottom: live displays, config, process-group queries, test hooks
     "chat", "vision", "prefix_tree", "store", "data", "attention", "packing", "batching",  # rows -> samples -> micro-batches
     "loss", "ulysses", "optim", "model", "lora", "parallel",  # the model stack
     "checkpoint", "export", "metrics",  # what a run writes
-    "scorers", "generation", "envs", "envs.textcraft", "evaluation", "grpo",  # generation, scoring, RL maths
+    "scorers", "generation", "envs", "envs.textcraft", "envs.code", "evaluation", "grpo",  # generation, scoring, RL maths
     "run",  # the lifecycle shared by train and rl
     "sft", "rl_loop",  # the steps
     "measure", "plan", "demo", "bench", "convert", "report",  # entry points

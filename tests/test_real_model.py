@@ -225,3 +225,67 @@ def test_textcraft_example_runs_end_to_end(smol, tmp_path):
     assert held == ["textcraft.train.998", "textcraft.train.999"] and not set(held) & set(trained)
     assert (out / "run" / "final" / "model.safetensors").is_file()
     assert len((out / "after.jsonl").read_text().splitlines()) == 2
+
+
+def _sandbox_and_math() -> str:
+    from sftforge.config import ConfigError, SandboxConfig
+    from sftforge.sandbox import check_sandbox
+
+    if importlib.util.find_spec("math_verify") is None:
+        return "math-verify is not installed (pip install -e '.[math]', scripts/setup.sh)"
+    try:
+        check_sandbox(SandboxConfig())
+    except ConfigError as e:
+        return str(e)
+    return ""
+
+
+def test_the_tool_template_masks_smollm2_tool_trajectories(smol):
+    """The demo's ChatML template on SmolLM2's tokenizer: every assistant turn (the call, the answer) trained with
+    its <|im_end|>, and nothing else — not the system prompt with the tools line, the problem or the tool's output."""
+    from sftforge.chat import template_markers
+    from sftforge.config import load_config
+    from sftforge.data import load_tokenizer, tokenize_row
+
+    demo = ROOT / "examples" / "retool_smollm2"
+    cfg = load_config(None, [f"model.path={smol}", f"data.chat_template={demo / 'chatml_tools.jinja'}"])
+    tok = load_tokenizer(cfg)
+    markers = template_markers(tok, cfg.data.chat_template_kwargs)
+    for i, line in enumerate((demo / "data" / "sft.jsonl").read_text().splitlines()[:10]):
+        row = json.loads(line)
+        s = tokenize_row(f"sft.jsonl:{i + 1}", row, tok, cfg.data, markers)
+        trained = tok.decode([t for t, m in zip(s.input_ids, s.loss_mask) if m])
+        code = row["messages"][2]["tool_calls"][0]["function"]["arguments"]["code"]
+        call = (
+            '<tool_call>\n{"name": "code_interpreter", "arguments": ' + json.dumps({"code": code}) + "}\n</tool_call>"
+        )
+        assert trained == call + "<|im_end|>" + row["messages"][-1]["content"] + "<|im_end|>", trained
+        assert "Tools: code_interpreter(code)" in tok.decode(s.input_ids)  # the tool is offered, untrained
+
+
+def test_retool_example_runs_end_to_end(smol, tmp_path):
+    """examples/retool_smollm2/run.py (the README's tool-integrated RL numbers) in small: base evals with and without
+    the tool, SFT on tool trajectories, DAPO with the sandbox, the evals again and the table."""
+    import shutil
+    import subprocess
+    import sys
+
+    why = _sandbox_and_math()
+    if why:
+        pytest.skip(why)
+    shutil.copytree(ROOT / "examples" / "retool_smollm2", tmp_path / "examples" / "retool_smollm2",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    p = subprocess.run([sys.executable, "examples/retool_smollm2/run.py", "--base", str(smol), "--sft-rows", "32",
+                        "--eval-rows", "4", "--rl-steps", "1", "sft:data.train_batch_size=8", "rl:rollout.n=2",
+                        "rl:rollout.prompts_per_step=2", "rl:algorithm.dynamic_sampling=false"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    table = p.stdout[p.stdout.index("model      | with the code tool") :]
+    assert [line.split("|")[0].strip() for line in table.splitlines()[1:4]] == ["base", "SFT", "SFT + RL"], table
+    out = tmp_path / "outputs" / "retool_smollm2"
+    assert (out / "rl" / "final" / "model.safetensors").is_file()
+    tool = [json.loads(line) for line in (out / "sft_tool.jsonl").read_text().splitlines()]
+    assert len(tool) == 4 and all(r["observations"] for r in tool)
+    assert any("<tool_call>" in g for r in tool for g in r["generation"])  # 2 SFT steps: it calls the tool
+    plain = [json.loads(line) for line in (out / "sft_notool.jsonl").read_text().splitlines()]
+    assert len(plain) == 4 and not any("<tool_call>" in r["prompt"] or "im_start|>tool" in r["prompt"] for r in plain)

@@ -801,6 +801,20 @@ def row_to_conversation(row: Any, data_cfg) -> tuple[list[dict], list | None, li
 # Rendering and masks
 
 
+def prompt_or_conversation(row: Any, data_cfg) -> tuple[list[dict], list | None, list[bool | None], bool]:
+    """:func:`row_to_conversation`, and a prompt-only messages row too (no assistant message: an RL or eval prompt
+    whose answer is a column); the last item says it was one (its messages are the prompt)."""
+    try:
+        return (*row_to_conversation(row, data_cfg), False)
+    except RowError as e:
+        key = data_cfg.messages_key
+        if e.reason != "no assistant turn" or not isinstance(row, dict) or not isinstance(row.get(key), list):
+            raise
+    messages, tools, flags = row_to_conversation({**row, key: [*row[key], {"role": "assistant", "content": "-"}]},
+                                                 data_cfg)  # fmt: skip
+    return messages[:-1], tools, flags[:-1], True
+
+
 def prepare_messages(messages: list[dict], markers: TemplateMarkers, system_into_first_user: bool = False):
     """The messages in the forms the template takes (tool-call arguments as dict or JSON string, the content of a
     tool-call message as '' or None, a system message merged into the first user message when asked).

@@ -11,6 +11,9 @@ sftforge data check    FILE ... [key=value ...] [--json]
 sftforge data convert  IN OUT [--from F] [key=value ...]
 sftforge plan [CONFIG.yaml] [key=value ...] [--json] [--gpu-memory 80GB] [--measure [--steps N]]
 sftforge report RUN_DIR [RUN_DIR ...] [--output report.html]
+sftforge sandbox run FILE.py|- [sandbox.key=value ...]   run one program exactly as a model's tool call runs
+    prints its stdout, stderr, how it ended (exit status, or the limit that stopped it) and the time; exit code: the
+    program's exit status, 3 when a sandbox limit stopped it, 2 when the sandbox cannot start here
 sftforge bench [--batch 8 16] [--steps 3] [--no-trl] [--model-config DIR] [--data FILE]
 """
 
@@ -48,6 +51,33 @@ def rl_main(path: str | None, overrides: list[str]) -> int:
 
     result = rl(load_config(path, list(overrides or [])))
     return 128 + result["interrupted"] if result["interrupted"] else 0
+
+
+def sandbox_main(file: str, overrides: list[str]) -> int:
+    """``sftforge sandbox run FILE.py|-``: the code path of a rollout's tool call, for one program."""
+    from sftforge.sandbox import SandboxUnavailable, run_code
+
+    bad = [o for o in overrides if not o.startswith("sandbox.")]
+    if bad:
+        raise ConfigError(f"sftforge sandbox run takes sandbox.* keys only, not {', '.join(bad)}.")
+    cfg = load_config(None, overrides).sandbox
+    if file == "-":
+        code = sys.stdin.read()
+    else:
+        try:
+            code = open(file, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"sftforge sandbox run: cannot read {file!r} ({type(e).__name__}: {e}).") from None
+    try:
+        result = run_code(code, cfg)
+    except SandboxUnavailable as e:
+        raise ConfigError(str(e)) from None
+    for name, text in (("stdout", result.stdout), ("stderr", result.stderr)):
+        print(f"--- {name} ({len(text)} characters)")
+        if text:
+            print(text, end="" if text.endswith("\n") else "\n")
+    print(f"--- {result.status()} after {result.seconds:.3f} s (sandbox.backend={cfg.backend})")
+    return 3 if result.limit else (result.exit_code if result.exit_code is not None else 128 + (result.signal or 0))
 
 
 def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
@@ -217,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     p_export.add_argument("--merge", action="store_true", help="LoRA run: merge the adapter into the base weights "
                           "(default: write the adapter only)")  # fmt: skip
 
+    p_box = sub.add_parser("sandbox", help="run a program in the sandbox a model's tool calls run in")
+    box_sub = p_box.add_subparsers(dest="sandbox_command", required=True)
+    p_run = box_sub.add_parser("run", help="run FILE.py (or - for stdin) exactly as a rollout's code_interpreter "
+                               "call runs; prints stdout, stderr, how it ended and the time")  # fmt: skip
+    p_run.add_argument("file", help="a Python file, or - to read the program from stdin")
+    p_run.add_argument("overrides", nargs="*", metavar="sandbox.key=value", help="limits, e.g. sandbox.wall_time_s=5")
+
     args, extra = parser.parse_known_args(argv)
     # key=value overrides written after an option (sftforge plan --json data.max_length=8192) belong to the args.
     if extra and args.command == "plan" and all("=" in e and not e.startswith("-") for e in extra):
@@ -275,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"wrote {export_checkpoint(args.checkpoint, output, merge=args.merge)}")
             return 0
+        if args.command == "sandbox":
+            return sandbox_main(args.file, args.overrides)
         if args.command == "eval":
             from sftforge.evaluation import eval_main
 

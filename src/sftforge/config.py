@@ -208,7 +208,7 @@ class TrainerConfig:
     """Generate on data.eval_files and score with trainer.eval_task every N steps and at the end (0 = never); logs
     eval_accuracy in metrics.jsonl. Greedy, up to 256 new tokens."""
     eval_task: str = "exact"
-    """Scorer of trainer.eval_freq: exact | gsm8k | mcq | tool_call | textcraft | module:function."""
+    """Scorer of trainer.eval_freq: exact | gsm8k | math | mcq | tool_call | textcraft | code_math | module:function."""
     log_freq: int = 1
     """Print one summary line every N steps."""
     resume: str = "auto"
@@ -267,7 +267,7 @@ class RolloutConfig:
     max_response_length: int = 256
     """New tokens per response (per turn in multi-turn episodes)."""
     max_turns: int = 1
-    """1 = single-turn; > 1 = episodes in the environment named by algorithm.reward (e.g. textcraft)."""
+    """1 = single-turn; > 1 = episodes in the environment named by algorithm.reward (textcraft, code_math)."""
     backend: str = "hf"
     """hf (transformers generate; CPU and GPU)."""
 
@@ -277,7 +277,8 @@ class AlgorithmConfig:
     """`sftforge rl` only: the GRPO / DAPO objective."""
 
     reward: str = "exact"
-    """Scorer: exact | gsm8k | mcq | tool_call | textcraft (environment success, multi-turn) | module:function."""
+    """Scorer: exact | gsm8k | math (math-verify: \\boxed{}, equivalence) | mcq | tool_call | module:function; or an
+    environment (multi-turn; success is the reward): textcraft | code_math (math with a sandboxed code_interpreter)."""
     clip_ratio_low: float = 0.2
     """Lower clip of the policy ratio: 1 - clip_ratio_low."""
     clip_ratio_high: float = 0.28
@@ -298,6 +299,41 @@ class AlgorithmConfig:
 
 
 @dataclass
+class SandboxConfig:
+    """Where a model's code runs: the code_interpreter tool of `sftforge rl` / `sftforge eval`, and `sftforge sandbox
+    run`. Every limit applies to one call (one program)."""
+
+    backend: str = "bwrap"
+    """bwrap (bubblewrap: namespaces + limits; no network, no view of your files) | rlimits_only (NO isolation: only
+    the limits, a scratch folder and an empty environment; warns on every run; for machines without user namespaces)
+    | fusion (a SandboxFusion server at sandbox.fusion_url, as verl's ReTool uses: its isolation is the server's)."""
+    fusion_url: str = ""
+    """sandbox.backend=fusion: the server's run_code endpoint, e.g. http://sandbox:8080/run_code (verl's
+    ``sandbox_fusion_url``). It gets wall_time_s as run_timeout and memory_mb as memory_limit_MB; the other limits
+    are the server's."""
+    interpreter: str = "/usr/bin/python3"
+    """The Python that runs the code, inside the sandbox (its /usr is mounted read-only: what it has installed, e.g.
+    sympy or numpy, the code may import)."""
+    wall_time_s: float = 10.0
+    """Seconds from start to kill, children included."""
+    cpu_time_s: int = 10
+    """CPU seconds of the program (SIGXCPU, then SIGKILL a second later)."""
+    memory_mb: int = 1024
+    """Address space of each process, in MiB."""
+    max_processes: int = 16
+    """Processes and threads the program may run at once (bwrap only: without namespaces it cannot be counted)."""
+    scratch_mb: int = 64
+    """Size of the one folder the program may write, in MiB: /sandbox (its working directory, /tmp and TMPDIR), in
+    memory, private to the call and gone with it."""
+    max_output_bytes: int = 65536
+    """stdout + stderr read; past it the program is killed (the output limit)."""
+    observation_chars: int = 1024
+    """Characters of output a tool observation shows the model; the cut is said in the text."""
+    max_concurrent: int = 0
+    """Tool calls of one rollout turn run at once; 0 = the number of CPU cores."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -305,6 +341,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
 CHOICES = {
@@ -321,6 +358,7 @@ CHOICES = {
     "trainer.preset": ("none", "auto"),
     "trainer.nan_policy": ("error", "skip_step"),
     "trainer.strategy": ("auto", "none", "ddp", "fsdp2"),
+    "sandbox.backend": ("bwrap", "rlimits_only", "fusion"),
 }
 
 
@@ -342,6 +380,9 @@ RANGES: dict[str, tuple] = {
     "rollout.top_p": ((0,), 1), "rollout.max_response_length": (1, None), "rollout.max_turns": (1, None),
     "algorithm.clip_ratio_low": (0, (1,)), "algorithm.clip_ratio_high": (0, None), "algorithm.kl_coef": (0, None),
     "algorithm.mini_batches": (1, None), "algorithm.overlong_buffer": (0, None), "algorithm.overlong_penalty": (0, None),
+    "sandbox.wall_time_s": ((0,), None), "sandbox.cpu_time_s": (1, None), "sandbox.memory_mb": (64, None),
+    "sandbox.max_processes": (1, None), "sandbox.scratch_mb": (1, None), "sandbox.max_output_bytes": (1, None),
+    "sandbox.observation_chars": (1, None), "sandbox.max_concurrent": (0, None),
 }  # fmt: skip
 
 

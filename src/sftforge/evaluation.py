@@ -2,7 +2,8 @@
 
 Prompts are rendered by the same chat-template code as training (``sftforge.chat``): a row is normalized to
 messages + tools with :func:`~sftforge.chat.row_to_conversation`, the conversation is cut before its last assistant
-turn (or before each assistant turn with ``turns="all"``) and rendered with ``add_generation_prompt=True`` and
+turn (or before each assistant turn with ``turns="all"``; a prompt-only row, scored against its ``answer`` column, is
+its whole conversation) and rendered with ``add_generation_prompt=True`` and
 ``data.chat_template_kwargs``, so the model sees exactly the system prompt, tools and headers it was trained with.
 Generation stops at the template's end-of-turn tokens (:func:`~sftforge.chat.end_of_turn_token_ids`).
 
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +28,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from sftforge.chat import RowError, image_sources, row_to_conversation
-from sftforge.config import ConfigError, DataConfig, load_config
+from sftforge.chat import RowError, image_sources, prompt_or_conversation
+from sftforge.config import Config, ConfigError, DataConfig, load_config
 from sftforge.data import DataError, load_tokenizer, read_rows, resolve_files
-from sftforge.envs import rollout
+from sftforge.envs import Env, Task, rollout
+from sftforge.envs.code import CodeEnv, load_code_tasks
 from sftforge.envs.textcraft import TextCraftEnv, load_tasks
 from sftforge.export import is_built_module, load_trained
 from sftforge.generation import (
@@ -44,6 +47,7 @@ from sftforge.generation import (
 )
 from sftforge.model import check_model_options, load_model, with_dtype
 from sftforge.progress import Live, quiet_libraries
+from sftforge.sandbox import check_sandbox
 from sftforge.scorers import ENV_TASKS, EvalSample, as_score, get_scorer, is_task
 from sftforge.vision import load_vision
 
@@ -53,6 +57,7 @@ from sftforge.vision import load_vision
 
 def samples_from_rows(rows: Sequence[tuple], data_cfg: DataConfig, turns: str = "last") -> list[EvalSample]:
     """(location, row) pairs -> eval samples: one per row (``turns="last"``) or one per assistant turn (``"all"``).
+    A prompt-only row (no assistant message) is one sample whose reference is its ``answer``/``reference`` column.
     A third item, the data file, is where the row's relative image paths start (:func:`file_rows`)."""
     if turns not in ("last", "all"):
         raise ConfigError(f"turns must be 'last' or 'all', got {turns!r}.")
@@ -62,10 +67,16 @@ def samples_from_rows(rows: Sequence[tuple], data_cfg: DataConfig, turns: str = 
         if isinstance(row, RowError):
             raise DataError(f"{loc}: {row.detail}")
         try:
-            messages, tools, _ = row_to_conversation(row, data_cfg)
+            messages, tools, _, prompt_only = prompt_or_conversation(row, data_cfg)
         except RowError as e:
             raise DataError(f"{loc}: {e.detail}") from None
         rid = str(row.get("id", loc)) if isinstance(row, dict) else loc
+        if prompt_only:
+            if not any(isinstance(row.get(k), (str, int, float)) for k in ("answer", "reference")):
+                raise DataError(f"{loc}: the row has no assistant message and no 'answer' or 'reference' column: "
+                                "nothing to score a generation against; add one of them.")  # fmt: skip
+            out.append(EvalSample(rid, messages, tools, {"role": "assistant", "content": ""}, row, base))
+            continue
         idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         chosen = idx if turns == "all" else idx[-1:]
         for i in chosen:
@@ -183,7 +194,8 @@ def print_summary(summary: dict, console=None) -> None:
     for k, v in summary.items():
         if k in skip or k in ("mean_generated_tokens", "hit_max_new_tokens", "tokens_per_s"):
             continue
-        table.add_row(k, f"{v:.1%}" if isinstance(v, float) and 0 <= v <= 1 else str(v))
+        rate = isinstance(v, float) and 0 <= v <= 1 and k != "mean_turns"
+        table.add_row(k, f"{v:.1%}" if rate else f"{v:.2f}" if isinstance(v, float) else str(v))
     table.add_row("mean generated tokens", f"{summary['mean_generated_tokens']:.1f}")
     table.add_row("hit max_new_tokens", f"{summary['hit_max_new_tokens']:.1%}")
     table.add_row(
@@ -196,20 +208,34 @@ def print_summary(summary: dict, console=None) -> None:
 # Multi-turn environments
 
 
-def evaluate_env(generator: Generator, rows: list[tuple], data_cfg: DataConfig, task: str = "textcraft",
+def environment(task: str, rows: list[tuple], cfg: Config) -> tuple[list[Task], Callable[[], Env], int]:
+    """(tasks, a new environment, how many of its steps may run at once) of the environment ``task`` on ``rows``
+    ((location, row) pairs): what ``sftforge eval`` and ``sftforge rl`` roll out."""
+    rows = [r[:2] for r in rows]  # (location, row): the file is not needed
+    if task == "textcraft":
+        tasks, book = load_tasks(rows, cfg.data)
+        return tasks, lambda: TextCraftEnv(book), 1
+    if task == "code_math":
+        check_sandbox(cfg.sandbox)  # bubblewrap missing or blocked: said before any model loads
+        scorer = get_scorer("math")
+        workers = cfg.sandbox.max_concurrent or os.cpu_count() or 1
+        return load_code_tasks(rows, cfg.data), lambda: CodeEnv(cfg.sandbox, scorer), workers
+    raise ConfigError(f"unknown environment {task!r}; available: {', '.join(ENV_TASKS)}")
+
+
+def evaluate_env(generator: Generator, rows: list[tuple], cfg: Config, task: str = "textcraft",
                  max_turns: int = 40) -> EvalResult:  # fmt: skip
     """Roll out the model in an environment on every task in ``rows``; the score is success (1/0)."""
-    if task != "textcraft":
-        raise ConfigError(f"unknown environment {task!r}; available: {', '.join(ENV_TASKS)}")
-    tasks, book = load_tasks([r[:2] for r in rows], data_cfg)  # (location, row): the file is not needed
+    tasks, make_env, workers = environment(task, rows, cfg)
 
     def policy(conversations):
         return generator.chat(conversations)
 
-    episodes = rollout(lambda: TextCraftEnv(book), tasks, policy, max_turns=max_turns)
+    episodes = rollout(make_env, tasks, policy, max_turns=max_turns, workers=workers)
     records = []
     for ep in episodes:
-        records.append({"id": ep.task_id, "prompt": generator.prompt(ep.messages[:2], ep.tools),
+        first = 2 if ep.messages[0]["role"] == "system" else 1
+        records.append({"id": ep.task_id, "prompt": generator.prompt(ep.messages[:first], ep.tools),
                         "generation": ep.actions, "reference": ep.reference, "score": float(ep.success),
                         "metrics": {"finished": float(ep.done)}, "turns": ep.turns,
                         "observations": ep.observations, "_gens": ep.generations})  # fmt: skip
@@ -241,7 +267,7 @@ class TrainingEval:
         gen = hf_generator(model, self.tokenizer, self.opts, self.cfg.data.chat_template_kwargs, self.cfg.model.dtype,
                            self.vision)  # fmt: skip
         if self.samples is None:
-            res = evaluate_env(gen, self.rows, self.cfg.data, self.task)
+            res = evaluate_env(gen, self.rows, self.cfg, self.task)
         else:
             res = evaluate_samples(gen, self.samples, self.task)
         if records_path is not None:
@@ -260,7 +286,12 @@ class TrainingEval:
 def add_eval_arguments(p) -> None:
     p.add_argument("--model", required=True, help="model folder (e.g. outputs/run/final) or hub id")
     p.add_argument("--data", required=True, help=".jsonl/.json/.parquet file(s) or glob, as data.train_files")
-    p.add_argument("--task", required=True, help="exact | gsm8k | mcq | tool_call | textcraft | module:function")
+    p.add_argument(
+        "--task",
+        required=True,
+        help="exact | gsm8k | math | mcq | tool_call | textcraft | code_math (math with a sandboxed "
+        "code_interpreter tool; sandbox.* keys) | module:function",
+    )
     p.add_argument(
         "--output", "-o", default="", help="per-sample results .jsonl (prompt, generation, reference, score)"
     )
@@ -344,7 +375,7 @@ def evaluate(
         engine = HFBackend(model, pad_id(tok), cfg.model.dtype)
     generator = Generator(engine, tok, opts, cfg.data.chat_template_kwargs, load_vision(cfg, tok))
     if task in ENV_TASKS:
-        result = evaluate_env(generator, rows, cfg.data, task, max_turns)
+        result = evaluate_env(generator, rows, cfg, task, max_turns)
     else:
         result = evaluate_samples(generator, samples_from_rows(rows, cfg.data, turns), task)
     if output:

@@ -43,8 +43,7 @@ from sftforge.config import Config, ConfigError
 from sftforge.data import load_tokenizer, read_rows, resolve_files, tokenize_row
 from sftforge.distributed import all_reduce_sum, any_rank_max
 from sftforge.envs import rollout
-from sftforge.envs.textcraft import TextCraftEnv, load_tasks
-from sftforge.evaluation import samples_from_rows
+from sftforge.evaluation import environment, samples_from_rows
 from sftforge.generation import GenerationOptions, Generator, HFBackend, cut_at_stop
 from sftforge.generation import pad_id as pad_token
 from sftforge.grpo import group_advantages, informative_groups, overlong_penalty, policy_loss_sum, token_advantages
@@ -206,11 +205,10 @@ def score_groups(groups, prompts: list[Prompt], cfg: Config, scorer) -> list[lis
 
 
 def load_env_tasks(cfg: Config):
-    """(tasks, make_env) of the environment algorithm.reward from the rows of data.train_files."""
+    """(tasks, make_env, workers) of the environment algorithm.reward from the rows of data.train_files."""
 
     rows = [pair for f in resolve_files(cfg.data.train_files, "data.train_files") for pair in read_rows(f)]
-    tasks, book = load_tasks(rows, cfg.data)
-    return tasks, lambda: TextCraftEnv(book)
+    return environment(cfg.algorithm.reward, rows, cfg)
 
 
 def episode_response(episode, tokenizer, cfg: Config, markers) -> Response | None:
@@ -233,7 +231,7 @@ def episode_response(episode, tokenizer, cfg: Config, markers) -> Response | Non
 class EpisodeSampler:
     """``rollout.n`` episodes per task in the environment, the policy sampling each turn with transformers generate."""
 
-    def __init__(self, model, tokenizer, cfg: Config, make_env):
+    def __init__(self, model, tokenizer, cfg: Config, make_env, workers: int = 1):
 
         r = cfg.rollout
         pad = pad_token(tokenizer)
@@ -242,7 +240,7 @@ class EpisodeSampler:
         self.generator = Generator(
             HFBackend(model, pad, cfg.model.dtype), tokenizer, opts, cfg.data.chat_template_kwargs
         )
-        self.tokenizer, self.cfg, self.make_env = tokenizer, cfg, make_env
+        self.tokenizer, self.cfg, self.make_env, self.workers = tokenizer, cfg, make_env, workers
         self.markers = template_markers(tokenizer, cfg.data.chat_template_kwargs)
         self.unrenderable = 0
 
@@ -253,7 +251,8 @@ class EpisodeSampler:
         for task, seed in zip(tasks, seeds):
             self.generator.opts.seed = seed
             with torch.random.fork_rng(devices=[]):  # the environment's own draws, if any
-                episodes = rollout(self.make_env, [task] * n, self.generator.chat, max_turns=self.cfg.rollout.max_turns)
+                episodes = rollout(self.make_env, [task] * n, self.generator.chat, max_turns=self.cfg.rollout.max_turns,
+                                   workers=self.workers)  # fmt: skip
             group = []
             for ep in episodes:
                 resp = episode_response(ep, self.tokenizer, self.cfg, self.markers)
@@ -453,7 +452,7 @@ def _rl(run: Run, model, tokenizer) -> dict[str, Any]:
     scorer = None if multi_turn else get_scorer(cfg.algorithm.reward)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     if multi_turn:
-        prompts, make_env = load_env_tasks(cfg)
+        prompts, make_env, workers = load_env_tasks(cfg)
         counts = {"rows": len(prompts), "over_max_length": 0, "truncated": 0, "dropped": 0}
     else:
         prompts, counts = load_prompts(cfg, tokenizer)
@@ -479,7 +478,7 @@ def _rl(run: Run, model, tokenizer) -> dict[str, Any]:
         f"sftforge rl: {len(prompts)} prompts ({counts['truncated']} truncated, {counts['dropped']} dropped by "
         f"data.truncation), {total} steps of {cfg.rollout.prompts_per_step} prompts × {cfg.rollout.n} responses, "
         f"{run.world_size} process(es) (trainer.strategy={strategy})")  # fmt: skip
-    sampler = (EpisodeSampler(policy.module, tokenizer, cfg, make_env) if multi_turn
+    sampler = (EpisodeSampler(policy.module, tokenizer, cfg, make_env, workers) if multi_turn
                else Sampler(policy.module, tokenizer, cfg))  # fmt: skip
     mine = my_groups(cfg.rollout.prompts_per_step, cfg.algorithm.mini_batches, run.world_size, run.rank)
     record, interrupted = {}, 0

@@ -8,9 +8,13 @@ the ``tool_call`` scorer and the environments (``sftforge.envs``) read a model's
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
+import logging
+import math
 import re
+import threading
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -181,17 +185,199 @@ def score_tool_call(generation: str, sample: EvalSample) -> dict:
     return {"score": float(correct), "valid": float(valid)}
 
 
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_ANSWER_LINE = re.compile(r"\banswer\s*:\s*([^\n]+)", re.I)  # DAPO's "Answer: $X$"
+_WORDS_AND_NUMBER = re.compile(r"[A-Za-z ]*-?[\d.,/]*\d[A-Za-z .]*")  # "The total is 42", "42 apples"
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_DIGIT_SPACE = re.compile(r"(?<=\d)(?:\\[,;:! ]|~|\{,\})(?=\d)")  # 1\,913\,937 and 1{,}913{,}937: one number
+_MATH_MAX_CHARS = 1000
+"""A longer extracted answer is not an answer (and only costs parse time)."""
+_MATH_DEADLINE_S = 5.0
+"""The most one comparison may take before it scores 0 (the work goes on in a background thread)."""
+_MATH_MAX_DIGITS = 1e5
+_MATH_MAX_NESTED_DIGITS = 150
+_MATH_MAX_EXPANDED_POWER = 20
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces), as verl's math reward reads it.
+
+    An unclosed last box is a cut-off answer: None, not an earlier box."""
+    boxes = list(_BOXED.finditer(text))
+    if not boxes:
+        return None
+    found = boxes[-1]
+    depth = 1
+    for i in range(found.end(), len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[found.end() : i]
+    return None
+
+
+def _plain_number(text: str) -> bool:
+    return bool(_NUMBER.fullmatch(text.strip()))
+
+
+def extract_math_answer(generation: str, numeric: bool = False) -> str | None:
+    """The model's final answer: the last ``\\boxed{}``, else the last "Answer: X" line (DAPO), else (``numeric``:
+    the reference is a plain number, GSM8K-style) the last number. None when there is none."""
+    text = strip_reasoning(generation)
+    if _BOXED.search(text):
+        return last_boxed(text)
+    lines = _ANSWER_LINE.findall(text)
+    if lines:
+        answer = lines[-1].strip().strip("*").strip().removesuffix(".").strip()
+        return answer or None
+    return extract_number(text) if numeric else None
+
+
+def _gold_answer(reference: str) -> str:
+    """The reference's answer: a full solution's last box, a GSM8K ``#### 72``, else the whole text."""
+    ref = strip_reasoning(reference).strip()
+    boxed = last_boxed(ref)
+    if boxed is not None:
+        return boxed.strip()
+    if "####" in ref:
+        return extract_number(ref) or ref
+    return ref
+
+
+def _as_latex(answer: str) -> str:
+    """An answer as math_verify's LaTeX extraction finds it: in ``$...$`` unless it already has math delimiters."""
+    answer = _DIGIT_SPACE.sub("", answer.strip())
+    if _THOUSANDS.fullmatch(answer):
+        answer = answer.replace(",", "")
+    if "$" in answer or "\\(" in answer or "\\[" in answer:
+        return answer
+    return f"${answer}$"
+
+
+@functools.cache
+def _math_verify():
+    """math_verify, imported on first use (an optional dependency); its once-per-process warning about timeouts
+    being off is dropped: they are off on purpose (see :func:`_math_equal`)."""
+    try:
+        import math_verify
+    except ImportError as e:
+        raise ConfigError(
+            f"the math scorer needs the math-verify package: pip install 'sftforge[math]' ({e})"
+        ) from None
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logging.getLogger(name).addFilter(lambda r: not r.getMessage().startswith("Timeout is disabled"))
+    return math_verify
+
+
+def _parse_math(answer: str) -> list:
+    """As LaTeX; one number in words ("42 apples") also as text, where math_verify picks out the number."""
+    mv = _math_verify()
+    config = [mv.LatexExtractionConfig(), mv.ExprExtractionConfig()]
+    parsed = mv.parse(_as_latex(answer), extraction_config=config, parsing_timeout=None)
+    if re.search(r"[A-Za-z]{3}", answer) and _WORDS_AND_NUMBER.fullmatch(answer.strip()):
+        parsed += mv.parse(answer, extraction_config=config, parsing_timeout=None)
+    return parsed
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(answer: str) -> tuple:
+    """Cached: a GRPO group scores many generations against one reference."""
+    return tuple(_parse_math(answer))
+
+
+def _digits(expr: Any) -> float:
+    """A rough upper bound on the decimal digits of a parsed answer's value (and so on the work of comparing it).
+
+    SymPy evaluates ``10^{10^{10}}`` or ``(10^{100})!`` until memory runs out, and compares nested powers such as
+    ``2^{2^{12}}`` or expanded polynomials like ``(x+1)^{1000}`` by factoring (over 5 s each): such answers score 0."""
+    import sympy
+
+    if not isinstance(expr, sympy.Basic):
+        return 0.0
+    if expr.is_Rational:
+        return math.log10(max(abs(expr.p), abs(expr.q), 1))
+    if expr.is_Float:
+        value = abs(float(expr))
+        return math.inf if math.isinf(value) else math.log10(max(value, 1.0))
+    if expr.is_Atom:
+        return 1.0
+    if expr.is_Pow:
+        base, exp = expr.args
+        if exp.free_symbols:
+            return _digits(base) + _digits(exp)
+        exp_digits = _digits(exp)
+        if exp_digits > 15:
+            return math.inf
+        size = max(_digits(base), 1.0) * 10**exp_digits
+        if base.is_Add and base.free_symbols and 10**exp_digits > _MATH_MAX_EXPANDED_POWER:
+            return math.inf
+        if not exp.is_Number and size > _MATH_MAX_NESTED_DIGITS:
+            return math.inf
+        return size
+    if isinstance(expr, sympy.functions.combinatorial.factorials.CombinatorialFunction | sympy.gamma):
+        arg_digits = max((_digits(a) for a in expr.args), default=0.0)
+        return math.inf if arg_digits > 15 else 10**arg_digits * max(arg_digits, 1.0)
+    return sum(_digits(a) for a in expr.args) + 1.0
+
+
+def _tame(parsed: list | tuple) -> bool:
+    try:
+        return all(_digits(p) <= _MATH_MAX_DIGITS for p in parsed)
+    except (RecursionError, ValueError, TypeError, OverflowError):
+        return False
+
+
+def _math_equal(gold: str, answer: str) -> bool:
+    """math_verify's parse + verify with its timeouts off: they use signal.alarm, which raises outside the main
+    thread (rollouts score from worker threads) and cannot stop a long C-level computation anyway. Instead answers
+    whose comparison would blow up are refused up front (:func:`_digits`) and the rest run under a deadline."""
+    mv = _math_verify()
+    result: list[bool] = []
+
+    def compare() -> None:
+        try:
+            want, got = _parse_gold(gold), _parse_math(answer)
+            if want and got and _tame(want) and _tame(got):
+                result.append(bool(mv.verify(list(want), got, timeout_seconds=None)))
+        except Exception:  # math_verify and SymPy raise on odd input; an odd answer is a wrong one
+            pass
+
+    worker = threading.Thread(target=compare, name="sftforge-math-verify", daemon=True)
+    worker.start()
+    worker.join(_MATH_DEADLINE_S)
+    return bool(result and result[0])
+
+
+def score_math(generation: str, sample: EvalSample) -> dict:
+    """valid: the generation states an answer (the last ``\\boxed{}``, an "Answer:" line, or for a plain-number
+    reference the last number); score: math_verify finds it equal to the reference (``\\frac{1}{2}`` = ``0.5``,
+    ``2\\sqrt{3}`` = ``\\sqrt{12}``, intervals as intervals)."""
+    _math_verify()
+    gold = _gold_answer(sample.reference)
+    answer = extract_math_answer(generation, numeric=_plain_number(gold))
+    if answer is None or not answer.strip():
+        return {"score": 0.0, "valid": 0.0}
+    if len(answer) > _MATH_MAX_CHARS or not gold:
+        return {"score": 0.0, "valid": 1.0}
+    return {"score": float(_math_equal(gold, answer)), "valid": 1.0}
+
+
 SCORERS: dict[str, Callable] = {
     "exact": score_exact,
     "gsm8k": score_gsm8k,
     "mcq": score_mcq,
     "tool_call": score_tool_call,
+    "math": score_math,
 }
 
 
 def get_scorer(task: str) -> Callable:
     """A built-in scorer by name, or a custom one by ``module:function`` / ``module.function``."""
     if task in SCORERS:
+        if task == "math":
+            _math_verify()  # fail at startup, not on the first rollout
         return SCORERS[task]
     if ":" in task:
         module, _, name = task.partition(":")
@@ -199,7 +385,7 @@ def get_scorer(task: str) -> Callable:
         module, _, name = task.rpartition(".")
     else:
         raise ConfigError(
-            f"--task {task!r} is not a scorer: use one of {', '.join(SCORERS)}, textcraft, or a custom scorer as "
+            f"--task {task!r} is not a scorer: use one of {', '.join(SCORERS)}, {', '.join(ENV_TASKS)}, or a custom scorer as "
             "module:function (a Python function taking (generation, sample))."
         )
     try:
@@ -211,7 +397,7 @@ def get_scorer(task: str) -> Callable:
     return fn
 
 
-ENV_TASKS = ("textcraft",)
+ENV_TASKS = ("textcraft", "code_math")
 """Tasks scored by rolling out an environment (``sftforge.envs``) rather than by a scorer."""
 
 

@@ -14,6 +14,7 @@ assistant content and the observation a user message.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -88,8 +89,10 @@ Policy = Callable[[list[tuple[list[dict], list | None]]], Sequence[Any]]
 """Batched policy: (messages, tools) per active episode -> one action per episode (a str, or an object with .text)."""
 
 
-def rollout(make_env: Callable[[], Env], tasks: Sequence[Task], policy: Policy, max_turns: int = 40) -> list[Episode]:
-    """Run every task to the end (or ``max_turns`` actions), batching the policy over the active episodes."""
+def rollout(make_env: Callable[[], Env], tasks: Sequence[Task], policy: Policy, max_turns: int = 40,
+            workers: int = 1) -> list[Episode]:  # fmt: skip
+    """Run every task to the end (or ``max_turns`` actions), batching the policy over the active episodes; the
+    environment steps of one turn (tool calls: sandboxed programs) run ``workers`` at a time, in threads."""
     envs = [make_env() for _ in tasks]
     episodes = []
     for env, task in zip(envs, tasks):
@@ -103,15 +106,20 @@ def rollout(make_env: Callable[[], Env], tasks: Sequence[Task], policy: Policy, 
         if not active:
             break
         outs = policy([(episodes[i].messages, episodes[i].tools) for i in active])
+        actions = [out if isinstance(out, str) else out.text for out in outs]
+        if workers > 1 and len(active) > 1:
+            with ThreadPoolExecutor(min(workers, len(active))) as pool:
+                results = list(pool.map(lambda ia: envs[ia[0]].step(ia[1]), zip(active, actions)))
+        else:
+            results = [envs[i].step(a) for i, a in zip(active, actions)]
         still = []
-        for i, out in zip(active, outs):
+        for i, out, action, result in zip(active, outs, actions, results):
             ep = episodes[i]
-            action = out if isinstance(out, str) else out.text
-            result = envs[i].step(action)
             ep.actions.append(action)
             ep.observations.append(result.observation)
             ep.generations.append(out)
-            ep.messages += action_messages(action, result.observation, turn)
+            messages = action_messages(action, result.observation, turn)
+            ep.messages += messages[:1] if result.done and not result.observation else messages  # an answer ends it
             ep.reward += result.reward
             ep.done = result.done
             if not result.done:
