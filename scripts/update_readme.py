@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from sftforge.config import config_reference
+from sftforge.config import config_reference, verl_rl_table
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -65,6 +65,7 @@ def _replace(text: str, tag: str, body: str) -> str:
 
 def render(text: str) -> str:
     text = _replace(text, "config-reference", config_reference())
+    text = _replace(text, "verl-rl-keys", verl_rl_table())
     return _replace(text, "conformance", conformance_table())
 
 

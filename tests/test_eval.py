@@ -175,7 +175,9 @@ def test_a_prompt_only_row_is_scored_against_its_answer_column_and_one_without_i
     (s,) = samples_from_rows([("rl.jsonl:1", {"id": "p", "messages": prompt, "answer": 42})], DataConfig(), "all")
     assert (s.id, s.messages, s.reference) == ("p", prompt, "42")
     assert get_scorer("math")("The product is \\boxed{42}.", s)["score"] == 1.0
-    with pytest.raises(DataError, match=r"rl.jsonl:2: .*no 'answer' or 'reference' column"):
+    with pytest.raises(
+        DataError, match=r"rl.jsonl:2: .*no gold answer \(answer, reference, reward_model.ground_truth\)"
+    ):
         samples_from_rows([("rl.jsonl:2", {"messages": prompt})], DataConfig())
 
 
@@ -309,3 +311,102 @@ def test_cli_eval_textcraft_env_with_untrained_model(tmp_path, textcraft_dir, ca
     assert rc == 0 and "success rate" in printed and "0.0%" in printed
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 3 and all(r["score"] == 0.0 and r["turns"] == 2 for r in records)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# verl's RL data, several samples per problem (mean@K, pass@k), per data_source
+
+GSM8K_ROW = {  # the layout of verl's examples/data_preprocess/gsm8k.py output
+    "data_source": "openai/gsm8k",
+    "prompt": [{"role": "user", "content": "Natalia sold 48 clips in April and half as many in May. How many in all? "
+                                           "Let's think step by step and output the final answer after \"####\"."}],
+    "ability": "math",
+    "reward_model": {"style": "rule", "ground_truth": "72"},
+    "extra_info": {"split": "train", "index": 0, "answer": "48/2 = 24\n48+24 = 72\n#### 72", "question": "..."},
+}  # fmt: skip
+DAPO_ROW = {  # DAPO-Math-17k's layout (BytedTsinghua-SIA/DAPO-Math-17k)
+    "data_source": "math_dapo",
+    "prompt": [{"role": "user", "content": "Solve the following math problem step by step. The last line of your "
+                                           "response should be of the form Answer: $Answer (without quotes) where "
+                                           "$Answer is the answer to the problem.\n\nWhat is 3/4 + 1/4?\n\nRemember to "
+                                           "put your answer on its own line after \"Answer:\"."}],
+    "ability": "MATH",
+    "reward_model": {"ground_truth": "1", "style": "rule-lighteval/MATH_v2"},
+    "extra_info": {"index": "9a9b6eb4-a1cb-49d1-8c1e-62eaf2f74079"},
+}  # fmt: skip
+
+
+def test_pass_at_k_by_hand():
+    from sftforge.evaluation import k_sample_metrics, k_values, pass_at_k
+
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
+    assert pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)  # 1 - C(3,3)/C(5,3)
+    assert pass_at_k(30, 0, 30) == 0.0 and pass_at_k(30, 1, 30) == 1.0 and pass_at_k(30, 3, 1) == pytest.approx(0.1)
+    assert k_values(30) == [1, 2, 4, 8, 16, 30] and k_values(1) == [1] and k_values(32) == [1, 2, 4, 8, 16, 32]
+    m = k_sample_metrics({"a": [1, 0, 0, 0], "b": [1, 1, 0, 0]})
+    assert (m["problems"], m["samples_per_problem"]) == (2, 4)
+    assert m["mean@4"] == pytest.approx(0.375) and m["pass@1"] == pytest.approx(0.375)
+    assert m["pass@2"] == pytest.approx((0.5 + (1 - 1 / 6)) / 2) and m["pass@4"] == 1.0
+    low, high = m["mean@4_ci95"]
+    assert 0.25 <= low <= 0.375 <= high <= 0.5  # over the two problems' means (0.25, 0.5)
+    with pytest.raises(ValueError, match="same number of samples"):
+        k_sample_metrics({"a": [1, 0], "b": [1]})
+
+
+class _Scripted:
+    """A generator that answers from a script (the eval's bookkeeping without a model)."""
+
+    def __init__(self, answers):
+        from sftforge.generation import GenerationStats
+
+        self.answers, self.vision, self.backend, self.stats = list(answers), None, object(), GenerationStats()
+
+    def prompt(self, messages, tools=None):
+        return messages[-1]["content"]
+
+    def generate(self, prompts, images=None):
+        from sftforge.generation import Generation
+
+        return [Generation(self.answers.pop(0), 5, False) for _ in prompts]
+
+
+def test_verl_rl_parquet_rows_score_k_samples_per_data_source(tmp_path):
+    """verl's GSM8K and DAPO-Math rows as parquet: the prompt column is the prompt, reward_model.ground_truth the
+    answer, data_source the group; 3 samples each give mean@3 / pass@k as computed by hand, per source."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from sftforge.evaluation import evaluate_samples, file_rows
+
+    pq.write_table(pa.Table.from_pylist([GSM8K_ROW]), tmp_path / "gsm8k.parquet")  # two files, as verl writes them
+    half = {**DAPO_ROW, "reward_model": {"ground_truth": "\\frac{1}{2}", "style": "rule-lighteval/MATH_v2"}}
+    pq.write_table(pa.Table.from_pylist([DAPO_ROW, half]), tmp_path / "dapo-math-17k.parquet")
+    files = [str(tmp_path / "gsm8k.parquet"), str(tmp_path / "dapo-math-17k.parquet")]
+    samples = samples_from_rows(file_rows(files, "--data"), DataConfig())
+    assert [s.reference for s in samples] == ["72", "1", "\\frac{1}{2}"]
+    assert samples[0].messages == GSM8K_ROW["prompt"] and samples[1].messages == DAPO_ROW["prompt"]
+    gsm = get_scorer("gsm8k")
+    assert [gsm(a, samples[0]) for a in ("24 + 48\n#### 72", "#### 71")] == [1.0, 0.0]
+    script = ["#### 72", "#### 70", "#### 72",  # gsm8k: 2 of 3
+              "so\nAnswer: 1", "Answer: 2", "Answer: 3",  # dapo 1: 1 of 3
+              "Answer: 0.5", "Answer: 1/2", "Answer: $\\frac{1}{2}$"]  # dapo 2: 3 of 3 (equivalent forms)  # fmt: skip
+    by_source = {}
+    for source in ("openai/gsm8k", "math_dapo"):
+        mine = [s for s in samples if s.row["data_source"] == source]
+        take = 3 * len(mine)
+        result = evaluate_samples(_Scripted(script[:take]), mine, "gsm8k" if "gsm8k" in source else "math", k=3)
+        script = script[take:]
+        by_source[source] = result.summary["by_source"][source]
+        assert [r["sample"] for r in result.records] == [0, 1, 2] * len(mine)
+    assert by_source["openai/gsm8k"]["mean@3"] == pytest.approx(2 / 3)
+    assert by_source["openai/gsm8k"]["pass@2"] == pytest.approx(1 - 0 / 3)  # C(1,2)=0: any 2 of 3 hold a right one
+    dapo = by_source["math_dapo"]
+    assert dapo["mean@3"] == pytest.approx((1 / 3 + 1) / 2) and dapo["pass@1"] == pytest.approx((1 / 3 + 1) / 2)
+    assert dapo["pass@2"] == pytest.approx(((1 - 1 / 3) + 1) / 2) and dapo["pass@3"] == 1.0  # 1 - C(2,2)/C(3,2)
+
+
+def test_several_samples_need_sampling(tmp_path):
+    from sftforge.evaluation import evaluate
+
+    with pytest.raises(ConfigError, match="--samples 30 draws 30 answers per problem: add --do-sample"):
+        evaluate(tmp_path / "model", [GSM8K_ROW], "gsm8k", samples=30)

@@ -193,7 +193,7 @@ def test_plan_refuses_an_sp_size_that_does_not_divide_the_world_in_trains_words(
 # ---- 7. suggestions -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("given,meant", [("data.max_response_length", "rollout.max_response_length"),
+@pytest.mark.parametrize("given,meant", [("rollout.max_response_len", "rollout.max_response_length"),
                                          ("data.temperature", "rollout.temperature"), ("trainer.lr", "optim.lr"),
                                          ("data.max_lenght", "data.max_length"), ("lr", "optim.lr"),
                                          ("trainer.max_step", "trainer.max_steps")])  # fmt: skip
@@ -231,8 +231,9 @@ def test_load_config_from_a_path_keywords_and_overrides(tmp_path):
     c = load_config(model={"path": "m"}, optim={"lr": 3e-5}, trainer={"max_steps": 7})
     assert a == b == c and a.optim.lr == 3e-5 and a.model.path == "m"
     assert load_config(None, {"trainer.total_training_steps": 3}).trainer.max_steps == 3  # verl's names too
-    with pytest.raises(ConfigError, match="Did you mean 'rollout.max_response_length'"):
-        load_config(data={"max_response_length": 10})
+    assert load_config(data={"max_response_length": 10}).rollout.max_response_length == 10  # verl's RL name
+    with pytest.raises(ConfigError, match="Did you mean 'rollout.temperature'"):
+        load_config(data={"temperature": 0.5})
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch):

@@ -72,6 +72,18 @@ def test_asymmetric_clip_and_kl_term():
     assert float(loss) == pytest.approx(-1.25 + 0.1 * kl, abs=1e-6) and stats.kl_sum == pytest.approx(kl, abs=1e-6)
 
 
+def test_dual_clip_caps_the_loss_of_a_negative_advantage():
+    """ratio 20 with A = -1: the plain clipped loss is 20 (the unclipped side wins for A < 0), dual clip 10 caps it
+    at 10 (and its gradient at 0); A > 0 tokens and ratios under the cap are untouched."""
+    logp = torch.log(torch.tensor([20.0, 2.0, 20.0])).requires_grad_()
+    adv = torch.tensor([-1.0, -1.0, 1.0])
+    plain = policy_loss_sum(logp, torch.zeros(3), adv)[0]
+    dual = policy_loss_sum(logp, torch.zeros(3), adv, clip_c=10.0)[0]
+    assert float(plain) == pytest.approx(20 + 2 - 1.28) and float(dual) == pytest.approx(10 + 2 - 1.28)
+    dual.backward()
+    assert logp.grad.tolist() == pytest.approx([0.0, 2.0, 0.0])  # capped; -ratio*A = 2; clipped at 1.28
+
+
 def test_token_advantages_repeat_per_response():
     out = token_advantages(torch.tensor([[0.5, -0.5]]), [2, 3])
     assert out.tolist() == [0.5, 0.5, -0.5, -0.5, -0.5]

@@ -380,3 +380,56 @@ def test_rl_token_budget_splits_micro_batches_without_changing_the_update(sft_mo
     rl(load_config(None, _rl_overrides(sft_model, tmp_path / "split", *extra, "data.max_tokens_per_micro_batch=40")))
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "split")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+# ---- verl's RL data as is, validation with several answers per prompt ------------------------------------------------
+
+
+def _verl_addition(path: Path, n: int, seed: int, source: str, hi: int = 19) -> Path:
+    """Addition problems in the layout of verl's RL parquet (examples/data_preprocess/gsm8k.py): prompt messages,
+    reward_model.ground_truth, data_source, ability, extra_info; no messages column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(0, hi), rng.randint(0, hi)
+        rows.append({"data_source": source, "prompt": [{"role": "user", "content": f"add {a} {b}"}], "ability": "math",
+                     "reward_model": {"style": "rule", "ground_truth": str(a + b)},
+                     "extra_info": {"split": "test", "index": i}})  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_rl_trains_on_verl_parquet_and_validates_k_answers_per_data_source(sft_model, tmp_path):
+    """verl's RL parquet for training and validation; trainer.val_before_train + test_freq=1 with rollout.val_n=4:
+    validation events at steps 0, 1, 2 with mean@4 / pass@k overall and per data_source; validating changes nothing
+    in training (same rewards, same weights as the run without it)."""
+    pytest.importorskip("pyarrow")
+    train_f = _verl_addition(tmp_path / "train.parquet", 64, 5, "addition")
+    small = _verl_addition(tmp_path / "small.parquet", 6, 7, "small")
+    big = _verl_addition(tmp_path / "big.parquet", 6, 8, "big", hi=99)
+    common = ("trainer.max_steps=2", "rollout.prompts_per_step=4", f"data.train_files={train_f}")
+    rl(load_config(None, _rl_overrides(sft_model, tmp_path / "plain", *common)))
+    ov = _rl_overrides(sft_model, tmp_path / "val", *common, f"data.val_files=['{small}','{big}']", "trainer.test_freq=1",
+                       "trainer.val_before_train=true", "rollout.val_n=4", "rollout.val_temperature=1.0")  # fmt: skip
+    result = rl(load_config(None, ov))
+    events = [r for r in read_metrics(tmp_path / "val" / "metrics.jsonl") if r.get("event") == "validation"]
+    assert [e["step"] for e in events] == [0, 1, 2] and result["validation"]["val_s"] > 0
+    for e in events:
+        assert e["val_pass@1"] == pytest.approx(e["val_mean@4"])  # 0/1 rewards: pass@1 is the mean
+        assert e["val_pass@1"] <= e["val_pass@2"] <= e["val_pass@4"]
+        assert e["val_score"] == pytest.approx((e["val_small_mean@4"] + e["val_big_mean@4"]) / 2)  # 6 prompts each
+    plain = [r["reward_mean"] for r in read_metrics(tmp_path / "plain" / "metrics.jsonl") if "reward_mean" in r]
+    val = [r["reward_mean"] for r in read_metrics(tmp_path / "val" / "metrics.jsonl") if "reward_mean" in r]
+    assert plain == val
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "val")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+
+
+def test_rl_validation_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="rollout.val_n=4 answers per validation prompt need sampling"):
+        check_rl_config(load_config(None, ["rollout.val_n=4"]))
+    with pytest.raises(ConfigError, match="validate on data.val_files, which is empty"):
+        check_rl_config(load_config(None, ["trainer.test_freq=5"]))

@@ -221,6 +221,143 @@ SILENT = [
 ]
 
 
+# verl's RL keys (main_ppo / main_dapo; the DAPO and ReTool scripts of verl-project/verl-recipe, 21892b9)
+RL_CASES = [
+    ("data.max_prompt_length=2048", "data.max_length", 2048),
+    ("data.max_response_length=16384", "rollout.max_response_length", 16384),
+    ("data.filter_overlong_prompts=true", "data.truncation", "drop"),
+    ("algorithm.norm_adv_by_std_in_grpo=false", "algorithm.scale_by_std", False),
+    ("algorithm.filter_groups.enable=false", "algorithm.dynamic_sampling", False),
+    ("actor_rollout_ref.model.path=Qwen/Qwen2.5-7B-Instruct", "model.path", "Qwen/Qwen2.5-7B-Instruct"),
+    ("actor_rollout_ref.model.tokenizer_path=/tok", "model.tokenizer_path", "/tok"),
+    ("actor_rollout_ref.model.use_remove_padding=false", "data.packing", False),
+    ("actor_rollout_ref.model.enable_gradient_checkpointing=true", "model.enable_gradient_checkpointing", True),
+    ("actor_rollout_ref.model.trust_remote_code=true", "model.trust_remote_code", True),
+    ("actor_rollout_ref.model.lora_rank=8", "model.lora.rank", 8),
+    ("actor_rollout_ref.model.lora_alpha=16", "model.lora.alpha", 16.0),
+    ("actor_rollout_ref.model.target_modules=all-linear", "model.lora.target_modules", ["all-linear"]),
+    ("actor_rollout_ref.model.custom_chat_template=t.jinja", "data.chat_template", "t.jinja"),
+    ("actor_rollout_ref.actor.strategy=fsdp", "trainer.strategy", "fsdp2"),
+    ("actor_rollout_ref.actor.clip_ratio_low=0.2", "algorithm.clip_ratio_low", 0.2),
+    ("actor_rollout_ref.actor.clip_ratio_high=0.28", "algorithm.clip_ratio_high", 0.28),
+    ("actor_rollout_ref.actor.clip_ratio=0.3", "algorithm.clip_ratio_high", 0.3),
+    ("actor_rollout_ref.actor.clip_ratio_c=10.0", "algorithm.clip_ratio_c", 10.0),
+    ("actor_rollout_ref.actor.use_kl_loss=true", "algorithm.kl_coef", 0.001),
+    ("actor_rollout_ref.actor.grad_clip=1.0", "optim.clip_grad", 1.0),
+    ("actor_rollout_ref.actor.ppo_mini_batch_size=2", "algorithm.mini_batches", 4),  # 8 prompts per step / 2
+    ("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4", "data.micro_batch_size_per_gpu", 4),
+    ("actor_rollout_ref.actor.ppo_micro_batch_size=4", "data.micro_batch_size_per_gpu", 4),
+    ("actor_rollout_ref.actor.use_dynamic_bsz=true", "data.max_tokens_per_micro_batch", 16384),
+    ("actor_rollout_ref.actor.ulysses_sequence_parallel_size=2", "trainer.sp_size", 2),
+    ("actor_rollout_ref.actor.fsdp_config.param_offload=true", "trainer.offload", True),
+    ("actor_rollout_ref.actor.fsdp_config.optimizer_offload=true", "trainer.offload", True),
+    ("actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]", "trainer.save_hf", True),
+    ("actor_rollout_ref.actor.optim.lr=1e-6", "optim.lr", 1e-6),
+    ("actor_rollout_ref.actor.optim.weight_decay=0.1", "optim.weight_decay", 0.1),
+    ("actor_rollout_ref.actor.optim.betas=[0.9,0.99]", "optim.betas", [0.9, 0.99]),
+    ("actor_rollout_ref.actor.optim.eps=1e-6", "optim.eps", 1e-6),
+    ("actor_rollout_ref.actor.optim.min_lr_ratio=0.1", "optim.min_lr_ratio", 0.1),
+    ("actor_rollout_ref.actor.optim.clip_grad=0.5", "optim.clip_grad", 0.5),
+    ("actor_rollout_ref.actor.optim.lr_warmup_steps=10", "optim.warmup_steps", 10),
+    ("actor_rollout_ref.actor.optim.lr_warmup_steps_ratio=0.1", "optim.warmup_ratio", 0.1),
+    ("actor_rollout_ref.actor.optim.warmup_style=constant", "optim.lr_scheduler", "constant"),
+    ("actor_rollout_ref.actor.optim.lr_scheduler_type=cosine", "optim.lr_scheduler", "cosine"),
+    ("actor_rollout_ref.rollout.n=16", "rollout.n", 16),
+    ("actor_rollout_ref.rollout.temperature=0.8", "rollout.temperature", 0.8),
+    ("actor_rollout_ref.rollout.top_p=0.9", "rollout.top_p", 0.9),
+    ("actor_rollout_ref.rollout.response_length=512", "rollout.max_response_length", 512),
+    ("actor_rollout_ref.rollout.val_kwargs.n=30", "rollout.val_n", 30),
+    ("actor_rollout_ref.rollout.val_kwargs.temperature=1.0", "rollout.val_temperature", 1.0),
+    ("actor_rollout_ref.rollout.val_kwargs.top_p=0.7", "rollout.val_top_p", 0.7),
+    ("actor_rollout_ref.rollout.val_kwargs.do_sample=false", "rollout.val_temperature", 0.0),
+    ("actor_rollout_ref.rollout.multi_turn.max_assistant_turns=8", "rollout.max_turns", 8),
+    ("actor_rollout_ref.rollout.multi_turn.max_tool_response_length=256", "sandbox.observation_chars", 256),
+    ("custom_reward_function.path=recipe/retool/retool.py", "algorithm.reward", "code_math"),
+    ("reward.custom_reward_function.path=recipe/retool/retool.py", "algorithm.reward", "code_math"),
+]
+RL_IGNORED = [
+    "data.gen_batch_size=1536", "data.return_raw_chat=true", "data.filter_overlong_prompts=false",
+    "data.val_batch_size=64", "data.dataloader_num_workers=8", "algorithm.adv_estimator=grpo",
+    "algorithm.use_kl_in_reward=false", "algorithm.kl_penalty=kl", "algorithm.kl_ctrl.kl_coef=0.0", "algorithm.gamma=1.0",
+    "algorithm.lam=1.0", "algorithm.filter_groups.metric=acc", "algorithm.filter_groups.max_num_gen_batches=10",
+    "algorithm.filter_groups.max_inflight_gen_batches=1", "algorithm.rollout_correction.rollout_is=sequence",
+    "actor_rollout_ref.model.use_fused_kernels=true", "actor_rollout_ref.model.use_shm=false",
+    "actor_rollout_ref.model.external_lib=null", "actor_rollout_ref.actor.use_kl_loss=false",
+    "actor_rollout_ref.actor.kl_loss_coef=0.0", "actor_rollout_ref.actor.kl_loss_type=low_var_kl",
+    "actor_rollout_ref.actor.loss_agg_mode=token-mean", "actor_rollout_ref.actor.entropy_coeff=0",
+    "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=22528", "actor_rollout_ref.actor.ppo_epochs=1",
+    "actor_rollout_ref.actor.use_dynamic_bsz=false", "actor_rollout_ref.actor.fsdp_config.param_offload=false",
+    "actor_rollout_ref.actor.fsdp_config.model_dtype=fp32", "actor_rollout_ref.actor.fsdp_config.fsdp_size=-1",
+    "actor_rollout_ref.actor.use_torch_compile=false", "actor_rollout_ref.actor.entropy_checkpointing=true",
+    "actor_rollout_ref.actor.entropy_from_logits_with_chunking=true", "actor_rollout_ref.actor.optim.total_training_steps=-1",
+    "actor_rollout_ref.actor.optim.optimizer=AdamW", "actor_rollout_ref.actor.optim.optimizer_impl=torch.optim",
+    "actor_rollout_ref.actor.optim.num_cycles=0.5", "actor_rollout_ref.actor.optim.override_optimizer_config=null",
+    "actor_rollout_ref.actor.checkpoint.load_contents=[model,optimizer,extra]",
+    "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=73728", "actor_rollout_ref.rollout.name=vllm",
+    "actor_rollout_ref.rollout.top_k=-1", "actor_rollout_ref.rollout.do_sample=true",
+    "actor_rollout_ref.rollout.prompt_length=2048", "actor_rollout_ref.rollout.ignore_eos=false",
+    "actor_rollout_ref.rollout.val_kwargs.top_k=-1", "actor_rollout_ref.rollout.val_kwargs.do_sample=true",
+    "actor_rollout_ref.rollout.multi_turn.enable=true", "actor_rollout_ref.rollout.multi_turn.max_user_turns=8",
+    "actor_rollout_ref.rollout.multi_turn.format=hermes", "actor_rollout_ref.rollout.multi_turn.max_parallel_calls=1",
+    "actor_rollout_ref.rollout.multi_turn.tool_response_truncate_side=middle",
+    "actor_rollout_ref.rollout.multi_turn.tokenization_sanity_check_mode=strict",
+    "actor_rollout_ref.rollout.agent.default_agent_loop=tool_agent", "actor_rollout_ref.rollout.mode=async",
+    "actor_rollout_ref.rollout.gpu_memory_utilization=0.9", "actor_rollout_ref.rollout.tensor_model_parallel_size=4",
+    "actor_rollout_ref.hybrid_engine=true", "actor_rollout_ref.nccl_timeout=7200", "reward_model.enable=false",
+    "reward_model.reward_manager=dapo", "reward.reward_manager.name=naive", "custom_reward_function.name=compute_score",
+    "reward.custom_reward_function.name=compute_score", "custom_reward_function.path=null",
+    "reward_model.launch_reward_fn_async=false", "trainer.critic_warmup=0", "trainer.balance_batch=true",
+    "trainer.log_val_generations=20", "trainer.rollout_data_dir=null", "trainer.validation_data_dir=null",
+    "trainer.val_only=false", "trainer.del_local_ckpt_after_load=false", "trainer.esi_redundant_time=0",
+    "ray_init.num_cpus=null", "ray_kwargs.ray_init.num_cpus=null", "global_profiler.tool=nsys",
+    "transfer_queue.enable=false", "reward_model.overlong_buffer.enable=false", "reward_model.overlong_buffer.len=4096",
+    "reward_model.overlong_buffer.penalty_factor=1.0", "reward_model.overlong_buffer.log=false",
+    "reward_model.reward_kwargs.overlong_buffer_cfg.enable=false",
+    "reward_model.reward_kwargs.overlong_buffer_cfg.len=4096",
+    "reward_model.reward_kwargs.overlong_buffer_cfg.penalty_factor=1.0",
+    "reward_model.reward_kwargs.overlong_buffer_cfg.log=false", "reward.reward_kwargs.overlong_buffer_cfg.enable=false",
+    "reward.reward_kwargs.overlong_buffer_cfg.len=0", "reward.reward_kwargs.overlong_buffer_cfg.penalty_factor=0.0",
+    "reward.reward_kwargs.overlong_buffer_cfg.log=false", "reward_model.reward_kwargs.max_resp_len=8192",
+    "reward.reward_kwargs.max_resp_len=8192",
+]  # fmt: skip
+RL_REFUSED = [
+    ("algorithm.adv_estimator=gae", "PPO with a critic"),
+    ("algorithm.adv_estimator=rloo", "only grpo"),
+    ("algorithm.use_kl_in_reward=true", "set algorithm.kl_coef=C"),
+    ("actor_rollout_ref.model.override_config.max_position_embeddings=32768", "edit config.json"),
+    ("actor_rollout_ref.model.use_liger=true", "not a verl model option"),
+    ("actor_rollout_ref.actor.kl_loss_type=mse", "k3 estimator"),
+    ("actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean", "token-mean over the whole step"),
+    ("actor_rollout_ref.actor.entropy_coeff=0.001", "no entropy bonus"),
+    ("actor_rollout_ref.actor.ppo_mini_batch_size=3", "must be a multiple of it"),
+    ("actor_rollout_ref.actor.ppo_epochs=2", "algorithm.mini_batches"),
+    ("actor_rollout_ref.actor.fsdp_config.model_dtype=bfloat16", "fp32 master weights"),
+    ("actor_rollout_ref.actor.megatron.tensor_model_parallel_size=4", "no Megatron"),
+    ("actor_rollout_ref.actor.policy_loss.loss_mode=gspo", "not a verl actor option"),
+    ("actor_rollout_ref.actor.optim.lr_decay_style=constant", "not a verl optimizer option"),
+    ("actor_rollout_ref.rollout.top_k=20", "no top-k"),
+    ("actor_rollout_ref.rollout.do_sample=false", "GRPO needs sampled responses"),
+    ("actor_rollout_ref.rollout.ignore_eos=true", "end-of-turn token"),
+    ("actor_rollout_ref.rollout.multi_turn.format=gpt-oss", "hermes-style"),
+    ("actor_rollout_ref.rollout.multi_turn.tool_config_path=/nonexistent/tools.yaml", "cannot read the tool config"),
+    ("reward_model.enable=true", "model-based rewards are not supported"),
+    ("reward_model.reward_manager=prime", "has no equivalent"),
+    ("reward.reward_manager.name=batch", "has no equivalent"),
+    ("custom_reward_function.path=my_reward.py", "set algorithm.reward=package.module:fn"),
+    ("reward.custom_reward_function.path=my_reward.py", "set algorithm.reward=package.module:fn"),
+    ("reward_model.model.path=rm", "model-based rewards are not supported"),
+    ("reward.num_workers=8", "not a verl reward option"),
+    ("reward_model.overlong_buffer.enable=true", "needs reward_model.overlong_buffer.len"),
+    ("trainer.critic_warmup=20", "PPO with a critic"),
+    ("critic.optim.lr=2e-6", "PPO with a critic"),
+    ("trainer.val_only=true", "sftforge eval"),
+]
+RL_SILENT = ["data.train_batch_size=64", "trainer.val_before_train=true"]
+CASES += RL_CASES
+IGNORED += RL_IGNORED
+REFUSED += RL_REFUSED
+
+
 def _get(cfg, dotted):
     return functools.reduce(getattr, dotted.split("."), cfg)
 
@@ -267,6 +404,7 @@ def test_shared_keys_are_silent(override, capsys):
 def test_every_alias_has_a_case():
     covered = {_key(o) for o in [c[0] for c in CASES] + IGNORED + [r[0] for r in REFUSED] + SILENT}
     covered |= {"trainer.project_name", "trainer.experiment_name"}  # test_project_and_experiment_name_...
+    covered |= {"data.train_batch_size"}  # silent in an SFT config; test_rl_scripts_train_batch_size_is_prompts
     missing = []
     for key in VERL_ALIASES:
         if key.endswith(".*"):  # a section: a case with a key under it that no exact entry handles
@@ -275,7 +413,8 @@ def test_every_alias_has_a_case():
         elif key not in covered:
             missing.append(key)
     assert not missing
-    assert not {_key(o) for o in SILENT} & {k for k in VERL_ALIASES if not k.startswith("trainer.")}
+    shared = {"data.train_batch_size"}  # ours and verl's; an RL script's means prompts per step (tested below)
+    assert not {_key(o) for o in SILENT} & {k for k in VERL_ALIASES if not k.startswith("trainer.")} - shared
 
 
 def test_project_and_experiment_name_name_the_wandb_run(capsys):
@@ -638,3 +777,89 @@ def test_verl_textcraft_example_matches_the_native_one():
     for key in ("data.train_batch_size", "data.micro_batch_size_per_gpu", "data.max_length", "optim.lr",
                 "optim.warmup_ratio", "optim.lr_scheduler", "trainer.total_epochs", "data.packing"):  # fmt: skip
         assert _get(verl, key) == _get(ours, key), key
+
+
+# verl-recipe 21892b9 retool/run_qwen2_7b_dapo.sh, its overrides as written (shell variables given their values)
+RETOOL_7B = """
+algorithm.adv_estimator=grpo algorithm.use_kl_in_reward=False algorithm.kl_ctrl.kl_coef=0.0
+data.train_files=['dapo.parquet'] data.val_files=['aime_2025.parquet','aime_2024.parquet'] data.return_raw_chat=True
+data.train_batch_size=64 data.max_prompt_length=2048 data.max_response_length=16384 data.filter_overlong_prompts=True
+data.truncation=error data.custom_cls.path=null
+custom_reward_function.path=recipe/retool/retool.py custom_reward_function.name=compute_score
+actor_rollout_ref.model.path=/models/multiturn-sft-qwen-2.5-7b-instruct/global_step_372
+actor_rollout_ref.model.use_remove_padding=True actor_rollout_ref.model.enable_gradient_checkpointing=True
+actor_rollout_ref.actor.use_kl_loss=False actor_rollout_ref.actor.kl_loss_coef=0.0
+actor_rollout_ref.actor.clip_ratio_low=0.2 actor_rollout_ref.actor.clip_ratio_high=0.28
+actor_rollout_ref.actor.clip_ratio_c=10.0 actor_rollout_ref.actor.optim.lr=1e-6
+actor_rollout_ref.actor.use_dynamic_bsz=True actor_rollout_ref.actor.ppo_mini_batch_size=16
+actor_rollout_ref.actor.ppo_max_token_len_per_gpu=18432 actor_rollout_ref.actor.ulysses_sequence_parallel_size=4
+actor_rollout_ref.actor.fsdp_config.param_offload=True actor_rollout_ref.actor.fsdp_config.optimizer_offload=True
+actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=73728 actor_rollout_ref.rollout.name=vllm
+actor_rollout_ref.rollout.mode=async actor_rollout_ref.rollout.tensor_model_parallel_size=4
+actor_rollout_ref.rollout.multi_turn.enable=True actor_rollout_ref.rollout.multi_turn.max_user_turns=16
+actor_rollout_ref.rollout.multi_turn.max_assistant_turns=16 actor_rollout_ref.rollout.multi_turn.tool_config_path=TOOLS
+actor_rollout_ref.rollout.multi_turn.format=hermes actor_rollout_ref.rollout.gpu_memory_utilization=0.9
+actor_rollout_ref.rollout.n=16 actor_rollout_ref.rollout.val_kwargs.top_p=0.6
+actor_rollout_ref.rollout.val_kwargs.temperature=1.0 actor_rollout_ref.rollout.val_kwargs.n=30
+trainer.logger=['console','wandb'] trainer.project_name=retool trainer.experiment_name=qwen2.5-7b_dapo
+trainer.n_gpus_per_node=8 trainer.val_before_train=True trainer.log_val_generations=20 trainer.nnodes=1
+trainer.save_freq=20 trainer.default_local_dir=/ckpt/retool trainer.test_freq=10 trainer.total_epochs=1
+"""
+SANDBOX_FUSION_TOOLS = """tools:
+  - class_name: "recipe.retool.retool.CustomSandboxFusionTool"
+    config:
+      sandbox_fusion_url: "http://localhost:8080/run_code"
+      num_workers: 128
+      enable_global_rate_limit: true
+      rate_limit: 128
+      default_timeout: 30
+      default_language: "python"
+      memory_limit_mb: 1024
+      type: native
+    tool_schema:
+      type: "function"
+      function:
+        name: "code_interpreter"
+        description: "A tool for executing code."
+        parameters: {type: "object", properties: {code: {type: "string", description: "The code to execute."}},
+                     required: ["code"]}
+"""
+
+
+def test_verls_retool_dapo_script_reads_as_is(tmp_path, capsys):
+    """Every key of the ReTool DAPO script is mapped or explained; its SandboxFusion tool config becomes the code_math
+    environment on that server; the RL meaning of data.train_batch_size (prompts per step) is kept."""
+    tools = tmp_path / "sandbox_fusion_tool_config.yaml"
+    tools.write_text(SANDBOX_FUSION_TOOLS)
+    cfg = load_config(None, shlex.split(RETOOL_7B.replace("TOOLS", str(tools))))
+    assert (cfg.model.path, cfg.algorithm.reward, cfg.rollout.max_turns) == (
+        "/models/multiturn-sft-qwen-2.5-7b-instruct/global_step_372",
+        "code_math",
+        16,
+    )
+    assert (cfg.rollout.n, cfg.rollout.prompts_per_step, cfg.algorithm.mini_batches) == (16, 64, 4)
+    assert (cfg.rollout.val_n, cfg.rollout.val_temperature, cfg.rollout.val_top_p) == (30, 1.0, 0.6)
+    assert (cfg.algorithm.clip_ratio_low, cfg.algorithm.clip_ratio_high, cfg.algorithm.clip_ratio_c) == (0.2, 0.28, 10)
+    assert cfg.algorithm.kl_coef == 0.0 and cfg.data.max_length == 2048 + 16384
+    assert cfg.data.truncation == "error"  # data.truncation given as ours wins over filter_overlong_prompts' drop
+    assert (cfg.sandbox.backend, cfg.sandbox.fusion_url) == ("fusion", "http://localhost:8080/run_code")
+    assert (cfg.sandbox.wall_time_s, cfg.sandbox.memory_mb, cfg.sandbox.max_concurrent) == (30, 1024, 128)
+    assert cfg.trainer.val_before_train and cfg.trainer.test_freq == 10 and cfg.data.max_tokens_per_micro_batch == 18432
+    err = capsys.readouterr().err
+    assert (
+        "info: verl key actor_rollout_ref.rollout.name='vllm' ignored: rollouts run with transformers generate" in err
+    )
+    assert "info: verl key data.train_batch_size=64 -> data.train_batch_size=64, rollout.prompts_per_step=64" in err
+
+
+def test_rl_scripts_train_batch_size_is_prompts_per_step_but_sft_keeps_its_meaning(capsys):
+    assert load_config(None, ["data.train_batch_size=64"]).rollout.prompts_per_step == 8  # an SFT config: silent
+    assert capsys.readouterr().err == ""
+    rl = load_config(None, ["data.train_batch_size=64", "actor_rollout_ref.rollout.n=4"])
+    assert rl.rollout.prompts_per_step == 64 and rl.data.train_batch_size == 64
+
+
+def test_the_readme_has_the_rl_key_table():
+    from sftforge.config import verl_rl_table
+
+    assert verl_rl_table() in (ROOT / "README.md").read_text()

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from itertools import chain
 from pathlib import Path
@@ -801,18 +801,53 @@ def row_to_conversation(row: Any, data_cfg) -> tuple[list[dict], list | None, li
 # Rendering and masks
 
 
+ANSWER_COLUMNS = ("answer", "reference", "reward_model.ground_truth")
+"""Where a row keeps its gold answer, first found wins (the last is verl's RL data: ``reward_model: {ground_truth}``)."""
+
+
+def row_answer(row: Any) -> str | None:
+    """The row's gold answer (a string or a number, as text) from :data:`ANSWER_COLUMNS`; None if it has none."""
+    if not isinstance(row, dict):
+        return None
+    for key in ANSWER_COLUMNS:
+        value: Any = row
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    return None
+
+
 def prompt_or_conversation(row: Any, data_cfg) -> tuple[list[dict], list | None, list[bool | None], bool]:
-    """:func:`row_to_conversation`, and a prompt-only messages row too (no assistant message: an RL or eval prompt
-    whose answer is a column); the last item says it was one (its messages are the prompt)."""
+    """:func:`row_to_conversation`, and a prompt-only row too: a messages row without an assistant message, or a row
+    with ``data.prompt_key`` (a list of messages or a string) and no response — verl's RL data (``prompt``,
+    ``reward_model.ground_truth``, ``data_source``). The last item says it was one (its messages are the prompt)."""
     try:
         return (*row_to_conversation(row, data_cfg), False)
     except RowError as e:
-        key = data_cfg.messages_key
-        if e.reason != "no assistant turn" or not isinstance(row, dict) or not isinstance(row.get(key), list):
+        if not isinstance(row, dict):
             raise
-    messages, tools, flags = row_to_conversation({**row, key: [*row[key], {"role": "assistant", "content": "-"}]},
-                                                 data_cfg)  # fmt: skip
+        key = data_cfg.messages_key
+        if e.reason == "no assistant turn" and isinstance(row.get(key), list):
+            prompt = row[key]
+        elif (e.reason == "missing key" and data_cfg.format in ("auto", "prompt_response")
+              and row.get(data_cfg.prompt_key) is not None and row.get(data_cfg.response_key) is None):  # fmt: skip
+            prompt = _as_json(row[data_cfg.prompt_key], data_cfg.prompt_key)
+            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            if not isinstance(prompt, list):
+                raise RowError(
+                    "wrong type", f"'{data_cfg.prompt_key}' must be a string or a list of messages"
+                ) from None
+        else:
+            raise
+    shaped = {**row, key: [*prompt, {"role": "assistant", "content": "-"}]}
+    messages, tools, flags = row_to_conversation(shaped, _as_messages(data_cfg))
     return messages[:-1], tools, flags[:-1], True
+
+
+def _as_messages(data_cfg):
+    """``data_cfg`` reading the messages column (a prompt-only row reshaped into one)."""
+    return data_cfg if data_cfg.format == "messages" else replace(data_cfg, format="messages")
 
 
 def prepare_messages(messages: list[dict], markers: TemplateMarkers, system_into_first_user: bool = False):

@@ -94,7 +94,8 @@ class DataConfig:
     train_files: Any = None
     """Training data: a path, a glob, a list of paths, or a verl-style string "['a.parquet','b.parquet']"."""
     val_files: Any = None
-    """Validation data, same forms as data.train_files; empty means no validation."""
+    """Validation data, same forms as data.train_files; empty means no validation. sftforge rl: prompts (verl's RL
+    parquet as is) scored with algorithm.reward, see trainer.test_freq."""
     eval_files: Any = None
     """Generation-eval data scored every trainer.eval_freq steps with trainer.eval_task (same forms as
     data.train_files); the prompt is each row minus its last assistant turn, that turn is the reference."""
@@ -203,7 +204,11 @@ class TrainerConfig:
     save_freq: int = 0
     """Save a checkpoint every N steps (0 = only at the end)."""
     test_freq: int = 0
-    """Validate every N steps (0 = only at the end)."""
+    """Validate every N steps (0 = only at the end). sftforge rl: generate on data.val_files' prompts and score them
+    with algorithm.reward (rollout.val_n answers each)."""
+    val_before_train: bool = False
+    """Validate once before the first step as well (verl's trainer.val_before_train): sftforge train's val_loss,
+    sftforge rl's scores on data.val_files."""
     eval_freq: int = 0
     """Generate on data.eval_files and score with trainer.eval_task every N steps and at the end (0 = never); logs
     eval_accuracy in metrics.jsonl. Greedy, up to 256 new tokens."""
@@ -270,6 +275,13 @@ class RolloutConfig:
     """1 = single-turn; > 1 = episodes in the environment named by algorithm.reward (textcraft, code_math)."""
     backend: str = "hf"
     """hf (transformers generate; CPU and GPU)."""
+    val_n: int = 1
+    """Answers per validation prompt (data.val_files, every trainer.test_freq steps): > 1 logs mean@K and pass@k with
+    intervals, per data_source (verl's val_kwargs.n; needs rollout.val_temperature > 0)."""
+    val_temperature: float = 0.0
+    """Validation sampling temperature; 0 = greedy."""
+    val_top_p: float = 1.0
+    """Validation nucleus sampling threshold (with rollout.val_temperature > 0)."""
 
 
 @dataclass
@@ -283,6 +295,9 @@ class AlgorithmConfig:
     """Lower clip of the policy ratio: 1 - clip_ratio_low."""
     clip_ratio_high: float = 0.28
     """Upper clip of the policy ratio: 1 + clip_ratio_high (DAPO's clip-higher)."""
+    clip_ratio_c: float = 0.0
+    """Dual clip (> 1; 0 = off): a token with a negative advantage A loses at most -clip_ratio_c·A (verl's
+    clip_ratio_c: 3 by default there, 10 in its DAPO scripts)."""
     kl_coef: float = 0.0
     """Weight of the k3 KL to the initial (reference) model; 0 = no reference model is loaded."""
     scale_by_std: bool = True
@@ -378,7 +393,9 @@ RANGES: dict[str, tuple] = {
     "trainer.n_gpus_per_node": (0, None), "trainer.nnodes": (1, None), "trainer.sp_size": (1, None),
     "rollout.n": (1, None), "rollout.prompts_per_step": (1, None), "rollout.temperature": ((0,), None),
     "rollout.top_p": ((0,), 1), "rollout.max_response_length": (1, None), "rollout.max_turns": (1, None),
+    "rollout.val_n": (1, None), "rollout.val_temperature": (0, None), "rollout.val_top_p": ((0,), 1),
     "algorithm.clip_ratio_low": (0, (1,)), "algorithm.clip_ratio_high": (0, None), "algorithm.kl_coef": (0, None),
+    "algorithm.clip_ratio_c": (0, None),
     "algorithm.mini_batches": (1, None), "algorithm.overlong_buffer": (0, None), "algorithm.overlong_penalty": (0, None),
     "sandbox.wall_time_s": ((0,), None), "sandbox.cpu_time_s": (1, None), "sandbox.memory_mb": (64, None),
     "sandbox.max_processes": (1, None), "sandbox.scratch_mb": (1, None), "sandbox.max_output_bytes": (1, None),
@@ -941,7 +958,8 @@ VERL_ALIASES: dict[str, tuple[str, Any]] = {
             _NULL,
             "null: no custom dataset class",
             "custom dataset classes are not loaded: convert the rows to messages / prompt_response / sharegpt / "
-            "alpaca (`sftforge data convert`) and set data.format.",
+            "alpaca (`sftforge data convert`) and set data.format; RL prompts are read as verl's RL parquet (prompt, "
+            "reward_model.ground_truth, data_source) or messages rows with an answer column.",
         ),
     ),
     "data.custom_cls.name": (
@@ -1199,6 +1217,391 @@ VERL_ALIASES: dict[str, tuple[str, Any]] = {
 """verl key -> (what it becomes, converter). A key ending in ``.*`` stands for every key under that section that no
 exact entry handled; the plain section names (engine, optim, model) are hydra's group choices (engine=fsdp) and apply
 only to a string value."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# verl's RL keys (verl.trainer.main_ppo / recipe.dapo.main_dapo; the DAPO and ReTool scripts of verl-project/
+# verl-recipe): each maps to ours, is ignored saying why, or is refused saying what to do instead.
+
+_RL_ENGINE = "a vLLM/SGLang engine setting; rollouts run with transformers generate on the trained weights here"
+_NO_CRITIC = ("PPO with a critic (algorithm.adv_estimator=gae) is not implemented: use algorithm.adv_estimator=grpo "
+              "(group-relative advantages, no critic), which is what sftforge rl trains.")  # fmt: skip
+_RAY = "processes are started by torchrun here, not Ray"
+
+
+def _is_rl(ctx: Any) -> bool:
+    """The configuration is one of verl's RL scripts (it has the actor/rollout section)."""
+    return _given(ctx, "actor_rollout_ref")
+
+
+def _train_batch_size(value: Any, ctx: Any):
+    if _is_rl(ctx) and not _given(ctx, "rollout.prompts_per_step"):
+        return [("data.train_batch_size", value), ("rollout.prompts_per_step", value)], "verl's RL: prompts per step"
+    return [("data.train_batch_size", value)]
+
+
+def _mini_batch(value: Any, ctx: Any):
+    prompts = _lookup(ctx, "rollout.prompts_per_step", None) or _lookup(ctx, "data.train_batch_size", None)
+    if prompts is None:
+        prompts = RolloutConfig.prompts_per_step
+    mini, prompts = _coerce(value, int, "ppo_mini_batch_size"), _coerce(prompts, int, "data.train_batch_size")
+    if mini < 1 or prompts % mini:
+        raise _Refused(f"the prompts per step ({prompts}) must be a multiple of it: each optimizer step trains "
+                       "ppo_mini_batch_size whole groups here (algorithm.mini_batches = prompts per step / it).")  # fmt: skip
+    return [("algorithm.mini_batches", prompts // mini)], f"{prompts} prompts per step / {mini} per optimizer step"
+
+
+def _max_prompt_length(value: Any, ctx: Any):
+    length = _coerce(value, int, "data.max_prompt_length")
+    if _truthy(_lookup(ctx, "actor_rollout_ref.rollout.multi_turn.enable", False), "multi_turn.enable"):
+        response = _lookup(ctx, "data.max_response_length", None) or 0
+        return [("data.max_length", length + _coerce(response, int, "data.max_response_length"))], (
+            "multi-turn: data.max_length caps a whole episode here, prompt + responses + tool outputs"
+        )
+    return [("data.max_length", length)], "sftforge rl refuses (or truncates, data.truncation) longer prompts"
+
+
+def _filter_overlong(value: Any, ctx: Any):
+    if not _truthy(value, "data.filter_overlong_prompts"):
+        return "data.truncation decides what a prompt longer than data.max_length does (error by default)"
+    return [("data.truncation", "drop")], "verl drops them before its truncation applies; counted in the log here"
+
+
+def _adv_estimator(value: Any, ctx: Any):
+    if str(value).lower() == "grpo":
+        return "group-relative advantages here too (÷ the group's std unless algorithm.scale_by_std=false)"
+    if str(value).lower() == "gae":
+        raise _Refused(_NO_CRITIC)
+    raise _Refused("only grpo (group-relative advantages; algorithm.scale_by_std=false gives Dr. GRPO's mean-centred "
+                   "form) is implemented: set algorithm.adv_estimator=grpo.")  # fmt: skip
+
+
+def _kl_in_reward(value: Any, ctx: Any):
+    if not _truthy(value, "algorithm.use_kl_in_reward"):
+        return "no KL penalty in the reward (a KL loss term is algorithm.kl_coef)"
+    raise _Refused("the KL to the reference is a loss term here, not a reward penalty: set algorithm.kl_coef=C "
+                   "(verl's actor.use_kl_loss=true with kl_loss_coef=C).")  # fmt: skip
+
+
+def _use_kl_loss(value: Any, ctx: Any):
+    if not _truthy(value, "actor_rollout_ref.actor.use_kl_loss"):
+        return "no KL loss and no reference model (algorithm.kl_coef=0), as here by default"
+    coef = _lookup(ctx, "actor_rollout_ref.actor.kl_loss_coef", None)
+    return [("algorithm.kl_coef", 0.001 if coef is None else coef)], "the k3 KL to the initial model, as a loss term"
+
+
+def _kl_loss_coef(value: Any, ctx: Any):
+    if _truthy(_lookup(ctx, "actor_rollout_ref.actor.use_kl_loss", False), "actor_rollout_ref.actor.use_kl_loss"):
+        return "read with actor_rollout_ref.actor.use_kl_loss=true (algorithm.kl_coef)"
+    return "verl applies it only with actor_rollout_ref.actor.use_kl_loss=true"
+
+
+def _clip_ratio(value: Any, ctx: Any):
+    pairs = [(f"algorithm.clip_ratio_{side}", value) for side in ("low", "high")
+             if not _given(ctx, f"actor_rollout_ref.actor.clip_ratio_{side}")]  # fmt: skip
+    return pairs or "clip_ratio_low / clip_ratio_high, given too, decide"
+
+
+def _actor_dynamic_bsz(value: Any, ctx: Any):
+    if not _truthy(value, "use_dynamic_bsz"):
+        return "micro-batches are data.micro_batch_size_per_gpu sequences"
+    if _given(ctx, "actor_rollout_ref.actor.ppo_max_token_len_per_gpu"):
+        return "the token budget is data.max_tokens_per_micro_batch (from ppo_max_token_len_per_gpu)"
+    return [("data.max_tokens_per_micro_batch", 16384)], "verl's default ppo_max_token_len_per_gpu=16384"
+
+
+def _actor_token_len(value: Any, ctx: Any):
+    if not _truthy(_lookup(ctx, "actor_rollout_ref.actor.use_dynamic_bsz", False), "use_dynamic_bsz"):
+        return "verl reads it only with actor_rollout_ref.actor.use_dynamic_bsz=true"
+    return [("data.max_tokens_per_micro_batch", value)], "packed tokens per micro-batch"
+
+
+def _rollout_name(value: Any, ctx: Any):
+    return f"rollouts run with transformers generate (rollout.backend=hf); a {value} backend is not implemented"
+
+
+def _val_do_sample(value: Any, ctx: Any):
+    if _truthy(value, "val_kwargs.do_sample"):
+        return "validation samples at rollout.val_temperature (val_kwargs.temperature)"
+    n = _lookup(ctx, "actor_rollout_ref.rollout.val_kwargs.n", 1)
+    if n is not None and _coerce(n, int, "val_kwargs.n") > 1:
+        return "val_kwargs.n > 1 samples anyway, at val_kwargs.temperature (as verl's async rollouts of ReTool do)"
+    return [("rollout.val_temperature", 0.0)], "greedy validation"
+
+
+def _tool_config(value: Any, ctx: Any):
+    """verl's tool config YAML: its SandboxFusion code_interpreter becomes the code_math environment's sandbox."""
+    try:
+        tools = (yaml.safe_load(open(str(value), encoding="utf-8")) or {}).get("tools") or []
+    except (OSError, yaml.YAMLError, AttributeError) as e:
+        raise _Refused(f"cannot read the tool config ({type(e).__name__}): give its path, or drop the key and set "
+                       "algorithm.reward=code_math with sandbox.* keys for the code_interpreter tool.") from None  # fmt: skip
+    for tool in tools:
+        schema = ((tool or {}).get("tool_schema") or {}).get("function") or {}
+        conf = (tool or {}).get("config") or {}
+        if schema.get("name") != "code_interpreter":
+            raise _Refused(f"tool {schema.get('name')!r}: the one tool environment here is code_interpreter "
+                           "(algorithm.reward=code_math); remove the others from the tool config.")  # fmt: skip
+        pairs: list[tuple[str, Any]] = []
+        if conf.get("sandbox_fusion_url"):
+            pairs += [("sandbox.backend", "fusion"), ("sandbox.fusion_url", conf["sandbox_fusion_url"])]
+        elif "sandbox_fusion" in str(tool.get("class_name", "")).lower() or "daytona" in str(tool.get("class_name")):
+            raise _Refused(f"{tool.get('class_name')} needs a sandbox_fusion_url (Daytona is not supported); or drop "
+                           "the key: algorithm.reward=code_math runs the code in bubblewrap here.")  # fmt: skip
+        for theirs, ours in (("default_timeout", "sandbox.wall_time_s"), ("memory_limit_mb", "sandbox.memory_mb"),
+                             ("rate_limit", "sandbox.max_concurrent")):  # fmt: skip
+            if conf.get(theirs) is not None:
+                pairs.append((ours, conf[theirs]))
+        if not _given(ctx, "algorithm.reward"):
+            pairs.append(("algorithm.reward", "code_math"))
+        return pairs, "the code_interpreter tool: the code_math environment and its sandbox"
+    raise _Refused("the tool config lists no tool: the code tool here is algorithm.reward=code_math.")
+
+
+def _overlong(part: str, prefix: str):
+    """reward_model.overlong_buffer.* / ...reward_kwargs.overlong_buffer_cfg.*: DAPO's soft overlong penalty."""
+
+    def apply(value: Any, ctx: Any):
+        on = _truthy(_lookup(ctx, f"{prefix}.enable", False), f"{prefix}.enable")
+        if part == "enable":
+            if not on:
+                return "off, as algorithm.overlong_buffer=0 here by default"
+            if not _given(ctx, f"{prefix}.len"):
+                raise _Refused(f"it needs {prefix}.len, the tokens of the ramp (algorithm.overlong_buffer).")
+            return "on: its len and penalty_factor are algorithm.overlong_buffer and algorithm.overlong_penalty"
+        if not on:
+            return f"verl applies it only with {prefix}.enable=true"
+        return [({"len": "algorithm.overlong_buffer", "penalty_factor": "algorithm.overlong_penalty"}[part], value)]
+
+    return apply
+
+
+def _reward_manager(value: Any, ctx: Any):
+    name = str(value.get("name") if isinstance(value, dict) else value).lower()
+    if name in ("naive", "dapo", "none"):
+        return ("algorithm.reward scores each response (dapo's overlong penalty: algorithm.overlong_buffer, "
+                "dynamic sampling: algorithm.dynamic_sampling)")  # fmt: skip
+    raise _Refused(f"reward manager {name!r} has no equivalent: the reward is algorithm.reward's score of each answer.")
+
+
+def _custom_reward(value: Any, ctx: Any):
+    if _unset(value):
+        return "null: algorithm.reward decides"
+    if Path(str(value)).name == "retool.py":
+        return [("algorithm.reward", "code_math")], (
+            "ReTool's compute_score (math_dapo on the last \\boxed{}) is code_math's math-verify check here; its "
+            "penalty on wrong answers by turn count is not applied"
+        )
+    raise _Refused("verl's compute_score(data_source, solution_str, ground_truth, extra_info) files are not loaded: "
+                   "write fn(generation, sample) -> float (sample.reference is the ground truth, sample.row the row "
+                   "with data_source and extra_info) and set algorithm.reward=package.module:fn.")  # fmt: skip
+
+
+def _ppo_epochs(value: Any, ctx: Any):
+    if _coerce(value, int, "ppo_epochs") == 1:
+        return "each rollout batch is trained once, in algorithm.mini_batches optimizer steps"
+    raise _Refused("each rollout batch is trained once here: use algorithm.mini_batches for more optimizer steps.")
+
+
+_VERL_RL: dict[str, tuple[str, Any]] = {
+    # --- data ---
+    "data.train_batch_size": ("data.train_batch_size; verl's RL: rollout.prompts_per_step", _train_batch_size),
+    "data.max_prompt_length": ("data.max_length (multi-turn: + data.max_response_length)", _max_prompt_length),
+    "data.max_response_length": ("rollout.max_response_length (per turn)", _rename("rollout.max_response_length")),
+    "data.gen_batch_size": ("ignored: dynamic sampling drops the uninformative groups of a step, it does not "
+                            "generate more batches to refill it", _ignore(
+                                "dynamic sampling here drops the groups whose rewards are all equal from the step; "
+                                "it does not generate more batches to refill it (kept_groups is logged)")),
+    "data.return_raw_chat": ("ignored: prompts are rendered from the messages by the chat template",
+                             _ignore("prompts are always rendered from the messages by the chat template here")),
+    "data.filter_overlong_prompts": ("data.truncation=drop when true", _filter_overlong),
+    "data.val_batch_size": ("ignored", _ignore("validation generates in batches of 64")),
+    "data.dataloader_num_workers": ("ignored", _ignore("prompts are read and rendered once, before the first step")),
+    # --- algorithm ---
+    "algorithm.adv_estimator": ("grpo: ours; gae and others refused", _adv_estimator),
+    "algorithm.norm_adv_by_std_in_grpo": ("algorithm.scale_by_std", _rename("algorithm.scale_by_std")),
+    "algorithm.use_kl_in_reward": ("ignored when false; refused (use algorithm.kl_coef)", _kl_in_reward),
+    "algorithm.kl_penalty": ("ignored", _ignore("the in-reward KL's estimator; the KL loss here is k3")),
+    "algorithm.kl_ctrl.*": ("ignored: the in-reward KL (use_kl_in_reward=false)",
+                            _ignore("the in-reward KL controller, used only with use_kl_in_reward=true")),
+    "algorithm.gamma": ("ignored", _ignore("GAE's discount: no critic here (grpo)")),
+    "algorithm.lam": ("ignored", _ignore("GAE's lambda: no critic here (grpo)")),
+    "algorithm.filter_groups.enable": ("algorithm.dynamic_sampling", _rename("algorithm.dynamic_sampling")),
+    "algorithm.filter_groups.metric": ("ignored", _ignore("groups are filtered on the reward (algorithm.reward's score)")),
+    "algorithm.filter_groups.max_num_gen_batches": ("ignored", _ignore(
+        "no refill: dropped groups are not replaced by more generation batches")),
+    "algorithm.filter_groups.max_inflight_gen_batches": ("ignored", _ignore("no refill batches here")),
+    "algorithm.rollout_correction.*": ("ignored", _ignore(
+        "old log-probs are recomputed by the trained model itself here: no rollout/training mismatch to correct")),
+    # --- actor_rollout_ref.model ---
+    "actor_rollout_ref.model.path": ("model.path", _rename("model.path")),
+    "actor_rollout_ref.model.tokenizer_path": ("model.tokenizer_path", _rename("model.tokenizer_path")),
+    "actor_rollout_ref.model.use_remove_padding": ("data.packing", _remove_padding),
+    "actor_rollout_ref.model.enable_gradient_checkpointing": (
+        "model.enable_gradient_checkpointing", _rename("model.enable_gradient_checkpointing")),
+    "actor_rollout_ref.model.trust_remote_code": ("model.trust_remote_code", _rename("model.trust_remote_code")),
+    "actor_rollout_ref.model.lora_rank": ("model.lora.rank", _rename("model.lora.rank")),
+    "actor_rollout_ref.model.lora_alpha": ("model.lora.alpha", _rename("model.lora.alpha")),
+    "actor_rollout_ref.model.target_modules": ("model.lora.target_modules",
+                                               _rename("model.lora.target_modules", _target_modules)),
+    "actor_rollout_ref.model.custom_chat_template": VERL_ALIASES["model.custom_chat_template"],
+    "actor_rollout_ref.model.override_config.*": ("refused", _refuse(
+        "model config overrides are not applied: edit config.json in a copy of the model folder and set model.path "
+        "to it.")),
+    "actor_rollout_ref.model.external_lib": VERL_ALIASES["model.external_lib"],
+    "actor_rollout_ref.model.use_fused_kernels": VERL_ALIASES["model.use_fused_kernels"],
+    "actor_rollout_ref.model.use_shm": VERL_ALIASES["model.use_shm"],
+    "actor_rollout_ref.model.*": ("refused", _refuse("not a verl model option sftforge knows: remove it.")),
+    # --- actor_rollout_ref.actor ---
+    "actor_rollout_ref.actor.strategy": ("trainer.strategy=fsdp2", _strategy),
+    "actor_rollout_ref.actor.clip_ratio_low": ("algorithm.clip_ratio_low", _rename("algorithm.clip_ratio_low")),
+    "actor_rollout_ref.actor.clip_ratio_high": ("algorithm.clip_ratio_high", _rename("algorithm.clip_ratio_high")),
+    "actor_rollout_ref.actor.clip_ratio": ("algorithm.clip_ratio_low and _high", _clip_ratio),
+    "actor_rollout_ref.actor.clip_ratio_c": ("algorithm.clip_ratio_c (dual clip)", _rename("algorithm.clip_ratio_c")),
+    "actor_rollout_ref.actor.use_kl_loss": ("algorithm.kl_coef (= kl_loss_coef) when true", _use_kl_loss),
+    "actor_rollout_ref.actor.kl_loss_coef": ("algorithm.kl_coef, with use_kl_loss=true", _kl_loss_coef),
+    "actor_rollout_ref.actor.kl_loss_type": ("ignored for low_var_kl / k3, else refused", _ignore_unless(
+        lambda v: str(v).lower() in ("low_var_kl", "k3"), "the k3 estimator (verl's low_var_kl) here",
+        "the KL loss is the k3 estimator (verl's low_var_kl): drop the key.")),
+    "actor_rollout_ref.actor.loss_agg_mode": ("ignored for token-mean, else refused", _ignore_unless(
+        lambda v: str(v).lower() == "token-mean",
+        "token-mean here: the loss is divided by the trained tokens of the whole step, over all processes",
+        "the loss is token-mean over the whole step here (DAPO's choice): drop the key.")),
+    "actor_rollout_ref.actor.entropy_coeff": ("ignored when 0, else refused", _ignore_unless(
+        lambda v: float(v) == 0, "0: no entropy bonus", "there is no entropy bonus here: set it to 0.")),
+    "actor_rollout_ref.actor.grad_clip": ("optim.clip_grad", _rename("optim.clip_grad")),
+    "actor_rollout_ref.actor.ppo_mini_batch_size": ("algorithm.mini_batches = prompts per step / it", _mini_batch),
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": (
+        "data.micro_batch_size_per_gpu", _rename("data.micro_batch_size_per_gpu")),
+    "actor_rollout_ref.actor.ppo_micro_batch_size": VERL_ALIASES["data.micro_batch_size"],
+    "actor_rollout_ref.actor.use_dynamic_bsz": ("data.max_tokens_per_micro_batch", _actor_dynamic_bsz),
+    "actor_rollout_ref.actor.ppo_max_token_len_per_gpu": ("data.max_tokens_per_micro_batch", _actor_token_len),
+    "actor_rollout_ref.actor.ppo_epochs": ("ignored when 1, else refused", _ppo_epochs),
+    "actor_rollout_ref.actor.ulysses_sequence_parallel_size": ("trainer.sp_size", _rename("trainer.sp_size")),
+    "actor_rollout_ref.actor.fsdp_config.param_offload": ("trainer.offload", _offload),
+    "actor_rollout_ref.actor.fsdp_config.optimizer_offload": ("trainer.offload", _offload),
+    "actor_rollout_ref.actor.fsdp_config.model_dtype": ("ignored or refused", _engine_model_dtype),
+    "actor_rollout_ref.actor.fsdp_config.*": ("ignored", _ignore(_WRAP + "; " + _PERF)),
+    "actor_rollout_ref.actor.use_torch_compile": VERL_ALIASES["engine.use_torch_compile"],
+    "actor_rollout_ref.actor.entropy_checkpointing": ("ignored", _ignore("an entropy metric option")),
+    "actor_rollout_ref.actor.entropy_from_logits_with_chunking": ("ignored", _ignore("an entropy metric option")),
+    "actor_rollout_ref.actor.checkpoint.save_contents": VERL_ALIASES["checkpoint.save_contents"],
+    "actor_rollout_ref.actor.checkpoint.load_contents": VERL_ALIASES["checkpoint.load_contents"],
+    "actor_rollout_ref.actor.megatron.*": ("refused", _refuse(_NO_MEGATRON)),
+    "actor_rollout_ref.actor.*": ("refused", _refuse("not a verl actor option sftforge knows: remove it.")),
+    # --- actor_rollout_ref.ref: the reference model ---
+    "actor_rollout_ref.ref.*": ("ignored", _ignore(
+        "the reference model (loaded when algorithm.kl_coef > 0) is the initial policy, batched like the actor")),
+    # --- actor_rollout_ref.rollout ---
+    "actor_rollout_ref.rollout.name": ("ignored: rollout.backend=hf", _rollout_name),
+    "actor_rollout_ref.rollout.n": ("rollout.n", _rename("rollout.n")),
+    "actor_rollout_ref.rollout.temperature": ("rollout.temperature", _rename("rollout.temperature")),
+    "actor_rollout_ref.rollout.top_p": ("rollout.top_p", _rename("rollout.top_p")),
+    "actor_rollout_ref.rollout.top_k": ("ignored when -1 or 0, else refused", _ignore_unless(
+        lambda v: int(v) <= 0, "no top-k here", "there is no top-k sampling here: use rollout.top_p.")),
+    "actor_rollout_ref.rollout.do_sample": ("ignored when true, else refused", _ignore_unless(
+        _truthy, "rollouts sample (rollout.temperature)", "GRPO needs sampled responses: drop the key.")),
+    "actor_rollout_ref.rollout.response_length": ("rollout.max_response_length", _rename("rollout.max_response_length")),
+    "actor_rollout_ref.rollout.prompt_length": ("ignored", _ignore("data.max_length bounds the prompts")),
+    "actor_rollout_ref.rollout.ignore_eos": ("ignored when false, else refused", _ignore_unless(
+        _FALSE, "responses end at the end-of-turn token", "responses always end at the end-of-turn token here.")),
+    "actor_rollout_ref.rollout.val_kwargs.n": ("rollout.val_n", _rename("rollout.val_n")),
+    "actor_rollout_ref.rollout.val_kwargs.temperature": ("rollout.val_temperature", _rename("rollout.val_temperature")),
+    "actor_rollout_ref.rollout.val_kwargs.top_p": ("rollout.val_top_p", _rename("rollout.val_top_p")),
+    "actor_rollout_ref.rollout.val_kwargs.do_sample": ("rollout.val_temperature=0 when false (n = 1)", _val_do_sample),
+    "actor_rollout_ref.rollout.multi_turn.enable": ("ignored: rollout.max_turns > 1 with an environment", _ignore(
+        "episodes run when rollout.max_turns > 1 and algorithm.reward is an environment (code_math, textcraft)")),
+    "actor_rollout_ref.rollout.multi_turn.max_assistant_turns": ("rollout.max_turns", _rename("rollout.max_turns")),
+    "actor_rollout_ref.rollout.multi_turn.max_user_turns": ("ignored", _ignore(
+        "an episode ends after rollout.max_turns assistant turns (each tool output is the turn between)")),
+    "actor_rollout_ref.rollout.multi_turn.tool_config_path": (
+        "algorithm.reward=code_math; SandboxFusion: sandbox.backend=fusion, sandbox.fusion_url, limits", _tool_config),
+    "actor_rollout_ref.rollout.multi_turn.format": ("ignored for hermes, else refused", _ignore_unless(
+        lambda v: str(v).lower() == "hermes", "tool calls are read as <tool_call> JSON (hermes) here",
+        "tool calls are read as hermes-style <tool_call> JSON only.")),
+    "actor_rollout_ref.rollout.multi_turn.max_parallel_calls": ("ignored", _ignore(
+        "every call of a turn runs, concurrently (sandbox.max_concurrent)")),
+    "actor_rollout_ref.rollout.multi_turn.max_tool_response_length": (
+        "sandbox.observation_chars", _rename("sandbox.observation_chars")),
+    "actor_rollout_ref.rollout.multi_turn.tool_response_truncate_side": ("ignored", _ignore(
+        "an observation keeps the start of the output, and says how much was cut")),
+    "actor_rollout_ref.rollout.multi_turn.*": ("ignored", _ignore("a verl agent-loop setting with no effect here")),
+    "actor_rollout_ref.rollout.agent.*": ("ignored", _ignore("a verl agent-loop setting with no effect here")),
+    "actor_rollout_ref.rollout.*": ("ignored", _ignore(_RL_ENGINE)),
+    "actor_rollout_ref.hybrid_engine": ("ignored", _ignore("the trained model samples its own rollouts here")),
+    "actor_rollout_ref.nccl_timeout": ("ignored", _ignore("torch.distributed's default timeout applies")),
+    # --- reward ---
+    "reward_model.enable": ("ignored when false, else refused", _ignore_unless(
+        _FALSE, "no reward model: algorithm.reward scores the answers",
+        "model-based rewards are not supported: algorithm.reward=package.module:fn scores an answer.")),
+    "reward_model.reward_manager": ("ignored for naive / dapo, else refused", _reward_manager),
+    "reward.reward_manager.name": ("ignored for naive / dapo, else refused", _reward_manager),
+    "custom_reward_function.path": ("algorithm.reward (retool.py: code_math), else refused", _custom_reward),
+    "reward.custom_reward_function.path": ("algorithm.reward (retool.py: code_math), else refused", _custom_reward),
+    "custom_reward_function.name": ("ignored", _ignore("read with custom_reward_function.path")),
+    "reward.custom_reward_function.name": ("ignored", _ignore("read with custom_reward_function.path")),
+    "reward_model.launch_reward_fn_async": ("ignored", _ignore("answers are scored as they are generated")),
+    "reward_model.*": ("refused", _refuse(
+        "not a verl reward option sftforge knows (model-based rewards are not supported: algorithm.reward scores an "
+        "answer): remove it.")),
+    "reward.*": ("refused", _refuse("not a verl reward option sftforge knows (algorithm.reward scores an answer): "
+                                    "remove it.")),
+    "trainer.critic_warmup": ("ignored when 0, else refused", _ignore_unless(
+        lambda v: int(v) == 0, "0: no critic", _NO_CRITIC)),
+    "critic.*": ("refused", _refuse(_NO_CRITIC)),
+    # --- trainer, ray ---
+    "trainer.balance_batch": ("ignored", _ignore("micro-batches are packed to data.max_tokens_per_micro_batch")),
+    "trainer.log_val_generations": ("ignored", _ignore(
+        "validation logs its scores; `sftforge eval -o FILE --samples K` writes every answer")),
+    "trainer.rollout_data_dir": ("ignored", _ignore("rollouts are not dumped; `sftforge eval -o FILE` writes answers")),
+    "trainer.validation_data_dir": ("ignored", _ignore("`sftforge eval -o FILE` writes every validation answer")),
+    "trainer.val_only": ("ignored when false, else refused", _ignore_unless(
+        _FALSE, "false: training", "validation alone is `sftforge eval --task TASK --samples K --do-sample`.")),
+    "trainer.del_local_ckpt_after_load": ("ignored", _ignore("checkpoints are pruned by trainer.max_ckpt_to_keep")),
+    "trainer.esi_redundant_time": ("ignored", _ignore("a cluster preemption margin; SIGTERM saves a checkpoint here")),
+    "ray_init.*": ("ignored", _ignore(_RAY)),
+    "ray_kwargs.*": ("ignored", _ignore(_RAY)),
+    "global_profiler.*": ("ignored", _ignore("no profiler here")),
+    "transfer_queue.*": ("ignored", _ignore(_RAY)),
+}  # fmt: skip
+for _prefix in ("reward_model.overlong_buffer", "reward_model.reward_kwargs.overlong_buffer_cfg",
+                "reward.reward_kwargs.overlong_buffer_cfg"):  # fmt: skip
+    _VERL_RL[f"{_prefix}.enable"] = ("on: its len and penalty_factor; off: ignored", _overlong("enable", _prefix))
+    _VERL_RL[f"{_prefix}.len"] = ("algorithm.overlong_buffer (with enable=true)", _overlong("len", _prefix))
+    _VERL_RL[f"{_prefix}.penalty_factor"] = (
+        "algorithm.overlong_penalty (with enable=true)",
+        _overlong("penalty_factor", _prefix),
+    )
+    _VERL_RL[f"{_prefix}.log"] = ("ignored", _ignore("the penalty is part of the logged reward"))
+for _key in ("reward_model.reward_kwargs.max_resp_len", "reward.reward_kwargs.max_resp_len"):
+    _VERL_RL[_key] = ("ignored", _ignore("the ramp ends at rollout.max_response_length"))
+for _name in ("lr", "weight_decay", "betas", "eps", "min_lr_ratio", "clip_grad"):
+    _VERL_RL[f"actor_rollout_ref.actor.optim.{_name}"] = (f"optim.{_name}", _rename(f"optim.{_name}"))
+for _name in ("lr_warmup_steps", "lr_warmup_steps_ratio", "warmup_style", "lr_scheduler_type", "total_training_steps",
+              "optimizer", "optimizer_impl", "num_cycles", "override_optimizer_config"):  # fmt: skip
+    _VERL_RL[f"actor_rollout_ref.actor.optim.{_name}"] = VERL_ALIASES[f"optim.{_name}"]
+_VERL_RL["actor_rollout_ref.rollout.val_kwargs.top_k"] = _VERL_RL["actor_rollout_ref.rollout.top_k"]
+_VERL_RL["actor_rollout_ref.actor.optim.*"] = (
+    "refused",
+    _refuse("not a verl optimizer option sftforge knows (AdamW: optim.* keys): remove it."),
+)
+_VERL_RL["actor_rollout_ref.actor.*"] = _VERL_RL.pop("actor_rollout_ref.actor.*")  # after the sections under it
+VERL_RL_KEYS = tuple(_VERL_RL)
+"""verl's RL keys, in the README's table order (:func:`verl_rl_table`)."""
+VERL_ALIASES.update(_VERL_RL)
+
+
+def verl_rl_table() -> str:
+    """The README's table of verl's RL keys: what each becomes here, or why it is ignored or refused."""
+    rows = ["| verl key (RL: main_ppo, main_dapo) | here |", "|---|---|"]
+    for key, (what, convert) in _VERL_RL.items():
+        if what in ("ignored", "refused"):  # the reason, as the info line or the error says it
+            try:
+                what = f"ignored: {convert('x', {})}"
+            except _Refused as e:
+                what = f"refused: {e}"
+        rows.append(f"| `{key}` | {what.replace('|', '/')} |")
+    return "\n".join(rows)
 
 
 def _pop_path(d: dict, parts: list[str]) -> tuple[bool, Any]:

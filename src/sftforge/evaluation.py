@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from sftforge.chat import RowError, image_sources, prompt_or_conversation
+from sftforge.chat import ANSWER_COLUMNS, RowError, image_sources, prompt_or_conversation, row_answer
 from sftforge.config import Config, ConfigError, DataConfig, load_config
 from sftforge.data import DataError, load_tokenizer, read_rows, resolve_files
 from sftforge.envs import Env, Task, rollout
@@ -72,8 +73,8 @@ def samples_from_rows(rows: Sequence[tuple], data_cfg: DataConfig, turns: str = 
             raise DataError(f"{loc}: {e.detail}") from None
         rid = str(row.get("id", loc)) if isinstance(row, dict) else loc
         if prompt_only:
-            if not any(isinstance(row.get(k), (str, int, float)) for k in ("answer", "reference")):
-                raise DataError(f"{loc}: the row has no assistant message and no 'answer' or 'reference' column: "
+            if row_answer(row) is None:
+                raise DataError(f"{loc}: the row has no assistant message and no gold answer ({', '.join(ANSWER_COLUMNS)}): "
                                 "nothing to score a generation against; add one of them.")  # fmt: skip
             out.append(EvalSample(rid, messages, tools, {"role": "assistant", "content": ""}, row, base))
             continue
@@ -125,6 +126,56 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one problem with ``c`` right answers among ``n`` samples (Chen et al. 2021): the chance
+    that k of the n, drawn without replacement, hold at least one right answer: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def k_values(n: int) -> list[int]:
+    """The k reported for n samples per problem: 1, the powers of 2 below n, and n."""
+    return sorted({1, n} | {2**i for i in range(1, n.bit_length()) if 2**i < n})
+
+
+def bootstrap_mean(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of ``values`` (one per problem: a problem's samples move
+    together, so the interval is over problems, not samples)."""
+    if not values:
+        return 0.0, 0.0
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    return means[int(0.025 * (resamples - 1))], means[int(math.ceil(0.975 * (resamples - 1)))]
+
+
+def k_sample_metrics(scores: dict[Any, list[float]]) -> dict[str, Any]:
+    """Per problem its K scores (a score >= 0.5 counts as right) -> :func:`count_metrics`."""
+    ks = {len(v) for v in scores.values()}
+    if len(ks) != 1:
+        raise ValueError(f"every problem needs the same number of samples, got {sorted(ks)}")
+    values = list(scores.values())
+    return count_metrics([sum(v) for v in values], [sum(x >= 0.5 for x in v) for v in values], ks.pop())
+
+
+def count_metrics(sums: list[float], rights: list[int], k_all: int) -> dict[str, Any]:
+    """Per problem the sum of its ``k_all`` scores and how many were right -> with one sample, the accuracy and its
+    Wilson interval; with several, ``mean@K`` and ``pass@k`` for every k of :func:`k_values`, each with a 95%
+    bootstrap interval over problems (``..._ci95``)."""
+    n = len(sums)
+    if k_all == 1:
+        return {"problems": n, "accuracy": sum(sums) / max(n, 1), "ci95": wilson(sum(sums), n)}
+    out: dict[str, Any] = {"problems": n, "samples_per_problem": k_all}
+    per_problem = {f"mean@{k_all}": [s / k_all for s in sums]}
+    for k in k_values(k_all):
+        per_problem[f"pass@{k}"] = [pass_at_k(k_all, c, k) for c in rights]
+    for name, values in per_problem.items():
+        out[name] = sum(values) / max(n, 1)
+        out[f"{name}_ci95"] = bootstrap_mean(values)
+    return out
+
+
 @dataclass
 class EvalResult:
     records: list[dict]
@@ -132,10 +183,24 @@ class EvalResult:
 
 
 def summarize(records: list[dict], stats: GenerationStats, task: str, score_key: str = "score") -> dict:
+    """Accuracy with its 95% Wilson interval, the scorer's extra metrics and generation figures; with several
+    samples per problem (records carry ``problem``/``sample``) mean@K and pass@k with intervals over problems instead;
+    and, when the rows name a ``data_source``, the same per source (``by_source``)."""
     n = len(records)
     total = sum(r[score_key] for r in records)
     low, high = wilson(total, n)
     summary = {"task": task, "n": n, "accuracy": total / n if n else 0.0, "ci95_low": low, "ci95_high": high}
+    per_source = {}
+    for source in sorted({str(r["data_source"]) for r in records if r.get("data_source") is not None}):
+        per_source[source] = _problem_metrics([r for r in records if str(r.get("data_source")) == source], score_key)
+    overall = _problem_metrics(records, score_key)
+    if "samples_per_problem" in overall:
+        k = overall["samples_per_problem"]
+        summary.update(overall)
+        summary["accuracy"] = overall[f"mean@{k}"]
+        summary["ci95_low"], summary["ci95_high"] = overall[f"mean@{k}_ci95"]
+    if per_source:
+        summary["by_source"] = per_source
     extras = sorted({k for r in records for k, v in r.get("metrics", {}).items() if isinstance(v, float)})
     for k in extras:
         summary[k] = sum(r["metrics"].get(k, 0.0) for r in records) / max(n, 1)
@@ -148,28 +213,48 @@ def summarize(records: list[dict], stats: GenerationStats, task: str, score_key:
     return summary
 
 
-def evaluate_samples(generator: Generator, samples: list[EvalSample], task: str = "exact") -> EvalResult:
-    """Generate an answer for every sample and score it; records hold prompt, generation, reference and score."""
+def _problem_metrics(records: list[dict], score_key: str) -> dict:
+    """:func:`count_metrics` of records (one per answer; ``problem`` groups several answers to one problem)."""
+    scores: dict[Any, list[float]] = {}
+    for i, r in enumerate(records):
+        scores.setdefault(r.get("problem", i), []).append(float(r[score_key]))
+    return k_sample_metrics(scores)
+
+
+def _source(row: Any) -> dict:
+    """``{"data_source": ...}`` of a row that names one (verl's RL data does), else nothing."""
+    source = row.get("data_source") if isinstance(row, dict) else None
+    return {"data_source": source} if isinstance(source, (str, int)) and not isinstance(source, bool) else {}
+
+
+def evaluate_samples(generator: Generator, samples: list[EvalSample], task: str = "exact", k: int = 1) -> EvalResult:
+    """Generate ``k`` answers for every sample and score them; records hold prompt, generation, reference and score
+    (and, with k > 1, which problem and which of its samples)."""
     scorer = get_scorer(task)
     prompts = [generator.prompt(s.messages, s.tools) for s in samples]
-    live = Live(f"eval {task}", len(prompts))
+    images = sample_images(samples, generator.vision)
+    live = Live(f"eval {task}", len(prompts) * k)
     if live.active and hasattr(generator.backend, "on_batch"):
         generator.backend.on_batch = lambda done, total: live.update(done)
     try:
-        gens = generator.generate(prompts, sample_images(samples, generator.vision))
+        gens = generator.generate([p for p in prompts for _ in range(k)],
+                                  [im for im in images for _ in range(k)] if images else None)  # fmt: skip
     finally:
         live.close()
         if hasattr(generator.backend, "on_batch"):
             generator.backend.on_batch = None
     records = []
-    for s, p, g in zip(samples, prompts, gens):
+    for i, g in enumerate(gens):
+        s, p = samples[i // k], prompts[i // k]
         scored = as_score(scorer(g.text, s))
         ref: Any = s.reference
         if task == "tool_call":
             ref = s.reference_message.get("tool_calls") or s.reference
-        extra = {k: v for k, v in scored.items() if k != "score"}
-        records.append({"id": s.id, "prompt": p, "generation": g.text, "reference": ref, "score": scored["score"],
-                        "metrics": extra, "generated_tokens": g.n_tokens, "hit_max": g.hit_max, "_gens": [g]})  # fmt: skip
+        extra = {key: v for key, v in scored.items() if key != "score"}
+        which = {"problem": i // k, "sample": i % k} if k > 1 else {}
+        records.append({"id": s.id, **which, **_source(s.row), "prompt": p, "generation": g.text, "reference": ref,
+                        "score": scored["score"], "metrics": extra, "generated_tokens": g.n_tokens, "hit_max": g.hit_max,
+                        "_gens": [g]})  # fmt: skip
     return EvalResult(records, summarize(records, generator.stats, task))
 
 
@@ -181,6 +266,19 @@ def write_records(path: str | Path, records: list[dict]) -> None:
             f.write(json.dumps(clean, ensure_ascii=False, default=str) + "\n")
 
 
+def _interval(pair) -> str:
+    return f"[{pair[0]:.1%}, {pair[1]:.1%}]"
+
+
+def _k_rows(metrics: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """Table rows of :func:`_problem_metrics`'s output: mean@K / pass@k with their intervals, or an accuracy."""
+    if "samples_per_problem" not in metrics:
+        return [(f"{prefix}accuracy ({metrics['problems']} problems)",
+                 f"{metrics['accuracy']:.1%} {_interval(metrics['ci95'])}")]  # fmt: skip
+    return [(f"{prefix}{name}", f"{metrics[name]:.1%} {_interval(metrics[name + '_ci95'])}")
+            for name in metrics if "@" in name and not name.endswith("_ci95")]  # fmt: skip
+
+
 def print_summary(summary: dict, console=None) -> None:
     console = console or Console(highlight=False)
     name = "success rate" if summary.get("episodes") else "accuracy"
@@ -188,14 +286,26 @@ def print_summary(summary: dict, console=None) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("samples" if not summary.get("episodes") else "episodes", str(summary["n"]))
-    table.add_row(name, f"{summary['accuracy']:.1%}")
-    table.add_row("95% interval (Wilson)", f"{summary['ci95_low']:.1%} – {summary['ci95_high']:.1%}")
-    skip = {"task", "n", "accuracy", "ci95_low", "ci95_high", "episodes", "generated_tokens", "generation_s"}
-    for k, v in summary.items():
-        if k in skip or k in ("mean_generated_tokens", "hit_max_new_tokens", "tokens_per_s"):
+    k = summary.get("samples_per_problem")
+    skip = {"task", "n", "accuracy", "ci95_low", "ci95_high", "episodes", "generated_tokens", "generation_s",
+            "by_source", "problems", "samples_per_problem"}  # fmt: skip
+    if k:
+        table.add_row("problems × samples", f"{summary['problems']} × {k}")
+        for label, value in _k_rows(summary):
+            table.add_row(label, value)
+        table.add_row("95% intervals", "bootstrap over problems")
+        skip |= {key for key in summary if "@" in key}
+    else:
+        table.add_row(name, f"{summary['accuracy']:.1%}")
+        table.add_row("95% interval (Wilson)", f"{summary['ci95_low']:.1%} – {summary['ci95_high']:.1%}")
+    for source, metrics in summary.get("by_source", {}).items():
+        for label, value in _k_rows(metrics, f"{source}: "):
+            table.add_row(label, value)
+    for key, v in summary.items():
+        if key in skip or key in ("mean_generated_tokens", "hit_max_new_tokens", "tokens_per_s"):
             continue
-        rate = isinstance(v, float) and 0 <= v <= 1 and k != "mean_turns"
-        table.add_row(k, f"{v:.1%}" if rate else f"{v:.2f}" if isinstance(v, float) else str(v))
+        rate = isinstance(v, float) and 0 <= v <= 1 and key != "mean_turns"
+        table.add_row(key, f"{v:.1%}" if rate else f"{v:.2f}" if isinstance(v, float) else str(v))
     table.add_row("mean generated tokens", f"{summary['mean_generated_tokens']:.1f}")
     table.add_row("hit max_new_tokens", f"{summary['hit_max_new_tokens']:.1%}")
     table.add_row(
@@ -224,18 +334,21 @@ def environment(task: str, rows: list[tuple], cfg: Config) -> tuple[list[Task], 
 
 
 def evaluate_env(generator: Generator, rows: list[tuple], cfg: Config, task: str = "textcraft",
-                 max_turns: int = 40) -> EvalResult:  # fmt: skip
-    """Roll out the model in an environment on every task in ``rows``; the score is success (1/0)."""
+                 max_turns: int = 40, k: int = 1) -> EvalResult:  # fmt: skip
+    """Roll out the model in an environment on every task in ``rows``, ``k`` episodes each; the score is success."""
     tasks, make_env, workers = environment(task, rows, cfg)
+    sources = [_source(r[1]) for r in rows] if len(rows) == len(tasks) else [{}] * len(tasks)
 
     def policy(conversations):
         return generator.chat(conversations)
 
-    episodes = rollout(make_env, tasks, policy, max_turns=max_turns, workers=workers)
+    episodes = rollout(make_env, [t for t in tasks for _ in range(k)], policy, max_turns=max_turns, workers=workers)
     records = []
-    for ep in episodes:
+    for i, ep in enumerate(episodes):
         first = 2 if ep.messages[0]["role"] == "system" else 1
-        records.append({"id": ep.task_id, "prompt": generator.prompt(ep.messages[:first], ep.tools),
+        which = {"problem": i // k, "sample": i % k} if k > 1 else {}
+        records.append({"id": ep.task_id, **which, **sources[i // k],
+                        "prompt": generator.prompt(ep.messages[:first], ep.tools),
                         "generation": ep.actions, "reference": ep.reference, "score": float(ep.success),
                         "metrics": {"finished": float(ep.done)}, "turns": ep.turns,
                         "observations": ep.observations, "_gens": ep.generations})  # fmt: skip
@@ -306,6 +419,9 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--max-turns", type=int, default=40, help="environment tasks: actions per episode (default 40)")
     p.add_argument("--limit", type=int, default=0, help="only the first N rows (0 = all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--samples", type=int, default=1, metavar="K",
+                   help="answers per problem (with --do-sample): mean@K and pass@k (unbiased) with intervals over "
+                        "problems, per data_source (verl's n_resp_per_prompt_val; AIME-style K=30)")  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.format=alpaca")
 
 
@@ -327,6 +443,7 @@ def evaluate(
     limit: int = 0,
     backend: str = "hf",
     output: str | Path | None = None,
+    samples: int = 1,
 ) -> EvalResult:
     """Generate on ``data`` and score the answers with ``task``; what ``sftforge eval`` runs.
 
@@ -334,13 +451,19 @@ def evaluate(
     ``data``: a file, glob or list of files as data.train_files, or rows in memory (a list of dicts in any format
     data.format reads; errors name them ``rows[i]``). ``task``: exact | gsm8k | mcq | tool_call | textcraft |
     module:function. ``overrides``: config keys as on the command line (``["data.format=alpaca"]``) or a mapping.
-    Returns :class:`EvalResult`: ``summary`` (accuracy, 95% Wilson interval, tokens/s, ...) and one record per sample
-    (prompt, generation, reference, score); ``output`` also writes the records as jsonl."""
+    ``samples``: answers per problem (needs ``do_sample``): the summary then has mean@K and pass@k with 95% intervals
+    over problems. Returns :class:`EvalResult`: ``summary`` (accuracy, 95% interval, tokens/s, per ``data_source``
+    when the rows name one, ...) and one record per answer (prompt, generation, reference, score); ``output`` also
+    writes the records as jsonl."""
     if not is_task(task):
         get_scorer(task)  # raises with the list of tasks
-    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size), ("max_turns", max_turns)):
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size), ("max_turns", max_turns),
+                        ("samples", samples)):  # fmt: skip
         if value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+    if samples > 1 and not do_sample:
+        raise ConfigError(f"--samples {samples} draws {samples} answers per problem: add --do-sample (greedy decoding "
+                          f"would give the same answer {samples} times), with --temperature / --top-p as wanted.")  # fmt: skip
     if backend not in ("hf", "vllm"):
         raise ConfigError(f"backend must be hf or vllm, got {backend!r}.")
     loaded = isinstance(model, torch.nn.Module)
@@ -375,9 +498,9 @@ def evaluate(
         engine = HFBackend(model, pad_id(tok), cfg.model.dtype)
     generator = Generator(engine, tok, opts, cfg.data.chat_template_kwargs, load_vision(cfg, tok))
     if task in ENV_TASKS:
-        result = evaluate_env(generator, rows, cfg, task, max_turns)
+        result = evaluate_env(generator, rows, cfg, task, max_turns, samples)
     else:
-        result = evaluate_samples(generator, samples_from_rows(rows, cfg.data, turns), task)
+        result = evaluate_samples(generator, samples_from_rows(rows, cfg.data, turns), task, samples)
     if output:
         write_records(output, result.records)
     return result
@@ -393,7 +516,7 @@ def eval_main(args) -> int:
     result = evaluate(args.model, args.data, args.task, overrides=args.overrides, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, do_sample=args.do_sample, temperature=args.temperature,
                       top_p=args.top_p, seed=args.seed, turns=args.turns, max_turns=args.max_turns, limit=args.limit,
-                      backend=args.backend, output=args.output or None)  # fmt: skip
+                      backend=args.backend, output=args.output or None, samples=args.samples)  # fmt: skip
     print_summary(result.summary)
     if args.output:
         print(f"wrote {len(result.records)} records to {args.output}")

@@ -74,9 +74,11 @@ def policy_loss_sum(
     clip_high: float = 0.28,
     kl_coef: float = 0.0,
     logp_ref: torch.Tensor | None = None,
+    clip_c: float = 0.0,
 ) -> tuple[torch.Tensor, PolicyLossStats]:
     """SUM over tokens of the clipped surrogate loss ``-min(ρ·A, clip(ρ, 1 - low, 1 + high)·A)`` (+ kl_coef · k3 KL
-    to the reference); ρ = exp(logp - logp_old). Divide by the global trained-token count of the step."""
+    to the reference); ρ = exp(logp - logp_old). ``clip_c`` > 1: dual clip, a token with A < 0 loses at most
+    ``-clip_c·A`` (a far off-policy ratio cannot blow the loss up). Divide by the global trained-token count."""
     if not (logp.shape == logp_old.shape == advantages.shape):
         raise ValueError(
             f"logp {tuple(logp.shape)}, logp_old {tuple(logp_old.shape)} and advantages {tuple(advantages.shape)} "
@@ -87,6 +89,8 @@ def policy_loss_sum(
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
+    if clip_c > 1.0:
+        per_token = torch.where(adv < 0, torch.minimum(per_token, -clip_c * adv), per_token)
     kl_sum = 0.0
     if kl_coef and logp_ref is not None:
         kl = kl_k3(logp, logp_ref.detach())

@@ -11,7 +11,9 @@ metrics.jsonl has one JSON object per optimizer step::
 ``padding_fraction`` the share of padding in this rank's micro-batches (0 with data.packing; packing efficiency is
 1 - padding_fraction), ``tokens_per_s`` the mean over this process's steps so far, ``memory_gb`` the peak memory so
 far (progress.peak_memory_gb), ``val_s`` / ``eval_s`` the seconds the step's validation / generation eval took. The last line is
-``{"event": "end", "train_runtime_s", "tokens", "tokens_per_s"[, "skipped_steps", "interrupted_by"]}``. A step skipped
+``{"event": "end", "train_runtime_s", "tokens", "tokens_per_s"[, "skipped_steps", "interrupted_by"]}``. ``sftforge rl``
+with data.val_files also writes ``{"event": "validation", "step", "val_score", "val_mean@K", "val_pass@k", ...,
+"val_<data_source>_mean@K", ..., "val_s"}`` after the steps it validates at (step 0: before training). A step skipped
 by trainer.nan_policy=skip_step has ``"skipped": true, "skipped_steps": <count so far>``; non-finite numbers are
 written as the strings "nan" / "inf" / "-inf" so the file stays strict JSON.
 
@@ -145,6 +147,24 @@ class MetricsLogger:
             self._console.print(message)
         else:
             print(message, file=sys.stderr)
+
+    def log_validation(self, step: int, metrics: dict[str, float], line: str) -> None:
+        """A validation of ``sftforge rl`` after step ``step`` (0: before the first): a jsonl event, the trackers'
+        ``val/...`` scalars, and ``line`` on the console."""
+        if not self.enabled:
+            return
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(_strict({"event": "validation", "step": step, **metrics})) + "\n")
+            self._jsonl.flush()
+        scalars = {f"val/{k.removeprefix('val_')}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+        if self._swanlab is not None:
+            self._swanlab.log(scalars, step=step)
+        self.print(line)
 
     def log_step(self, record: dict[str, Any]) -> None:
         if not self.enabled:

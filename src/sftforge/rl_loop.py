@@ -43,7 +43,7 @@ from sftforge.config import Config, ConfigError
 from sftforge.data import load_tokenizer, read_rows, resolve_files, tokenize_row
 from sftforge.distributed import all_reduce_sum, any_rank_max
 from sftforge.envs import rollout
-from sftforge.evaluation import environment, samples_from_rows
+from sftforge.evaluation import count_metrics, environment, evaluate_env, evaluate_samples, file_rows, samples_from_rows
 from sftforge.generation import GenerationOptions, Generator, HFBackend, cut_at_stop
 from sftforge.generation import pad_id as pad_token
 from sftforge.grpo import group_advantages, informative_groups, overlong_penalty, policy_loss_sum, token_advantages
@@ -134,6 +134,13 @@ def check_rl_config(cfg: Config, world_size: int = 1) -> None:
         )
     if a.clip_ratio_low < 0 or a.clip_ratio_high < 0 or a.clip_ratio_low >= 1:
         raise ConfigError("algorithm.clip_ratio_low must be in [0, 1) and algorithm.clip_ratio_high >= 0.")
+    if r.val_n > 1 and r.val_temperature == 0:
+        raise ConfigError(f"rollout.val_n={r.val_n} answers per validation prompt need sampling: set "
+                          "rollout.val_temperature > 0 (e.g. 1.0; verl's val_kwargs.temperature), or rollout.val_n=1.")  # fmt: skip
+    t = cfg.trainer
+    if (t.test_freq > 0 or t.val_before_train) and not cfg.data.val_files:
+        raise ConfigError("trainer.test_freq / trainer.val_before_train validate on data.val_files, which is empty: set "
+                          "data.val_files (prompts with their answers, e.g. verl's RL parquet), or trainer.test_freq=0.")  # fmt: skip
 
 
 def my_groups(k: int, mini_batches: int, world_size: int, rank: int) -> list[int]:
@@ -385,7 +392,7 @@ def rl_step(engine, model, optimizer, ref_model, groups: list[list[Response]], g
                         torch.tensor([s[2] for s in micro[k]]), [sum(s[1][1:]) for s in micro[k]]
                     )
                     loss, st = policy_loss_sum(logp, old[k], adv_tok.to(device), a.clip_ratio_low, a.clip_ratio_high,
-                                               a.kl_coef, ref[k] if ref is not None else None)  # fmt: skip
+                                               a.kl_coef, ref[k] if ref is not None else None, a.clip_ratio_c)  # fmt: skip
                 else:
                     loss = logp.sum() * 0.0
                 (loss * scale / n_tok).backward()
@@ -432,6 +439,49 @@ def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: Config, scorer
     return total / max(len(prompts), 1)
 
 
+def validate(model, tokenizer, cfg: Config, rows: list[tuple], step: int, rank: int = 0,
+             world_size: int = 1) -> dict[str, float]:  # fmt: skip
+    """Score the policy on data.val_files: rollout.val_n answers per prompt (greedy, or sampled at
+    rollout.val_temperature, seeded by step), single-turn or episodes in the environment; each process takes its
+    share of the prompts and the per-prompt sums are added over processes. Returns ``val_score`` (the mean), mean@K /
+    pass@k when rollout.val_n > 1 and the same per data_source, all prefixed ``val_``."""
+    r, k = cfg.rollout, cfg.rollout.val_n
+    mine = list(range(rank, len(rows), world_size))
+    opts = GenerationOptions(max_new_tokens=r.max_response_length, temperature=r.val_temperature or 1.0,
+                             top_p=r.val_top_p, do_sample=r.val_temperature > 0, batch_size=64,
+                             seed=cfg.trainer.seed * 1_000_003 + step * 1_009 + rank)  # fmt: skip
+    generator = Generator(HFBackend(model, pad_token(tokenizer), cfg.model.dtype), tokenizer, opts,
+                          cfg.data.chat_template_kwargs)  # fmt: skip
+    sums, rights = [0.0] * len(rows), [0.0] * len(rows)
+    if mine:
+        share = [rows[i] for i in mine]
+        with torch.random.fork_rng(devices=[]), torch.no_grad():  # training's random state is not touched
+            if cfg.rollout.max_turns > 1:
+                result = evaluate_env(generator, share, cfg, cfg.algorithm.reward, r.max_turns, k)
+            else:
+                result = evaluate_samples(generator, samples_from_rows(share, cfg.data), cfg.algorithm.reward, k)
+        for j, rec in enumerate(result.records):
+            i = mine[rec.get("problem", j)]
+            sums[i] += float(rec["score"])
+            rights[i] += float(rec["score"]) >= 0.5
+    totals = all_reduce_sum(*sums, *rights)
+    sums, rights = totals[: len(rows)], [round(x) for x in totals[len(rows) :]]
+    out = {"val_score": sum(sums) / (k * max(len(rows), 1))}
+    groups = {"": list(range(len(rows)))}
+    for i, (_, row, *_rest) in enumerate(rows):
+        source = row.get("data_source") if isinstance(row, dict) else None
+        if isinstance(source, (str, int)) and not isinstance(source, bool):
+            groups.setdefault(f"{source}_", []).append(i)
+    for prefix, idx in groups.items():
+        metrics = count_metrics([sums[i] for i in idx], [rights[i] for i in idx], k)
+        if prefix and k == 1:
+            out[f"val_{prefix}score"] = metrics["accuracy"]
+        for name, value in metrics.items():
+            if "@" in name and not name.endswith("_ci95"):
+                out[f"val_{prefix}{name}"] = value
+    return out
+
+
 def rl(cfg: Config, *, model=None, tokenizer=None) -> dict[str, Any]:
     """Run GRPO/DAPO per ``cfg`` (one process, or several under torchrun); returns a summary."""
     with Run(cfg) as run:
@@ -456,6 +506,11 @@ def _rl(run: Run, model, tokenizer) -> dict[str, Any]:
         counts = {"rows": len(prompts), "over_max_length": 0, "truncated": 0, "dropped": 0}
     else:
         prompts, counts = load_prompts(cfg, tokenizer)
+    val_rows = file_rows(cfg.data.val_files, "data.val_files") if cfg.data.val_files else []
+    if val_rows and multi_turn:  # a bad validation row is said now, not after the first test_freq steps
+        environment(cfg.algorithm.reward, val_rows, cfg)
+    elif val_rows:
+        samples_from_rows(val_rows, cfg.data)
     per_epoch = max(1, len(prompts) // cfg.rollout.prompts_per_step)
     total = t.max_steps if t.max_steps > 0 else t.total_epochs * per_epoch
     run.prepare_output()
@@ -481,7 +536,21 @@ def _rl(run: Run, model, tokenizer) -> dict[str, Any]:
     sampler = (EpisodeSampler(policy.module, tokenizer, cfg, make_env, workers) if multi_turn
                else Sampler(policy.module, tokenizer, cfg))  # fmt: skip
     mine = my_groups(cfg.rollout.prompts_per_step, cfg.algorithm.mini_batches, run.world_size, run.rank)
-    record, interrupted = {}, 0
+    record, interrupted, val = {}, 0, {}
+
+    def validation(done: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        policy.sync(model)
+        out = validate(policy.module, tokenizer, cfg, val_rows, done, run.rank, run.world_size)
+        out["val_s"] = round(time.perf_counter() - t0, 3)
+        shown = "  ".join(f"{k.removeprefix('val_')} {v:.3f}" for k, v in out.items() if k != "val_s" and
+                          k.count("_") <= 1)  # fmt: skip
+        run.log.log_validation(done, out, f"validation {'before step 1' if done == 0 else f'after step {done}'}"
+                                          f" ({len(val_rows)} prompts × {cfg.rollout.val_n}): {shown}")  # fmt: skip
+        return out
+
+    if val_rows and t.val_before_train:
+        val = validation(start)
     with Signals() as signals:
         for step in range(start, stop):
             batch = step_prompts(prompts, step, cfg)
@@ -509,11 +578,13 @@ def _rl(run: Run, model, tokenizer) -> dict[str, Any]:
             if interrupted:
                 stop = done
                 break
+            if val_rows and ((t.test_freq > 0 and done % t.test_freq == 0) or done == total):
+                val = validation(done)
     end: dict[str, Any] = {"train_runtime_s": round(run.runtime(), 4)}
     if interrupted:
         end["interrupted_by"] = signal.Signals(interrupted).name
     final_dir = run.finish(tokenizer, stop == total, end)
-    return {"step": stop, "total_steps": total, "metrics": record, "output_dir": str(run.out),
+    return {"step": stop, "total_steps": total, "metrics": record, "validation": val, "output_dir": str(run.out),
             "final_dir": str(final_dir) if final_dir else None, "prompts": counts, "interrupted": interrupted,
             "skipped_steps": run.guard.skipped}  # fmt: skip
 

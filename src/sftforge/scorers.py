@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sftforge.chat import row_answer
 from sftforge.config import ConfigError
 
 
@@ -37,12 +38,10 @@ class EvalSample:
 
     @property
     def reference(self) -> str:
-        """The text of the reference answer; a row's ``reference``/``answer`` column wins over the message."""
-        if isinstance(self.row, dict):
-            for key in ("reference", "answer"):
-                if isinstance(self.row.get(key), (str, int, float)) and not isinstance(self.row.get(key), bool):
-                    return str(self.row[key])
-        return self.reference_message.get("content", "")
+        """The text of the reference answer; a row's gold-answer column (``answer``, ``reference``, verl's
+        ``reward_model.ground_truth``: :func:`~sftforge.chat.row_answer`) wins over the message."""
+        answer = row_answer(self.row)
+        return answer if answer is not None else self.reference_message.get("content", "")
 
 
 _THINK = re.compile(r"<think>.*?</think>", re.S)

@@ -162,6 +162,11 @@ def _train(run: Run, model, tokenizer, train_dataset, val_dataset) -> dict[str, 
         f"{plan.grad_accum}, world size {run.world_size}{sp} (trainer.strategy={strategy}); drop_last leaves out "
         f"{plan.dropped_per_epoch} samples per epoch")  # fmt: skip
     run_tokens, record, val_loss, interrupted = 0, {}, None, 0
+    if val_ds is not None and t.val_before_train:
+        t0 = time.perf_counter()
+        val_loss = runner.validate(val_ds, dp_size, dp_rank)
+        log.log_validation(start, {"val_loss": val_loss, "val_s": round(time.perf_counter() - t0, 4)},
+                           f"validation before step {start + 1}: val_loss {val_loss:.4f}")  # fmt: skip
     with Signals() as signals:
         for step in range(start, stop):
             epoch, _, micro, n_sup, n_tok = step_micro_batches(train_ds, step, cfg, plan)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sftforge.chat import RowError, prompt_or_conversation
+from sftforge.chat import ANSWER_COLUMNS, RowError, prompt_or_conversation, row_answer
 from sftforge.config import DataConfig, SandboxConfig
 from sftforge.data import DataError
 from sftforge.envs import StepResult, Task
@@ -63,17 +63,13 @@ def load_code_tasks(rows: Sequence[tuple[str, Any]], data_cfg: DataConfig | None
             question = next(m for m in messages if m["role"] == "user")["content"]
         except (RowError, StopIteration) as e:
             raise DataError(f"{loc}: not a code_math task: {e}") from None
-        answer = None
-        for key in ("answer", "reference"):
-            if isinstance(row.get(key), (str, int, float)) and not isinstance(row.get(key), bool):
-                answer = str(row[key])
-                break
+        answer = row_answer(row)
         if answer is None:
             last = [m for m in messages if m["role"] == "assistant"]
             answer = last_boxed(str(last[-1].get("content") or "")) if last else None
         if not answer:
-            raise DataError(f"{loc}: a code_math task needs its gold answer: an 'answer' (or 'reference') column, or "
-                            "a \\boxed{...} in the last assistant message.")  # fmt: skip
+            raise DataError(f"{loc}: a code_math task needs its gold answer: a column ({', '.join(ANSWER_COLUMNS)}) "
+                            "or a \\boxed{...} in the last assistant message.")  # fmt: skip
         if not isinstance(question, str) or not question.strip():
             raise DataError(f"{loc}: the first user message (the problem) is empty.")
         system = messages[0]["content"] if messages[0]["role"] == "system" else None
