@@ -375,8 +375,9 @@ def test_verl_rl_parquet_rows_score_k_samples_per_data_source(tmp_path):
     answer, data_source the group; 3 samples each give mean@3 / pass@k as computed by hand, per source."""
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
+    from rich.console import Console
 
-    from sftforge.evaluation import evaluate_samples, file_rows
+    from sftforge.evaluation import evaluate_samples, file_rows, print_summary
 
     pq.write_table(pa.Table.from_pylist([GSM8K_ROW]), tmp_path / "gsm8k.parquet")  # two files, as verl writes them
     half = {**DAPO_ROW, "reward_model": {"ground_truth": "\\frac{1}{2}", "style": "rule-lighteval/MATH_v2"}}
@@ -398,6 +399,10 @@ def test_verl_rl_parquet_rows_score_k_samples_per_data_source(tmp_path):
         script = script[take:]
         by_source[source] = result.summary["by_source"][source]
         assert [r["sample"] for r in result.records] == [0, 1, 2] * len(mine)
+        console = Console(record=True, width=120)
+        print_summary(result.summary, console)
+        shown = console.export_text()
+        assert f"{source}: pass@2" in shown and "bootstrap over problems" in shown and "× 3" in shown
     assert by_source["openai/gsm8k"]["mean@3"] == pytest.approx(2 / 3)
     assert by_source["openai/gsm8k"]["pass@2"] == pytest.approx(1 - 0 / 3)  # C(1,2)=0: any 2 of 3 hold a right one
     dapo = by_source["math_dapo"]
