@@ -1408,12 +1408,10 @@ _VERL_RL: dict[str, tuple[str, Any]] = {
     "data.train_batch_size": ("data.train_batch_size; verl's RL: rollout.prompts_per_step", _train_batch_size),
     "data.max_prompt_length": ("data.max_length (multi-turn: + data.max_response_length)", _max_prompt_length),
     "data.max_response_length": ("rollout.max_response_length (per turn)", _rename("rollout.max_response_length")),
-    "data.gen_batch_size": ("ignored: dynamic sampling drops the uninformative groups of a step, it does not "
-                            "generate more batches to refill it", _ignore(
+    "data.gen_batch_size": ("ignored", _ignore(
                                 "dynamic sampling here drops the groups whose rewards are all equal from the step; "
                                 "it does not generate more batches to refill it (kept_groups is logged)")),
-    "data.return_raw_chat": ("ignored: prompts are rendered from the messages by the chat template",
-                             _ignore("prompts are always rendered from the messages by the chat template here")),
+    "data.return_raw_chat": ("ignored", _ignore("prompts are always rendered from the messages by the chat template here")),
     "data.filter_overlong_prompts": ("data.truncation=drop when true", _filter_overlong),
     "data.val_batch_size": ("ignored", _ignore("validation generates in batches of 64")),
     "data.dataloader_num_workers": ("ignored", _ignore("prompts are read and rendered once, before the first step")),

@@ -187,18 +187,18 @@ def summarize(records: list[dict], stats: GenerationStats, task: str, score_key:
     samples per problem (records carry ``problem``/``sample``) mean@K and pass@k with intervals over problems instead;
     and, when the rows name a ``data_source``, the same per source (``by_source``)."""
     n = len(records)
-    total = sum(r[score_key] for r in records)
-    low, high = wilson(total, n)
-    summary = {"task": task, "n": n, "accuracy": total / n if n else 0.0, "ci95_low": low, "ci95_high": high}
+    overall = _problem_metrics(records, score_key)
+    k = overall.get("samples_per_problem")
+    if k:
+        accuracy, (low, high) = overall[f"mean@{k}"], overall[f"mean@{k}_ci95"]
+    else:
+        accuracy, (low, high) = overall["accuracy"], overall["ci95"]
+    summary = {"task": task, "n": n, "accuracy": accuracy, "ci95_low": low, "ci95_high": high}
+    if k:
+        summary.update(overall)
     per_source = {}
     for source in sorted({str(r["data_source"]) for r in records if r.get("data_source") is not None}):
         per_source[source] = _problem_metrics([r for r in records if str(r.get("data_source")) == source], score_key)
-    overall = _problem_metrics(records, score_key)
-    if "samples_per_problem" in overall:
-        k = overall["samples_per_problem"]
-        summary.update(overall)
-        summary["accuracy"] = overall[f"mean@{k}"]
-        summary["ci95_low"], summary["ci95_high"] = overall[f"mean@{k}_ci95"]
     if per_source:
         summary["by_source"] = per_source
     extras = sorted({k for r in records for k, v in r.get("metrics", {}).items() if isinstance(v, float)})
@@ -221,7 +221,7 @@ def _problem_metrics(records: list[dict], score_key: str) -> dict:
     return k_sample_metrics(scores)
 
 
-def _source(row: Any) -> dict:
+def row_source(row: Any) -> dict:
     """``{"data_source": ...}`` of a row that names one (verl's RL data does), else nothing."""
     source = row.get("data_source") if isinstance(row, dict) else None
     return {"data_source": source} if isinstance(source, (str, int)) and not isinstance(source, bool) else {}
@@ -252,7 +252,7 @@ def evaluate_samples(generator: Generator, samples: list[EvalSample], task: str 
             ref = s.reference_message.get("tool_calls") or s.reference
         extra = {key: v for key, v in scored.items() if key != "score"}
         which = {"problem": i // k, "sample": i % k} if k > 1 else {}
-        records.append({"id": s.id, **which, **_source(s.row), "prompt": p, "generation": g.text, "reference": ref,
+        records.append({"id": s.id, **which, **row_source(s.row), "prompt": p, "generation": g.text, "reference": ref,
                         "score": scored["score"], "metrics": extra, "generated_tokens": g.n_tokens, "hit_max": g.hit_max,
                         "_gens": [g]})  # fmt: skip
     return EvalResult(records, summarize(records, generator.stats, task))
@@ -337,7 +337,7 @@ def evaluate_env(generator: Generator, rows: list[tuple], cfg: Config, task: str
                  max_turns: int = 40, k: int = 1) -> EvalResult:  # fmt: skip
     """Roll out the model in an environment on every task in ``rows``, ``k`` episodes each; the score is success."""
     tasks, make_env, workers = environment(task, rows, cfg)
-    sources = [_source(r[1]) for r in rows] if len(rows) == len(tasks) else [{}] * len(tasks)
+    sources = [row_source(r[1]) for r in rows] if len(rows) == len(tasks) else [{}] * len(tasks)
 
     def policy(conversations):
         return generator.chat(conversations)

@@ -43,7 +43,15 @@ from sftforge.config import Config, ConfigError
 from sftforge.data import load_tokenizer, read_rows, resolve_files, tokenize_row
 from sftforge.distributed import all_reduce_sum, any_rank_max
 from sftforge.envs import rollout
-from sftforge.evaluation import count_metrics, environment, evaluate_env, evaluate_samples, file_rows, samples_from_rows
+from sftforge.evaluation import (
+    count_metrics,
+    environment,
+    evaluate_env,
+    evaluate_samples,
+    file_rows,
+    row_source,
+    samples_from_rows,
+)
 from sftforge.generation import GenerationOptions, Generator, HFBackend, cut_at_stop
 from sftforge.generation import pad_id as pad_token
 from sftforge.grpo import group_advantages, informative_groups, overlong_penalty, policy_loss_sum, token_advantages
@@ -469,9 +477,8 @@ def validate(model, tokenizer, cfg: Config, rows: list[tuple], step: int, rank: 
     out = {"val_score": sum(sums) / (k * max(len(rows), 1))}
     groups = {"": list(range(len(rows)))}
     for i, (_, row, *_rest) in enumerate(rows):
-        source = row.get("data_source") if isinstance(row, dict) else None
-        if isinstance(source, (str, int)) and not isinstance(source, bool):
-            groups.setdefault(f"{source}_", []).append(i)
+        if source := row_source(row):
+            groups.setdefault(f"{source['data_source']}_", []).append(i)
     for prefix, idx in groups.items():
         metrics = count_metrics([sums[i] for i in idx], [rights[i] for i in idx], k)
         if prefix and k == 1:
