@@ -324,3 +324,137 @@ def test_plan_measure_text_and_validation_timing(textcraft_cfg, tmp_path, capsys
     assert re.search(r"measured here: 4 steps \(2 warm-up\): [\d.]+ s/step", out)
     assert re.search(r"validation [\d.]+s × 4", out) and "measured time:" in out and "for the run (40 steps)" in out
     assert "measured memory:" in out and "peak resident" in out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# sftforge plan on `sftforge rl` configs
+
+
+def _rl_plan(lengths, *overrides, shape=None, gpu_memory=None, val_prompts=0, counts=None):
+    from sftforge.plan import build_rl_plan
+
+    cfg = load_config(None, ["trainer.n_gpus_per_node=1", "optim.lr=1e-6", *overrides])
+    return build_rl_plan(cfg, lengths, counts or {"rows": len(lengths)}, shape=shape, gpu_memory=gpu_memory,
+                         val_prompts=val_prompts)  # fmt: skip
+
+
+def test_rl_plan_arithmetic_by_hand():
+    p = _rl_plan([50] * 100, "rollout.prompts_per_step=8", "rollout.n=4", "rollout.max_response_length=32",
+                 "algorithm.mini_batches=2", "trainer.n_gpus_per_node=2", "trainer.total_epochs=2")  # fmt: skip
+    assert (p["responses_per_step"], p["responses_per_process"]) == (32, 16)
+    assert p["generated_tokens_per_step_max"] == 32 * 32 == p["trained_tokens_per_step_max"]
+    assert (p["sequence_tokens_max"], p["sequence_tokens_per_step_max"]) == (82, 32 * 82)
+    assert (p["steps_per_epoch"], p["total_steps"], p["optimizer_steps"], p["dropped_per_epoch"]) == (12, 24, 48, 4)
+    assert p["errors"] == [] and p["warnings"] == [] and p["kind"] == "rl"
+
+
+def test_rl_plan_episodes_are_capped_by_max_length():
+    p = _rl_plan([100] * 16, "algorithm.reward=textcraft", "rollout.max_turns=10", "rollout.max_response_length=64",
+                 "rollout.n=2", "rollout.prompts_per_step=4", "data.max_length=512", "trainer.max_steps=3")  # fmt: skip
+    assert p["multi_turn"] and p["sequence_tokens_max"] == 512 and p["generated_tokens_per_step_max"] == 8 * 640
+    assert p["trained_tokens_per_step_max"] == 8 * 512 and p["total_steps"] == 3
+    assert any("train on at most data.max_length (512)" in n for n in p["notes"])
+    assert any("rollout.n=2" in n for n in p["notes"])
+
+
+@pytest.mark.parametrize(
+    "overrides,text",
+    [
+        (["rollout.prompts_per_step=64"], "fewer than rollout.prompts_per_step (64)"),
+        (["optim.lr=1e-4"], "optim.lr (0.0001) is high for RL"),
+        (["algorithm.overlong_buffer=256", "rollout.max_response_length=256"], "every response is penalized"),
+        (["trainer.save_freq=1000", "trainer.max_steps=5"], "trainer.save_freq (1000) is larger than the total steps"),
+    ],
+)
+def test_rl_plan_warnings(overrides, text):
+    p = _rl_plan([40] * 20, *overrides)
+    assert any(text in w for w in p["warnings"]), p["warnings"]
+
+
+@pytest.mark.parametrize(
+    "overrides,text",
+    [
+        (["rollout.n=1"], "rollout.n=1: group-relative advantages need at least 2"),
+        (["rollout.prompts_per_step=6", "algorithm.mini_batches=4"], "must be a multiple of algorithm.mini_batches"),
+        (["trainer.offload=true"], "does not support trainer.offload"),
+        (["trainer.test_freq=5"], "data.val_files, which is empty"),
+        (["rollout.val_n=4"], "need sampling: set rollout.val_temperature"),
+    ],
+)
+def test_rl_plan_errors_are_the_ones_rl_raises(overrides, text):
+    p = _rl_plan([40] * 20, *overrides)
+    assert any(text in e for e in p["errors"]), p["errors"]
+
+
+def test_rl_plan_memory_counts_kv_cache_reference_and_rollout_copy(small_shape):
+    from sftforge.plan import kv_cache_bytes
+
+    s = small_shape
+    assert kv_cache_bytes(s, 8, 1000, "bf16") == 8 * 1000 * s.layers * 2 * s.kv_heads * s.head_dim * 2
+    base = _rl_plan([100] * 64, "rollout.n=8", "rollout.max_response_length=900", shape=s, gpu_memory=80 * GIB)
+    m = base["memory"]
+    assert m["kv_cache_gib"] == round(kv_cache_bytes(s, 8, 1000, "bf16") / GIB, 3) and m["kv_cache_sequences"] == 8
+    assert m["reference_gib"] == 0 and m["rollout_copy_gib"] == 0 and m["fits"] is True
+    kl = _rl_plan([100] * 64, "rollout.n=8", "rollout.max_response_length=900", "algorithm.kl_coef=0.01", shape=s,
+                  gpu_memory=80 * GIB)["memory"]  # fmt: skip
+    assert kl["reference_gib"] == round(4 * s.n_params / GIB, 3) and kl["total"] > m["total"]
+    fsdp = _rl_plan([100] * 64, "rollout.n=8", "rollout.max_response_length=900", "trainer.n_gpus_per_node=4",
+                    "trainer.strategy=fsdp2", shape=s, gpu_memory=80 * GIB)["memory"]  # fmt: skip
+    assert fsdp["sharded_over"] == 4 and fsdp["rollout_copy_gib"] == round(2 * s.n_params / GIB, 3)
+    small = _rl_plan([100] * 64, "rollout.n=8", "rollout.max_response_length=900", shape=s, gpu_memory=2 * GIB)
+    assert small["memory"]["fits"] is False and any("exceeds the 2.0 GiB" in w for w in small["warnings"])
+    val = _rl_plan([100] * 64, "rollout.n=8", "rollout.max_response_length=900", shape=s, val_prompts=100,
+                   gpu_memory=80 * GIB)["memory"]  # fmt: skip
+    assert val["kv_cache_sequences"] == 64  # validation generates 64 prompts at once
+
+
+def _verl_rl_parquet(path: Path, n: int = 24) -> Path:
+    """Rows in the layout of verl's GSM8K / DAPO-Math preprocessing: prompt, reward_model.ground_truth, data_source."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": f"What is {i} + {i}? " * (1 + i % 5)}],
+             "ability": "math", "reward_model": {"style": "rule", "ground_truth": str(2 * i)},
+             "extra_info": {"split": "train", "index": i}} for i in range(n)]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_cli_plans_a_verl_rl_config_on_verl_parquet(tmp_path, model_config_dir, tokenizer_dirs, capsys):
+    data = _verl_rl_parquet(tmp_path / "gsm8k.parquet")
+    args = [f"model.path={model_config_dir / 'qwen3-tiny'}", f"model.tokenizer_path={tokenizer_dirs['qwen3']}",
+            f"data.train_files={data}", f"data.val_files={data}", "data.train_batch_size=8",
+            "actor_rollout_ref.rollout.n=4", "data.max_prompt_length=30", "data.truncation=left",
+            "data.max_response_length=64", "actor_rollout_ref.actor.optim.lr=1e-6", "trainer.n_gpus_per_node=1",
+            "trainer.total_epochs=2", "trainer.test_freq=2", "trainer.val_before_train=true"]  # fmt: skip
+    assert main(["plan", *args, "--json", "--gpu-memory", "24GB"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["kind"] == "rl" and p["prompts"] == 24 and p["prompts_per_step"] == 8 and p["responses_per_step"] == 32
+    assert p["total_steps"] == 6 and p["num_validations"] == 3 + 1 and p["val_prompts"] == 24
+    assert p["prompt_counts"]["truncated"] > 0 and p["prompt_length"]["max"] == 30
+    assert any("were truncated (data.truncation=left)" in w for w in p["warnings"])
+    assert any("data.val_files is the same as data.train_files" in w for w in p["warnings"])
+    assert p["memory"]["fits"] is True
+    assert main(["plan", *args]) == 0
+    out = capsys.readouterr()
+    assert "planned as `sftforge rl`" in out.err
+    assert "rollout: 8 prompts × 4 responses = 32 per step" in out.out and "KV cache" in out.out
+
+
+def test_plan_rl_flag_on_a_config_without_rl_keys(tmp_path, model_config_dir, tokenizer_dirs, capsys):
+    data = _verl_rl_parquet(tmp_path / "gsm8k.parquet")
+    args = [f"model.path={model_config_dir / 'qwen3-tiny'}", f"model.tokenizer_path={tokenizer_dirs['qwen3']}",
+            f"data.train_files={data}", "trainer.n_gpus_per_node=1", "optim.lr=1e-6"]  # fmt: skip
+    assert main(["plan", *args, "--rl", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["kind"] == "rl" and p["responses_per_step"] == 8 * 8
+
+
+def test_plan_rl_on_the_textcraft_environment(model_config_dir, tokenizer_dirs, textcraft_dir, capsys):
+    args = [f"model.path={model_config_dir / 'qwen3-tiny'}", f"model.tokenizer_path={tokenizer_dirs['qwen3']}",
+            f"data.train_files={textcraft_dir / 'train_tools.jsonl'}", "algorithm.reward=textcraft",
+            "rollout.max_turns=8", "rollout.n=4", "rollout.prompts_per_step=4", "data.max_length=4096",
+            "trainer.n_gpus_per_node=1", "optim.lr=1e-6"]  # fmt: skip
+    assert main(["plan", *args, "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["multi_turn"] and p["prompts"] == 40 and p["prompt_length"]["min"] > 50 and p["steps_per_epoch"] == 10

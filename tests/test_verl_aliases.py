@@ -3,6 +3,7 @@ error saying what to set instead. Both verl trainers: verl.trainer.fsdp_sft_trai
 verl.trainer.sft_trainer (sft_trainer_engine.yaml with its engine / model / optim groups)."""
 
 import functools
+import json
 import os
 import shlex
 from pathlib import Path
@@ -841,7 +842,7 @@ def test_verls_retool_dapo_script_reads_as_is(tmp_path, capsys):
     assert (cfg.rollout.val_n, cfg.rollout.val_temperature, cfg.rollout.val_top_p) == (30, 1.0, 0.6)
     assert (cfg.algorithm.clip_ratio_low, cfg.algorithm.clip_ratio_high, cfg.algorithm.clip_ratio_c) == (0.2, 0.28, 10)
     assert cfg.algorithm.kl_coef == 0.0 and cfg.data.max_length == 2048 + 16384
-    assert cfg.data.truncation == "error"  # data.truncation given as ours wins over filter_overlong_prompts' drop
+    assert cfg.data.truncation == "drop"  # verl filters overlong prompts before its data.truncation=error applies
     assert (cfg.sandbox.backend, cfg.sandbox.fusion_url) == ("fusion", "http://localhost:8080/run_code")
     assert (cfg.sandbox.wall_time_s, cfg.sandbox.memory_mb, cfg.sandbox.max_concurrent) == (30, 1024, 128)
     assert cfg.trainer.val_before_train and cfg.trainer.test_freq == 10 and cfg.data.max_tokens_per_micro_batch == 18432
@@ -863,3 +864,38 @@ def test_the_readme_has_the_rl_key_table():
     from sftforge.config import verl_rl_table
 
     assert verl_rl_table() in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_filter_overlong_prompts_drops_whatever_the_order_of_data_truncation(order):
+    keys = ["data.filter_overlong_prompts=true", "data.truncation=left"]
+    assert load_config(None, keys[::-1] if order else keys).data.truncation == "drop"
+    assert load_config(None, ["data.filter_overlong_prompts=false", "data.truncation=left"]).data.truncation == "left"
+
+
+def test_sftforge_plan_reads_the_retool_script(tmp_path, model_config_dir, tokenizer_dirs, capsys):
+    """`sftforge plan` on the pasted ReTool DAPO script (its data in verl's parquet layout): the rollout sizes of the
+    script, and the two settings sftforge rl refuses today (offload, Ulysses) as errors, as `sftforge rl` would."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sftforge.cli import main
+
+    tools = tmp_path / "sandbox_fusion_tool_config.yaml"
+    tools.write_text(SANDBOX_FUSION_TOOLS)
+    rows = [{"data_source": "aime", "prompt": [{"role": "user", "content": f"Compute {i} * 7."}],
+             "reward_model": {"style": "rule", "ground_truth": str(7 * i)}} for i in range(128)]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "dapo.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:30]), tmp_path / "aime.parquet")
+    script = RETOOL_7B.replace("TOOLS", str(tools)).replace("['dapo.parquet']", str(tmp_path / "dapo.parquet"))
+    script = script.replace("['aime_2025.parquet','aime_2024.parquet']", str(tmp_path / "aime.parquet"))
+    args = [*shlex.split(script), f"actor_rollout_ref.model.path={model_config_dir / 'qwen3-tiny'}",
+            f"model.tokenizer_path={tokenizer_dirs['qwen2.5']}", "trainer.logger=[console]"]  # fmt: skip
+    assert main(["plan", *args, "--json", "--gpu-memory", "80GB"]) == 2
+    p = json.loads(capsys.readouterr().out)
+    assert (p["prompts"], p["prompts_per_step"], p["responses_per_step"], p["world_size"]) == (128, 64, 1024, 8)
+    assert (p["steps_per_epoch"], p["total_steps"], p["optimizer_steps"]) == (2, 2, 8)
+    assert p["sequence_tokens_max"] == 2048 + 16384 and p["max_turns"] == 16 and p["val_responses"] == 30 * 30
+    assert p["num_validations"] == 1 + 1 and p["memory"]["sharded_over"] == 8
+    assert any("trainer.offload" in e for e in p["errors"]) and any("trainer.sp_size" in e for e in p["errors"])
+    assert any("SandboxFusion server" in n for n in p["notes"])

@@ -9,7 +9,7 @@ sftforge data preview  [CONFIG.yaml] [key=value ...] [--index N]
 sftforge eval --model DIR|HUB_ID --data FILE --task TASK [--output results.jsonl] [gen options] [key=value ...]
 sftforge data check    FILE ... [key=value ...] [--json]
 sftforge data convert  IN OUT [--from F] [key=value ...]
-sftforge plan [CONFIG.yaml] [key=value ...] [--json] [--gpu-memory 80GB] [--measure [--steps N]]
+sftforge plan [CONFIG.yaml] [key=value ...] [--json] [--gpu-memory 80GB] [--measure [--steps N]] [--rl|--sft]
 sftforge report RUN_DIR [RUN_DIR ...] [--output report.html]
 sftforge sandbox run FILE.py|- [sandbox.key=value ...]   run one program exactly as a model's tool call runs
     prints its stdout, stderr, how it ended (exit status, or the limit that stopped it) and the time; exit code: the
@@ -211,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     _config_args(p_plan)
     p_plan.add_argument("--json", action="store_true", help="print one JSON object")
     p_plan.add_argument("--gpu-memory", default=None, help="GPU memory to fit, e.g. 80GB (default: the visible GPU)")
-
+    kind = p_plan.add_mutually_exclusive_group()
+    kind.add_argument("--rl", action="store_true", default=None, help="plan `sftforge rl` (default: when the config "
+                      "sets rollout.* or algorithm.* keys): rollout sizes, tokens per step, memory of both phases")  # fmt: skip
+    kind.add_argument("--sft", dest="rl", action="store_false", help="plan `sftforge train` whatever the config sets")
     p_plan.add_argument("--measure", action="store_true", help="also run a few real steps here (in a temporary "
                         "folder, removed after) and turn the plan into measured time per step, epoch and run, and "
                         "measured peak memory")  # fmt: skip
@@ -284,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 overrides = demo_config_overrides(overrides)
             return plan_main(path, overrides, as_json=args.json, gpu_memory=args.gpu_memory, measure=args.measure,
-                             steps=args.steps)  # fmt: skip
+                             steps=args.steps, rl=args.rl)  # fmt: skip
         if args.command == "report":
             from sftforge.report import report_main
 

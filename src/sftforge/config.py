@@ -1264,7 +1264,9 @@ def _max_prompt_length(value: Any, ctx: Any):
 def _filter_overlong(value: Any, ctx: Any):
     if not _truthy(value, "data.filter_overlong_prompts"):
         return "data.truncation decides what a prompt longer than data.max_length does (error by default)"
-    return [("data.truncation", "drop")], "verl drops them before its truncation applies; counted in the log here"
+    return [("data.truncation", "drop")], (
+        "verl drops them before its data.truncation applies, so this wins over data.truncation; counted in the log"
+    )
 
 
 def _adv_estimator(value: Any, ctx: Any):
@@ -1773,6 +1775,8 @@ def load_config(
         _apply(cfg, apply_verl_aliases(raw, ctx=ctx), "")
     for tree in trees:
         _apply(cfg, apply_verl_aliases(tree, ctx=ctx), "")
+    if _truthy(_lookup(ctx, "data.filter_overlong_prompts", False), "data.filter_overlong_prompts"):
+        cfg.data.truncation = "drop"  # verl filters before its data.truncation applies: whatever order the keys have
     validate(cfg)
     return cfg
 

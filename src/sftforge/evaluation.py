@@ -318,15 +318,18 @@ def print_summary(summary: dict, console=None) -> None:
 # Multi-turn environments
 
 
-def environment(task: str, rows: list[tuple], cfg: Config) -> tuple[list[Task], Callable[[], Env], int]:
+def environment(task: str, rows: list[tuple], cfg: Config,
+                check: bool = True) -> tuple[list[Task], Callable[[], Env], int]:  # fmt: skip
     """(tasks, a new environment, how many of its steps may run at once) of the environment ``task`` on ``rows``
-    ((location, row) pairs): what ``sftforge eval`` and ``sftforge rl`` roll out."""
+    ((location, row) pairs): what ``sftforge eval`` and ``sftforge rl`` roll out. ``check``: the code_math sandbox is
+    checked here (``sftforge plan`` reports it instead)."""
     rows = [r[:2] for r in rows]  # (location, row): the file is not needed
     if task == "textcraft":
         tasks, book = load_tasks(rows, cfg.data)
         return tasks, lambda: TextCraftEnv(book), 1
     if task == "code_math":
-        check_sandbox(cfg.sandbox)  # bubblewrap missing or blocked: said before any model loads
+        if check:
+            check_sandbox(cfg.sandbox)  # bubblewrap missing or blocked: said before any model loads
         scorer = get_scorer("math")
         workers = cfg.sandbox.max_concurrent or os.cpu_count() or 1
         return load_code_tasks(rows, cfg.data), lambda: CodeEnv(cfg.sandbox, scorer), workers

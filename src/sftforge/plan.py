@@ -32,8 +32,10 @@ from typing import Any
 import numpy as np
 
 from sftforge.batching import event_count, grad_accum_steps, make_plan
-from sftforge.config import Config, ConfigError, load_config, parse_memory
+from sftforge.chat import render_prompt
+from sftforge.config import AlgorithmConfig, Config, ConfigError, RolloutConfig, load_config, parse_memory
 from sftforge.data import build_dataset, load_tokenizer
+from sftforge.evaluation import file_rows
 from sftforge.measure import DEFAULT_STEPS, WARMUP, format_measured, process_age_s
 from sftforge.measure import measure as run_measure
 from sftforge.metrics import check_loggers
@@ -41,7 +43,9 @@ from sftforge.model import auto_class
 from sftforge.model_files import pretrained_args
 from sftforge.optim import warmup_steps
 from sftforge.progress import say
+from sftforge.rl_loop import check_rl_config, load_env_tasks, load_prompts
 from sftforge.run import check_paths
+from sftforge.sandbox import check_sandbox
 from sftforge.ulysses import sp_group_layout
 from sftforge.vision import load_vision
 
@@ -51,6 +55,8 @@ GPU_OVERHEAD_BYTES = int(1.0 * GIB)
 # Throughput of a step with gradient checkpointing relative to one without (one extra forward: ~4/3 of the work).
 CHECKPOINTING_SPEED = 0.75
 LR_HIGH_FOR_FINE_TUNING = 2e-4
+LR_HIGH_FOR_RL = 2e-5  # verl's GRPO/DAPO scripts use 1e-6; policy-gradient steps on their own samples drift fast
+VAL_BATCH = 64  # rl_loop.validate's generation batch
 
 
 def visible_gpu_memory() -> int | None:
@@ -651,6 +657,271 @@ def format_plan(p: dict[str, Any], lengths: list[int] | None = None) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# sftforge rl
+
+
+def is_rl_config(cfg: Config) -> bool:
+    """A config that sets any rollout.* or algorithm.* key (verl's actor_rollout_ref.rollout.*, algorithm.* included)
+    is planned as `sftforge rl`; `sftforge plan --rl` forces it."""
+    return cfg.rollout != RolloutConfig() or cfg.algorithm != AlgorithmConfig()
+
+
+def kv_cache_bytes(shape: ModelShape, sequences: int, tokens: int, dtype: str) -> int:
+    """The key/value cache of ``sequences`` generated side by side, each up to ``tokens`` long."""
+    b = 2 if dtype in ("bf16", "auto") else 4
+    return sequences * tokens * shape.layers * 2 * shape.kv_heads * shape.head_dim * b
+
+
+def build_rl_plan(
+    cfg: Config,
+    prompt_lengths: list[int],
+    counts: dict[str, int],
+    *,
+    shape: ModelShape | None = None,
+    gpu_memory: int | None = None,
+    val_prompts: int = 0,
+) -> dict[str, Any]:
+    """What ``sftforge rl`` will do, as one JSON-able dict: the rollout sizes, the step and token arithmetic of
+    rl_loop (``prompt_lengths``: the rendered prompt of every training prompt or environment task after
+    data.truncation; ``counts``: load_prompts' counts), the memory of its two phases and the warnings."""
+    if cfg.model.dtype == "auto":
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bf16"))
+    r, a, d, o, t = cfg.rollout, cfg.algorithm, cfg.data, cfg.optim, cfg.trainer
+    ws = world_size(cfg)
+    errors: list[str] = []
+    try:
+        check_rl_config(cfg, ws)
+    except ConfigError as e:
+        errors.append(str(e))
+    for key, value in (("trainer.offload", t.offload), ("trainer.sp_size", t.sp_size > 1)):
+        if value:
+            errors.append(f"sftforge rl does not support {key} yet; set {key}={'false' if key.endswith('offload') else 1}.")
+    warnings: list[str] = []
+    notes: list[str] = []
+    n_prompts = len(prompt_lengths)
+    multi_turn = r.max_turns > 1
+    k = r.prompts_per_step
+    per_epoch = max(1, n_prompts // k)
+    total = t.max_steps if t.max_steps > 0 else t.total_epochs * per_epoch
+    lengths = length_stats(prompt_lengths)
+    longest_prompt = lengths["max"]
+    # a sequence the update trains on: the prompt and its response (single-turn), or the whole episode, its turns and
+    # observations, cut at data.max_length (rl_loop.episode_response)
+    if multi_turn:
+        longest = d.max_length
+        generated_max = r.max_turns * r.max_response_length
+        trained_max = min(generated_max, d.max_length)
+    else:
+        longest = longest_prompt + r.max_response_length
+        generated_max = trained_max = r.max_response_length
+    responses = k * r.n
+    out: dict[str, Any] = {
+        "kind": "rl",
+        "prompts": n_prompts,
+        "prompt_counts": counts,
+        "prompt_length": lengths,
+        "world_size": ws,
+        "reward": a.reward,
+        "multi_turn": multi_turn,
+        "prompts_per_step": k,
+        "responses_per_prompt": r.n,
+        "responses_per_step": responses,
+        "responses_per_process": responses // ws if responses % ws == 0 else responses / ws,
+        "max_turns": r.max_turns,
+        "max_new_tokens_per_turn": r.max_response_length,
+        "generated_tokens_per_step_max": responses * generated_max,
+        "trained_tokens_per_step_max": responses * trained_max,
+        "sequence_tokens_max": longest,
+        "sequence_tokens_per_step_max": responses * longest,
+        "mini_batches": a.mini_batches,
+        "steps_per_epoch": per_epoch,
+        "total_steps": total,
+        "optimizer_steps": total * a.mini_batches,
+        "epochs": round(total / per_epoch, 3),
+        "dropped_per_epoch": n_prompts - per_epoch * k if n_prompts >= k else 0,
+        "warmup_steps": warmup_steps(o, total),
+        "num_checkpoints": event_count(total, t.save_freq),
+        "num_validations": event_count(total, t.test_freq) + int(t.val_before_train) if val_prompts else 0,
+        "val_prompts": val_prompts,
+        "val_responses": val_prompts * r.val_n,
+        "reference_model": a.kl_coef > 0,
+    }
+    warm = out["warmup_steps"]
+    if n_prompts < k:
+        warnings.append(f"data.train_files has {n_prompts} prompts, fewer than rollout.prompts_per_step ({k}): every "
+                        f"step rolls out only those {n_prompts}; lower rollout.prompts_per_step or add prompts.")  # fmt: skip
+    if counts.get("truncated"):
+        warnings.append(f"{counts['truncated']} of {counts.get('rows', n_prompts)} prompts are longer than "
+                        f"data.max_length ({d.max_length}) and were truncated (data.truncation={d.truncation}): the "
+                        "model answers a question it does not see whole; raise data.max_length "
+                        "(verl's data.max_prompt_length) or set data.truncation=drop.")  # fmt: skip
+    if counts.get("dropped"):
+        notes.append(f"{counts['dropped']} of {counts.get('rows', n_prompts)} prompts are longer than data.max_length "
+                     f"({d.max_length}) and are dropped (data.truncation=drop).")  # fmt: skip
+    if multi_turn and generated_max > d.max_length:
+        notes.append(f"episodes can generate up to {generated_max:,} tokens (rollout.max_turns {r.max_turns} × "
+                     f"rollout.max_response_length {r.max_response_length}) but train on at most data.max_length "
+                     f"({d.max_length}) tokens each, prompt and observations included: longer ones are cut and "
+                     "counted as truncated.")  # fmt: skip
+    if r.n < 4 and a.dynamic_sampling:
+        notes.append(f"rollout.n={r.n}: with dynamic sampling, groups of few responses are often all right or all "
+                     "wrong and dropped; 8 or more is usual.")  # fmt: skip
+    if a.overlong_buffer >= r.max_response_length > 0:
+        warnings.append(f"algorithm.overlong_buffer ({a.overlong_buffer}) is not shorter than "
+                        f"rollout.max_response_length ({r.max_response_length}): every response is penalized; "
+                        "use a buffer of a fraction of the length (DAPO: 4096 of 20480).")  # fmt: skip
+    if a.mini_batches > 1:
+        notes.append(f"algorithm.mini_batches={a.mini_batches}: {a.mini_batches} optimizer steps per rollout batch; "
+                     "all but the first are off-policy (the clipped ratio bounds them).")  # fmt: skip
+    if total and t.save_freq > total:
+        warnings.append(f"trainer.save_freq ({t.save_freq}) is larger than the total steps ({total}): only the final "
+                        f"checkpoint is written; set trainer.save_freq <= {total} for intermediate ones.")  # fmt: skip
+    if total and t.test_freq > total and val_prompts:
+        warnings.append(f"trainer.test_freq ({t.test_freq}) is larger than the total steps ({total}): validation runs "
+                        f"only at the end; set trainer.test_freq <= {total}.")  # fmt: skip
+    if d.val_files and _same_files(d.val_files, d.train_files):
+        warnings.append("data.val_files is the same as data.train_files: the validation score measures the prompts "
+                        "the policy trains on; hold out separate prompts.")  # fmt: skip
+    if o.lr > LR_HIGH_FOR_RL:
+        warnings.append(f"optim.lr ({o.lr:g}) is high for RL on a policy's own samples (verl's GRPO/DAPO scripts use "
+                        "1e-6); check the value.")  # fmt: skip
+    if total and warm >= total:
+        warnings.append(f"optim.warmup_steps/warmup_ratio give {warm} warmup steps of {total}: the learning rate "
+                        "never leaves warmup; lower it.")  # fmt: skip
+
+    memory = None
+    if shape is not None:
+        b = 2 if cfg.model.dtype == "bf16" else 4
+        mbs = d.micro_batch_size_per_gpu
+        mb_tokens = micro_batch_tokens(dataclasses.replace(cfg, data=dataclasses.replace(d, max_length=longest)), mbs,
+                                       longest)  # fmt: skip
+        mb_sup = min(mb_tokens, mbs * trained_max)
+        shards = fsdp_shards(cfg, ws)
+        train = estimate_memory(shape, cfg, mb_tokens, mb_sup, gpu_memory=gpu_memory, shard_over=shards)
+        # rl_loop.RolloutWeights: under FSDP2 every process keeps a full copy in the compute dtype to sample with;
+        # the KL reference (algorithm.kl_coef > 0) is a full fp32 copy on every process (parallel.prepare_reference)
+        rollout_copy = shape.n_params * b if shards > 1 else 0
+        reference = 4 * shape.n_params if a.kl_coef > 0 else 0
+        # generation: one group (rollout.n sequences) at a time, each up to its longest sequence; validation batches
+        # of up to 64 prompts; logits of the last position only, in fp32, with the sampling's sorted copy
+        gen_seqs = max(r.n, min(VAL_BATCH, val_prompts * r.val_n) if val_prompts else 0)
+        kv = kv_cache_bytes(shape, gen_seqs, longest, cfg.model.dtype)
+        gen_logits = gen_seqs * shape.vocab * 4 * 3
+        resident = train.params + train.optimizer + rollout_copy + reference + train.overhead
+        # (one process: autocast's compute-dtype copies of the weights; FSDP2 samples with the rollout copy)
+        rollout_peak = resident + (train.weight_copies if shards == 1 else 0) + kv + gen_logits
+        train_peak = train.total + rollout_copy + reference
+        peak = max(rollout_peak, train_peak)
+        fits = None if gpu_memory is None else peak <= gpu_memory
+        memory = {"n_params": shape.n_params, "dtype": cfg.model.dtype, "sharded_over": shards,
+                  "gradient_checkpointing": train.gradient_checkpointing,
+                  "tokens_per_micro_batch": train.tokens_per_micro_batch,
+                  "supervised_per_micro_batch": train.supervised_per_micro_batch,
+                  "train_step_gib": round(train_peak / GIB, 3), "rollout_gib": round(rollout_peak / GIB, 3),
+                  "kv_cache_gib": round(kv / GIB, 3), "kv_cache_sequences": gen_seqs,
+                  "rollout_copy_gib": round(rollout_copy / GIB, 3), "reference_gib": round(reference / GIB, 3),
+                  "total": round(peak / GIB, 3), "gpu_memory_gib": round(gpu_memory / GIB, 2) if gpu_memory else None,
+                  "fits": fits, "train_parts": train.gib()}  # fmt: skip
+        if fits is False:
+            phase = "the update" if train_peak >= rollout_peak else "generation"
+            warnings.append(f"estimated peak {peak / GIB:.1f} GiB per GPU (in {phase}) exceeds the "
+                            f"{gpu_memory / GIB:.1f} GiB of --gpu-memory: set model.enable_gradient_checkpointing=true, "
+                            "lower data.micro_batch_size_per_gpu or data.max_tokens_per_micro_batch, rollout.n, "
+                            "rollout.max_response_length, or use LoRA (model.lora.rank).")  # fmt: skip
+    if multi_turn and a.reward == "code_math" and cfg.sandbox.backend == "fusion":
+        notes.append("the model's code runs on the SandboxFusion server of sandbox.fusion_url (the plan does not "
+                     "contact it; `sftforge rl` runs one program there before loading the model).")  # fmt: skip
+    elif multi_turn and a.reward == "code_math":
+        try:
+            check_sandbox(cfg.sandbox)
+            notes.append(f"the model's code runs in sandbox.backend={cfg.sandbox.backend} (checked on this machine).")
+        except ConfigError as e:
+            warnings.append(f"the sandbox cannot run here, so `sftforge rl` would stop here: {e}")
+    out["memory"] = memory
+    out["warnings"], out["notes"], out["errors"] = warnings, notes, errors
+    return out
+
+
+def prompt_lengths(cfg: Config, tokenizer) -> tuple[list[int], dict[str, int]]:
+    """(the token length of every prompt `sftforge rl` samples from, its counts): data.train_files' prompts after
+    data.truncation, or each environment task's first prompt (system + the environment's first observation)."""
+    if cfg.rollout.max_turns <= 1:
+        prompts, counts = load_prompts(cfg, tokenizer)
+        return [len(p.ids) for p in prompts], counts
+    tasks, make_env, _ = load_env_tasks(cfg, check=False)  # build_rl_plan reports the sandbox
+    kwargs = cfg.data.chat_template_kwargs
+    lengths = []
+    for task in tasks:
+        messages = ([{"role": "system", "content": task.system}] if task.system else []) + [
+            {"role": "user", "content": make_env().reset(task)}
+        ]
+        text = render_prompt(tokenizer, messages, task.tools, kwargs)
+        lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    over = sum(n > cfg.data.max_length for n in lengths)
+    return lengths, {"rows": len(tasks), "over_max_length": over, "truncated": 0, "dropped": 0}
+
+
+def rl_plan_from_config(cfg: Config, gpu_memory: str | int | None = None) -> tuple[dict[str, Any], list[int]]:
+    """(the RL plan, the prompt lengths): reads and renders the prompts and the model's config; no weights."""
+    gpu_memory = gpu_memory or cfg.trainer.gpu_memory or None
+    mem = parse_memory(gpu_memory) if not isinstance(gpu_memory, int) else gpu_memory
+    mem = mem if mem is not None else visible_gpu_memory()
+    tok = load_tokenizer(cfg)
+    lengths, counts = prompt_lengths(cfg, tok)
+    val = len(file_rows(cfg.data.val_files, "data.val_files")) if cfg.data.val_files else 0
+    shape = ModelShape.from_path(cfg.model.path, cfg.model.trust_remote_code, cfg.model.gguf_file)
+    return build_rl_plan(cfg, lengths, counts, shape=shape, gpu_memory=mem, val_prompts=val), lengths
+
+
+def format_rl_plan(p: dict[str, Any], lengths: list[int] | None = None) -> str:
+    L, c = p["prompt_length"], p["prompt_counts"]
+    what = "environment tasks" if p["multi_turn"] else "prompts"
+    lines = [
+        f"sftforge rl: {p['prompts']:,} {what} (algorithm.reward={p['reward']}); prompt tokens: min {L['min']}, "
+        f"median {L['median']}, p95 {L['p95']}, max {L['max']}"
+        + (f"; over data.max_length {c['over_max_length']} (truncated {c['truncated']}, dropped {c['dropped']})"
+           if c.get("over_max_length") else ""),
+    ]  # fmt: skip
+    lines += ["  " + h for h in histogram(lengths if lengths is not None else [])]
+    turns = f"up to {p['max_turns']} turns × {p['max_new_tokens_per_turn']} new tokens" if p["multi_turn"] else (
+        f"up to {p['max_new_tokens_per_turn']} new tokens")  # fmt: skip
+    lines += [
+        f"rollout: {p['prompts_per_step']} prompts × {p['responses_per_prompt']} responses = {p['responses_per_step']} "
+        f"per step ({p['responses_per_process']} per process over world size {p['world_size']}), each {turns}",
+        f"tokens per step (at most): {p['generated_tokens_per_step_max']:,} generated, "
+        f"{p['trained_tokens_per_step_max']:,} trained, {p['sequence_tokens_per_step_max']:,} in the update's "
+        f"forward passes (sequences up to {p['sequence_tokens_max']:,} tokens)",
+        f"steps: {p['steps_per_epoch']}/epoch, {p['total_steps']} total ({p['epochs']} epochs), "
+        f"{p['optimizer_steps']} optimizer steps (algorithm.mini_batches {p['mini_batches']}), warmup "
+        f"{p['warmup_steps']}; {p['dropped_per_epoch']} prompts left out per epoch",
+        f"checkpoints: {p['num_checkpoints']}; validations: {p['num_validations']}"
+        + (f" of {p['val_prompts']} prompts × {p['val_responses'] // max(p['val_prompts'], 1)}" if p["val_prompts"]
+           else ""),
+    ]  # fmt: skip
+    m = p.get("memory")
+    if m:
+        fit = "" if m["fits"] is None else (" — fits" if m["fits"] else " — DOES NOT FIT")
+        gpu = f" of {m['gpu_memory_gib']} GiB" if m["gpu_memory_gib"] else " (no GPU memory given: --gpu-memory 80GB)"
+        lines.append(
+            f"memory per GPU ({m['n_params'] / 1e6:,.1f}M params, {m['dtype']}): peak {m['total']:.2f} GiB{gpu}{fit}"
+            + (f"; weights/gradients/optimizer sharded over {m['sharded_over']} GPUs (FSDP2)" if m["sharded_over"] > 1
+               else "")
+        )  # fmt: skip
+        lines.append(f"  update: {m['train_step_gib']:.2f} GiB ({m['tokens_per_micro_batch']:,} tokens/forward, "
+                     f"{m['supervised_per_micro_batch']:,} trained, "
+                     f"{'with' if m['gradient_checkpointing'] else 'no'} gradient checkpointing)")  # fmt: skip
+        extra = [f"rollout copy {m['rollout_copy_gib']:.2f}" if m["rollout_copy_gib"] else "",
+                 f"KL reference {m['reference_gib']:.2f}" if m["reference_gib"] else ""]  # fmt: skip
+        lines.append(f"  generation: {m['rollout_gib']:.2f} GiB (KV cache {m['kv_cache_gib']:.2f} GiB for "
+                     f"{m['kv_cache_sequences']} sequences at once)"
+                     + (f"; both phases hold {', '.join(x for x in extra if x)} GiB" if any(extra) else ""))  # fmt: skip
+    lines += [f"note: {x}" for x in p.get("notes", [])]
+    lines += [f"warning: {w}" for w in p["warnings"]]
+    lines += [f"error: {e}" for e in p.get("errors", [])]
+    return "\n".join(lines)
+
+
 def apply_preset(cfg: Config, path: str | None, overrides: list[str]) -> Config:
     """trainer.preset=auto for a training run: the plan's choice of micro-batch and gradient checkpointing, as
     overrides applied after the user's (the choice is printed with its reason)."""
@@ -674,12 +945,23 @@ def plan_main(
     gpu_memory: str | None = None,
     measure: bool = False,
     steps: int = 0,
+    rl: bool | None = None,
 ) -> int:
-    """``sftforge plan``; ``measure``: also run a few real steps here and print the measured times (measure.py)."""
+    """``sftforge plan``; ``measure``: also run a few real steps here and print the measured times (measure.py);
+    ``rl``: plan `sftforge rl` (None: when the config sets rollout.* or algorithm.* keys)."""
     imports_s = process_age_s() if measure else 0.0  # a fresh `sftforge train` pays it too (interpreter, torch, ...)
     cfg = load_config(path, overrides)
     check_loggers(cfg.trainer.logger)  # what `sftforge train` checks before loading anything, in the same words
     check_paths(cfg)
+    if rl if rl is not None else is_rl_config(cfg):
+        if measure:
+            raise ConfigError("--measure times `sftforge train` steps; to time `sftforge rl`, run it for two steps "
+                              "(trainer.max_steps=2) and read rollout_s / train tokens/s in its log.")  # fmt: skip
+        p, lengths = rl_plan_from_config(cfg, gpu_memory)
+        if rl is None and not as_json:
+            say("info: planned as `sftforge rl` (the config sets rollout.* / algorithm.* keys; --rl forces it).")
+        print(json.dumps(p, indent=2) if as_json else format_rl_plan(p, lengths))
+        return 2 if p["errors"] else 0
     if measure and cfg.trainer.preset == "auto":  # the measured run is the run `sftforge train` would do
         cfg = apply_preset(cfg, path, overrides)
     p, lengths = plan_from_config(cfg, gpu_memory)
@@ -704,6 +986,11 @@ __all__ = [
     "ModelShape",
     "PresetChoice",
     "build_plan",
+    "build_rl_plan",
+    "format_rl_plan",
+    "is_rl_config",
+    "kv_cache_bytes",
+    "rl_plan_from_config",
     "choose_preset",
     "estimate_memory",
     "format_plan",

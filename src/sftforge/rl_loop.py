@@ -219,11 +219,12 @@ def score_groups(groups, prompts: list[Prompt], cfg: Config, scorer) -> list[lis
 # ---- multi-turn episodes (rollout.max_turns > 1) ---------------------------------------------------------------------
 
 
-def load_env_tasks(cfg: Config):
-    """(tasks, make_env, workers) of the environment algorithm.reward from the rows of data.train_files."""
+def load_env_tasks(cfg: Config, check: bool = True):
+    """(tasks, make_env, workers) of the environment algorithm.reward from the rows of data.train_files; ``check``:
+    the environment's sandbox too."""
 
     rows = [pair for f in resolve_files(cfg.data.train_files, "data.train_files") for pair in read_rows(f)]
-    return environment(cfg.algorithm.reward, rows, cfg)
+    return environment(cfg.algorithm.reward, rows, cfg, check)
 
 
 def episode_response(episode, tokenizer, cfg: Config, markers) -> Response | None:
