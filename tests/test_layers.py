@@ -13,7 +13,7 @@ ORDER = [
     "chat", "vision", "prefix_tree", "store", "data", "attention", "packing", "batching",  # rows -> samples -> micro-batches
     "loss", "ulysses", "optim", "model", "lora", "parallel",  # the model stack
     "checkpoint", "export", "metrics",  # what a run writes
-    "scorers", "generation", "envs", "envs.textcraft", "envs.code", "evaluation", "grpo",  # generation, scoring, RL maths
+    "scorers", "engine", "generation", "envs", "envs.textcraft", "envs.code", "evaluation", "grpo",  # generation, scoring, RL maths
     "run",  # the lifecycle shared by train and rl
     "sft", "rl_loop",  # the steps
     "measure", "plan", "demo", "bench", "convert", "report",  # entry points

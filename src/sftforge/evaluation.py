@@ -47,7 +47,7 @@ from sftforge.generation import (
     pad_id,
 )
 from sftforge.model import check_model_options, load_model, with_dtype
-from sftforge.progress import Live, quiet_libraries
+from sftforge.progress import Live, Periodic, quiet_libraries
 from sftforge.sandbox import check_sandbox
 from sftforge.scorers import ENV_TASKS, EvalSample, as_score, get_scorer, is_task
 from sftforge.vision import load_vision
@@ -234,8 +234,14 @@ def evaluate_samples(generator: Generator, samples: list[EvalSample], task: str 
     prompts = [generator.prompt(s.messages, s.tools) for s in samples]
     images = sample_images(samples, generator.vision)
     live = Live(f"eval {task}", len(prompts) * k)
-    if live.active and hasattr(generator.backend, "on_batch"):
-        generator.backend.on_batch = lambda done, total: live.update(done)
+    periodic = Periodic(f"eval {task}", len(prompts) * k, "answers")
+
+    def on_batch(done: int, total: int) -> None:
+        live.update(done)
+        periodic.update(done)
+
+    if (live.active or periodic.active) and hasattr(generator.backend, "on_batch"):
+        generator.backend.on_batch = on_batch
     try:
         gens = generator.generate([p for p in prompts for _ in range(k)],
                                   [im for im in images for _ in range(k)] if images else None)  # fmt: skip
@@ -345,7 +351,18 @@ def evaluate_env(generator: Generator, rows: list[tuple], cfg: Config, task: str
     def policy(conversations):
         return generator.chat(conversations)
 
-    episodes = rollout(make_env, [t for t in tasks for _ in range(k)], policy, max_turns=max_turns, workers=workers)
+    n = len(tasks) * k
+    live, periodic = Live(f"eval {task}", n), Periodic(f"eval {task}", n, "episodes")
+
+    def on_turn(done: int, total: int) -> None:
+        live.update(done)
+        periodic.update(done, generator.stats.tokens)
+
+    try:
+        episodes = rollout(make_env, [t for t in tasks for _ in range(k)], policy, max_turns=max_turns,
+                           workers=workers, on_turn=on_turn)  # fmt: skip
+    finally:
+        live.close()
     records = []
     for i, ep in enumerate(episodes):
         first = 2 if ep.messages[0]["role"] == "system" else 1

@@ -19,6 +19,7 @@ from transformers import GenerationConfig
 
 from sftforge.chat import end_of_turn_token_ids, render_prompt
 from sftforge.config import ConfigError
+from sftforge.engine import Engine, supports
 from sftforge.loss import has_fast_path
 from sftforge.model import autocast
 
@@ -69,15 +70,24 @@ def seeded(seed: int, device: torch.device):
 
 
 class HFBackend:
-    """``model.generate`` on left-padded batches, longest prompts first."""
+    """Generation with the model in memory: :class:`sftforge.engine.Engine` (a KV cache per sequence kept across
+    calls, continuous batching) where it supports the model, else ``model.generate`` on left-padded batches, longest
+    prompts first (``engine=False`` forces the latter: today's path, for comparisons)."""
 
-    def __init__(self, model, pad_id: int, dtype: str = "fp32"):
+    def __init__(self, model, pad_id: int, dtype: str = "fp32", engine: bool = True):
         self.model, self.pad_id, self.dtype = model, pad_id, dtype
-        self.on_batch = None  # called with (prompts done, prompts) after each batch (a progress display)
+        self.on_batch = None  # called with (prompts done, prompts) as they finish (a progress display)
+        self.why_not = supports(model) if engine else "engine=False"
+        self.engine = Engine(model, dtype) if self.why_not is None else None
 
     def generate(self, prompts: list[list[int]], opts: GenerationOptions, stop_ids: list[int], images=None,
                  vision=None) -> list[list[int]]:  # fmt: skip
         """``images``: per prompt, None or its (bytes, grid) images, whose placeholders ``prompts`` already expand."""
+        if self.engine is not None and not (images and any(images)):
+            self.engine.max_batch = max(1, opts.batch_size)
+            self.engine.on_progress = (lambda done, total, _tokens: self._done(done, total)) if self.on_batch else None
+            return self.engine.generate(prompts, opts.max_new_tokens, stop_ids, do_sample=opts.do_sample,
+                                        temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed)  # fmt: skip
         model = self.model
         device = next(model.parameters()).device
         cfg = {"max_new_tokens": opts.max_new_tokens, "do_sample": opts.do_sample, "eos_token_id": stop_ids,

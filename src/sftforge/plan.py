@@ -696,7 +696,9 @@ def build_rl_plan(
         errors.append(str(e))
     for key, value in (("trainer.offload", t.offload), ("trainer.sp_size", t.sp_size > 1)):
         if value:
-            errors.append(f"sftforge rl does not support {key} yet; set {key}={'false' if key.endswith('offload') else 1}.")
+            errors.append(
+                f"sftforge rl does not support {key} yet; set {key}={'false' if key.endswith('offload') else 1}."
+            )
     warnings: list[str] = []
     notes: list[str] = []
     n_prompts = len(prompt_lengths)

@@ -187,6 +187,8 @@ class Sampler:
         """``rollout.n`` responses per prompt, each prompt's group sampled with its own seed (so a group's responses
         do not depend on which other prompts share the process)."""
         n = self.cfg.rollout.n
+        if self.backend.engine is not None:
+            self.backend.engine.reset()  # a new step: keys and values of the last step's weights are stale
         groups = []
         for prompt, seed in zip(prompts, seeds):
             self.opts.seed = seed
@@ -263,6 +265,8 @@ class EpisodeSampler:
     def sample(self, tasks: list, seeds: list[int]) -> list[list[Response]]:
 
         n = self.cfg.rollout.n
+        if self.generator.backend.engine is not None:
+            self.generator.backend.engine.reset()  # a new step: keys and values of the last step's weights are stale
         groups = []
         for task, seed in zip(tasks, seeds):
             self.generator.opts.seed = seed

@@ -90,9 +90,10 @@ Policy = Callable[[list[tuple[list[dict], list | None]]], Sequence[Any]]
 
 
 def rollout(make_env: Callable[[], Env], tasks: Sequence[Task], policy: Policy, max_turns: int = 40,
-            workers: int = 1) -> list[Episode]:  # fmt: skip
+            workers: int = 1, on_turn: Callable[[int, int], None] | None = None) -> list[Episode]:  # fmt: skip
     """Run every task to the end (or ``max_turns`` actions), batching the policy over the active episodes; the
-    environment steps of one turn (tool calls: sandboxed programs) run ``workers`` at a time, in threads."""
+    environment steps of one turn (tool calls: sandboxed programs) run ``workers`` at a time, in threads.
+    ``on_turn(episodes ended, episodes)`` after every turn (a progress display)."""
     envs = [make_env() for _ in tasks]
     episodes = []
     for env, task in zip(envs, tasks):
@@ -125,6 +126,8 @@ def rollout(make_env: Callable[[], Env], tasks: Sequence[Task], policy: Policy, 
             if not result.done:
                 still.append(i)
         active = still
+        if on_turn is not None:
+            on_turn(len(tasks) - len(active), len(tasks))
     return episodes
 
 
