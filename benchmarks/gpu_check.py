@@ -19,6 +19,9 @@ What it does, each part on its own (a failing part is recorded and the next one 
 4. **runs** (``sftforge train`` as a user runs it, a tiny model, bf16): resume exactness (stopped at step 2 and
    resumed == uninterrupted, bit for bit) with ``trainer.strategy=none`` and with FSDP2 in a one-process group (NCCL
    scalar collectives, DCP checkpoints, the in-training generation eval), and fp32 training (TF32).
+5. **rollouts**: 16 TextCraft episodes of 6 turns × 32 new tokens (Qwen2.5-0.5B shape, random init, bf16, greedy):
+   ``model.generate`` re-prefilling every turn against sftforge.engine (benchmarks/rollout_speed.py's rows): prompt
+   tokens computed, wall time, episodes/s, peak memory, and whether the episodes are the same (bf16 may differ).
 
 ``--smoke`` shrinks every part (a tiny model, 256-token micro-batches, one timed step, compile off) so that CI runs the
 whole script on the CPU.
@@ -164,6 +167,22 @@ def runs(device: str, tmp: Path) -> list[dict]:
     return results
 
 
+def rollouts(device: str, smoke: bool) -> list[dict]:
+    """TextCraft episodes, greedy: model.generate re-prefilling every turn against the engine (KV cache kept across
+    turns, continuous batching); benchmarks/rollout_speed.py's rows, in this process."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import rollout_speed
+
+    args = argparse.Namespace(episodes=2 if smoke else 16, turns=2 if smoke else 6, new_tokens=8 if smoke else 32,
+                              batch_size=16, smollm2="", device=device, dtype="fp32" if smoke else "bf16")  # fmt: skip
+    model = "qwen3-tiny" if smoke else "qwen2.5-0.5b"
+    rows = [rollout_speed.child(model, path, args) for path in ("generate", "engine")]
+    for r in rows:
+        r["same_episodes"] = r["actions"] == rows[0]["actions"]
+        r.pop("actions")
+    return rows
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# sftforge GPU check ({env.get('gpu', env['device'])})", "",
@@ -185,6 +204,12 @@ def markdown(report: dict) -> str:
             continue
         lines.append(f"| {r['trainer']} | {r['tokens']:,} | {'on' if r['compile'] else 'off'} | {r['step_s']:.3f} | "
                      f"{r['tokens_per_s']:,.0f} | {r['peak_mib']:,.0f} | {r['mfu']:.1%} |")  # fmt: skip
+    lines += ["", "| rollouts (TextCraft, greedy) | episodes × turns | prompt tokens computed | generated | wall s | "
+              "episodes/s | peak MiB | same as generate |", "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for r in report.get("rollouts", []):
+        lines.append(f"| {r['model']} {r['path']} | {r['episodes']} × {r['turns'] / r['episodes']:.1f} | "
+                     f"{r['prompt']:,} | {r['generated']:,} | {r['wall_s']:.1f} | {r['episodes'] / r['wall_s']:.3f} | "
+                     f"{r['peak_rss_mb']:,.0f} | {'yes' if r['same_episodes'] else 'no'} |")  # fmt: skip
     lines += ["", "| check | ok | detail |", "|---|---|---|"]
     for r in report.get("runs", []):
         detail = {k: v for k, v in r.items() if k not in ("check", "ok", "error")}
@@ -210,7 +235,8 @@ def main(argv=None) -> int:
     report: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": args.smoke, "errors": {}}
     tmp = Path(tempfile.mkdtemp(prefix="sftforge-gpu-check-"))
     parts = [("environment", lambda: environment(args.device)), ("gpu_tests", lambda: gpu_tests(240)),
-             ("throughput", lambda: throughput(args.device, args.smoke, tmp)), ("runs", lambda: runs(args.device, tmp))]  # fmt: skip
+             ("throughput", lambda: throughput(args.device, args.smoke, tmp)), ("runs", lambda: runs(args.device, tmp)),
+             ("rollouts", lambda: rollouts(args.device, args.smoke))]  # fmt: skip
     try:
         for name, fn in parts:
             t0 = time.perf_counter()

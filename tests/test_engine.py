@@ -147,3 +147,18 @@ def test_progress_lines_when_the_output_is_not_a_terminal(capsys):
     p.update(5, 1200)
     err = capsys.readouterr().err
     assert err.startswith("eval textcraft: 5/20 episodes, 20 tokens/s, 1m00s, ETA 3m00s"), err
+
+
+def test_a_shared_system_prompt_is_copied_and_every_conversation_keeps_its_own_slot(tiny):
+    """Six conversations with one system prompt, two rows at a time: later ones copy the shared beginning from a
+    finished one instead of taking its slot, so the next turn of every conversation finds all of its own tokens."""
+    header = _prompts(5, (40,))[0]
+    prompts = [header + tail for tail in _prompts(6, (5, 9, 7, 11, 6, 8))]
+    engine = Engine(tiny, max_batch=2)
+    answers = engine.generate(prompts, 6, STOP)
+    assert engine.stats.reused >= 4 * 40  # every prompt after the first two copied the header
+    follow = [p + a + [21, 22] for p, a in zip(prompts, answers)]
+    reused = engine.stats.reused
+    assert engine.generate(follow, 6, STOP) == _generate(tiny, follow, 6)
+    assert engine.stats.reused - reused == sum(len(p) + len(a) - 1 for p, a in zip(prompts, answers))
+    assert engine.stats.recomputed == 0

@@ -32,6 +32,8 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
         ("resume, trainer.strategy=none, fp32", True), ("resume, trainer.strategy=fsdp2, fp32", True)]  # fmt: skip
     assert report["runs"][1]["checkpoint"] == "dcp" and len(report["runs"][1]["eval_accuracy"]) == 2
     assert "| sftforge | 256 | off |" in (tmp_path / "gpu_check.md").read_text()
+    assert [(r["path"], r["same_episodes"]) for r in report["rollouts"]] == [("generate", True), ("engine", True)]
+    assert report["rollouts"][1]["prompt"] < report["rollouts"][0]["prompt"]
 
 
 def test_gpu_check_refuses_cuda_without_a_gpu(tmp_path):

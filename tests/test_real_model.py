@@ -289,3 +289,29 @@ def test_retool_example_runs_end_to_end(smol, tmp_path):
     assert any("<tool_call>" in g for r in tool for g in r["generation"])  # 2 SFT steps: it calls the tool
     plain = [json.loads(line) for line in (out / "sft_notool.jsonl").read_text().splitlines()]
     assert len(plain) == 4 and not any("<tool_call>" in r["prompt"] or "im_start|>tool" in r["prompt"] for r in plain)
+    _engine_equals_generate_on_code_tool_episodes(out / "sft" / "final", out / "heldout.jsonl")
+
+
+def _engine_equals_generate_on_code_tool_episodes(model_dir: Path, heldout: Path):
+    """Greedy code_math episodes of the SFT model (tool calls run in the sandbox, tool outputs read back): the engine
+    (KV cache kept across turns) plays them token for token as model.generate re-prefilling every turn."""
+    from sftforge.config import load_config
+    from sftforge.data import load_tokenizer, read_rows
+    from sftforge.envs import rollout
+    from sftforge.envs.code import CodeEnv, load_code_tasks
+    from sftforge.generation import GenerationOptions, Generator, HFBackend
+    from sftforge.model import load_model
+    from sftforge.scorers import get_scorer
+
+    template = ROOT / "examples" / "retool_smollm2" / "chatml_tools.jinja"
+    cfg = load_config(None, [f"model.path={model_dir}", f"data.chat_template={template}"])
+    tok, model = load_tokenizer(cfg), load_model(cfg.model).eval()
+    tasks = load_code_tasks(list(read_rows(str(heldout))))
+    runs = []
+    for engine in (False, True):
+        gen = Generator(HFBackend(model, tok.pad_token_id or 0, engine=engine), tok,
+                        GenerationOptions(max_new_tokens=96, batch_size=16))  # fmt: skip
+        runs.append(rollout(lambda: CodeEnv(cfg.sandbox, get_scorer("math")), tasks, gen.chat, max_turns=3))
+    assert any(m["role"] == "tool" for e in runs[1] for m in e.messages)  # the episodes did call the tool
+    assert [e.messages for e in runs[1]] == [e.messages for e in runs[0]]
+    assert gen.backend.engine.stats.reused > 0

@@ -274,7 +274,12 @@ class RolloutConfig:
     max_turns: int = 1
     """1 = single-turn; > 1 = episodes in the environment named by algorithm.reward (textcraft, code_math)."""
     backend: str = "hf"
-    """hf (transformers generate; CPU and GPU)."""
+    """hf: the model in memory, CPU and GPU: sftforge's engine (each episode's KV cache kept across turns, a prompt's
+    rollout.n samples prefilled once, continuous batching; sftforge.engine) where the model allows it, else
+    transformers generate. (vllm is not yet wired into `sftforge rl`.)"""
+    kv_cache: bool = True
+    """true: the engine keeps each episode's KV cache across turns (see rollout.backend); false: transformers generate
+    re-prefills the whole conversation every turn (the path before it: for comparisons, or a model it mis-serves)."""
     val_n: int = 1
     """Answers per validation prompt (data.val_files, every trainer.test_freq steps): > 1 logs mean@K and pass@k with
     intervals, per data_source (verl's val_kwargs.n; needs rollout.val_temperature > 0)."""

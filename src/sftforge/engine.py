@@ -166,12 +166,13 @@ class _Seq:
     age: int = 0
 
 
-def _shared(a: list[int], b: list[int]) -> int:
+def _shared(a, b) -> int:
+    """Length of the common prefix of two id sequences."""
     n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    if n == 0:
+        return 0
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if len(differ) else n
 
 
 class Engine:
@@ -185,6 +186,7 @@ class Engine:
             max_cache_bytes = free // 3
         self.max_cache_bytes = max_cache_bytes
         self._call_size = 0
+        self._claims: dict[int, int] = {}
         self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -301,6 +303,16 @@ class Engine:
         copy = {i: j for g in groups.values() for j, i in enumerate(g)}  # which copy of its prompt each one is
         waiting = sorted(groups.values(), key=lambda g: -len(prompts[g[0]]))
         waiting = [g[k : k + self.max_batch] for g in waiting for k in range(0, len(g), self.max_batch)]
+        # each kept slot goes to the prompt that shares the most with it (its own conversation's next turn), the
+        # others copy the part they share (a system prompt) and leave it in place
+        self._claims: dict[int, int] = {}
+        best: dict[int, int] = {}
+        for g in waiting:
+            for q in self.seqs:
+                if q is not None:
+                    n = _shared(q.ids[: q.cached], prompts[g[0]])
+                    if n > best.get(id(q), 0):
+                        best[id(q)], self._claims[id(q)] = n, g[0]
         done = 0
         was = self.model.training
         self.model.eval()
@@ -355,14 +367,22 @@ class Engine:
                 n = _shared(seq.ids[: seq.cached], ids)
                 if n > best_n:
                     best, best_n = i, n
-        if best is not None:
+        keep = min(best_n, len(ids) - 1)  # at least one token to compute: its logits start the answer
+        if best is not None and self._claims.get(id(self.seqs[best])) == group[0]:  # its own: the slot is taken
             self._swap(best, self.active)
             slot = self.active
-            seq = self.seqs[slot]
-            keep = min(best_n, len(ids) - 1)  # at least one token to compute: its logits start the answer
             self.stats.reused += keep
-            self.stats.recomputed += seq.cached - keep
-            seq.ids, seq.cached = ids, keep
+            self.stats.recomputed += self.seqs[slot].cached - keep  # what the new render does not share
+            self.seqs[slot].ids, self.seqs[slot].cached = ids, keep
+        elif best is not None and keep > 0:  # a shared beginning: copied, the kept one stays for its claimant
+            source = self.seqs[best]
+            source.age, age = -1, source.age  # not the one evicted to make room
+            slot = self._free_slot()
+            source.age = age
+            src = next(i for i, q in enumerate(self.seqs) if q is source)
+            self.cache.copy(src, slot, keep)
+            self.seqs[slot] = _Seq(ids, keep)
+            self.stats.reused += keep
         else:
             slot = self._free_slot()
             self.seqs[slot] = _Seq(ids)

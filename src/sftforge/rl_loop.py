@@ -121,7 +121,10 @@ def load_prompts(cfg: Config, tokenizer) -> tuple[list[Prompt], dict[str, int]]:
 def check_rl_config(cfg: Config, world_size: int = 1) -> None:
     r, a = cfg.rollout, cfg.algorithm
     if r.backend not in ROLLOUT_BACKENDS:
-        raise ConfigError(f"rollout.backend={r.backend!r}: supported today: {' | '.join(ROLLOUT_BACKENDS)}.")
+        raise ConfigError(f"rollout.backend={r.backend!r}: supported today: {' | '.join(ROLLOUT_BACKENDS)} (the model "
+                          "in memory; its engine keeps each episode's KV cache across turns). vLLM rollouts with "
+                          "weights synced from the trainer are not wired into `sftforge rl` yet; `sftforge eval "
+                          "--backend vllm` evaluates a saved model with vLLM.")  # fmt: skip
     if r.n < 2:
         raise ConfigError(f"rollout.n={r.n}: group-relative advantages need at least 2 responses per prompt.")
 
@@ -175,7 +178,7 @@ class Sampler:
 
         self.tokenizer, self.cfg = tokenizer, cfg
         pad = pad_token(tokenizer)
-        self.backend = HFBackend(model, pad, cfg.model.dtype)
+        self.backend = HFBackend(model, pad, cfg.model.dtype, cfg.rollout.kv_cache)
         r = cfg.rollout
         self.opts = GenerationOptions(
             max_new_tokens=r.max_response_length, temperature=r.temperature, top_p=r.top_p, do_sample=True,
@@ -256,7 +259,7 @@ class EpisodeSampler:
         opts = GenerationOptions(max_new_tokens=r.max_response_length, temperature=r.temperature, top_p=r.top_p,
                                  do_sample=True, batch_size=max(1, r.n * r.prompts_per_step))  # fmt: skip
         self.generator = Generator(
-            HFBackend(model, pad, cfg.model.dtype), tokenizer, opts, cfg.data.chat_template_kwargs
+            HFBackend(model, pad, cfg.model.dtype, cfg.rollout.kv_cache), tokenizer, opts, cfg.data.chat_template_kwargs
         )
         self.tokenizer, self.cfg, self.make_env, self.workers = tokenizer, cfg, make_env, workers
         self.markers = template_markers(tokenizer, cfg.data.chat_template_kwargs)
@@ -444,7 +447,7 @@ def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: Config, scorer
     pad = pad_token(tokenizer)
     stop = end_of_turn_token_ids(tokenizer, cfg.data.chat_template_kwargs)
     opts = GenerationOptions(max_new_tokens=cfg.rollout.max_response_length, batch_size=64)
-    raw = HFBackend(model, pad, cfg.model.dtype).generate([p.ids for p in prompts], opts, stop)
+    raw = HFBackend(model, pad, cfg.model.dtype, cfg.rollout.kv_cache).generate([p.ids for p in prompts], opts, stop)
     total = 0.0
     for p, toks in zip(prompts, raw):
         text = tokenizer.decode(cut_at_stop(toks, stop)[1], skip_special_tokens=False)
@@ -463,7 +466,7 @@ def validate(model, tokenizer, cfg: Config, rows: list[tuple], step: int, rank: 
     opts = GenerationOptions(max_new_tokens=r.max_response_length, temperature=r.val_temperature or 1.0,
                              top_p=r.val_top_p, do_sample=r.val_temperature > 0, batch_size=64,
                              seed=cfg.trainer.seed * 1_000_003 + step * 1_009 + rank)  # fmt: skip
-    generator = Generator(HFBackend(model, pad_token(tokenizer), cfg.model.dtype), tokenizer, opts,
+    generator = Generator(HFBackend(model, pad_token(tokenizer), cfg.model.dtype, cfg.rollout.kv_cache), tokenizer, opts,
                           cfg.data.chat_template_kwargs)  # fmt: skip
     sums, rights = [0.0] * len(rows), [0.0] * len(rows)
     if mine:
@@ -585,6 +588,7 @@ def _rl(run: Run, model, tokenizer) -> dict[str, Any]:
                       "rollout_tokens_per_s": gen_tokens / max(rollout_s, 1e-9),
                       "train_tokens_per_s": metrics["trained_tokens"] / max(train_s, 1e-9),
                       "tokens_per_s": metrics["trained_tokens"] / max(train_s, 1e-9),
+                      "rollout_s": round(rollout_s, 4), "train_s": round(train_s, 4),
                       "elapsed_s": round(run.elapsed(), 4)}  # fmt: skip
             interrupted = run.end_step(record, signals, checkpointer, done, stop)
             if interrupted:
