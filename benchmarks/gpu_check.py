@@ -177,9 +177,9 @@ def rollouts(device: str, smoke: bool) -> list[dict]:
                               batch_size=16, smollm2="", device=device, dtype="fp32" if smoke else "bf16")  # fmt: skip
     model = "qwen3-tiny" if smoke else "qwen2.5-0.5b"
     rows = [rollout_speed.child(model, path, args) for path in ("generate", "engine")]
+    reference = rows[0]["actions"]
     for r in rows:
-        r["same_episodes"] = r["actions"] == rows[0]["actions"]
-        r.pop("actions")
+        r["same_episodes"] = r.pop("actions") == reference
     return rows
 
 
