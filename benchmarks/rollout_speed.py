@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rl", action="store_true", help="instead: `sftforge rl` step times with rollout.kv_cache "
                    "false/true, SmolLM2 on TextCraft (and --rl-code-model: code_math with the sandbox)")  # fmt: skip
     p.add_argument("--rl-steps", type=int, default=2)
+    p.add_argument("--rl-envs", default="textcraft,code_math", help="--rl: which environments")
     p.add_argument("--rl-code-model", default="", help="a model that calls the code tool (the ReTool example's SFT)")
     p.add_argument("--child", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -202,12 +203,12 @@ def rl_main(args) -> int:
     common = ["rollout.n=4", "rollout.prompts_per_step=2", "rollout.temperature=1.0", "optim.lr=1e-6",
               "data.micro_batch_size_per_gpu=4", "algorithm.dynamic_sampling=false"]  # fmt: skip
     rows = []
-    if source:
+    if source and "textcraft" in args.rl_envs.split(","):
         rows += rl_steps("textcraft", [f"model.path={source}", "data.train_files=data/textcraft/train_react.parquet",
                                        "algorithm.reward=textcraft", f"rollout.max_turns={args.turns}",
                                        f"rollout.max_response_length={args.new_tokens}", "data.max_length=4096",
                                        *common], args.rl_steps)  # fmt: skip
-    if args.rl_code_model:
+    if args.rl_code_model and "code_math" in args.rl_envs.split(","):
         rows += rl_steps("code_math", ["examples/retool_smollm2/rl.yaml", f"model.path={args.rl_code_model}",
                                        *common], args.rl_steps)  # fmt: skip
     print(f"\n`sftforge rl`, {args.rl_steps} steps of 2 prompts × 4 episodes, SmolLM2-135M on the CPU\n")

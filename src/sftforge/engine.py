@@ -8,9 +8,11 @@ is prefilled again at turns k+1, k+2, ...), and runs a batch at the pace of its 
   [slots, kv_heads, capacity, head_dim], the sequence's tokens at positions 0..n-1 of its slot. The sequences being
   decoded occupy slots 0..S-1, so a decode step attends over a view of the buffers (no copy); a finished sequence
   swaps places with the last active one and leaves the batch at once, and a waiting prompt takes its place
-  (continuous batching). The attention mask is built here ([S, 1, T, width], each row its own length), and the model
-  runs its own attention on it: the decoder module is called with the cache object, whose ``update`` writes each
-  layer's new keys and values into the slots. The LM head runs on the last position of each row only.
+  (continuous batching). The decoder module is called with the cache object, whose ``update`` writes each layer's
+  new keys and values into the slots, and a boolean mask built here ([S, 1, T, width], each row its own length);
+  attention is torch's sdpa with grouped key/value heads (:func:`grouped_attention`, selected for the engine's calls
+  only), which reads the slot views in place. The prompts admitted together are prefilled in one forward (padded, up
+  to PREFILL_TOKENS). The LM head runs on the last position of each row only.
 * **Prefixes.** A finished sequence's slot is kept with its token ids. A new prompt first looks for the kept
   sequence with which it shares the longest token prefix, crops that slot to the shared part and computes only the
   rest: the next turn of an episode (the conversation re-rendered by the chat template, the one render that also
@@ -26,8 +28,9 @@ is prefilled again at turns k+1, k+2, ...), and runs a batch at the pace of its 
   on their order; the turns of an episode (different prompts) draw differently. Greedy decoding takes the argmax, as ``generate`` does.
 
 Supported: decoder-only models with ``get_decoder()`` and a linear head whose layers all use full attention, with
-the sdpa or eager attention (the mask is built here). Others (sliding-window or linear-attention layers,
-flash_attention_2, a module of one's own, images) keep ``model.generate`` (:func:`supports`).
+the sdpa or eager attention (the engine's own replaces either for its calls), not compiled. Others (sliding-window
+or linear-attention layers, soft-capped logits or sinks, flash_attention_2, compiled layers, a module of one's own,
+images) keep ``model.generate`` (:func:`supports` says why).
 """
 
 from __future__ import annotations
@@ -40,11 +43,30 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from sftforge.loss import has_fast_path
 from sftforge.model import autocast
 
 ATTENTIONS = ("sdpa", "eager", "sftforge_packed_sdpa")  # the last: attention.py's, plain sdpa outside packed rows
+ENGINE_ATTENTION = "sftforge_engine"
+PREFILL_TOKENS = 8192  # tokens (padding included) of one prefill forward: several prompts' at once, up to this
+
+
+def grouped_attention(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0, **kwargs):
+    """Attention of the engine's rows: q [n, Hq, t, D] over the slot views k/v [n, Hkv, width, D] under the engine's
+    boolean mask [n, 1, t, width], torch's sdpa with grouped key/value heads (``enable_gqa``): the keys and values are
+    read in place, not copied once per query head as transformers' sdpa does with a mask (repeat_kv). Returns
+    [n, t, Hq, D] and no weights, as transformers' attention functions do."""
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])  # fmt: skip
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ENGINE_ATTENTION, grouped_attention)
 
 
 def supports(model) -> str | None:
@@ -65,6 +87,10 @@ def supports(model) -> str | None:
     impl = getattr(text, "_attn_implementation", None) or "eager"
     if impl not in ATTENTIONS:
         return f"attn_implementation={impl}"
+    if getattr(text, "attn_logit_softcapping", None) or getattr(text, "model_type", "") in ("gpt_oss",):
+        return "attention with logit soft-capping or sinks"
+    if any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
+        return "compiled layers (model.compile: the cache's Python bookkeeping would recompile them every step)"
     return None
 
 
@@ -97,10 +123,10 @@ class SlotCache:
     def reserve(self, slots: int, capacity: int) -> None:
         """Room for ``slots`` slots of ``capacity`` tokens (the buffers are reallocated, their contents kept)."""
         new_slots, new_capacity = self.slots, self.capacity
-        while new_slots < slots:
-            new_slots = max(8, 2 * new_slots)
-        while new_capacity < capacity:
-            new_capacity = max(256, 2 * new_capacity)
+        if new_slots < slots:  # (growth by half: fewer copies than one slot at a time, less slack than doubling)
+            new_slots = max(8, -(-max(slots, self.slots * 3 // 2) // 8) * 8)
+        if new_capacity < capacity:
+            new_capacity = max(256, -(-max(capacity, self.capacity * 3 // 2) // 256) * 256)
         if (new_slots, new_capacity) == (self.slots, self.capacity):
             return
         self.slots, self.capacity = new_slots, new_capacity
@@ -116,23 +142,28 @@ class SlotCache:
             store[layer] = buf = like.new_zeros((self.slots, like.shape[1], self.capacity, like.shape[3]))
         return buf
 
-    def set_rows(self, start: int, positions: list[int], width: int, device) -> None:
-        self.start, self.count, self.positions, self.width = start, len(positions), positions, width
+    def set_rows(self, start: int, positions: list[int], new: int, device) -> None:
+        """The next forward covers slots start..start+len(positions)-1, ``new`` tokens each, row r's at positions[r]
+        onwards (rows with fewer new tokens are padded: their extra keys and values land past the row's end, where
+        nothing attends to them, and are overwritten later)."""
+        self.start, self.count, self.positions = start, len(positions), positions
+        self.width = max(positions) + new
         if len(positions) > 1:
-            rows = torch.arange(start, start + len(positions), device=device)
-            self._index = (rows, torch.tensor(positions, device=device))
+            rows = torch.arange(start, start + len(positions), device=device)[:, None]
+            pos = torch.tensor(positions, device=device)[:, None] + torch.arange(new, device=device)[None, :]
+            self._index = (rows, pos)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         k, v = self._buffer(self.k, layer_idx, key), self._buffer(self.v, layer_idx, value)
         s, n, t = self.start, self.count, key.shape[2]
-        if n == 1:  # one row, any number of new tokens (a prefill)
+        if n == 1:  # one row: a slice
             p = self.positions[0]
             k[s, :, p : p + t] = key[0]
             v[s, :, p : p + t] = value[0]
-        else:  # one new token per row (a decode step)
+        else:  # rows at their own positions: [n, t] indices, the values as [n, t, heads, dim]
             rows, pos = self._index
-            k[rows, :, pos] = key[:, :, 0]
-            v[rows, :, pos] = value[:, :, 0]
+            k[rows, :, pos] = key.transpose(1, 2)
+            v[rows, :, pos] = value.transpose(1, 2)
         return k[s : s + n, :, : self.width], v[s : s + n, :, : self.width]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -190,8 +221,11 @@ class Engine:
         self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self._bool_mask = (getattr(text, "_attn_implementation", None) or "eager") != "eager"
+        _register()
+        # the decoder's configs, whose attention the engine's forwards switch to grouped_attention (and back)
+        configs = {id(m.config): m.config for m in self.decoder.modules()
+                   if getattr(getattr(m, "config", None), "_attn_implementation", None) in ATTENTIONS}  # fmt: skip
+        self._configs = [(c, c._attn_implementation) for c in configs.values()]
         self.cache = SlotCache()
         self.seqs: list[_Seq | None] = []  # per slot; active sequences in slots 0..active-1
         self.active = 0
@@ -205,7 +239,8 @@ class Engine:
         """Changes when the weights do: the parameters' in-place version counters (a weight sync's copy_) and a
         checksum of their first elements (torch's fused AdamW updates without bumping the counters)."""
         params = list(self.model.parameters())
-        sums = torch.stack([p.reshape(-1)[:8].float().sum() for p in params]).cpu()
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]  # a DTensor: its shard, no collective
+        sums = torch.stack([t.reshape(-1)[:8].float().sum() for t in local]).cpu()
         return tuple(p._version for p in params), tuple(sums.tolist())
 
     def reset(self) -> None:
@@ -250,40 +285,62 @@ class Engine:
         self.cache.reserve(len(self.seqs), tokens)
 
     # -- model calls -----------------------------------------------------------------------------------------------
-    def _forward(self, start: int, ids: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        """Run rows start..start+len(positions)-1 (``ids`` [n, t], row r's tokens at positions[r] + 0..t-1); returns
-        the next-token logits [n, vocab] (fp32) of each row's last position."""
-        device = ids.device
-        n, t = ids.shape
-        width = max(positions) + t
-        self.cache.set_rows(start, positions, width, device)
+    def _forward(self, start: int, rows: list[list[int]], positions: list[int], device) -> torch.Tensor:
+        """Run slots start..start+len(rows)-1, row r's tokens ``rows[r]`` at positions[r] onwards (padded to the
+        longest); returns the next-token logits [n, vocab] (fp32) at each row's last token."""
+        n, t = len(rows), max(map(len, rows))
+        ids = torch.zeros((n, t), dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        ids = ids.to(device)
+        self._grow(max(positions) + t)
+        self.cache.set_rows(start, positions, t, device)
         pos = torch.tensor(positions, device=device)[:, None] + torch.arange(t, device=device)[None, :]
-        allowed = torch.arange(width, device=device)[None, None, :] <= pos[:, :, None]  # [n, t, width]
-        if self._bool_mask:
-            mask = allowed[:, None]
-        else:
-            dt = torch.float32
-            mask = torch.zeros(allowed.shape, dtype=dt, device=device).masked_fill_(~allowed, torch.finfo(dt).min)
-            mask = mask[:, None]
-        out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                           **{self._cache_kw: self.cache})  # fmt: skip
+        mask = (torch.arange(self.cache.width, device=device)[None, None, :] <= pos[:, :, None])[:, None]
+        for c, _ in self._configs:
+            c._attn_implementation = ENGINE_ATTENTION
+        try:
+            out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                               **{self._cache_kw: self.cache})  # fmt: skip
+        finally:
+            for c, impl in self._configs:
+                c._attn_implementation = impl
         h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         self.stats.forwards += 1
-        return self.head(h[:, -1]).float()
+        last = torch.tensor([len(row) - 1 for row in rows], device=h.device)
+        return self.head(h[torch.arange(n, device=h.device), last]).float()
 
-    def _prefill(self, slot: int, device) -> torch.Tensor:
-        seq = self.seqs[slot]
-        todo = seq.ids[seq.cached :]
-        self._grow(len(seq.ids) + 1)
-        logits = self._forward(slot, torch.tensor([todo], device=device), [seq.cached])
-        self.stats.prefill += len(todo)
-        seq.cached = len(seq.ids)
-        return logits[0]
+    def _prefill(self, slots: list[int], device) -> dict[int, torch.Tensor]:
+        """Compute the uncached tokens of ``slots`` (consecutive), several rows per forward up to PREFILL_TOKENS
+        (with padding); returns each slot's next-token logits."""
+        out = {}
+        k = 0
+        while k < len(slots):
+            j, longest = k, 0
+            while j < len(slots):
+                seq = self.seqs[slots[j]]
+                longest = max(longest, len(seq.ids) - seq.cached)
+                if j > k and longest * (j - k + 1) > PREFILL_TOKENS:
+                    break
+                j += 1
+            chunk = slots[k:j]
+            seqs = [self.seqs[s] for s in chunk]
+            logits = self._forward(chunk[0], [q.ids[q.cached :] for q in seqs], [q.cached for q in seqs], device)
+            for s, q, row in zip(chunk, seqs, logits):
+                self.stats.prefill += len(q.ids) - q.cached
+                q.cached = len(q.ids)
+                out[s] = row
+            k = j
+        return out
 
     # -- the call --------------------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids, *, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:  # fmt: skip
         """New tokens for every prompt (up to and including a stop token, or ``max_new_tokens`` of them)."""
+        if any(not p for p in prompts):
+            raise ValueError("an empty prompt: the engine continues a prompt of at least one token")
+        if max_new_tokens <= 0 or not prompts:
+            return [[] for _ in prompts]
         t0 = time.perf_counter()
         device = next(self.model.parameters()).device
         version = self._weights_version()
@@ -320,9 +377,14 @@ class Engine:
             with torch.no_grad(), autocast(self.dtype, device):
                 last_logits: dict[int, torch.Tensor] = {}  # slot -> next-token logits
                 while waiting or self.active:
+                    placed = []
                     while waiting and self.active + len(waiting[0]) <= self.max_batch:
                         group = waiting.pop(0)
-                        self._admit(group, prompts, device, seed, copy, do_sample, last_logits)
+                        placed.append((group, self._place(group, prompts)))
+                    if placed:
+                        first = self._prefill([slot for _, slot in placed], device)
+                        for group, slot in placed:
+                            self._start(group, slot, first[slot], device, seed, copy, do_sample, last_logits)
                     logits = torch.stack([last_logits[s] for s in range(self.active)])
                     tokens = self._sample(logits, do_sample, temperature, top_p)
                     finished = []
@@ -344,9 +406,8 @@ class Engine:
                     if finished and self.on_progress is not None:
                         self.on_progress(done, len(prompts), self.stats.generated)
                     if self.active:
-                        self._grow(max(self.seqs[s].cached for s in range(self.active)) + 2)
-                        ids = torch.tensor([[self.seqs[s].ids[-1]] for s in range(self.active)], device=device)
-                        logits = self._forward(0, ids, [self.seqs[s].cached for s in range(self.active)])
+                        seqs = self.seqs[: self.active]
+                        logits = self._forward(0, [[q.ids[-1]] for q in seqs], [q.cached for q in seqs], device)
                         for s in range(self.active):
                             self.seqs[s].cached += 1
                             last_logits[s] = logits[s]
@@ -355,10 +416,10 @@ class Engine:
         self.stats.seconds += time.perf_counter() - t0
         return out
 
-    def _admit(self, group: list[int], prompts, device, seed: int, copy: dict[int, int], do_sample: bool,
-               last_logits) -> None:  # fmt: skip
-        """Start the sequences of ``group`` (indices of identical prompts): one prefill, the kept slot with the
-        longest shared prefix reused, the others forked from it."""
+    def _place(self, group: list[int], prompts) -> int:
+        """A slot (at index ``active``) for the first of ``group`` (indices of identical prompts), holding the longest
+        prefix of it that a kept slot has: the kept slot itself when this prompt claimed it, else a copy of the
+        shared part. Returns the slot; its remaining tokens are computed by :meth:`_prefill`."""
         ids = list(prompts[group[0]])
         best, best_n = None, 0
         for i in range(self.active, len(self.seqs)):
@@ -387,13 +448,17 @@ class Engine:
             slot = self._free_slot()
             self.seqs[slot] = _Seq(ids)
         self.active += 1
-        logits = self._prefill(slot, device)
+        return slot
+
+    def _start(self, group: list[int], slot: int, logits: torch.Tensor, device, seed: int, copy: dict[int, int],
+               do_sample: bool, last_logits) -> None:  # fmt: skip
+        """The sequences of ``group`` begin: the first in ``slot`` (prefilled), the others forked from it."""
         first = self.seqs[slot]
         for j, request in enumerate(group):
             if j:
                 s = self._free_slot()
                 self.cache.copy(slot, s, first.cached)
-                self.seqs[s] = _Seq(list(ids), first.cached)
+                self.seqs[s] = _Seq(list(first.ids), first.cached)
                 self.active += 1
             else:
                 s = slot
@@ -401,7 +466,7 @@ class Engine:
             seq.request, seq.new, seq.age = request, [], 0
             if do_sample:  # seeded by what it continues: the same draws whatever else runs, in whatever order
                 seq.generator = torch.Generator(device=device)
-                key = zlib.crc32(np.asarray(ids, dtype=np.int64).tobytes())
+                key = zlib.crc32(np.asarray(first.ids, dtype=np.int64).tobytes())
                 seq.generator.manual_seed((seed * 1_000_003 + key * 10_007 + copy[request]) % (1 << 63))
             last_logits[s] = logits
 

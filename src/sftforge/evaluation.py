@@ -432,7 +432,8 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --do-sample)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences generated at once (default 32; the engine "
+                   "keeps each one's KV cache, the generate fallback pads a batch to its longest prompt)")  # fmt: skip
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="hf (default) | vllm (GPU)")
     p.add_argument("--turns", choices=("last", "all"), default="last",
                    help="score the last assistant turn of each row (default) or every assistant turn")  # fmt: skip
@@ -453,7 +454,7 @@ def evaluate(
     tokenizer=None,
     overrides: list[str] | dict[str, Any] | None = None,
     max_new_tokens: int = 256,
-    batch_size: int = 8,
+    batch_size: int = 32,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
