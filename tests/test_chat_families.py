@@ -288,3 +288,78 @@ def write_expected() -> None:
 
 if __name__ == "__main__" and "--write" in sys.argv:
     write_expected()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The guard against a silent mis-mask of tool calls: whatever tags a tokenizer makes special, a call of several
+# arguments is trained whole (its name, every argument, its closing) or the row is refused.
+
+TWO_ARGS_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "craft",
+            "description": "Craft an item",
+            "parameters": {
+                "type": "object",
+                "properties": {"item": {"type": "string"}, "count": {"type": "integer"}},
+                "required": ["item", "count"],
+            },
+        },
+    }
+]
+TWO_ARGS = [
+    {"role": "user", "content": "Make two sticks."},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_stick", "type": "function", "function": {"name": "craft", "arguments": {"item": "stick", "count": 2}}}]},
+    {"role": "tool", "tool_call_id": "call_stick", "content": "Crafted 2 stick"},
+    {"role": "assistant", "content": "Done."},
+]  # fmt: skip
+
+
+def template_tags(name: str) -> list[str]:
+    """The tag-like strings a family's template writes (``<tool_call>``, ``</arg_value>``, ``<|observation|>``...)
+    that its test tokenizer does not already hold as special tokens."""
+    import re
+
+    spec = FAMILIES[name]
+    text = (TEMPLATES / spec["template"]).read_text() if spec["template"] else ""
+    return sorted(set(re.findall(r"</?[A-Za-z_]+>|<\|[A-Za-z_]+\|>", text)) - set(spec["special_tokens"]))
+
+
+def _tokenizer_with_special(name: str, root: str, tags: list[str]):
+    from transformers import AutoTokenizer
+
+    base = family_tokenizer(name, root)
+    folder = Path(root) / f"family-{name}"
+    tok = AutoTokenizer.from_pretrained(str(folder)) if folder.exists() else base
+    tok.add_special_tokens({"additional_special_tokens": list(FAMILIES[name]["special_tokens"]) + tags})
+    return tok
+
+
+@pytest.mark.parametrize("name", sorted(n for n in FAMILIES if "trained" in EXPECTED[n].get("tool calls", {})))
+def test_a_call_of_two_arguments_is_trained_whole_whatever_tags_are_special(name, root):
+    """Random mixes of the template's tags made special (all, none and four seeded mixes): the trained text is the
+    same as with the family's own tokenizer, or the row is refused; never a call cut after its first argument."""
+    import random
+
+    tags = template_tags(name)
+    reference = outcome(family_tokenizer(name, root), TWO_ARGS, TWO_ARGS_TOOLS)
+    if "refused" in reference:
+        pytest.skip(f"{name}: {reference['refused']}")
+    call = reference["trained"][0]
+    assert all(piece in call for piece in ("craft", "item", "stick", "count", "2")), (name, call)
+    rng = random.Random(name)
+    mixes = [tags, []] + [[t for t in tags if rng.random() < 0.5] for _ in range(4)]
+    for mix in mixes:
+        got = outcome(_tokenizer_with_special(name, root, mix), TWO_ARGS, TWO_ARGS_TOOLS)
+        assert "refused" in got or got == reference, (name, mix, got, reference)
+
+
+def test_glm_with_its_argument_tags_special_trains_the_whole_call(root):
+    """The case that mis-masked silently: GLM-4.5's template with </arg_value> and <arg_key> special tokens learned
+    its tool-call closing at </arg_value>, so only the first argument was trained and the call's closing
+    (</tool_call><|observation|>) never was."""
+    got = outcome(_tokenizer_with_special("glm4.5", root, ["</arg_value>", "<arg_key>"]), TWO_ARGS, TWO_ARGS_TOOLS)
+    call = got["trained"][0]
+    assert "<arg_key>count</arg_key>\n<arg_value>2</arg_value>" in call and call.endswith("</tool_call><|observation|>")

@@ -45,13 +45,18 @@ ROLES = ("system", "user", "assistant", "tool")
 # Probe sentinels: no one is a prefix of another, none occurs in a template.
 _PU, _PU2, _PA, _PA2 = "Zq1probeUserOne", "Zq1probeUserTwo", "Zq1probeReplyOne", "Zq1probeReplyTwo"
 _PS, _PT, _PF, _PK, _PV = "Zq1probeSystemText", "Zq1probeToolText", "zq1probe_fn", "zq1probe_arg", "Zq1probeArgValue"
+_PK2, _PV2 = "zq1probe_second", "Zq1probeSecondValue"  # a call of two arguments: its closing is learned after both
 _PROBE_TOOLS = [
     {
         "type": "function",
         "function": {
             "name": _PF,
             "description": "probe",
-            "parameters": {"type": "object", "properties": {_PK: {"type": "string"}}, "required": [_PK]},
+            "parameters": {
+                "type": "object",
+                "properties": {_PK: {"type": "string"}, _PK2: {"type": "string"}},
+                "required": [_PK, _PK2],
+            },
         },
     }
 ]
@@ -288,7 +293,7 @@ def _as_parts(messages: list[dict]) -> list[dict]:
 
 
 def _tool_call_message(arguments: str, content_none: bool) -> dict:
-    args: Any = {_PK: _PV} if arguments == "dict" else json.dumps({_PK: _PV})
+    args: Any = {_PK: _PV, _PK2: _PV2} if arguments == "dict" else json.dumps({_PK: _PV, _PK2: _PV2})
     call = {"id": "call_zq1", "type": "function", "function": {"name": _PF, "arguments": args}}
     return {"role": "assistant", "content": None if content_none else "", "tool_calls": [call]}
 
@@ -384,11 +389,20 @@ def _learn_markers(tokenizer, kwargs: dict | None) -> TemplateMarkers:
             prompted_tool = r([u, call, _TOOL_MESSAGE], gen=True, tools=_PROBE_TOOLS)
         except Exception:
             continue
-        if all(_PF in t and _PV in t for t in (after_tool, last_call)) and _PT in after_tool:
+        if all(_PF in t and _PV in t and _PV2 in t for t in (after_tool, last_call)) and _PT in after_tool:
             tool_arguments, content_none = args_form, none
             break
     if tool_arguments:
-        c_tool, c_end = _between(after_tool, _PV, _PT), _between(last_call, _PV, None)
+        c_tool, c_end = _between(after_tool, _PV2, _PT), _between(last_call, _PV2, None)
+        # What follows every argument's value (the glue between two arguments shares it: an argument's own closing
+        # tag, a quote) belongs to the call, not to the turn's closing: learned past it, the closing cannot be a tag
+        # that also ends the first argument (a call would be cut, and trained, after its first argument).
+        v = after_tool.index(_PV) + len(_PV)
+        k2 = after_tool.find(_PK2, v)  # (the tools list in the system part names it too: after the first value)
+        between_args = after_tool[v:k2] if k2 != -1 else ""
+        own = len(os.path.commonprefix([between_args, c_tool, c_end]))
+        own = _cut(c_tool, own, [(m.start(), m.end(), m.group()) for m in rx.finditer(c_tool)])
+        c_tool, c_end = c_tool[own:], c_end[own:]
         shared = len(os.path.commonprefix([c_tool, c_end]))
         closings["call:tool"] = _closing(c_tool, shared, rx, stops, openers)
         closings["call:end"] = _closing(c_end, shared, rx, stops, openers)
@@ -1012,6 +1026,7 @@ def _locate(text: str, messages: list[dict], markers: TemplateMarkers) -> tuple[
                 f"{i - 1}; set data.chat_template if the template renders assistant turns differently.",
             )
         at = start
+        names = []  # (start, end) of each tool call's name
         for piece in _assistant_anchors(m):
             p = text.find(piece, at)
             if p == -1:
@@ -1024,6 +1039,30 @@ def _locate(text: str, messages: list[dict], markers: TemplateMarkers) -> tuple[
                     + (" (or convert the data to text actions)." if "tool" in what else "."),
                 )
             at = p + len(piece)
+            names.append((p, at))
+        names = names[len(names) - len(m.get("tool_calls") or []) :]
+        # every argument name and value after its call's name, before the next call's name or the next message:
+        # the turn's closing is looked for after the last of them, so that all of them are trained
+        nxt_msg = messages[i + 1] if i + 1 < len(messages) else None
+        limit = len(text)
+        if nxt_msg is not None and nxt_msg.get("content") and names:
+            found_next = _find_parts(text, nxt_msg, at)
+            limit = found_next[0] if found_next else limit
+        for c, call in enumerate(m.get("tool_calls") or []):
+            region = (names[c][1], names[c + 1][0] if c + 1 < len(names) else limit)
+            for key, value in (call["function"].get("arguments") or {}).items():
+                pieces = [(f"argument name {key!r}", key)] + [(f"argument {key!r}'s value", v) for v in _leaves(value)]
+                for label, piece in pieces:
+                    forms = _value_forms(piece)
+                    ends = [p + len(f) for f in forms for p in [text.find(f, *region)] if p != -1]
+                    if forms and not ends:
+                        raise RowError(
+                            "template mismatch",
+                            f"assistant message {i}: tool call {call['function']['name']!r}'s {label} is not rendered "
+                            "inside its turn (the chat template drops or rewrites it), so training would teach a "
+                            "call without it. Set data.chat_template to a template that renders tool arguments.",
+                        )
+                    at = max([at, *ends])
         kind = "call" if m.get("tool_calls") else "text"
         nxt = messages[i + 1]["role"] if i + 1 < len(messages) else "end"
         ctx = nxt if nxt in ("tool", "end") else "user"
@@ -1042,11 +1081,38 @@ def _locate(text: str, messages: list[dict], markers: TemplateMarkers) -> tuple[
                 f"assistant message {i} is not closed by {candidates[0] if candidates else '?'!r} in the rendered "
                 "text; set data.chat_template if the template renders assistant turns differently.",
             )
+        elif found[0] >= limit:
+            raise RowError(
+                "template mismatch",
+                f"assistant message {i}'s closing {found[1]!r} is not found before the next message: the chat template "
+                "renders this turn differently from its probes; set data.chat_template.",
+            )
         else:
             span = (start, found[0] + len(found[1]))
         spans.append(span)
         cursor = span[1]
     return spans, open_end
+
+
+def _leaves(value: Any) -> list:
+    """A value as the pieces a template writes, whatever its syntax for objects and lists (JSON, Gemma 4's
+    ``{key:value}``...): an object's keys and its values' leaves, a list's items' leaves, else the value itself."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in (str(k), *_leaves(v))]
+    if isinstance(value, list):
+        return [p for v in value for p in _leaves(v)]
+    return [value]
+
+
+def _value_forms(value: Any) -> tuple[str, ...]:
+    """How a tool-call argument name or value may appear in a render: as written, stripped, JSON-escaped (a string
+    inside a JSON object), or JSON / Python text (a number, a list, an object)."""
+    if isinstance(value, str):
+        forms = [value, value.strip(), json.dumps(value, ensure_ascii=False)[1:-1], json.dumps(value)[1:-1]]
+    else:
+        forms = [json.dumps(value, ensure_ascii=False), json.dumps(value), str(value),
+                 json.dumps(value, ensure_ascii=False, separators=(",", ":")), str(value).lower()]  # fmt: skip
+    return tuple(dict.fromkeys(f for f in forms if f))
 
 
 @dataclass
