@@ -31,6 +31,12 @@ def _cell(name: str, shape: str, o: dict) -> str:
             return "refused: the template renders no tool calls"
         if "failed to render a probe" in d:
             return "refused: the template fails on plain-text messages (a VLM template: content parts)"
+        if o["refused"] == "template needs tools":
+            return "refused: the template renders only conversations with tools (rows with tools ✓)"
+        if "IDs should be alphanumeric strings with length 9" in d:
+            return "refused by the template: tool-call ids must be 9 letters or digits (these are `c0`, `c1`)"
+        if o["refused"] == "system role":
+            return "refused: the template drops the system message (✓ with `data.system_into_first_user=true`)"
         return f"refused: {o['refused']}"
     segs = o["trained"]
     if shape == "multi-turn":

@@ -337,7 +337,7 @@ def _tokenizer_with_special(name: str, root: str, tags: list[str]):
     return tok
 
 
-@pytest.mark.parametrize("name", sorted(n for n in FAMILIES if "trained" in EXPECTED[n].get("tool calls", {})))
+@pytest.mark.parametrize("name", sorted(n for n in FAMILIES if "trained" in EXPECTED.get(n, {}).get("tool calls", {})))
 def test_a_call_of_two_arguments_is_trained_whole_whatever_tags_are_special(name, root):
     """Random mixes of the template's tags made special (all, none and four seeded mixes): the trained text is the
     same as with the family's own tokenizer, or the row is refused; never a call cut after its first argument."""
@@ -363,3 +363,92 @@ def test_glm_with_its_argument_tags_special_trains_the_whole_call(root):
     got = outcome(_tokenizer_with_special("glm4.5", root, ["</arg_value>", "<arg_key>"]), TWO_ARGS, TWO_ARGS_TOOLS)
     call = got["trained"][0]
     assert "<arg_key>count</arg_key>\n<arg_value>2</arg_value>" in call and call.endswith("</tool_call><|observation|>")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The mechanisms behind the last wrong refusals (issue 36), each on a real template (sources in the fixtures' README).
+
+
+def test_a_template_that_renders_only_with_tools_is_probed_with_tools(root):
+    """Hermes 3's tool_use template loops over `tools` unguarded: probes without tools raise, and every row was
+    refused although every row with tools renders. Its last tool result also closes without the newline a history
+    one has: a shortened lead-in then trained the tool turn's end and the assistant header."""
+    tok = family_tokenizer("hermes3", root)
+    m = template_markers(tok)
+    assert m.needs_tools and any("only conversations with tools" in line for line in m.describe())
+    calls = outcome(tok, *SHAPES["tool calls"])["trained"]
+    assert calls[1] == '<tool_call>\n{"name": "craft", "arguments": {"item": "torch"}}\n</tool_call><|im_end|>'
+    assert calls[2] == "Both are crafted.<|im_end|>"
+    plain = outcome(tok, *SHAPES["multi-turn"])
+    assert plain["refused"] == "template needs tools" and "tools" in plain["detail"]
+    from sftforge.chat import render_prompt
+
+    with pytest.raises(RowError, match="only conversations that have tools"):
+        render_prompt(tok, SHAPES["multi-turn"][0][:2])
+    assert render_prompt(tok, SHAPES["tool calls"][0][:1], TOOLS).endswith("<|im_start|>assistant\n")
+
+
+def test_a_generation_prompt_unlike_the_history_header_is_cut_from_history(root):
+    """Vicuna's generation prompt writes 'ASSISTANT:' on its own line; its history writes 'ASSISTANT: ' before an
+    answer. Training learns the history's lead-in, and the prompt of a generation is cut from a render with an
+    answer where training starts to train, so the model continues exactly what it learned."""
+    tok = family_tokenizer("vicuna", root)
+    m = template_markers(tok)
+    assert "user" in m.prompt_from_history and any("cut from a render" in line for line in m.describe())
+    assert outcome(tok, *SHAPES["multi-turn"]) == {"trained": [" It is 4.</s>", " It is 6.</s>"]}
+    from sftforge.chat import render_prompt
+
+    prompt = render_prompt(tok, SHAPES["multi-turn"][0][:4])
+    assert prompt.endswith("ASSISTANT:") and not prompt.endswith("ASSISTANT:\n")
+
+
+def test_a_header_always_written_and_tool_turns_that_open_differently(root):
+    """Command R7B's template writes the assistant header after every conversation (add_generation_prompt is never
+    read), opens an answer with <|START_RESPONSE|> and a tool-call turn with <|START_THINKING|>…<|START_ACTION|>.
+    The lead-in is the header the prompt ends with; what follows it is the model's to write, per turn kind. The
+    search had run ahead into a later turn (the tool call's name matched in 'crafted')."""
+    tok = family_tokenizer("command-r7b", root)
+    m = template_markers(tok)
+    assert m.header.endswith("<|CHATBOT_TOKEN|>") and m.lead_ins["user"] == (m.header,)
+    segs = outcome(tok, *SHAPES["tool calls"])["trained"]
+    assert segs[0].startswith("<|START_THINKING|><|END_THINKING|><|START_ACTION|>[") and '"item": "stick"' in segs[0]
+    assert segs[0].endswith("<|END_ACTION|><|END_OF_TURN_TOKEN|>")
+    assert segs[2] == "<|START_RESPONSE|>Both are crafted.<|END_RESPONSE|><|END_OF_TURN_TOKEN|>"
+
+
+def test_a_lead_in_search_never_runs_past_the_next_message(root):
+    """DeepSeek-V3 renders a second tool-call turn after a tool result without its lead-in: the refusal names the
+    turn, not a later one whose header the search would have found."""
+    got = outcome(family_tokenizer("deepseek-v3", root), *SHAPES["tool calls"])
+    assert got["refused"] == "template mismatch"
+    assert "assistant message 3" in got["detail"] and "and the next message" in got["detail"]
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_the_generation_prompt_is_what_training_continues(name, root):
+    """The one-render rule for generation: the prompt's tokens are the training render's tokens up to the first
+    trained token of the last answer (for every family whose template lets a prompt say so; see the exceptions)."""
+    from sftforge.chat import render_prompt
+
+    tok = family_tokenizer(name, root)
+    shape = "multi-turn" if "trained" in EXPECTED[name]["multi-turn"] else "tool calls"
+    messages, tools = SHAPES[shape]
+    if "trained" not in EXPECTED[name][shape]:
+        pytest.skip(f"{name} refuses both shapes")
+    msgs, flags = normalize_messages(messages)
+    r = render(tok, msgs, tools, flags)
+    first = max(i for i in range(len(r.loss_mask)) if r.loss_mask[i] and not r.loss_mask[i - 1])
+    prompt = tok(render_prompt(tok, msgs[:-1], tools), add_special_tokens=False)["input_ids"]
+    text = render_prompt(tok, msgs[:-1], tools)
+    lead_in_end = r.spans[-1][0]
+    if name in PROMPT_OPENS_REASONING:  # the template's prompt: the trained render's text up to the answer (or past
+        # it, into a token that training trains whole: '<think>\n' against '<think>' + '\n\n</think>'), with <think>
+        assert r.text.startswith(text) or text.startswith(r.text[:lead_in_end]), (name, text[-40:])
+        assert "<think>" in text[-12:] and prompt != r.input_ids[:first], f"{name} no longer needs its exception"
+        return
+    assert prompt == r.input_ids[:first], (name, tok.decode(prompt[-8:]), tok.decode(r.input_ids[first - 8 : first]))
+
+
+# Templates whose generation prompt opens reasoning that their history renders drop (a thinking mode): the prompt
+# keeps the template's opening; the trained answer starts where history and prompt part.
+PROMPT_OPENS_REASONING = {"deepseek-r1-distill", "deepseek-v3", "glm4.7-flash", "minimax-m2", "nemotron3", "qwen3.5"}

@@ -104,6 +104,12 @@ class TemplateMarkers:
     """The template renders a tool call only when the message's content is None (not '')."""
     content_parts: bool = False
     """The template reads message content as a list of parts ([{"type": "text", "text": ...}], VLM templates)."""
+    prompt_from_history: tuple = ()
+    """Contexts ('user', 'tool', '*': the role of the message before the answer) where the template's generation
+    prompt is not what its history renders before an answer: a generation prompt there is cut from a render with an
+    answer, at the first token training trains (:func:`render_prompt`), so that the model continues what it learned."""
+    needs_tools: bool = False
+    """The template fails on a conversation without tools (it loops over ``tools`` unguarded): rows must have them."""
     system_role: bool = True
     """False when the template refuses or drops a system message."""
     specials: tuple = ()
@@ -132,6 +138,14 @@ class TemplateMarkers:
             )
         else:
             out.append(f"tool calls: refused ({self.tool_problem or 'the template does not render them'})")
+        for ctx in self.prompt_from_history:
+            out.append(
+                f"generation prompt after a {'message' if ctx == '*' else ctx + ' message'}: cut from a render with "
+                f"an answer (the template's own, ending {self.header!r}, is not what its history renders before an "
+                f"answer: {self.lead_ins[ctx][0]!r})"
+            )
+        if self.needs_tools:
+            out.append("tools: the template renders only conversations with tools (rows without them are refused)")
         if not self.system_role:
             out.append("system role: not supported (data.system_into_first_user=true merges it into the first user)")
         out.append(f"stop tokens: {', '.join(self.stop_tokens) or '(none)'}")
@@ -180,8 +194,20 @@ def render_prompt(tokenizer, messages, tools=None, kwargs=None, markers: Templat
     without a system role gets the system text in the first user message, as data.system_into_first_user trains it
     (without that option such conversations are refused in training, and the template itself would raise here)."""
     markers = markers or template_markers(tokenizer, kwargs)
-    messages, _ = prepare_messages(messages, markers, system_into_first_user=True)
-    return render_text(tokenizer, messages, tools, add_generation_prompt=True, kwargs=kwargs)
+    _check_tools(markers, tools)
+    last = messages[-1]["role"] if messages else "*"
+    ctx = last if last in markers.lead_ins else "*"
+    if ctx not in markers.prompt_from_history:
+        messages, _ = prepare_messages(messages, markers, system_into_first_user=True)
+        return render_text(tokenizer, messages, tools, add_generation_prompt=True, kwargs=kwargs)
+    # The one render decides: the prompt is a render with an answer, cut where training starts to train (the start
+    # of the token that holds the answer's first character: the model writes that token, e.g. ' It' after ':').
+    answer = {"role": "assistant", "content": _PA}
+    shaped, _ = prepare_messages([*messages, answer], markers, system_into_first_user=True)
+    text = render_text(tokenizer, shaped, tools, kwargs=kwargs)
+    cut = text.rindex(_PA)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return text[: max([0] + [end for _, end in offsets if end <= cut])]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,6 +310,30 @@ def _forms(full: str, history: str | None, rx) -> tuple[str, ...]:
     return tuple(sorted({full[:c] for c in cuts if full[:c].strip()}, key=len, reverse=True))
 
 
+def _lead_in(prompted: str, history: str | None, header: str, rx) -> tuple[tuple[str, ...], bool]:
+    """The lead-in of an answer in one context (the text between the previous message's content and the answer),
+    as forms to look for in training renders, and whether generation prompts must be cut from a history render.
+
+    ``prompted`` is what a generation prompt has there, ``history`` what a render with the answer has (training
+    renders only history). In order: the generation prompt is in the history render as it is; or the history has
+    the header, and what differs lies before it (Hermes closes a last tool result without the newline a history
+    one has): the history's lead-in, and prompts cut from history renders (:func:`render_prompt`); or they share a
+    form that opens the turn, after which the generation prompt opens more (GLM-4.7's '<|assistant|>' then
+    '<think>', which the history drops): the template's prompt is kept, it is the model's reasoning mode; else the
+    template's generation prompt is not what its history renders (Vicuna's 'ASSISTANT:\n' against 'ASSISTANT: '):
+    the history's lead-in, and prompts cut from history renders."""
+    if history is None or history.startswith(prompted):
+        return (prompted,), False
+    if header.strip() and header in history:
+        return (history[: history.rindex(header) + len(header)],), True
+    opener = rx.search(header)
+    key = opener.group() if opener else (header.split() or [""])[0]
+    forms = tuple(f for f in _forms(prompted, history, rx) if key and key in f)
+    if any(history.startswith(f) for f in forms):
+        return forms, False
+    return (history,), True
+
+
 def _as_parts(messages: list[dict]) -> list[dict]:
     """String contents as one text part, for templates that read content as a list of parts."""
     return [
@@ -293,12 +343,13 @@ def _as_parts(messages: list[dict]) -> list[dict]:
 
 
 def _tool_call_message(arguments: str, content_none: bool) -> dict:
+    """A probe tool call; its id is 9 letters and digits, the only ids Mistral's templates accept."""
     args: Any = {_PK: _PV, _PK2: _PV2} if arguments == "dict" else json.dumps({_PK: _PV, _PK2: _PV2})
-    call = {"id": "call_zq1", "type": "function", "function": {"name": _PF, "arguments": args}}
+    call = {"id": "Zq1probe9", "type": "function", "function": {"name": _PF, "arguments": args}}
     return {"role": "assistant", "content": None if content_none else "", "tool_calls": [call]}
 
 
-_TOOL_MESSAGE = {"role": "tool", "tool_call_id": "call_zq1", "name": _PF, "content": _PT}
+_TOOL_MESSAGE = {"role": "tool", "tool_call_id": "Zq1probe9", "name": _PF, "content": _PT}
 
 
 _LEARNED: dict[tuple, TemplateMarkers] = {}
@@ -327,16 +378,20 @@ def _learn_markers(tokenizer, kwargs: dict | None) -> TemplateMarkers:
     stops = {t for t in [tokenizer.eos_token, *generation_eos_tokens(tokenizer)] if t}
 
     parts = False  # the template reads content as a list of parts (VLM templates), decided below
+    needs_tools = False  # the template renders only with tools (it loops over them unguarded), decided below
 
     def r(msgs, gen=False, tools=None):
         msgs = _as_parts(msgs) if parts else msgs
+        tools = tools or (_PROBE_TOOLS if needs_tools else None)
         return render_text(tokenizer, msgs, tools, add_generation_prompt=gen, kwargs=kwargs)
 
     u, a = {"role": "user", "content": _PU}, {"role": "assistant", "content": _PA}
     u2, a2 = {"role": "user", "content": _PU2}, {"role": "assistant", "content": _PA2}
     error = None
-    for candidate in (False, True):
-        parts = candidate
+    # Probes as the rows will be: content as a string or as parts; without tools, or (a template that fails without
+    # them, e.g. Hermes' tool_use) with the probe's tools, whose markers then serve the rows that have tools.
+    for shape in ((False, False), (True, False), (False, True), (True, True)):
+        parts, needs_tools = shape  # (read by r)
         try:
             without, prompted = r([u]), r([u], gen=True)
             two, one = r([u, a, u2, a2]), r([u, a])
@@ -359,8 +414,11 @@ def _learn_markers(tokenizer, kwargs: dict | None) -> TemplateMarkers:
     header = prompted[tb["offset_mapping"][k][0] :] if k < len(tb["input_ids"]) else ""
     lead_user = _between(prompted, _PU, None)
     hist_user = _between(two, _PU, _PA)
-    if not header.strip():  # no generation prompt (Mistral's [INST] templates): the history render's lead-in
-        header = lead_user = hist_user
+    if not header.strip():
+        # add_generation_prompt adds nothing: the render after a user message ends where the answer begins (a header
+        # always written, Command R7B's; Mistral's '[/INST]'), else the history render's lead-in is the header
+        header = lead_user if lead_user.strip() and hist_user.startswith(lead_user) else hist_user
+        lead_user = header
     if not header.strip():
         raise TemplateError(
             "The chat template has no generation prompt (add_generation_prompt adds nothing) and writes nothing "
@@ -368,10 +426,17 @@ def _learn_markers(tokenizer, kwargs: dict | None) -> TemplateMarkers:
             "data.chat_template to a template that supports add_generation_prompt."
         )
     openers = {m.group() for m in [rx.search(header)] if m}
-    lead_ins = {"user": _forms(lead_user, hist_user, rx)}
+    lead_ins, from_history = {}, set()
     user_close = lead_user[: len(lead_user) - len(header)] if lead_user.endswith(header) else ""
     hist_header = hist_user[len(user_close) :] if hist_user.startswith(user_close) else None
-    lead_ins["*"] = _forms(header, hist_header, rx)
+
+    def learn(ctx: str, prompted_text: str, history: str | None) -> None:
+        lead_ins[ctx], cut = _lead_in(prompted_text, history, header, rx)
+        if cut:
+            from_history.add(ctx)
+
+    learn("user", lead_user, hist_user)
+    learn("*", header, hist_header)
 
     t_user, t_end = _between(two, _PA, _PU2), _between(one, _PA, None)
     shared = len(os.path.commonprefix([t_user, t_end]))
@@ -406,7 +471,7 @@ def _learn_markers(tokenizer, kwargs: dict | None) -> TemplateMarkers:
         shared = len(os.path.commonprefix([c_tool, c_end]))
         closings["call:tool"] = _closing(c_tool, shared, rx, stops, openers)
         closings["call:end"] = _closing(c_end, shared, rx, stops, openers)
-        lead_ins["tool"] = _forms(_between(prompted_tool, _PT, None), _between(after_tool, _PT, _PA2), rx)
+        learn("tool", _between(prompted_tool, _PT, None), _between(after_tool, _PT, _PA2))
 
     appended, tool_problem = {}, ""
 
@@ -448,6 +513,8 @@ def _learn_markers(tokenizer, kwargs: dict | None) -> TemplateMarkers:
         tool_problem=tool_problem,
         tool_call_content_none=content_none,
         content_parts=parts,
+        needs_tools=needs_tools,
+        prompt_from_history=tuple(sorted(from_history)),
         system_role=system_role,
         specials=specials,
     )
@@ -944,6 +1011,16 @@ def _assistant_anchors(m: dict) -> list[str]:
     return pieces + [c["function"]["name"] for c in m.get("tool_calls", [])]
 
 
+def _check_tools(markers: TemplateMarkers, tools) -> None:
+    if markers.needs_tools and not tools:
+        raise RowError(
+            "template needs tools",
+            "the chat template renders only conversations that have tools (it loops over `tools` without checking "
+            "that there are any) and this row has none. Give the row its tools (a `tools` column), or set "
+            "data.chat_template to the model's template for plain chats.",
+        )
+
+
 def _check_no_specials(messages: list[dict], markers: TemplateMarkers) -> None:
     if not markers.specials:
         return
@@ -993,16 +1070,30 @@ def _lead_in_end(text: str, forms: tuple[str, ...], cursor: int) -> int:
     return p - neg
 
 
+def _next_start(text: str, nxt_msg: dict | None, since: int, first: tuple | None) -> int:
+    """Where the next message's content starts, looked for from ``since`` (``first``: where it was found from an
+    earlier point, reused when it lies past ``since``); len(text) when it has none or is not found."""
+    if nxt_msg is None or not nxt_msg.get("content"):
+        return len(text)
+    found = first if first is not None and first[0] >= since else _find_parts(text, nxt_msg, since)
+    return found[0] if found else len(text)
+
+
 def _locate(text: str, messages: list[dict], markers: TemplateMarkers) -> tuple[list, bool]:
     """Character span of every message in the one render: an assistant turn from after its lead-in through its
     closing; any other message's content (None when empty). Raises RowError on any mismatch.
     Returns (spans, whether the last turn needs markers.appended_closing)."""
     spans: list[tuple[int, int] | None] = []
     cursor, open_end = 0, False
+    first_next = None  # where the message after an assistant turn was found (from before that turn)
     for i, m in enumerate(messages):
         role = m["role"]
         if role != "assistant":
-            span = _find_parts(text, m, cursor) if m["content"] else None
+            if first_next is not None and first_next[0] >= cursor:  # the first from cursor too: no second search
+                span = first_next
+            else:
+                span = _find_parts(text, m, cursor) if m["content"] else None
+            first_next = None
             if m["content"] and span is None:
                 raise RowError(
                     "template mismatch",
@@ -1019,21 +1110,27 @@ def _locate(text: str, messages: list[dict], markers: TemplateMarkers) -> tuple[
         start = _lead_in_end(text, forms, cursor)
         if start == -1 and forms is not markers.lead_ins["*"]:
             start = _lead_in_end(text, markers.lead_ins["*"], cursor)
-        if start == -1:
+        nxt_msg = messages[i + 1] if i + 1 < len(messages) else None
+        # the next message's content (once; again only where this turn holds its text): no search runs past it
+        first_next = _find_parts(text, nxt_msg, cursor) if nxt_msg is not None and nxt_msg.get("content") else None
+        if start == -1 or start > _next_start(text, nxt_msg, cursor, first_next):
             raise RowError(
                 "template mismatch",
-                f"assistant message {i}: the assistant header {forms[0]!r} is not in the rendered text after message "
-                f"{i - 1}; set data.chat_template if the template renders assistant turns differently.",
+                f"assistant message {i}: the assistant header {forms[0]!r} is not in the rendered text between message "
+                f"{i - 1} and the next message; set data.chat_template if the template renders assistant turns "
+                "differently.",
             )
         at = start
         names = []  # (start, end) of each tool call's name
         for piece in _assistant_anchors(m):
             p = text.find(piece, at)
+            if p != -1 and p > _next_start(text, nxt_msg, at, first_next):
+                p = -1
             if p == -1:
                 what = "content" if piece == _assistant_anchors(m)[0] and m["content"] else f"tool call '{piece}'"
                 raise RowError(
                     "template mismatch",
-                    f"assistant message {i}'s {what} is not rendered inside its turn (the chat template drops or "
+                    f"assistant message {i}'s {what} is not rendered inside its turn, before the next message (the chat template drops or "
                     "rewrites it), so training would teach the model a different turn. Set data.chat_template to "
                     "a template that renders it"
                     + (" (or convert the data to text actions)." if "tool" in what else "."),
@@ -1043,26 +1140,27 @@ def _locate(text: str, messages: list[dict], markers: TemplateMarkers) -> tuple[
         names = names[len(names) - len(m.get("tool_calls") or []) :]
         # every argument name and value after its call's name, before the next call's name or the next message:
         # the turn's closing is looked for after the last of them, so that all of them are trained
-        nxt_msg = messages[i + 1] if i + 1 < len(messages) else None
-        limit = len(text)
-        if nxt_msg is not None and nxt_msg.get("content") and names:
-            found_next = _find_parts(text, nxt_msg, at)
-            limit = found_next[0] if found_next else limit
+        limit = _next_start(text, nxt_msg, at, first_next) if names else len(text)
         for c, call in enumerate(m.get("tool_calls") or []):
             region = (names[c][1], names[c + 1][0] if c + 1 < len(names) else limit)
-            for key, value in (call["function"].get("arguments") or {}).items():
-                pieces = [(f"argument name {key!r}", key)] + [(f"argument {key!r}'s value", v) for v in _leaves(value)]
-                for label, piece in pieces:
-                    forms = _value_forms(piece)
-                    ends = [p + len(f) for f in forms for p in [text.find(f, *region)] if p != -1]
-                    if forms and not ends:
+            arguments = call["function"].get("arguments") or {}
+            whole = json.dumps(arguments, ensure_ascii=False)  # the arguments as `tojson` writes them: all at once
+            p = text.find(whole, *region) if arguments else -1
+            if p != -1:
+                at = max(at, p + len(whole))
+                continue
+            for key, value in arguments.items():
+                for n, piece in enumerate((key, *_leaves(value))):
+                    end = _value_end(text, piece, region)
+                    if end == -1:
+                        label = f"argument name {key!r}" if n == 0 else f"argument {key!r}'s value"
                         raise RowError(
                             "template mismatch",
                             f"assistant message {i}: tool call {call['function']['name']!r}'s {label} is not rendered "
                             "inside its turn (the chat template drops or rewrites it), so training would teach a "
                             "call without it. Set data.chat_template to a template that renders tool arguments.",
                         )
-                    at = max([at, *ends])
+                    at = max(at, end)
         kind = "call" if m.get("tool_calls") else "text"
         nxt = messages[i + 1]["role"] if i + 1 < len(messages) else "end"
         ctx = nxt if nxt in ("tool", "end") else "user"
@@ -1102,6 +1200,20 @@ def _leaves(value: Any) -> list:
     if isinstance(value, list):
         return [p for v in value for p in _leaves(v)]
     return [value]
+
+
+def _value_end(text: str, value: Any, region: tuple[int, int]) -> int:
+    """The end of ``value`` in text[region] in one of its forms (the end of the furthest found); ``region[0]`` when
+    it has no text form (an empty string), -1 when no form is there."""
+    plain = value if isinstance(value, str) else str(value) if isinstance(value, (int, float)) else None
+    if plain:  # as written (a number as Python and JSON write it): the usual case
+        p = text.find(plain, *region)
+        if p != -1:
+            return p + len(plain)
+    forms = _value_forms(value)
+    if not forms:
+        return region[0]
+    return max((p + len(f) for f in forms for p in [text.find(f, *region)] if p != -1), default=-1)
 
 
 def _value_forms(value: Any) -> tuple[str, ...]:
@@ -1170,6 +1282,7 @@ def layout(
             "data.system_into_first_user=true to prepend the system text to the first user message (counted in "
             "the data report), or remove the system messages.",
         )
+    _check_tools(markers, tools)
     _check_no_specials(messages, markers)
     if system_into_first_user and not markers.system_role:
         keep = [j for j, m in enumerate(messages) if m["role"] != "system"]
