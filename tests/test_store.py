@@ -337,3 +337,20 @@ def test_a_damaged_entry_is_not_read_but_rewritten(tmp_path, tokenizers, capsys)
     again = build_dataset(c, tokenizers["qwen2.5"], str(data))
     assert again.origin == "tokenized" and [again[i].input_ids for i in range(len(again))] == ids
     assert "is damaged" in capsys.readouterr().err and open_store(good.store.path) is not None
+
+
+def test_the_tokenizer_fingerprint_is_kept_per_object_and_follows_its_changes(tokenizers):
+    """Serializing a 150k-token tokenizer is kept per object (a tiny build_dataset spent 97% of its time there), and
+    the fingerprint still changes with added tokens or a new chat template, as a fresh computation says."""
+    import copy
+
+    from sftforge.data import _tokenizer_digest, tokenizer_fingerprint
+
+    tok = copy.deepcopy(tokenizers["qwen2.5"])
+    first = tokenizer_fingerprint(tok)
+    assert tokenizer_fingerprint(tok) == first == _tokenizer_digest(tok)
+    tok.add_special_tokens({"additional_special_tokens": ["<|zq_new|>"]})
+    added = tokenizer_fingerprint(tok)
+    assert added != first and added == _tokenizer_digest(tok)
+    tok.chat_template = "{{ messages[0]['content'] }}"
+    assert tokenizer_fingerprint(tok) not in (first, added) and tokenizer_fingerprint(tok) == _tokenizer_digest(tok)

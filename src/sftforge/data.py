@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+import weakref
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -402,7 +403,30 @@ def load_tokenizer(cfg: Config):
     return tok
 
 
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's vocabulary, merges, special tokens and chat template. Serializing a fast tokenizer
+    takes ~0.1 s (150k-token vocabularies), so it is kept per tokenizer object, recomputed when its size, special
+    tokens or template change (added tokens, a data.chat_template)."""
+    state = (len(tokenizer), json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
+             tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else "")  # fmt: skip
+    try:
+        kept = _FINGERPRINTS.get(tokenizer)
+    except TypeError:  # (an object without weak references)
+        kept = None
+    if kept is not None and kept[0] == state:
+        return kept[1]
+    digest = _tokenizer_digest(tokenizer)
+    try:
+        _FINGERPRINTS[tokenizer] = (state, digest)
+    except TypeError:
+        pass
+    return digest
+
+
+def _tokenizer_digest(tokenizer) -> str:
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     if backend is not None:
