@@ -349,6 +349,8 @@ def _tool_call_message(arguments: str, content_none: bool) -> dict:
     return {"role": "assistant", "content": None if content_none else "", "tool_calls": [call]}
 
 
+_PROBE_USER, _PROBE_ANSWER = {"role": "user", "content": _PU}, {"role": "assistant", "content": _PA}
+_PROBE_USER2, _PROBE_ANSWER2 = {"role": "user", "content": _PU2}, {"role": "assistant", "content": _PA2}
 _TOOL_MESSAGE = {"role": "tool", "tool_call_id": "Zq1probe9", "name": _PF, "content": _PT}
 
 
@@ -358,8 +360,13 @@ _LEARNED: dict[tuple, TemplateMarkers] = {}
 def template_markers(tokenizer, kwargs: dict | None = None) -> TemplateMarkers:
     """Learn the lead-ins, closings and forms of the template from probe renders of the template itself (memoized
     per tokenizer object, template and kwargs: a dozen renders, then free)."""
-    key = (id(tokenizer), getattr(tokenizer, "chat_template", None), tokenizer.eos_token,
-           getattr(tokenizer, "name_or_path", ""), json.dumps(kwargs or {}, sort_keys=True, default=str))  # fmt: skip
+    key = (
+        id(tokenizer),
+        getattr(tokenizer, "chat_template", None),
+        tokenizer.eos_token,
+        getattr(tokenizer, "name_or_path", ""),
+        json.dumps(kwargs or {}, sort_keys=True, default=str),
+    )
     if key not in _LEARNED:
         if len(_LEARNED) > 32:
             _LEARNED.clear()
@@ -368,52 +375,127 @@ def template_markers(tokenizer, kwargs: dict | None = None) -> TemplateMarkers:
 
 
 def _learn_markers(tokenizer, kwargs: dict | None) -> TemplateMarkers:
+    """The template's markers, learned step by step from probe renders (each step reads what the ones before set)."""
+    p = _start_probes(tokenizer, kwargs)
+    _probe_shape(p)
+    _learn_header(p)
+    _learn_answer_lead_ins(p)
+    _learn_text_closings(p)
+    calls = _probe_tool_calls(p)
+    if calls:
+        _learn_call_closings(p, *calls)
+    _learn_appended_closings(p)
+    _check_closings(p)
+    _learn_system_role(p)
+    return p.markers()
+
+
+@dataclass
+class _Probes:
+    """The state of :func:`_learn_markers` between its steps: how probes are rendered, the base renders, and what
+    the steps have learned so far."""
+
+    tokenizer: Any
+    kwargs: dict | None
+    specials: tuple
+    rx: re.Pattern
+    stops: set
+    parts: bool = False
+    """The template reads content as a list of parts (VLM templates), decided by :func:`_probe_shape`."""
+    needs_tools: bool = False
+    """The template renders only with tools (it loops over them unguarded), decided by :func:`_probe_shape`."""
+    # The base renders: a user message; the same with the generation prompt; user, answer, user, answer; user, answer
+    without: str = ""
+    prompted: str = ""
+    two: str = ""
+    one: str = ""
+    # Learned, as TemplateMarkers has them (see its fields)
+    header: str = ""
+    lead_user: str = ""
+    """What the generation prompt writes after a user message's content (the header, where it writes nothing)."""
+    openers: set = field(default_factory=set)
+    """The special token that opens an assistant turn (the header's first), if any."""
+    lead_ins: dict = field(default_factory=dict)
+    from_history: set = field(default_factory=set)
+    closings: dict = field(default_factory=dict)
+    appended: dict = field(default_factory=dict)
+    tool_arguments: str = ""
+    tool_call_content_none: bool = False
+    tool_problem: str = ""
+    system_role: bool = True
+
+    def render(self, msgs: list[dict], gen: bool = False, tools: list | None = None) -> str:
+        """A probe rendered as the rows will be: content as parts, and tools, where the template needs them."""
+        msgs = _as_parts(msgs) if self.parts else msgs
+        tools = tools or (_PROBE_TOOLS if self.needs_tools else None)
+        return render_text(self.tokenizer, msgs, tools, add_generation_prompt=gen, kwargs=self.kwargs)
+
+    def markers(self) -> TemplateMarkers:
+        """What was learned, as the template's markers."""
+        return TemplateMarkers(
+            header=self.header,
+            lead_ins=self.lead_ins,
+            closings=self.closings,
+            appended_closing=self.appended,
+            stop_tokens=tuple(sorted(self.stops)),
+            tool_arguments=self.tool_arguments,
+            tool_problem=self.tool_problem,
+            tool_call_content_none=self.tool_call_content_none,
+            content_parts=self.parts,
+            needs_tools=self.needs_tools,
+            prompt_from_history=tuple(sorted(self.from_history)),
+            system_role=self.system_role,
+            specials=self.specials,
+        )
+
+
+def _start_probes(tokenizer, kwargs: dict | None) -> _Probes:
+    """The tokenizer's special and stop tokens, before any probe; refuses a tokenizer without a chat template."""
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError(
             "The tokenizer has no chat template. Set data.chat_template to a .jinja file or an inline Jinja "
             "string (for example the template of the instruct model you fine-tune from)."
         )
     specials = special_tokens(tokenizer)
-    rx = _specials_re(specials)
     stops = {t for t in [tokenizer.eos_token, *generation_eos_tokens(tokenizer)] if t}
+    return _Probes(tokenizer, kwargs, specials, _specials_re(specials), stops)
 
-    parts = False  # the template reads content as a list of parts (VLM templates), decided below
-    needs_tools = False  # the template renders only with tools (it loops over them unguarded), decided below
 
-    def r(msgs, gen=False, tools=None):
-        msgs = _as_parts(msgs) if parts else msgs
-        tools = tools or (_PROBE_TOOLS if needs_tools else None)
-        return render_text(tokenizer, msgs, tools, add_generation_prompt=gen, kwargs=kwargs)
-
-    u, a = {"role": "user", "content": _PU}, {"role": "assistant", "content": _PA}
-    u2, a2 = {"role": "user", "content": _PU2}, {"role": "assistant", "content": _PA2}
+def _probe_shape(p: _Probes) -> None:
+    """Content as a string or as parts, without or with tools: the first shape in which the user/answer probes
+    render both answers; keeps those base renders."""
     error = None
     # Probes as the rows will be: content as a string or as parts; without tools, or (a template that fails without
     # them, e.g. Hermes' tool_use) with the probe's tools, whose markers then serve the rows that have tools.
-    for shape in ((False, False), (True, False), (False, True), (True, True)):
-        parts, needs_tools = shape  # (read by r)
+    for parts, needs_tools in ((False, False), (True, False), (False, True), (True, True)):
+        p.parts, p.needs_tools = parts, needs_tools  # (read by p.render)
         try:
-            without, prompted = r([u]), r([u], gen=True)
-            two, one = r([u, a, u2, a2]), r([u, a])
+            p.without, p.prompted = p.render([_PROBE_USER]), p.render([_PROBE_USER], gen=True)
+            p.two = p.render([_PROBE_USER, _PROBE_ANSWER, _PROBE_USER2, _PROBE_ANSWER2])
+            p.one = p.render([_PROBE_USER, _PROBE_ANSWER])
         except Exception as e:  # a broken template: jinja errors of many kinds
             error = error or e
             continue
-        if _PA in one and _PA2 in two:
-            break
-    else:
-        if error is not None:
-            raise TemplateError(f"The chat template failed to render a probe conversation: {error}") from error
-        raise TemplateError("The chat template does not render the assistant's content; set data.chat_template.")
+        if _PA in p.one and _PA2 in p.two:
+            return
+    if error is not None:
+        raise TemplateError(f"The chat template failed to render a probe conversation: {error}") from error
+    raise TemplateError("The chat template does not render the assistant's content; set data.chat_template.")
+
+
+def _learn_header(p: _Probes) -> None:
+    """The assistant header, from what the generation prompt adds to the one-user probe (or, where it adds nothing,
+    from what the history probe writes between a user message and the answer)."""
     # The header: what the generation prompt adds after the shared token prefix (Phi-3 ends the plain render with
     # an end-of-text token that the prompted render replaces, so a plain string prefix is not enough).
-    ta = tokenizer(without, add_special_tokens=False, return_offsets_mapping=True)
-    tb = tokenizer(prompted, add_special_tokens=False, return_offsets_mapping=True)
+    ta = p.tokenizer(p.without, add_special_tokens=False, return_offsets_mapping=True)
+    tb = p.tokenizer(p.prompted, add_special_tokens=False, return_offsets_mapping=True)
     k = 0
     while k < min(len(ta["input_ids"]), len(tb["input_ids"])) and ta["input_ids"][k] == tb["input_ids"][k]:
         k += 1
-    header = prompted[tb["offset_mapping"][k][0] :] if k < len(tb["input_ids"]) else ""
-    lead_user = _between(prompted, _PU, None)
-    hist_user = _between(two, _PU, _PA)
+    header = p.prompted[tb["offset_mapping"][k][0] :] if k < len(tb["input_ids"]) else ""
+    lead_user = _between(p.prompted, _PU, None)
+    hist_user = _between(p.two, _PU, _PA)
     if not header.strip():
         # add_generation_prompt adds nothing: the render after a user message ends where the answer begins (a header
         # always written, Command R7B's; Mistral's '[/INST]'), else the history render's lead-in is the header
@@ -425,99 +507,114 @@ def _learn_markers(tokenizer, kwargs: dict | None) -> TemplateMarkers:
             "between a user message and the assistant's answer, so assistant turns cannot be located. Set "
             "data.chat_template to a template that supports add_generation_prompt."
         )
-    openers = {m.group() for m in [rx.search(header)] if m}
-    lead_ins, from_history = {}, set()
-    user_close = lead_user[: len(lead_user) - len(header)] if lead_user.endswith(header) else ""
+    p.header, p.lead_user = header, lead_user
+    p.openers = {m.group() for m in [p.rx.search(header)] if m}
+
+
+def _learn_answer_lead_ins(p: _Probes) -> None:
+    """The lead-ins of an answer after a user message and after any other message, from the generation prompt and
+    the history probe."""
+    hist_user = _between(p.two, _PU, _PA)
+    user_close = p.lead_user[: len(p.lead_user) - len(p.header)] if p.lead_user.endswith(p.header) else ""
     hist_header = hist_user[len(user_close) :] if hist_user.startswith(user_close) else None
+    _add_lead_in(p, "user", p.lead_user, hist_user)
+    _add_lead_in(p, "*", p.header, hist_header)
 
-    def learn(ctx: str, prompted_text: str, history: str | None) -> None:
-        lead_ins[ctx], cut = _lead_in(prompted_text, history, header, rx)
-        if cut:
-            from_history.add(ctx)
 
-    learn("user", lead_user, hist_user)
-    learn("*", header, hist_header)
+def _add_lead_in(p: _Probes, ctx: str, prompted: str, history: str | None) -> None:
+    """Records the lead-in of an answer in context ``ctx`` (:func:`_lead_in`), and whether prompts there are cut."""
+    p.lead_ins[ctx], cut = _lead_in(prompted, history, p.header, p.rx)
+    if cut:
+        p.from_history.add(ctx)
 
-    t_user, t_end = _between(two, _PA, _PU2), _between(one, _PA, None)
+
+def _learn_text_closings(p: _Probes) -> None:
+    """The closings of a plain answer followed by a user message and of a last one, from the history probes."""
+    t_user, t_end = _between(p.two, _PA, _PU2), _between(p.one, _PA, None)
     shared = len(os.path.commonprefix([t_user, t_end]))
-    closings = {
-        "text:user": _closing(t_user, shared, rx, stops, openers),
-        "text:end": _closing(t_end, shared, rx, stops, openers),
-    }
+    p.closings["text:user"] = _closing(t_user, shared, p.rx, p.stops, p.openers)
+    p.closings["text:end"] = _closing(t_end, shared, p.rx, p.stops, p.openers)
 
-    tool_arguments, content_none = "", False
+
+def _probe_tool_calls(p: _Probes) -> tuple[str, str, str] | None:
+    """How the template takes tool-call arguments (a dict or a JSON string; content '' or None): the first form whose
+    call probes render the call; its renders (a call, its result and an answer; a last call; the generation prompt
+    after the result), None when no form renders."""
     for args_form, none in (("dict", False), ("json", False), ("dict", True), ("json", True)):
         call = _tool_call_message(args_form, none)
         try:
-            after_tool = r([u, call, _TOOL_MESSAGE, a2], tools=_PROBE_TOOLS)
-            last_call = r([u, call], tools=_PROBE_TOOLS)
-            prompted_tool = r([u, call, _TOOL_MESSAGE], gen=True, tools=_PROBE_TOOLS)
+            after_tool = p.render([_PROBE_USER, call, _TOOL_MESSAGE, _PROBE_ANSWER2], tools=_PROBE_TOOLS)
+            last_call = p.render([_PROBE_USER, call], tools=_PROBE_TOOLS)
+            prompted_tool = p.render([_PROBE_USER, call, _TOOL_MESSAGE], gen=True, tools=_PROBE_TOOLS)
         except Exception:
             continue
         if all(_PF in t and _PV in t and _PV2 in t for t in (after_tool, last_call)) and _PT in after_tool:
-            tool_arguments, content_none = args_form, none
-            break
-    if tool_arguments:
-        c_tool, c_end = _between(after_tool, _PV2, _PT), _between(last_call, _PV2, None)
-        # What follows every argument's value (the glue between two arguments shares it: an argument's own closing
-        # tag, a quote) belongs to the call, not to the turn's closing: learned past it, the closing cannot be a tag
-        # that also ends the first argument (a call would be cut, and trained, after its first argument).
-        v = after_tool.index(_PV) + len(_PV)
-        k2 = after_tool.find(_PK2, v)  # (the tools list in the system part names it too: after the first value)
-        between_args = after_tool[v:k2] if k2 != -1 else ""
-        own = len(os.path.commonprefix([between_args, c_tool, c_end]))
-        own = _cut(c_tool, own, [(m.start(), m.end(), m.group()) for m in rx.finditer(c_tool)])
-        c_tool, c_end = c_tool[own:], c_end[own:]
-        shared = len(os.path.commonprefix([c_tool, c_end]))
-        closings["call:tool"] = _closing(c_tool, shared, rx, stops, openers)
-        closings["call:end"] = _closing(c_end, shared, rx, stops, openers)
-        learn("tool", _between(prompted_tool, _PT, None), _between(after_tool, _PT, _PA2))
+            p.tool_arguments, p.tool_call_content_none = args_form, none
+            return after_tool, last_call, prompted_tool
+    return None
 
-    appended, tool_problem = {}, ""
 
-    def stop_only(closing: str) -> bool:
-        return bool(closing) and rx.sub("", closing) == "" and all(t in stops for t in rx.findall(closing))
+def _learn_call_closings(p: _Probes, after_tool: str, last_call: str, prompted_tool: str) -> None:
+    """The closings of a tool-call turn followed by a tool result and of a last one, and the lead-in of an answer
+    after a tool result, from the tool-call probes."""
+    c_tool, c_end = _between(after_tool, _PV2, _PT), _between(last_call, _PV2, None)
+    # What follows every argument's value (the glue between two arguments shares it: an argument's own closing
+    # tag, a quote) belongs to the call, not to the turn's closing: learned past it, the closing cannot be a tag
+    # that also ends the first argument (a call would be cut, and trained, after its first argument).
+    v = after_tool.index(_PV) + len(_PV)
+    k2 = after_tool.find(_PK2, v)  # (the tools list in the system part names it too: after the first value)
+    between_args = after_tool[v:k2] if k2 != -1 else ""
+    own = len(os.path.commonprefix([between_args, c_tool, c_end]))
+    own = _cut(c_tool, own, [(m.start(), m.end(), m.group()) for m in p.rx.finditer(c_tool)])
+    c_tool, c_end = c_tool[own:], c_end[own:]
+    shared = len(os.path.commonprefix([c_tool, c_end]))
+    p.closings["call:tool"] = _closing(c_tool, shared, p.rx, p.stops, p.openers)
+    p.closings["call:end"] = _closing(c_end, shared, p.rx, p.stops, p.openers)
+    _add_lead_in(p, "tool", _between(prompted_tool, _PT, None), _between(after_tool, _PT, _PA2))
 
+
+def _learn_appended_closings(p: _Probes) -> None:
+    """For a last turn that the template leaves open (no closing learned), the closing that the same turn gets
+    before the next message where it is stop tokens only (GLM's '<|user|>'): appended to a last turn, trained."""
     for kind, follow in (("text", "text:user"), ("call", "call:tool")):
-        if f"{kind}:end" in closings and not closings[f"{kind}:end"] and stop_only(closings[follow]):
-            appended[kind] = closings[follow]
-    if not closings["text:end"] and "text" not in appended:
+        if f"{kind}:end" in p.closings and not p.closings[f"{kind}:end"] and _stop_only(p, p.closings[follow]):
+            p.appended[kind] = p.closings[follow]
+
+
+def _stop_only(p: _Probes, closing: str) -> bool:
+    """``closing`` is stop tokens and nothing else."""
+    return bool(closing) and p.rx.sub("", closing) == "" and all(t in p.stops for t in p.rx.findall(closing))
+
+
+def _check_closings(p: _Probes) -> None:
+    """Refuses a template whose plain turns end with nothing the model could learn to emit; refuses tool calls (not
+    the template) where a tool-call turn does."""
+    if not p.closings["text:end"] and "text" not in p.appended:
+        t_user = _between(p.two, _PA, _PU2)
         raise TemplateError(
             f"The chat template writes nothing after the last assistant message and what it writes before the "
-            f"next message ({t_user[:40]!r}) holds no stop token (stop tokens: {', '.join(sorted(stops)) or 'none'}"
+            f"next message ({t_user[:40]!r}) holds no stop token (stop tokens: {', '.join(sorted(p.stops)) or 'none'}"
             "), so the model could not learn to end its turn. Put the model's generation_config.json (its "
             "eos_token_id lists the tokens it stops on) next to the tokenizer, or set data.chat_template to a "
             "template that closes assistant turns with a special token."
         )
-    if not closings["text:user"]:
+    if not p.closings["text:user"]:
         raise TemplateError(
             "The chat template closes an assistant turn that a user message follows with no special token, so the "
             "end of the turn the model must learn is unknown. Set data.chat_template to a template that closes "
             "assistant turns with a special token."
         )
-    if tool_arguments and (not closings["call:tool"] or not (closings["call:end"] or "call" in appended)):
-        tool_problem = "the template closes a tool-call turn with no special token or stop token"
-        tool_arguments = ""
+    if p.tool_arguments and (not p.closings["call:tool"] or not (p.closings["call:end"] or "call" in p.appended)):
+        p.tool_problem = "the template closes a tool-call turn with no special token or stop token"
+        p.tool_arguments = ""
+
+
+def _learn_system_role(p: _Probes) -> None:
+    """Whether the template has a system role, from a probe with a system message (refused or dropped: none)."""
     try:
-        with_system = r([{"role": "system", "content": _PS}, u, a])
-        system_role = _PS in with_system
+        p.system_role = _PS in p.render([{"role": "system", "content": _PS}, _PROBE_USER, _PROBE_ANSWER])
     except Exception:
-        system_role = False
-    return TemplateMarkers(
-        header=header,
-        lead_ins=lead_ins,
-        closings=closings,
-        appended_closing=appended,
-        stop_tokens=tuple(sorted(stops)),
-        tool_arguments=tool_arguments,
-        tool_problem=tool_problem,
-        tool_call_content_none=content_none,
-        content_parts=parts,
-        needs_tools=needs_tools,
-        prompt_from_history=tuple(sorted(from_history)),
-        system_role=system_role,
-        specials=specials,
-    )
+        p.system_role = False
 
 
 def end_of_turn_token_ids(tokenizer, kwargs: dict | None = None) -> list[int]:
@@ -648,8 +745,11 @@ EMPTY_TURN = "empty assistant turn"
 def empty_assistant_turns(messages: list[dict]) -> list[int]:
     """Indices of the normalized assistant messages with no text (None, '', whitespace, parts without text) and no
     tool call — reasoning alone does not count: the turn still ends without an answer."""
-    return [i for i, m in enumerate(messages)
-            if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls")]  # fmt: skip
+    return [
+        i
+        for i, m in enumerate(messages)
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls")
+    ]
 
 
 def check_empty_assistant_turns(messages: list[dict], data_cfg) -> int:
@@ -662,9 +762,11 @@ def check_empty_assistant_turns(messages: list[dict], data_cfg) -> int:
     reasoning = (m.get("reasoning_content") or m.get("thinking") or "").strip()
     what = "only reasoning: no content and no tool calls" if reasoning else "no content and no tool calls"
     more = f" (empty assistant messages: {', '.join(map(str, empty))})" if len(empty) > 1 else ""
-    raise RowError(EMPTY_TURN, f"message {i} (assistant) has {what}{more}; training on it teaches the model to end "
-                               "its turn at once (data.empty_assistant_turns=keep trains such turns as they "
-                               "are)")  # fmt: skip
+    raise RowError(
+        EMPTY_TURN,
+        f"message {i} (assistant) has {what}{more}; training on it teaches the model to end its turn at once "
+        "(data.empty_assistant_turns=keep trains such turns as they are)",
+    )
 
 
 def _content_parts(parts: list, i: int, role: str) -> tuple[str, list[dict] | None]:
@@ -684,13 +786,19 @@ def _content_parts(parts: list, i: int, role: str) -> tuple[str, list[dict] | No
             url = p.get("image_url")
             out.append({"type": "image", "image": url.get("url") if isinstance(url, dict) else url})
         else:
-            raise RowError("wrong type", f"message {i} ({role}) part {j}: expected a text or image part "
-                                         f"({{'type': 'text' | 'image' | 'image_url', ...}}), got {str(p)[:80]}")  # fmt: skip
+            raise RowError(
+                "wrong type",
+                f"message {i} ({role}) part {j}: expected a text or image part ({{'type': 'text' | 'image' | "
+                f"'image_url', ...}}), got {str(p)[:80]}",
+            )
     if not any(p["type"] == "image" for p in out):
         return "".join(texts), None
     if role == "assistant":
-        raise RowError("image in assistant turn", f"message {i} (assistant) holds an image; only user, system and "
-                                                  "tool messages may (the model is not trained to output images)")  # fmt: skip
+        raise RowError(
+            "image in assistant turn",
+            f"message {i} (assistant) holds an image; only user, system and tool messages may (the model is not "
+            "trained to output images)",
+        )
     return "".join(texts), out
 
 
@@ -702,9 +810,11 @@ def attach_images(messages: list[dict], images: Any, what: str = "images") -> li
     images = list(images)
     found = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
     if found != len(images):
-        raise RowError("image count", f"'{what}' has {len(images)} image(s) but the messages hold {found} "
-                                      f"{IMAGE_PLACEHOLDER} placeholder(s); put one {IMAGE_PLACEHOLDER} where each "
-                                      "image goes")  # fmt: skip
+        raise RowError(
+            "image count",
+            f"'{what}' has {len(images)} image(s) but the messages hold {found} {IMAGE_PLACEHOLDER} placeholder(s); "
+            f"put one {IMAGE_PLACEHOLDER} where each image goes",
+        )
     out, k = [], 0
     for i, m in enumerate(messages):
         if IMAGE_PLACEHOLDER not in m["content"]:
@@ -865,8 +975,9 @@ def row_to_conversation(row: Any, data_cfg) -> tuple[list[dict], list | None, li
     images = row.get(data_cfg.images_key)
     if images is not None and not (hasattr(images, "__len__") and len(images) == 0):
         if any("parts" in m for m in messages):
-            raise RowError("image count", f"the row has both '{data_cfg.images_key}' and image parts in its messages; "
-                                          "use one form")  # fmt: skip
+            raise RowError(
+                "image count", f"the row has both '{data_cfg.images_key}' and image parts in its messages; use one form"
+            )
         messages = attach_images(messages, images, data_cfg.images_key)
     tools = None
     if data_cfg.tools_key in row and row[data_cfg.tools_key] is not None:
@@ -911,8 +1022,12 @@ def prompt_or_conversation(row: Any, data_cfg) -> tuple[list[dict], list | None,
         key = data_cfg.messages_key
         if e.reason == "no assistant turn" and isinstance(row.get(key), list):
             prompt = row[key]
-        elif (e.reason == "missing key" and data_cfg.format in ("auto", "prompt_response")
-              and row.get(data_cfg.prompt_key) is not None and row.get(data_cfg.response_key) is None):  # fmt: skip
+        elif (
+            e.reason == "missing key"
+            and data_cfg.format in ("auto", "prompt_response")
+            and row.get(data_cfg.prompt_key) is not None
+            and row.get(data_cfg.response_key) is None
+        ):
             prompt = _as_json(row[data_cfg.prompt_key], data_cfg.prompt_key)
             prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             if not isinstance(prompt, list):
@@ -1087,109 +1202,174 @@ def _locate(text: str, messages: list[dict], markers: TemplateMarkers) -> tuple[
     cursor, open_end = 0, False
     first_next = None  # where the message after an assistant turn was found (from before that turn)
     for i, m in enumerate(messages):
-        role = m["role"]
-        if role != "assistant":
-            if first_next is not None and first_next[0] >= cursor:  # the first from cursor too: no second search
-                span = first_next
-            else:
-                span = _find_parts(text, m, cursor) if m["content"] else None
+        if m["role"] != "assistant":
+            span = _locate_message(text, m, i, cursor, first_next)
             first_next = None
-            if m["content"] and span is None:
-                raise RowError(
-                    "template mismatch",
-                    f"message {i} ({role})'s content is not in the rendered text after the previous message: the "
-                    "chat template drops, reorders or rewrites it, so the mask cannot be checked. "
-                    + ("Set data.system_into_first_user=true or set" if role == "system" else "Set")
-                    + " data.chat_template to a template that renders it.",
-                )
-            spans.append(span)
             cursor = span[1] if span else cursor
-            continue
-        prev = messages[i - 1]["role"] if i else ""
-        forms = markers.lead_ins.get(prev) or markers.lead_ins["*"]
-        start = _lead_in_end(text, forms, cursor)
-        if start == -1 and forms is not markers.lead_ins["*"]:
-            start = _lead_in_end(text, markers.lead_ins["*"], cursor)
-        nxt_msg = messages[i + 1] if i + 1 < len(messages) else None
-        # the next message's content (once; again only where this turn holds its text): no search runs past it
-        first_next = _find_parts(text, nxt_msg, cursor) if nxt_msg is not None and nxt_msg.get("content") else None
-        if start == -1 or start > _next_start(text, nxt_msg, cursor, first_next):
-            raise RowError(
-                "template mismatch",
-                f"assistant message {i}: the assistant header {forms[0]!r} is not in the rendered text between message "
-                f"{i - 1} and the next message; set data.chat_template if the template renders assistant turns "
-                "differently.",
-            )
-        at = start
-        names = []  # (start, end) of each tool call's name
-        for piece in _assistant_anchors(m):
-            p = text.find(piece, at)
-            if p != -1 and p > _next_start(text, nxt_msg, at, first_next):
-                p = -1
-            if p == -1:
-                what = "content" if piece == _assistant_anchors(m)[0] and m["content"] else f"tool call '{piece}'"
-                raise RowError(
-                    "template mismatch",
-                    f"assistant message {i}'s {what} is not rendered inside its turn, before the next message (the chat template drops or "
-                    "rewrites it), so training would teach the model a different turn. Set data.chat_template to "
-                    "a template that renders it"
-                    + (" (or convert the data to text actions)." if "tool" in what else "."),
-                )
-            at = p + len(piece)
-            names.append((p, at))
-        names = names[len(names) - len(m.get("tool_calls") or []) :]
-        # every argument name and value after its call's name, before the next call's name or the next message:
-        # the turn's closing is looked for after the last of them, so that all of them are trained
-        limit = _next_start(text, nxt_msg, at, first_next) if names else len(text)
-        for c, call in enumerate(m.get("tool_calls") or []):
-            region = (names[c][1], names[c + 1][0] if c + 1 < len(names) else limit)
-            arguments = call["function"].get("arguments") or {}
-            whole = json.dumps(arguments, ensure_ascii=False)  # the arguments as `tojson` writes them: all at once
-            p = text.find(whole, *region) if arguments else -1
-            if p != -1:
-                at = max(at, p + len(whole))
-                continue
-            for key, value in arguments.items():
-                for n, piece in enumerate((key, *_leaves(value))):
-                    end = _value_end(text, piece, region)
-                    if end == -1:
-                        label = f"argument name {key!r}" if n == 0 else f"argument {key!r}'s value"
-                        raise RowError(
-                            "template mismatch",
-                            f"assistant message {i}: tool call {call['function']['name']!r}'s {label} is not rendered "
-                            "inside its turn (the chat template drops or rewrites it), so training would teach a "
-                            "call without it. Set data.chat_template to a template that renders tool arguments.",
-                        )
-                    at = max(at, end)
-        kind = "call" if m.get("tool_calls") else "text"
-        nxt = messages[i + 1]["role"] if i + 1 < len(messages) else "end"
-        ctx = nxt if nxt in ("tool", "end") else "user"
-        candidates = [markers.closings[k] for k in _CLOSING_KEYS[(kind, ctx)] if markers.closings.get(k)]
-        found = None
-        for c in candidates:
-            p = text.find(c, at)
-            if p != -1:
-                found = (p, c)
-                break
-        if nxt == "end" and not markers.closings.get(f"{kind}:end") and kind in markers.appended_closing:
-            span, open_end = (start, len(text)), True
-        elif found is None:
-            raise RowError(
-                "template mismatch",
-                f"assistant message {i} is not closed by {candidates[0] if candidates else '?'!r} in the rendered "
-                "text; set data.chat_template if the template renders assistant turns differently.",
-            )
-        elif found[0] >= limit:
-            raise RowError(
-                "template mismatch",
-                f"assistant message {i}'s closing {found[1]!r} is not found before the next message: the chat template "
-                "renders this turn differently from its probes; set data.chat_template.",
-            )
         else:
-            span = (start, found[0] + len(found[1]))
+            turn = _Turn(text, messages, i, markers)
+            _find_lead_in(turn, cursor)
+            names = _find_output(turn)
+            _find_arguments(turn, names)
+            span, appended = _find_closing(turn)
+            open_end = open_end or appended
+            first_next = turn.first_next
+            cursor = span[1]
         spans.append(span)
-        cursor = span[1]
     return spans, open_end
+
+
+def _locate_message(text: str, m: dict, i: int, cursor: int, found: tuple | None) -> tuple[int, int] | None:
+    """The span of a system/user/tool message's content from ``cursor`` (``found``: where it was found from before
+    the assistant turn it follows); None when it has none."""
+    if found is not None and found[0] >= cursor:  # the first from cursor too: no second search
+        span = found
+    else:
+        span = _find_parts(text, m, cursor) if m["content"] else None
+    if m["content"] and span is None:
+        raise RowError(
+            "template mismatch",
+            f"message {i} ({m['role']})'s content is not in the rendered text after the previous message: the "
+            "chat template drops, reorders or rewrites it, so the mask cannot be checked. "
+            + ("Set data.system_into_first_user=true or set" if m["role"] == "system" else "Set")
+            + " data.chat_template to a template that renders it.",
+        )
+    return span
+
+
+@dataclass
+class _Turn:
+    """An assistant turn being located in the one render (:func:`_locate`): the steps set where its output starts,
+    where what is found of it so far ends, and the end of its search region."""
+
+    text: str
+    messages: list[dict]
+    i: int
+    markers: TemplateMarkers
+    start: int = -1
+    """Where the turn's trained text starts: after its lead-in."""
+    at: int = -1
+    """The end of the last piece of the turn's output found so far."""
+    limit: int = -1
+    """No closing is looked for from here on (the next message's content)."""
+    first_next: tuple | None = None
+    """Where the next message's content was found, from before the turn."""
+
+    @property
+    def m(self) -> dict:
+        return self.messages[self.i]
+
+    @property
+    def nxt_msg(self) -> dict | None:
+        return self.messages[self.i + 1] if self.i + 1 < len(self.messages) else None
+
+    def next_start(self, since: int) -> int:
+        """Where the next message's content starts, from ``since`` (:func:`_next_start`)."""
+        return _next_start(self.text, self.nxt_msg, since, self.first_next)
+
+
+def _find_lead_in(t: _Turn, cursor: int) -> None:
+    """The start of the turn: the end of the lead-in learned for the message before it, from ``cursor``, before the
+    next message's content (found here once, for the later steps)."""
+    text, i, markers = t.text, t.i, t.markers
+    prev = t.messages[i - 1]["role"] if i else ""
+    forms = markers.lead_ins.get(prev) or markers.lead_ins["*"]
+    start = _lead_in_end(text, forms, cursor)
+    if start == -1 and forms is not markers.lead_ins["*"]:
+        start = _lead_in_end(text, markers.lead_ins["*"], cursor)
+    nxt_msg = t.nxt_msg
+    # the next message's content (once; again only where this turn holds its text): no search runs past it
+    t.first_next = _find_parts(text, nxt_msg, cursor) if nxt_msg is not None and nxt_msg.get("content") else None
+    if start == -1 or start > t.next_start(cursor):
+        raise RowError(
+            "template mismatch",
+            f"assistant message {i}: the assistant header {forms[0]!r} is not in the rendered text between message "
+            f"{i - 1} and the next message; set data.chat_template if the template renders assistant turns "
+            "differently.",
+        )
+    t.start = t.at = start
+
+
+def _find_output(t: _Turn) -> list[tuple[int, int]]:
+    """The turn's content and tool-call names, in order inside the turn; returns the (start, end) of each call's
+    name."""
+    m, text = t.m, t.text
+    names = []  # (start, end) of each tool call's name
+    for piece in _assistant_anchors(m):
+        p = text.find(piece, t.at)
+        if p != -1 and p > t.next_start(t.at):
+            p = -1
+        if p == -1:
+            what = "content" if piece == _assistant_anchors(m)[0] and m["content"] else f"tool call '{piece}'"
+            raise RowError(
+                "template mismatch",
+                f"assistant message {t.i}'s {what} is not rendered inside its turn, before the next message (the "
+                "chat template drops or rewrites it), so training would teach the model a different turn. Set "
+                "data.chat_template to a template that renders it"
+                + (" (or convert the data to text actions)." if "tool" in what else "."),
+            )
+        t.at = p + len(piece)
+        names.append((p, t.at))
+    return names[len(names) - len(m.get("tool_calls") or []) :]
+
+
+def _find_arguments(t: _Turn, names: list[tuple[int, int]]) -> None:
+    """Every argument name and value of each tool call, after its call's name, before the next call's name or the
+    next message."""
+    text = t.text
+    # the turn's closing is looked for after the last of them, so that all of them are trained
+    t.limit = t.next_start(t.at) if names else len(text)
+    for c, call in enumerate(t.m.get("tool_calls") or []):
+        region = (names[c][1], names[c + 1][0] if c + 1 < len(names) else t.limit)
+        arguments = call["function"].get("arguments") or {}
+        whole = json.dumps(arguments, ensure_ascii=False)  # the arguments as `tojson` writes them: all at once
+        p = text.find(whole, *region) if arguments else -1
+        if p != -1:
+            t.at = max(t.at, p + len(whole))
+            continue
+        for key, value in arguments.items():
+            for n, piece in enumerate((key, *_leaves(value))):
+                end = _value_end(text, piece, region)
+                if end == -1:
+                    label = f"argument name {key!r}" if n == 0 else f"argument {key!r}'s value"
+                    raise RowError(
+                        "template mismatch",
+                        f"assistant message {t.i}: tool call {call['function']['name']!r}'s {label} is not rendered "
+                        "inside its turn (the chat template drops or rewrites it), so training would teach a "
+                        "call without it. Set data.chat_template to a template that renders tool arguments.",
+                    )
+                t.at = max(t.at, end)
+
+
+def _find_closing(t: _Turn) -> tuple[tuple[int, int], bool]:
+    """The closing learned for what the turn holds and what follows it, after its output, before the next
+    message; returns the turn's span, and whether it is a last turn left open (its closing is appended)."""
+    m, markers, i = t.m, t.markers, t.i
+    kind = "call" if m.get("tool_calls") else "text"
+    nxt = t.nxt_msg["role"] if t.nxt_msg is not None else "end"
+    ctx = nxt if nxt in ("tool", "end") else "user"
+    candidates = [markers.closings[k] for k in _CLOSING_KEYS[(kind, ctx)] if markers.closings.get(k)]
+    found = None
+    for c in candidates:
+        p = t.text.find(c, t.at)
+        if p != -1:
+            found = (p, c)
+            break
+    if nxt == "end" and not markers.closings.get(f"{kind}:end") and kind in markers.appended_closing:
+        return (t.start, len(t.text)), True
+    if found is None:
+        raise RowError(
+            "template mismatch",
+            f"assistant message {i} is not closed by {candidates[0] if candidates else '?'!r} in the rendered "
+            "text; set data.chat_template if the template renders assistant turns differently.",
+        )
+    if found[0] >= t.limit:
+        raise RowError(
+            "template mismatch",
+            f"assistant message {i}'s closing {found[1]!r} is not found before the next message: the chat template "
+            "renders this turn differently from its probes; set data.chat_template.",
+        )
+    return (t.start, found[0] + len(found[1])), False
 
 
 def _leaves(value: Any) -> list:
@@ -1222,8 +1402,13 @@ def _value_forms(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         forms = [value, value.strip(), json.dumps(value, ensure_ascii=False)[1:-1], json.dumps(value)[1:-1]]
     else:
-        forms = [json.dumps(value, ensure_ascii=False), json.dumps(value), str(value),
-                 json.dumps(value, ensure_ascii=False, separators=(",", ":")), str(value).lower()]  # fmt: skip
+        forms = [
+            json.dumps(value, ensure_ascii=False),
+            json.dumps(value),
+            str(value),
+            json.dumps(value, ensure_ascii=False, separators=(",", ":")),
+            str(value).lower(),
+        ]
     return tuple(dict.fromkeys(f for f in forms if f))
 
 
@@ -1251,8 +1436,9 @@ def render(
     """Render the whole conversation once and derive the loss mask from that render (checked, see the module doc)."""
     lay = layout(tokenizer, messages, tools, flags, train_on, template_kwargs, markers, system_into_first_user)
     ((ids, mask),) = tokenize_layouts(tokenizer, [lay])
-    return Rendered(lay.text, ids.tolist(), mask.tolist(), sorted(lay.trained), lay.system_merged,
-                    lay.reasoning_dropped)  # fmt: skip
+    return Rendered(
+        lay.text, ids.tolist(), mask.tolist(), sorted(lay.trained), lay.system_merged, lay.reasoning_dropped
+    )
 
 
 def layout(
