@@ -1,6 +1,6 @@
 """sftforge: supervised fine-tuning of causal LMs on multi-turn chat and tool-calling data.
 
-The Python API is the command line's own code, reachable by name (the README's "Python API" section)::
+The Python API is the command line's own code, reachable by name (docs/python-api.md)::
 
     from sftforge import evaluate, load_config, train
 
@@ -38,8 +38,17 @@ _API = {
     "EvalResult": "sftforge.evaluation",
     "export_checkpoint": "sftforge.export",
 }
-__all__ = ["Config", "ConfigError", "DataError", "EvalResult", "evaluate", "export_checkpoint", "load_config", "rl",
-           "train"]  # fmt: skip
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataError",
+    "EvalResult",
+    "evaluate",
+    "export_checkpoint",
+    "load_config",
+    "rl",
+    "train",
+]
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time the names load on first use (below)
     from sftforge.config import Config, ConfigError, load_config

@@ -51,8 +51,9 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 @torch.compiler.disable  # a Python loop over the row's samples: model.compile compiles around it
-def causal_per_sample(q, k, v, cu_seqlens, dropout: float = 0.0, scaling: float | None = None,
-                      tree_masks=None) -> torch.Tensor:  # fmt: skip
+def causal_per_sample(
+    q, k, v, cu_seqlens, dropout: float = 0.0, scaling: float | None = None, tree_masks=None
+) -> torch.Tensor:
     """Causal attention of every sample [cu[i], cu[i+1]) of the row on its own: q [B, Hq, L, D], k/v [B, Hkv, L, D]
     -> [B, L, Hq, D]. ``cu_seqlens``: a CPU tensor or a sequence of ints.
 
@@ -73,7 +74,7 @@ def causal_per_sample(q, k, v, cu_seqlens, dropout: float = 0.0, scaling: float 
     parts = [
         F.scaled_dot_product_attention(
             qi, ki, vi, attn_mask=mi, dropout_p=dropout, scale=scaling, is_causal=mi is None and n > 1, enable_gqa=gqa
-        )  # fmt: skip
+        )
         for qi, ki, vi, n, mi in zip(qs, ks, vs, lens, masks)
         if n > 0
     ]
@@ -87,8 +88,10 @@ def resolve_tree_attention(name: str, device) -> str:
     if name == "auto":
         return "flex" if kind == "cuda" else "mask"
     if name == "flex" and kind != "cuda":
-        raise ConfigError(f"model.tree_attention=flex needs a CUDA device (torch's flex_attention has no backward on "
-                          f"{kind}); set model.tree_attention=auto or mask.")  # fmt: skip
+        raise ConfigError(
+            f"model.tree_attention=flex needs a CUDA device (torch's flex_attention has no backward on "
+            f"{kind}); set model.tree_attention=auto or mask."
+        )
     return name
 
 
@@ -159,13 +162,16 @@ def attention(
     if packed_cu_seqlens is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)  # fmt: skip
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     dropout = dropout if module.training else 0.0
     if packed_tree_ends is not None:
         if dropout:
-            raise ValueError(f"model.tree_attention=flex has no attention dropout (the model's is {dropout}); set "
-                             "model.tree_attention=mask.")  # fmt: skip
+            raise ValueError(
+                f"model.tree_attention=flex has no attention dropout (the model's is {dropout}); set "
+                "model.tree_attention=mask."
+            )
         return flex_row(query, key, value, packed_tree_ends, scaling), None
     return causal_per_sample(query, key, value, packed_cu_seqlens, dropout, scaling, packed_tree_masks), None
 

@@ -111,5 +111,12 @@ def micro_batch_groups(lengths, micro_batch_size: int, max_tokens: int, packing:
     return out
 
 
-__all__ = ["Plan", "epoch_order", "grad_accum_steps", "make_plan", "micro_batch_groups", "micro_batches",
-           "step_micro_batches"]  # fmt: skip
+__all__ = [
+    "Plan",
+    "epoch_order",
+    "grad_accum_steps",
+    "make_plan",
+    "micro_batch_groups",
+    "micro_batches",
+    "step_micro_batches",
+]

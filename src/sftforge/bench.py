@@ -107,9 +107,23 @@ def matmul_peak_flops(n: int = 1024, seconds: float = 1.0, device: str = "cpu", 
 
 
 # bf16 dense (no sparsity) tensor-core peaks from the vendors' data sheets, FLOP/s; matched against the device name
-DENSE_BF16_PEAK = {"H200": 989.4e12, "H100 SXM": 989.4e12, "H100 PCIe": 756.5e12, "H100": 989.4e12, "H20": 148e12,
-                   "A100": 312e12, "A800": 312e12, "L40S": 362.05e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12,
-                   "A10": 125e12, "RTX 4090": 165.2e12, "RTX 3090": 71e12, "B200": 2250e12}  # fmt: skip
+DENSE_BF16_PEAK = {
+    "H200": 989.4e12,
+    "H100 SXM": 989.4e12,
+    "H100 PCIe": 756.5e12,
+    "H100": 989.4e12,
+    "H20": 148e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362.05e12,
+    "L40": 181e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "RTX 4090": 165.2e12,
+    "RTX 3090": 71e12,
+    "B200": 2250e12,
+}
 
 
 def device_peak_flops(device: str, dtype: str = "bf16") -> tuple[float, str]:
@@ -281,8 +295,16 @@ def _child_trl(spec: dict) -> dict:
     for k in range(len(stamps) - 1):
         batch = rows[k * spec["batch"] : (k + 1) * spec["batch"]]
         lens = [len(s.input_ids) for s in batch]
-        steps.append({"s": stamps[k + 1] - stamps[k], "tokens": sum(lens), "cells": counts[k][1], "lens": lens,
-                      "counted_tokens": counts[k][0], "loss": counts[k][2]})  # fmt: skip
+        steps.append(
+            {
+                "s": stamps[k + 1] - stamps[k],
+                "tokens": sum(lens),
+                "cells": counts[k][1],
+                "lens": lens,
+                "counted_tokens": counts[k][0],
+                "loss": counts[k][2],
+            }
+        )
     return {"steps": steps, "tokenize_s": tok_s, "rows": len(ds), "config": model.config.to_dict()}
 
 
@@ -351,18 +373,24 @@ def loss_table(rows: list[dict]) -> str:
         if ours is None or len(group) < 2:
             continue
         names = [r["trainer"] for r in group]
-        out += [f"\nper-step loss, batch {batch}:", "| step | " + " | ".join(names) + " | largest rel. diff |",
-                "|---:|" + "---:|" * (len(names) + 1)]  # fmt: skip
+        out += [
+            f"\nper-step loss, batch {batch}:",
+            "| step | " + " | ".join(names) + " | largest rel. diff |",
+            "|---:|" + "---:|" * (len(names) + 1),
+        ]
         for k, mine in enumerate(ours["losses"]):
             vals = [r["losses"][k] if k < len(r["losses"]) else None for r in group]
             diffs = [abs(v - mine) / abs(mine) for v in vals if v is not None and mine]
-            out.append(f"| {k + 1} | " + " | ".join("-" if v is None else f"{v:.6f}" for v in vals)
-                       + f" | {max(diffs):.1e} |")  # fmt: skip
+            out.append(
+                f"| {k + 1} | " + " | ".join("-" if v is None else f"{v:.6f}" for v in vals) + f" | {max(diffs):.1e} |"
+            )
         for r in group:
             if r is not ours:
                 d = max_rel_diff(ours["losses"], r["losses"])
-                out.append(f"{r['trainer']} vs sftforge: largest relative loss difference {d:.1e} over "
-                           f"{min(len(r['losses']), len(ours['losses']))} steps")  # fmt: skip
+                out.append(
+                    f"{r['trainer']} vs sftforge: largest relative loss difference {d:.1e} over "
+                    f"{min(len(r['losses']), len(ours['losses']))} steps"
+                )
     return "\n".join(out)
 
 
@@ -448,8 +476,14 @@ def bench(
     for batch in batches:
         trainers = ["sftforge", *TRL_ROWS] if with_trl else ["sftforge"]
         for trainer in trainers:
-            spec = {"trainer": trainer, "batch": batch, "steps": steps, "threads": threads, "device": device,
-                    "overrides": [*base, f"data.train_batch_size={batch}"]}  # fmt: skip
+            spec = {
+                "trainer": trainer,
+                "batch": batch,
+                "steps": steps,
+                "threads": threads,
+                "device": device,
+                "overrides": [*base, f"data.train_batch_size={batch}"],
+            }
             t0 = time.perf_counter()
             result = run_case(spec, verbose)
             row = summarize(trainer, batch, result, peak)
@@ -465,10 +499,14 @@ def bench(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "--model-config", dest="model", default=None,
-                   help="a real model (folder with weights, .gguf file, hub id) or a folder with only a config.json "
-                   "(random init, the vendored Qwen3 tokenizer); default: the qwen3-small shape. model.path=... works "
-                   "too")  # fmt: skip
+    p.add_argument(
+        "--model",
+        "--model-config",
+        dest="model",
+        default=None,
+        help="a real model (folder with weights, .gguf file, hub id) or a folder with only a config.json "
+        "(random init, the vendored Qwen3 tokenizer); default: the qwen3-small shape. model.path=... works too",
+    )
     p.add_argument("--data", default=None, help="conversations file (default: data/textcraft/train_react.parquet)")
     p.add_argument("--batch", type=int, nargs="+", default=[8, 16], help="global batch sizes (default 8 16)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after 1 warmup step (default 3)")
@@ -494,8 +532,10 @@ def bench_main(args: argparse.Namespace) -> int:
     check_model_options(ModelConfig(path=str(model_config), gguf_file=gguf[-1] if gguf else ""))  # exit 2 if wrong
     data = args.data or default_data()
     if not Path(data).exists():
-        print(f"error: {data} does not exist (the default data is in a source checkout; give --data FILE)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: {data} does not exist (the default data is in a source checkout; give --data FILE)",
+            file=sys.stderr,
+        )
         return 2
     if args.no_trl:
         with_trl = False
@@ -507,8 +547,17 @@ def bench_main(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             print("error: --device cuda but no CUDA device is available; use --device cpu", file=sys.stderr)
             return 2
-    rows = bench(model_config, data, args.batch, args.steps, args.micro, with_trl, overrides, threads=args.threads,
-                 device=args.device)  # fmt: skip
+    rows = bench(
+        model_config,
+        data,
+        args.batch,
+        args.steps,
+        args.micro,
+        with_trl,
+        overrides,
+        threads=args.threads,
+        device=args.device,
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -242,8 +242,14 @@ def _safe_torch_load(path: Path, fix: str, **kwargs) -> Any:
     try:
         return torch.load(path, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
-        why = next((ln.split("error:", 1)[-1].split(". Please")[0].strip() for ln in str(e).splitlines()
-                    if "WeightsUnpickler" in ln), "it is not a weights-only pickle")  # fmt: skip
+        why = next(
+            (
+                ln.split("error:", 1)[-1].split(". Please")[0].strip()
+                for ln in str(e).splitlines()
+                if "WeightsUnpickler" in ln
+            ),
+            "it is not a weights-only pickle",
+        )
         raise CheckpointError(
             f"{path} holds more than tensors and plain values and was NOT loaded ({why}); sftforge only reads its own "
             f"weights-only state, so the file was not written by sftforge or was replaced. {fix}"

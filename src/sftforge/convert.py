@@ -172,7 +172,7 @@ def write_rows(rows: list[dict], path: str | Path) -> None:
                 [
                     {k: json.dumps(r[k], ensure_ascii=False) if k in nested and k in r else r.get(k) for k in keys}
                     for r in rows
-                ]  # fmt: skip
+                ]
             )
         pq.write_table(table, path)
     else:
@@ -255,21 +255,37 @@ def check_file(path: str, data_cfg: DataConfig, tokenizer=None) -> dict[str, Any
                 else:
                     seen[key] = loc
                 if tokenizer is not None:
-                    r = render(tokenizer, messages, tools, flags, data_cfg.train_on, data_cfg.chat_template_kwargs,
-                               markers, data_cfg.system_into_first_user)  # fmt: skip
+                    r = render(
+                        tokenizer,
+                        messages,
+                        tools,
+                        flags,
+                        data_cfg.train_on,
+                        data_cfg.chat_template_kwargs,
+                        markers,
+                        data_cfg.system_into_first_user,
+                    )
                     n_tokens.append(len(r.input_ids))
                     n_trained.append(sum(r.loss_mask))
                     if len(r.input_ids) > data_cfg.max_length:
-                        problem(loc, "over data.max_length",
-                                f"{len(r.input_ids)} tokens > {data_cfg.max_length} (see data.truncation)")  # fmt: skip
+                        problem(
+                            loc,
+                            "over data.max_length",
+                            f"{len(r.input_ids)} tokens > {data_cfg.max_length} (see data.truncation)",
+                        )
                     if not any(r.loss_mask):
                         problem(loc, "no trained tokens", "no token of this conversation is trained")
             except RowError as e:
                 problem(loc, e.reason, e.detail)
     except (DataError, OSError) as e:
         problem(path, "unreadable file", str(e))
-    out: dict[str, Any] = {"file": path, "rows": rows, "formats": dict(formats), "messages": _stats(n_messages),
-                           "roles": dict(roles)}  # fmt: skip
+    out: dict[str, Any] = {
+        "file": path,
+        "rows": rows,
+        "formats": dict(formats),
+        "messages": _stats(n_messages),
+        "roles": dict(roles),
+    }
     if tokenizer is not None:
         out["tokens"] = _stats(n_tokens)
         out["trained_share"] = round(sum(n_trained) / max(1, sum(n_tokens)), 4)

@@ -122,8 +122,10 @@ class DataReport:
             f"{self.trained_tokens:,} ({self.trained_tokens / max(self.tokens, 1):.1%})"
         ]
         if self.system_merged:
-            out.append(f"system message merged into the first user message (data.system_into_first_user): "
-                       f"{self.system_merged} rows")  # fmt: skip
+            out.append(
+                f"system message merged into the first user message (data.system_into_first_user): "
+                f"{self.system_merged} rows"
+            )
         if self.reasoning_dropped:
             if self.contexts:  # per_turn: not even in the turn being generated
                 why = (
@@ -137,19 +139,27 @@ class DataReport:
                     " (templates such as Qwen3's drop the reasoning of earlier turns; data.reasoning_history="
                     "per_turn trains it where the template renders the turn being generated with its reasoning)"
                 )
-            out.append(f"reasoning not rendered by the chat template (not trained): {self.reasoning_dropped} "
-                       f"assistant messages{why}")  # fmt: skip
+            out.append(
+                f"reasoning not rendered by the chat template (not trained): {self.reasoning_dropped} "
+                f"assistant messages{why}"
+            )
         if self.empty_assistant_turns:
-            out.append(f"empty assistant turns kept and trained (data.empty_assistant_turns=keep): "
-                       f"{self.empty_assistant_turns} (no content, no tool calls)")  # fmt: skip
+            out.append(
+                f"empty assistant turns kept and trained (data.empty_assistant_turns=keep): "
+                f"{self.empty_assistant_turns} (no content, no tool calls)"
+            )
         if self.contexts:
             saving = 1 - self.tokens / max(self.expanded_tokens, 1)
-            out.append(f"data.reasoning_history=per_turn: {self.contexts} assistant turns, each in its own context, "
-                       f"as prefix trees: {self.tokens:,} tokens instead of {self.expanded_tokens:,} expanded "
-                       f"({saving:.1%} saved)")  # fmt: skip
+            out.append(
+                f"data.reasoning_history=per_turn: {self.contexts} assistant turns, each in its own context, "
+                f"as prefix trees: {self.tokens:,} tokens instead of {self.expanded_tokens:,} expanded "
+                f"({saving:.1%} saved)"
+            )
         if self.images:
-            out.append(f"images: {self.images:,} ({self.image_tokens:,} image tokens, never trained; "
-                       f"{self.image_bytes / 2**20:.1f} MiB encoded in the store)")  # fmt: skip
+            out.append(
+                f"images: {self.images:,} ({self.image_tokens:,} image tokens, never trained; "
+                f"{self.image_bytes / 2**20:.1f} MiB encoded in the store)"
+            )
         for reason, n in sorted(self.skipped.items()):
             out.append(f"skipped (data.bad_rows=skip): {n} rows — {reason}")
         if self.over_length:
@@ -195,8 +205,10 @@ def resolve_files(spec: Any, key: str = "data.train_files") -> list[str]:
                 raise ConfigError(f"{key}: the glob {item!r} matches no file.")
             files += matched
         elif os.path.isdir(item):
-            raise ConfigError(f"{key}: {item!r} is a folder; name its files (a glob such as "
-                              f"{os.path.join(item, '*.parquet')!r} takes all of them).")  # fmt: skip
+            raise ConfigError(
+                f"{key}: {item!r} is a folder; name its files (a glob such as "
+                f"{os.path.join(item, '*.parquet')!r} takes all of them)."
+            )
         elif os.path.exists(item):
             files.append(item)
         elif _looks_like_hub_id(item):
@@ -219,17 +231,22 @@ def check_data_paths(data_cfg: DataConfig) -> None:
             continue  # data.train_files: its absence is said where it is needed (rl reads other keys)
         for f in resolve_files(spec, f"data.{key}"):  # (a folder is refused there)
             if os.path.exists(f) and Path(f).suffix.lower() not in SUFFIXES:
-                raise ConfigError(f"data.{key}: {f!r} has the unsupported suffix {Path(f).suffix!r}; use "
-                                  ".jsonl, .json or .parquet (sftforge data convert writes them).")  # fmt: skip
+                raise ConfigError(
+                    f"data.{key}: {f!r} has the unsupported suffix {Path(f).suffix!r}; use "
+                    ".jsonl, .json or .parquet (sftforge data convert writes them)."
+                )
     if data_cfg.chat_template:
         load_chat_template(data_cfg.chat_template)
     if data_cfg.image_processor and not Path(data_cfg.image_processor).expanduser().exists():
-        raise ConfigError(f"data.image_processor={data_cfg.image_processor!r} does not exist; give a "
-                          "preprocessor_config.json or the folder that holds it.")  # fmt: skip
+        raise ConfigError(
+            f"data.image_processor={data_cfg.image_processor!r} does not exist; give a "
+            "preprocessor_config.json or the folder that holds it."
+        )
     root = data_cfg.cache_dir
     if root and root.lower() != "none" and Path(root).expanduser().exists() and not Path(root).expanduser().is_dir():
-        raise ConfigError(f"data.cache_dir={root!r} is a file; give a folder (it is created when missing) or none "
-                          "for no cache.")  # fmt: skip
+        raise ConfigError(
+            f"data.cache_dir={root!r} is a file; give a folder (it is created when missing) or none for no cache."
+        )
 
 
 def _looks_like_hub_id(item: str) -> bool:
@@ -317,8 +334,10 @@ def _json_rows(path: str) -> Iterator[Any]:
                     return obj
             except json.JSONDecodeError as e:
                 if eof:
-                    raise DataError(f"{path}: not valid JSON ({e}). A .json file must hold a list of rows; use .jsonl "
-                                    "for one row per line.") from None  # fmt: skip
+                    raise DataError(
+                        f"{path}: not valid JSON ({e}). A .json file must hold a list of rows; use .jsonl "
+                        "for one row per line."
+                    ) from None
             fill()
 
     def expect(ch: str, what: str) -> None:
@@ -410,8 +429,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of the tokenizer's vocabulary, merges, special tokens and chat template. Serializing a fast tokenizer
     takes ~0.1 s (150k-token vocabularies), so it is kept per tokenizer object, recomputed when its size, special
     tokens or template change (added tokens, a data.chat_template)."""
-    state = (len(tokenizer), json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
-             tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else "")  # fmt: skip
+    state = (
+        len(tokenizer),
+        json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
+        tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else "",
+    )
     try:
         kept = _FINGERPRINTS.get(tokenizer)
     except TypeError:  # (an object without weak references)
@@ -449,15 +471,26 @@ def tokenize_row(loc: str, row: Any, tokenizer, data_cfg: DataConfig, markers: T
     messages, tools, flags = row_to_conversation(row, data_cfg)
     empty = check_empty_assistant_turns(messages, data_cfg)
     if image_sources(messages):
-        raise RowError("images", "this path renders text only: conversations with images are tokenized by "
-                                 "build_dataset with the model's image processor (data.reasoning_history=per_turn "
-                                 "does not take images)")  # fmt: skip
+        raise RowError(
+            "images",
+            "this path renders text only: conversations with images are tokenized by "
+            "build_dataset with the model's image processor (data.reasoning_history=per_turn "
+            "does not take images)",
+        )
     if data_cfg.reasoning_history == "per_turn":
         s = _per_turn(loc, messages, tools, flags, tokenizer, data_cfg, markers)
         s.empty_turns = empty
         return s
-    r = render(tokenizer, messages, tools, flags, data_cfg.train_on, data_cfg.chat_template_kwargs, markers,
-               data_cfg.system_into_first_user)  # fmt: skip
+    r = render(
+        tokenizer,
+        messages,
+        tools,
+        flags,
+        data_cfg.train_on,
+        data_cfg.chat_template_kwargs,
+        markers,
+        data_cfg.system_into_first_user,
+    )
     if not any(r.loss_mask):
         raise RowError(*_NO_TRAINED)
     return Sample(r.input_ids, r.loss_mask, loc, r.system_merged, r.reasoning_dropped, empty_turns=empty)
@@ -475,8 +508,16 @@ def _per_turn(loc, messages, tools, flags, tokenizer, data_cfg: DataConfig, mark
         if m["role"] != "assistant" or flags[k] is False:
             continue
         own = [False if j < k and messages[j]["role"] == "assistant" else flags[j] for j in range(k + 1)]
-        r = render(tokenizer, messages[: k + 1], tools, own, "assistant", data_cfg.chat_template_kwargs, markers,
-                   data_cfg.system_into_first_user)  # fmt: skip
+        r = render(
+            tokenizer,
+            messages[: k + 1],
+            tools,
+            own,
+            "assistant",
+            data_cfg.chat_template_kwargs,
+            markers,
+            data_cfg.system_into_first_user,
+        )
         if any(r.loss_mask):
             contexts.append((r.input_ids, r.loss_mask))
         merged = merged or r.system_merged
@@ -585,9 +626,13 @@ def _tokenize_chunk(task: _Task) -> _Chunk:
         try:
             if per_turn:
                 s = tokenize_row(loc, row, tok, data_cfg, markers)
-                out.counts.update(system_merged=int(s.system_merged), reasoning_dropped=s.reasoning_dropped,
-                                  contexts=s.contexts, expanded_tokens=s.expanded_tokens,
-                                  empty_assistant_turns=s.empty_turns)  # fmt: skip
+                out.counts.update(
+                    system_merged=int(s.system_merged),
+                    reasoning_dropped=s.reasoning_dropped,
+                    contexts=s.contexts,
+                    expanded_tokens=s.expanded_tokens,
+                    empty_assistant_turns=s.empty_turns,
+                )
                 kept.append((n, loc, np.asarray(s.input_ids, np.int32), np.asarray(s.loss_mask, np.uint8), s.parents))
                 continue
             if isinstance(row, RowError):
@@ -595,8 +640,17 @@ def _tokenize_chunk(task: _Task) -> _Chunk:
             messages, tools, flags = row_to_conversation(row, data_cfg)
             n_empty = check_empty_assistant_turns(messages, data_cfg)
             imgs = _load_images(messages, path, vis, out.image_files)
-            lays.append((n, loc, layout(tok, messages, tools, flags, data_cfg.train_on, data_cfg.chat_template_kwargs,
-                                        markers, data_cfg.system_into_first_user)))  # fmt: skip
+            lay = layout(
+                tok,
+                messages,
+                tools,
+                flags,
+                data_cfg.train_on,
+                data_cfg.chat_template_kwargs,
+                markers,
+                data_cfg.system_into_first_user,
+            )
+            lays.append((n, loc, lay))
             if imgs:
                 images[n] = imgs
             if n_empty:
@@ -617,8 +671,11 @@ def _tokenize_chunk(task: _Task) -> _Chunk:
             if not mask.any():
                 bad.append((n, loc, *_NO_TRAINED))
                 continue
-            out.counts.update(system_merged=int(lay.system_merged), reasoning_dropped=lay.reasoning_dropped,
-                              empty_assistant_turns=empty.get(n, 0))  # fmt: skip
+            out.counts.update(
+                system_merged=int(lay.system_merged),
+                reasoning_dropped=lay.reasoning_dropped,
+                empty_assistant_turns=empty.get(n, 0),
+            )
             kept.append((n, loc, ids, mask, None))
         kept.sort(key=lambda x: x[0])
     out.bad = [(loc, reason, detail) for _, loc, reason, detail in sorted(bad, key=lambda x: x[0])]
@@ -640,8 +697,10 @@ def _tokenize_chunk(task: _Task) -> _Chunk:
     out.row = np.asarray([x[0] for x in final], np.int32)
     if per_turn:  # a plain chain keeps the chain's parents (and tree=0: read back as None)
         out.tree = np.asarray([x[3] is not None for x in final], np.uint8)
-        chains = [np.asarray(x[3], np.int32) if x[3] is not None else np.arange(-1, len(x[1]) - 1, dtype=np.int32)
-                  for x in final]  # fmt: skip
+        chains = [
+            np.asarray(x[3], np.int32) if x[3] is not None else np.arange(-1, len(x[1]) - 1, dtype=np.int32)
+            for x in final
+        ]
         out.parents = np.concatenate(chains) if chains else np.zeros(0, np.int32)
     return out
 
@@ -665,9 +724,12 @@ def _load_images(messages: list[dict], path: str, vis, files: set) -> list | Non
     if not sources:
         return None
     if vis is None:
-        raise RowError("images on a text model", "the conversation has images but model.path has no vision tower "
-                                                 "(no vision_config in its config.json): use a vision-language model "
-                                                 "(e.g. Qwen2.5-VL) or remove the images")  # fmt: skip
+        raise RowError(
+            "images on a text model",
+            "the conversation has images but model.path has no vision tower "
+            "(no vision_config in its config.json): use a vision-language model "
+            "(e.g. Qwen2.5-VL) or remove the images",
+        )
     base = os.path.dirname(os.path.abspath(path)) if os.path.exists(path) else None
     out = []
     for k, src in enumerate(sources):
@@ -711,8 +773,10 @@ def _truncate(n, loc, ids, mask, parents, data_cfg: DataConfig, out: _Chunk, n_i
     if n_images:
         out.counts["dropped_image_cut"] += 1
         if len(out.problems) < _PROBLEMS_KEPT:
-            out.problems.append(f"{loc}: dropped, {length} tokens > data.max_length and truncation would cut an "
-                                f"image (raise data.max_length or lower data.image_max_pixels)")  # fmt: skip
+            out.problems.append(
+                f"{loc}: dropped, {length} tokens > data.max_length and truncation would cut an "
+                f"image (raise data.max_length or lower data.image_max_pixels)"
+            )
         return None
     if parents is not None:
         raise DataError(
@@ -802,8 +866,9 @@ def worker_count(data_cfg: DataConfig, files: list[str]) -> int:
     return max(1, min(cores, -(-size // (4 << 20))))
 
 
-def _chunk_results(files: list[str], tokenizer, data_cfg: DataConfig, markers, procs: int,
-                   vision=None) -> Iterator[_Chunk]:  # fmt: skip
+def _chunk_results(
+    files: list[str], tokenizer, data_cfg: DataConfig, markers, procs: int, vision=None
+) -> Iterator[_Chunk]:
     _WORKER.update(tok=tokenizer, cfg=data_cfg, markers=markers, files=files, vision=vision)
     if procs <= 1:
         for task in _tasks(files):
@@ -897,20 +962,30 @@ class TokenizedDataset(Sequence):
         i %= len(self)
         st = self.store
         parents = st.tokens("parents", i).tolist() if self._tree is not None and self._tree[i] else None
-        return Sample(st.tokens("input_ids", i).tolist(), st.tokens("loss_mask", i).tolist(), self.source(i),
-                      parents=parents, images=self.images(i))  # fmt: skip
+        return Sample(
+            st.tokens("input_ids", i).tolist(),
+            st.tokens("loss_mask", i).tolist(),
+            self.source(i),
+            parents=parents,
+            images=self.images(i),
+        )
 
     def images(self, i: int) -> list | None:
         """(encoded bytes, (t, h, w)) of sample i's images; None when it has none."""
         if self._images is None or not self.store.rows("images")[i]:
             return None
         first, im = int(self.store.rows("image_first")[i]), self._images
-        return [(im.tokens("bytes", k).tobytes(), (int(im.rows("t")[k]), int(im.rows("h")[k]), int(im.rows("w")[k])))
-                for k in range(first, first + int(self.store.rows("images")[i]))]  # fmt: skip
+        return [
+            (im.tokens("bytes", k).tobytes(), (int(im.rows("t")[k]), int(im.rows("h")[k]), int(im.rows("w")[k])))
+            for k in range(first, first + int(self.store.rows("images")[i]))
+        ]
 
     def describe(self) -> str:
-        how = {"cache": "read from the cache", "waited": "written by another process (waited for it), read from there",
-               "tokenized": "tokenized into the cache"}[self.origin]  # fmt: skip
+        how = {
+            "cache": "read from the cache",
+            "waited": "written by another process (waited for it), read from there",
+            "tokenized": "tokenized into the cache",
+        }[self.origin]
         where = self.store.path if self.store.path.exists() else "a temporary store (data.cache_dir=none)"
         return f"tokenized store: {len(self):,} samples {how} ({where})"
 
@@ -926,8 +1001,14 @@ class TokenizedDataset(Sequence):
         return self.store.rows("trained")
 
 
-def cache_key(files: list[str], tokenizer, data_cfg: DataConfig, markers: TemplateMarkers | None = None,
-              memo: Path | None = None, vision=None) -> str:  # fmt: skip
+def cache_key(
+    files: list[str],
+    tokenizer,
+    data_cfg: DataConfig,
+    markers: TemplateMarkers | None = None,
+    memo: Path | None = None,
+    vision=None,
+) -> str:
     opts = {
         k: v
         for k, v in asdict(data_cfg).items()
@@ -1005,8 +1086,10 @@ def _writable(root: Path) -> bool:
         with tempfile.TemporaryFile(dir=root):
             return True
     except OSError as e:
-        say(f"warning: the tokenization cache {root} is not writable ({e}); tokenizing into a temporary folder "
-            "for this run only (set data.cache_dir to a writable folder to keep it).")  # fmt: skip
+        say(
+            f"warning: the tokenization cache {root} is not writable ({e}); tokenizing into a temporary folder "
+            "for this run only (set data.cache_dir to a writable folder to keep it)."
+        )
         return False
 
 
@@ -1023,8 +1106,9 @@ def build_dataset(
     files = resolve_files(data_cfg.train_files if files is None else files, key)
     markers = template_markers(tokenizer, data_cfg.chat_template_kwargs)
     root = cache_dir(data_cfg)
-    fp = cache_key(files, tokenizer, data_cfg, markers, memo=root.parent / "file-hashes" if root else None,
-                   vision=vision)  # fmt: skip
+    fp = cache_key(
+        files, tokenizer, data_cfg, markers, memo=root.parent / "file-hashes" if root else None, vision=vision
+    )
     if root is not None:
         found = _open(root / fp, fp)
         if found is not None:
@@ -1051,17 +1135,27 @@ def build_dataset(
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _write(files, tokenizer, data_cfg: DataConfig, markers, root: Path, fp: str, holder, option: str,
-           vision=None) -> Path:  # fmt: skip
+def _write(
+    files, tokenizer, data_cfg: DataConfig, markers, root: Path, fp: str, holder, option: str, vision=None
+) -> Path:
     per_turn = data_cfg.reasoning_history == "per_turn"
     tokens = {"input_ids": "int32", "loss_mask": "uint8", **({"parents": "int32"} if per_turn else {})}
-    rows = {"length": "int32", "trained": "int32", "file": "int32", "row": "int32", **({"tree": "uint8"} if per_turn else {})}  # fmt: skip
+    rows = {
+        "length": "int32",
+        "trained": "int32",
+        "file": "int32",
+        "row": "int32",
+        **({"tree": "uint8"} if per_turn else {}),
+    }
     if vision is not None:
         rows.update(images="int32", image_first="int64")
     writer = StoreWriter(root, fp, tokens, rows)
     # images: a store of their own inside the entry, one "sample" per image (its encoded bytes, its patch grid)
-    image_writer = StoreWriter(writer.tmp, "images", {"bytes": "uint8"}, {"t": "int32", "h": "int32", "w": "int32"}) \
-        if vision is not None else None  # fmt: skip
+    image_writer = (
+        StoreWriter(writer.tmp, "images", {"bytes": "uint8"}, {"t": "int32", "h": "int32", "w": "int32"})
+        if vision is not None
+        else None
+    )
     report, skipped, counts = DataReport(), Counter(), Counter()
     problems, trunc_problems, over_examples = [], [], []
     progress = _Progress(option)
@@ -1084,8 +1178,18 @@ def _write(files, tokenizer, data_cfg: DataConfig, markers, root: Path, fp: str,
                 first = image_writer.n + np.concatenate([[0], np.cumsum(c.images[:-1], dtype=np.int64)])
                 extra = {"images": c.images, "image_first": first[: len(c.images)]}
                 _append_images(image_writer, c, vision, report)
-            writer.append(c.lengths, cols, {"length": c.lengths, "trained": c.trained, "row": c.row, "tree": c.tree,
-                                            "file": np.full(len(c.lengths), c.file, np.int32), **extra})  # fmt: skip
+            writer.append(
+                c.lengths,
+                cols,
+                {
+                    "length": c.lengths,
+                    "trained": c.trained,
+                    "row": c.row,
+                    "tree": c.tree,
+                    "file": np.full(len(c.lengths), c.file, np.int32),
+                    **extra,
+                },
+            )
             report.samples, report.tokens = writer.n, writer.n_tokens
             report.trained_tokens += int(c.trained.sum(dtype=np.int64))
             progress.update(report.rows, report.tokens, c.done)
@@ -1136,8 +1240,11 @@ def _append_images(image_writer: StoreWriter, c: _Chunk, vision, report: DataRep
         if group:
             grids = np.asarray(c.image_grids[report.images - first : report.images - first + len(group)], np.int32)
             sizes = np.asarray([len(b) for b in group], np.int64)
-            image_writer.append(sizes, {"bytes": np.frombuffer(b"".join(group), np.uint8)},
-                                {"t": grids[:, 0], "h": grids[:, 1], "w": grids[:, 2]})  # fmt: skip
+            image_writer.append(
+                sizes,
+                {"bytes": np.frombuffer(b"".join(group), np.uint8)},
+                {"t": grids[:, 0], "h": grids[:, 1], "w": grids[:, 2]},
+            )
             report.images += len(group)
             report.image_bytes += int(sizes.sum())
             group.clear()

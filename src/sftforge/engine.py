@@ -58,8 +58,9 @@ def grouped_attention(module, query, key, value, attention_mask, scaling=None, d
     boolean mask [n, 1, t, width], torch's sdpa with grouped key/value heads (``enable_gqa``): the keys and values are
     read in place, not copied once per query head as transformers' sdpa does with a mask (repeat_kv). Returns
     [n, t, Hq, D] and no weights, as transformers' attention functions do."""
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
-                                         enable_gqa=query.shape[1] != key.shape[1])  # fmt: skip
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -223,8 +224,11 @@ class Engine:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         _register()
         # the decoder's configs, whose attention the engine's forwards switch to grouped_attention (and back)
-        configs = {id(m.config): m.config for m in self.decoder.modules()
-                   if getattr(getattr(m, "config", None), "_attn_implementation", None) in ATTENTIONS}  # fmt: skip
+        configs = {
+            id(m.config): m.config
+            for m in self.decoder.modules()
+            if getattr(getattr(m, "config", None), "_attn_implementation", None) in ATTENTIONS
+        }
         self._configs = [(c, c._attn_implementation) for c in configs.values()]
         self.cache = SlotCache()
         self.seqs: list[_Seq | None] = []  # per slot; active sequences in slots 0..active-1
@@ -266,8 +270,11 @@ class Engine:
         """Slots the cache may hold: every sequence of the call plus a batch (the next turn of each episode finds its
         conversation kept), within ``max_cache_bytes`` at the current capacity, and never fewer than a batch + 1."""
         want = max(2 * self.max_batch, self._call_size + self.max_batch)
-        per_slot = sum(b.shape[1] * b.shape[2] * b.shape[3] * b.element_size() for st in (self.cache.k, self.cache.v)
-                       for b in st.values())  # fmt: skip
+        per_slot = sum(
+            b.shape[1] * b.shape[2] * b.shape[3] * b.element_size()
+            for st in (self.cache.k, self.cache.v)
+            for b in st.values()
+        )
         if per_slot:
             want = min(want, max(self.max_batch + 1, self.max_cache_bytes // per_slot))
         return want
@@ -300,8 +307,9 @@ class Engine:
         for c, _ in self._configs:
             c._attn_implementation = ENGINE_ATTENTION
         try:
-            out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                               **{self._cache_kw: self.cache})  # fmt: skip
+            out = self.decoder(
+                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{self._cache_kw: self.cache}
+            )
         finally:
             for c, impl in self._configs:
                 c._attn_implementation = impl
@@ -334,8 +342,17 @@ class Engine:
         return out
 
     # -- the call --------------------------------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids, *, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:  # fmt: skip
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        stop_ids,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> list[list[int]]:
         """New tokens for every prompt (up to and including a stop token, or ``max_new_tokens`` of them)."""
         if any(not p for p in prompts):
             raise ValueError("an empty prompt: the engine continues a prompt of at least one token")
@@ -450,8 +467,17 @@ class Engine:
         self.active += 1
         return slot
 
-    def _start(self, group: list[int], slot: int, logits: torch.Tensor, device, seed: int, copy: dict[int, int],
-               do_sample: bool, last_logits) -> None:  # fmt: skip
+    def _start(
+        self,
+        group: list[int],
+        slot: int,
+        logits: torch.Tensor,
+        device,
+        seed: int,
+        copy: dict[int, int],
+        do_sample: bool,
+        last_logits,
+    ) -> None:
         """The sequences of ``group`` begin: the first in ``slot`` (prefilled), the others forked from it."""
         first = self.seqs[slot]
         for j, request in enumerate(group):

@@ -74,8 +74,10 @@ def samples_from_rows(rows: Sequence[tuple], data_cfg: DataConfig, turns: str = 
         rid = str(row.get("id", loc)) if isinstance(row, dict) else loc
         if prompt_only:
             if row_answer(row) is None:
-                raise DataError(f"{loc}: the row has no assistant message and no gold answer ({', '.join(ANSWER_COLUMNS)}): "
-                                "nothing to score a generation against; add one of them.")  # fmt: skip
+                raise DataError(
+                    f"{loc}: the row has no assistant message and no gold answer ({', '.join(ANSWER_COLUMNS)}): "
+                    "nothing to score a generation against; add one of them."
+                )
             out.append(EvalSample(rid, messages, tools, {"role": "assistant", "content": ""}, row, base))
             continue
         idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -243,8 +245,9 @@ def evaluate_samples(generator: Generator, samples: list[EvalSample], task: str 
     if (live.active or periodic.active) and hasattr(generator.backend, "on_batch"):
         generator.backend.on_batch = on_batch
     try:
-        gens = generator.generate([p for p in prompts for _ in range(k)],
-                                  [im for im in images for _ in range(k)] if images else None)  # fmt: skip
+        gens = generator.generate(
+            [p for p in prompts for _ in range(k)], [im for im in images for _ in range(k)] if images else None
+        )
     finally:
         live.close()
         if hasattr(generator.backend, "on_batch"):
@@ -258,9 +261,21 @@ def evaluate_samples(generator: Generator, samples: list[EvalSample], task: str 
             ref = s.reference_message.get("tool_calls") or s.reference
         extra = {key: v for key, v in scored.items() if key != "score"}
         which = {"problem": i // k, "sample": i % k} if k > 1 else {}
-        records.append({"id": s.id, **which, **row_source(s.row), "prompt": p, "generation": g.text, "reference": ref,
-                        "score": scored["score"], "metrics": extra, "generated_tokens": g.n_tokens, "hit_max": g.hit_max,
-                        "_gens": [g]})  # fmt: skip
+        records.append(
+            {
+                "id": s.id,
+                **which,
+                **row_source(s.row),
+                "prompt": p,
+                "generation": g.text,
+                "reference": ref,
+                "score": scored["score"],
+                "metrics": extra,
+                "generated_tokens": g.n_tokens,
+                "hit_max": g.hit_max,
+                "_gens": [g],
+            }
+        )
     return EvalResult(records, summarize(records, generator.stats, task))
 
 
@@ -279,10 +294,17 @@ def _interval(pair) -> str:
 def _k_rows(metrics: dict, prefix: str = "") -> list[tuple[str, str]]:
     """Table rows of :func:`_problem_metrics`'s output: mean@K / pass@k with their intervals, or an accuracy."""
     if "samples_per_problem" not in metrics:
-        return [(f"{prefix}accuracy ({metrics['problems']} problems)",
-                 f"{metrics['accuracy']:.1%} {_interval(metrics['ci95'])}")]  # fmt: skip
-    return [(f"{prefix}{name}", f"{metrics[name]:.1%} {_interval(metrics[name + '_ci95'])}")
-            for name in metrics if "@" in name and not name.endswith("_ci95")]  # fmt: skip
+        return [
+            (
+                f"{prefix}accuracy ({metrics['problems']} problems)",
+                f"{metrics['accuracy']:.1%} {_interval(metrics['ci95'])}",
+            )
+        ]
+    return [
+        (f"{prefix}{name}", f"{metrics[name]:.1%} {_interval(metrics[name + '_ci95'])}")
+        for name in metrics
+        if "@" in name and not name.endswith("_ci95")
+    ]
 
 
 def print_summary(summary: dict, console=None) -> None:
@@ -293,8 +315,19 @@ def print_summary(summary: dict, console=None) -> None:
     table.add_column("value", justify="right")
     table.add_row("samples" if not summary.get("episodes") else "episodes", str(summary["n"]))
     k = summary.get("samples_per_problem")
-    skip = {"task", "n", "accuracy", "ci95_low", "ci95_high", "episodes", "generated_tokens", "generation_s",
-            "by_source", "problems", "samples_per_problem"}  # fmt: skip
+    skip = {
+        "task",
+        "n",
+        "accuracy",
+        "ci95_low",
+        "ci95_high",
+        "episodes",
+        "generated_tokens",
+        "generation_s",
+        "by_source",
+        "problems",
+        "samples_per_problem",
+    }
     if k:
         table.add_row("problems × samples", f"{summary['problems']} × {k}")
         for label, value in _k_rows(summary):
@@ -324,8 +357,9 @@ def print_summary(summary: dict, console=None) -> None:
 # Multi-turn environments
 
 
-def environment(task: str, rows: list[tuple], cfg: Config,
-                check: bool = True) -> tuple[list[Task], Callable[[], Env], int]:  # fmt: skip
+def environment(
+    task: str, rows: list[tuple], cfg: Config, check: bool = True
+) -> tuple[list[Task], Callable[[], Env], int]:
     """(tasks, a new environment, how many of its steps may run at once) of the environment ``task`` on ``rows``
     ((location, row) pairs): what ``sftforge eval`` and ``sftforge rl`` roll out. ``check``: the code_math sandbox is
     checked here (``sftforge plan`` reports it instead)."""
@@ -342,8 +376,9 @@ def environment(task: str, rows: list[tuple], cfg: Config,
     raise ConfigError(f"unknown environment {task!r}; available: {', '.join(ENV_TASKS)}")
 
 
-def evaluate_env(generator: Generator, rows: list[tuple], cfg: Config, task: str = "textcraft",
-                 max_turns: int = 40, k: int = 1) -> EvalResult:  # fmt: skip
+def evaluate_env(
+    generator: Generator, rows: list[tuple], cfg: Config, task: str = "textcraft", max_turns: int = 40, k: int = 1
+) -> EvalResult:
     """Roll out the model in an environment on every task in ``rows``, ``k`` episodes each; the score is success."""
     tasks, make_env, workers = environment(task, rows, cfg)
     sources = [row_source(r[1]) for r in rows] if len(rows) == len(tasks) else [{}] * len(tasks)
@@ -359,19 +394,35 @@ def evaluate_env(generator: Generator, rows: list[tuple], cfg: Config, task: str
         periodic.update(done, generator.stats.tokens)
 
     try:
-        episodes = rollout(make_env, [t for t in tasks for _ in range(k)], policy, max_turns=max_turns,
-                           workers=workers, on_turn=on_turn)  # fmt: skip
+        episodes = rollout(
+            make_env,
+            [t for t in tasks for _ in range(k)],
+            policy,
+            max_turns=max_turns,
+            workers=workers,
+            on_turn=on_turn,
+        )
     finally:
         live.close()
     records = []
     for i, ep in enumerate(episodes):
         first = 2 if ep.messages[0]["role"] == "system" else 1
         which = {"problem": i // k, "sample": i % k} if k > 1 else {}
-        records.append({"id": ep.task_id, **which, **sources[i // k],
-                        "prompt": generator.prompt(ep.messages[:first], ep.tools),
-                        "generation": ep.actions, "reference": ep.reference, "score": float(ep.success),
-                        "metrics": {"finished": float(ep.done)}, "turns": ep.turns,
-                        "observations": ep.observations, "_gens": ep.generations})  # fmt: skip
+        records.append(
+            {
+                "id": ep.task_id,
+                **which,
+                **sources[i // k],
+                "prompt": generator.prompt(ep.messages[:first], ep.tools),
+                "generation": ep.actions,
+                "reference": ep.reference,
+                "score": float(ep.success),
+                "metrics": {"finished": float(ep.done)},
+                "turns": ep.turns,
+                "observations": ep.observations,
+                "_gens": ep.generations,
+            }
+        )
     summary = summarize(records, generator.stats, task)
     summary["episodes"] = True
     summary["mean_turns"] = sum(ep.turns for ep in episodes) / max(len(episodes), 1)
@@ -397,8 +448,9 @@ class TrainingEval:
 
     def __call__(self, model, records_path=None) -> dict:
         """The eval numbers for the step's record; ``records_path``: also write every sample's result there."""
-        gen = hf_generator(model, self.tokenizer, self.opts, self.cfg.data.chat_template_kwargs, self.cfg.model.dtype,
-                           self.vision)  # fmt: skip
+        gen = hf_generator(
+            model, self.tokenizer, self.opts, self.cfg.data.chat_template_kwargs, self.cfg.model.dtype, self.vision
+        )
         if self.samples is None:
             res = evaluate_env(gen, self.rows, self.cfg, self.task)
         else:
@@ -432,17 +484,31 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --do-sample)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences generated at once (default 32; the engine "
-                   "keeps each one's KV cache, the generate fallback pads a batch to its longest prompt)")  # fmt: skip
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="sequences generated at once (default 32; the engine keeps each one's KV cache, the generate fallback "
+        "pads a batch to its longest prompt)",
+    )
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="hf (default) | vllm (GPU)")
-    p.add_argument("--turns", choices=("last", "all"), default="last",
-                   help="score the last assistant turn of each row (default) or every assistant turn")  # fmt: skip
+    p.add_argument(
+        "--turns",
+        choices=("last", "all"),
+        default="last",
+        help="score the last assistant turn of each row (default) or every assistant turn",
+    )
     p.add_argument("--max-turns", type=int, default=40, help="environment tasks: actions per episode (default 40)")
     p.add_argument("--limit", type=int, default=0, help="only the first N rows (0 = all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--samples", type=int, default=1, metavar="K",
-                   help="answers per problem (with --do-sample): mean@K and pass@k (unbiased) with intervals over "
-                        "problems, per data_source (verl's n_resp_per_prompt_val; AIME-style K=30)")  # fmt: skip
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        metavar="K",
+        help="answers per problem (with --do-sample): mean@K and pass@k (unbiased) with intervals over "
+        "problems, per data_source (verl's n_resp_per_prompt_val; AIME-style K=30)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.format=alpaca")
 
 
@@ -478,13 +544,19 @@ def evaluate(
     writes the records as jsonl."""
     if not is_task(task):
         get_scorer(task)  # raises with the list of tasks
-    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size), ("max_turns", max_turns),
-                        ("samples", samples)):  # fmt: skip
+    for name, value in (
+        ("max_new_tokens", max_new_tokens),
+        ("batch_size", batch_size),
+        ("max_turns", max_turns),
+        ("samples", samples),
+    ):
         if value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
     if samples > 1 and not do_sample:
-        raise ConfigError(f"--samples {samples} draws {samples} answers per problem: add --do-sample (greedy decoding "
-                          f"would give the same answer {samples} times), with --temperature / --top-p as wanted.")  # fmt: skip
+        raise ConfigError(
+            f"--samples {samples} draws {samples} answers per problem: add --do-sample (greedy decoding "
+            f"would give the same answer {samples} times), with --temperature / --top-p as wanted."
+        )
     if backend not in ("hf", "vllm"):
         raise ConfigError(f"backend must be hf or vllm, got {backend!r}.")
     loaded = isinstance(model, torch.nn.Module)
@@ -534,10 +606,24 @@ def eval_main(args) -> int:
         raise ConfigError(f"unexpected argument(s) {' '.join(bad)}: overrides are key=value (e.g. data.format=alpaca).")
     if not args.do_sample and (args.temperature != 1.0 or args.top_p != 1.0):
         print("note: --temperature/--top-p apply only with --do-sample; decoding is greedy.", file=sys.stderr)
-    result = evaluate(args.model, args.data, args.task, overrides=args.overrides, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, do_sample=args.do_sample, temperature=args.temperature,
-                      top_p=args.top_p, seed=args.seed, turns=args.turns, max_turns=args.max_turns, limit=args.limit,
-                      backend=args.backend, output=args.output or None, samples=args.samples)  # fmt: skip
+    result = evaluate(
+        args.model,
+        args.data,
+        args.task,
+        overrides=args.overrides,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        turns=args.turns,
+        max_turns=args.max_turns,
+        limit=args.limit,
+        backend=args.backend,
+        output=args.output or None,
+        samples=args.samples,
+    )
     print_summary(result.summary)
     if args.output:
         print(f"wrote {len(result.records)} records to {args.output}")

@@ -132,8 +132,9 @@ def unsharded_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) 
     return plain.eval()
 
 
-def export_module(model: torch.nn.Module, out_dir, tokenizer=None, run_config: dict | None = None,
-                  state_dict: dict | None = None) -> Path:  # fmt: skip
+def export_module(
+    model: torch.nn.Module, out_dir, tokenizer=None, run_config: dict | None = None, state_dict: dict | None = None
+) -> Path:
     """The export of a module that is not a transformers model (model.builder): ``model.safetensors`` (every
     weight), ``trainable.safetensors`` (only the trained ones), ``config.yaml`` (the resolved config, without
     model.init_checkpoint: the weights are here) and the tokenizer. :func:`load_trained` rebuilds it."""
@@ -151,8 +152,9 @@ def export_module(model: torch.nn.Module, out_dir, tokenizer=None, run_config: d
         adapters = {k: v for k, v in source.items() if k in trained}
     full = {k: v.detach().to("cpu").clone().contiguous() for k, v in source.items()}  # (tied weights: one copy each)
     save_file(full, str(out / "model.safetensors"))
-    save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in adapters.items()},
-              str(out / "trainable.safetensors"))  # fmt: skip
+    save_file(
+        {k: v.detach().to("cpu").clone().contiguous() for k, v in adapters.items()}, str(out / "trainable.safetensors")
+    )
     if run_config is not None:
         cfg = copy.deepcopy(run_config)
         cfg.setdefault("model", {})["init_checkpoint"] = ""
@@ -177,8 +179,20 @@ def is_built_module(folder: str | Path) -> bool:
     return (p / "config.yaml").is_file() and (p / "model.safetensors").is_file() and not (p / "config.json").exists()
 
 
-def export_model(model, out_dir, tokenizer=None, eos_token_ids=None, dtype=torch.float32, *, merge=True, adapter_dir=None,
-                 base_path: str = "", state_dict=None, vision=None, run_config: dict | None = None) -> Path:  # fmt: skip
+def export_model(
+    model,
+    out_dir,
+    tokenizer=None,
+    eos_token_ids=None,
+    dtype=torch.float32,
+    *,
+    merge=True,
+    adapter_dir=None,
+    base_path: str = "",
+    state_dict=None,
+    vision=None,
+    run_config: dict | None = None,
+) -> Path:
     """HF export of a plain or LoRA model. LoRA: ``merge`` writes the merged full model to ``out_dir`` (and the
     adapter to ``adapter_dir`` when given); without ``merge`` the adapter alone goes to ``out_dir``. ``state_dict``:
     the full weights when ``model``'s parameters are FSDP2 shards (gathered on this rank beforehand). A module that
@@ -233,9 +247,17 @@ def export_checkpoint(ckpt: str | Path, output: str | Path, merge: bool = False)
     load_any(p, model, None, restore_rng=False)  # one-process safetensors, or DCP shards of any world size
     model.eval()
     tokenizer = load_tokenizer(cfg)  # with data.chat_template when the run set one
-    return export_model(model, output, tokenizer, generation_eos_ids(tokenizer, cfg.data.chat_template_kwargs), compute_dtype(cfg.model.dtype),
-                        merge=merge, base_path=cfg.model.path, vision=load_vision(cfg, tokenizer),
-                        run_config=yaml.safe_load((p / "config.yaml").read_text()))  # fmt: skip
+    return export_model(
+        model,
+        output,
+        tokenizer,
+        generation_eos_ids(tokenizer, cfg.data.chat_template_kwargs),
+        compute_dtype(cfg.model.dtype),
+        merge=merge,
+        base_path=cfg.model.path,
+        vision=load_vision(cfg, tokenizer),
+        run_config=yaml.safe_load((p / "config.yaml").read_text()),
+    )
 
 
 def export_gguf(source: str | Path, output: str | Path, dtype: str = "fp32") -> Path:

@@ -80,18 +80,31 @@ class HFBackend:
         self.why_not = supports(model) if engine else "engine=False"
         self.engine = Engine(model, dtype) if self.why_not is None else None
 
-    def generate(self, prompts: list[list[int]], opts: GenerationOptions, stop_ids: list[int], images=None,
-                 vision=None) -> list[list[int]]:  # fmt: skip
+    def generate(
+        self, prompts: list[list[int]], opts: GenerationOptions, stop_ids: list[int], images=None, vision=None
+    ) -> list[list[int]]:
         """``images``: per prompt, None or its (bytes, grid) images, whose placeholders ``prompts`` already expand."""
         if self.engine is not None and not (images and any(images)):
             self.engine.max_batch = max(1, opts.batch_size)
             self.engine.on_progress = (lambda done, total, _tokens: self._done(done, total)) if self.on_batch else None
-            return self.engine.generate(prompts, opts.max_new_tokens, stop_ids, do_sample=opts.do_sample,
-                                        temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed)  # fmt: skip
+            return self.engine.generate(
+                prompts,
+                opts.max_new_tokens,
+                stop_ids,
+                do_sample=opts.do_sample,
+                temperature=opts.temperature,
+                top_p=opts.top_p,
+                seed=opts.seed,
+            )
         model = self.model
         device = next(model.parameters()).device
-        cfg = {"max_new_tokens": opts.max_new_tokens, "do_sample": opts.do_sample, "eos_token_id": stop_ids,
-               "pad_token_id": self.pad_id, "use_cache": True}  # fmt: skip
+        cfg = {
+            "max_new_tokens": opts.max_new_tokens,
+            "do_sample": opts.do_sample,
+            "eos_token_id": stop_ids,
+            "pad_token_id": self.pad_id,
+            "use_cache": True,
+        }
         if opts.do_sample:
             cfg.update(temperature=opts.temperature, top_p=opts.top_p, top_k=0)
         gen_cfg = GenerationConfig(**cfg)
@@ -151,8 +164,9 @@ def greedy_generate(model, ids: torch.Tensor, mask: torch.Tensor, opts: Generati
     """Greedy decoding for a module without ``generate`` (model.builder): the whole sequence through the model at
     every new token (no KV cache: for short answers, such as multiple choice). Returns the new tokens [B, n]."""
     if opts.do_sample:
-        raise ConfigError("sampling (--do-sample) needs a model with transformers' generate; this module decodes "
-                          "greedily only.")  # fmt: skip
+        raise ConfigError(
+            "sampling (--do-sample) needs a model with transformers' generate; this module decodes greedily only."
+        )
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     new = []
     stops = torch.tensor(list(stop_ids), device=ids.device)
@@ -195,8 +209,9 @@ class VLLMBackend:
             skip_tokenizer_init=False,
         )
 
-    def generate(self, prompts: list[list[int]], opts: GenerationOptions, stop_ids: list[int], images=None,
-                 vision=None) -> list[list[int]]:  # fmt: skip
+    def generate(
+        self, prompts: list[list[int]], opts: GenerationOptions, stop_ids: list[int], images=None, vision=None
+    ) -> list[list[int]]:
         from vllm import SamplingParams
 
         if images and any(images):
@@ -226,8 +241,14 @@ def check_vllm() -> None:
 class Generator:
     """Renders conversations with the chat template, runs a backend, cuts at the end-of-turn token, decodes."""
 
-    def __init__(self, backend, tokenizer, opts: GenerationOptions | None = None, template_kwargs: dict | None = None,
-                 vision=None):  # fmt: skip
+    def __init__(
+        self,
+        backend,
+        tokenizer,
+        opts: GenerationOptions | None = None,
+        template_kwargs: dict | None = None,
+        vision=None,
+    ):
         self.backend, self.tokenizer, self.vision = backend, tokenizer, vision
         self.opts = opts or GenerationOptions()
         self.template_kwargs = template_kwargs or {}
@@ -243,11 +264,18 @@ class Generator:
         if images and any(images):
             if self.vision is None:
                 raise ConfigError("prompts with images need a vision-language model (its config has a vision_config).")
-            ids = [self.vision.expand(np.asarray(x), np.zeros(len(x), np.uint8), [g for _, g in im])[0].tolist()
-                   if im else x for x, im in zip(ids, images)]  # fmt: skip
+            ids = [
+                self.vision.expand(np.asarray(x), np.zeros(len(x), np.uint8), [g for _, g in im])[0].tolist()
+                if im
+                else x
+                for x, im in zip(ids, images)
+            ]
         t0 = time.perf_counter()
-        new = self.backend.generate(ids, self.opts, self.stop_ids, images, self.vision) if images and any(images) \
-            else self.backend.generate(ids, self.opts, self.stop_ids)  # fmt: skip
+        new = (
+            self.backend.generate(ids, self.opts, self.stop_ids, images, self.vision)
+            if images and any(images)
+            else self.backend.generate(ids, self.opts, self.stop_ids)
+        )
         self.stats.seconds += time.perf_counter() - t0
         out = []
         for toks in new:
@@ -275,7 +303,8 @@ def pad_id(tokenizer) -> int:
     return next((i for i in ids if i is not None), 0)
 
 
-def hf_generator(model, tokenizer, opts: GenerationOptions | None = None, template_kwargs=None, dtype="fp32",
-                 vision=None):  # fmt: skip
+def hf_generator(
+    model, tokenizer, opts: GenerationOptions | None = None, template_kwargs=None, dtype="fp32", vision=None
+):
     pad = pad_id(tokenizer)
     return Generator(HFBackend(model, pad, dtype), tokenizer, opts, template_kwargs, vision)

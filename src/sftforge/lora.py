@@ -51,9 +51,13 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
         # but the LM head (peft's all-linear only knows transformers models)
         target = language_model_linears(model) if hf else linears_but_head(model)
     lcfg = LoraConfig(
-        r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=target,
-        bias="none", task_type="CAUSAL_LM" if hf else None,
-    )  # fmt: skip
+        r=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=target,
+        bias="none",
+        task_type="CAUSAL_LM" if hf else None,
+    )
     try:  # adapters initialized from model.init_seed: the same run gets the same adapters whatever came before
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed)
@@ -69,8 +73,13 @@ def language_model_linears(model: torch.nn.Module) -> str:
     body, decoder, head = multimodal_body(model), model.get_decoder(), model.get_output_embeddings()
     names = {id(m): n for n, m in model.named_modules()}
     skip = [names[id(c)] for _, c in body.named_children() if c is not decoder]
-    leafs = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                    if isinstance(m, torch.nn.Linear) and m is not head and not any(n.startswith(s + ".") for s in skip)})  # fmt: skip
+    leafs = sorted(
+        {
+            n.rsplit(".", 1)[-1]
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m is not head and not any(n.startswith(s + ".") for s in skip)
+        }
+    )
     return rf"^(?!(?:{'|'.join(map(re.escape, skip))})\.).*\.(?:{'|'.join(map(re.escape, leafs))})$"
 
 

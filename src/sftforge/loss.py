@@ -113,8 +113,10 @@ def full_logits_loss(model: torch.nn.Module, batch: MicroBatch) -> tuple[torch.T
     position_ids)`` returns logits (a tensor, an output with ``.logits``, or a tuple whose first item they are) for
     every position of a PADDED micro-batch (a packed row would need per-sample attention the module may not do)."""
     if batch.attention_mask is None or batch.attention_mask.dim() != 2:
-        raise ValueError("a module without get_decoder()/get_output_embeddings() takes padded micro-batches only: "
-                         "set data.packing=false.")  # fmt: skip
+        raise ValueError(
+            "a module without get_decoder()/get_output_embeddings() takes padded micro-batches only: "
+            "set data.packing=false."
+        )
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
     logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
     if logits is None:

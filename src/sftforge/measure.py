@@ -67,9 +67,16 @@ def measure(cfg: Config, plan: dict[str, Any], steps: int = 0, imports_s: float 
     )
     evals = t.eval_freq > 0 and bool(cfg.data.eval_files)
     trainer = dataclasses.replace(
-        t, output_dir=str(out), stop_at_step=k if k < total else 0, logger=["jsonl"], max_ckpt_to_keep=1,
-        test_freq=k, eval_freq=k if evals else 0, save_freq=0, resume="never",
-    )  # fmt: skip
+        t,
+        output_dir=str(out),
+        stop_at_step=k if k < total else 0,
+        logger=["jsonl"],
+        max_ckpt_to_keep=1,
+        test_freq=k,
+        eval_freq=k if evals else 0,
+        save_freq=0,
+        resume="never",
+    )
     run_cfg = dataclasses.replace(cfg, trainer=trainer)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -102,32 +109,47 @@ def measure(cfg: Config, plan: dict[str, Any], steps: int = 0, imports_s: float 
     run_s = startup_s + warm_extra + total * step_s + n_val * val_s + n_eval * eval_s + (n_save + 1) * save_s
     memory = max((r.get("memory_gb", 0.0) for r in records), default=0.0)
     return {
-        "steps_run": len(records), "warmup_steps": min(WARMUP, len(records)), "step_s": round(step_s, 4),
-        "step_s_min": round(min(timed), 4) if timed else None, "step_s_max": round(max(timed), 4) if timed else None,
-        "warmup_extra_s": round(warm_extra, 3), "startup_s": round(startup_s, 3), "imports_s": round(imports_s, 3),
-        "val_s": round(val_s, 3), "eval_s": round(eval_s, 3), "save_s": round(save_s, 3),
-        "validations": n_val, "evals": n_eval, "checkpoints": n_save,
-        "epoch_s": round(epoch_s, 2), "run_s": round(run_s, 2),
+        "steps_run": len(records),
+        "warmup_steps": min(WARMUP, len(records)),
+        "step_s": round(step_s, 4),
+        "step_s_min": round(min(timed), 4) if timed else None,
+        "step_s_max": round(max(timed), 4) if timed else None,
+        "warmup_extra_s": round(warm_extra, 3),
+        "startup_s": round(startup_s, 3),
+        "imports_s": round(imports_s, 3),
+        "val_s": round(val_s, 3),
+        "eval_s": round(eval_s, 3),
+        "save_s": round(save_s, 3),
+        "validations": n_val,
+        "evals": n_eval,
+        "checkpoints": n_save,
+        "epoch_s": round(epoch_s, 2),
+        "run_s": round(run_s, 2),
         "tokens_per_s": round(sum(r["tokens"] for r in records[WARMUP:]) / max(sum(timed), 1e-9), 1),
-        "peak_memory_gib": round(memory, 3), "memory_kind": "gpu" if resolve_device(t.device).type == "cuda" else "resident",
-    }  # fmt: skip
+        "peak_memory_gib": round(memory, 3),
+        "memory_kind": "gpu" if resolve_device(t.device).type == "cuda" else "resident",
+    }
 
 
 def format_measured(m: dict[str, Any], plan: dict[str, Any]) -> str:
     mem = plan.get("memory") or {}
     est = f"{mem['total']:.2f} GiB estimated per GPU" if mem.get("total") is not None else "no estimate"
     kind = "GPU peak allocated" if m["memory_kind"] == "gpu" else "peak resident (CPU process: Python, torch, data)"
-    extra = [f"validation {m['val_s']:.2f}s × {m['validations']}" if m["validations"] else "",
-             f"eval {m['eval_s']:.2f}s × {m['evals']}" if m["evals"] else "",
-             f"checkpoint {m['save_s']:.2f}s × {m['checkpoints']} + final export"]  # fmt: skip
-    return "\n".join([
-        f"measured here: {m['steps_run']} steps ({m['warmup_steps']} warm-up): {m['step_s']:.3f} s/step "
-        f"(min {m['step_s_min']}, max {m['step_s_max']}), {m['tokens_per_s']:,.0f} tokens/s; "
-        f"startup {m['startup_s']:.1f}s (imports, data, model); " + "; ".join(x for x in extra if x),
-        f"measured time: {duration(m['epoch_s'])} per epoch, {duration(m['run_s'])} for the run "
-        f"({plan['total_steps']} steps)",
-        f"measured memory: {m['peak_memory_gib']:.2f} GiB {kind}; plan: {est}",
-    ])  # fmt: skip
+    extra = [
+        f"validation {m['val_s']:.2f}s × {m['validations']}" if m["validations"] else "",
+        f"eval {m['eval_s']:.2f}s × {m['evals']}" if m["evals"] else "",
+        f"checkpoint {m['save_s']:.2f}s × {m['checkpoints']} + final export",
+    ]
+    return "\n".join(
+        [
+            f"measured here: {m['steps_run']} steps ({m['warmup_steps']} warm-up): {m['step_s']:.3f} s/step "
+            f"(min {m['step_s_min']}, max {m['step_s_max']}), {m['tokens_per_s']:,.0f} tokens/s; "
+            f"startup {m['startup_s']:.1f}s (imports, data, model); " + "; ".join(x for x in extra if x),
+            f"measured time: {duration(m['epoch_s'])} per epoch, {duration(m['run_s'])} for the run "
+            f"({plan['total_steps']} steps)",
+            f"measured memory: {m['peak_memory_gib']:.2f} GiB {kind}; plan: {est}",
+        ]
+    )
 
 
 __all__ = ["DEFAULT_STEPS", "WARMUP", "format_measured", "measure", "process_age_s"]

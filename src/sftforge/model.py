@@ -43,13 +43,17 @@ def check_model_options(cfg: ModelConfig) -> None:
     path, present; model.builder and model.init_checkpoint well formed; model.attn_implementation valid and its
     package installed."""
     if not cfg.path and not cfg.builder:
-        raise ConfigError("Set model.path to a model folder, a hub id, or a folder with only config.json (or "
-                          "model.builder to build your own module).")  # fmt: skip
+        raise ConfigError(
+            "Set model.path to a model folder, a hub id, or a folder with only config.json (or "
+            "model.builder to build your own module)."
+        )
     if cfg.builder:
         _builder_parts(cfg.builder)
     if cfg.init_checkpoint and not Path(cfg.init_checkpoint).expanduser().is_file():
-        raise ConfigError(f"model.init_checkpoint={cfg.init_checkpoint!r} is not a file: give a .safetensors file or "
-                          "a .pt/.pth state dict.")  # fmt: skip
+        raise ConfigError(
+            f"model.init_checkpoint={cfg.init_checkpoint!r} is not a file: give a .safetensors file or "
+            "a .pt/.pth state dict."
+        )
     for key in ("path", "tokenizer_path"):
         value = getattr(cfg, key)
         where = Path(value).expanduser()
@@ -62,12 +66,16 @@ def check_model_options(cfg: ModelConfig) -> None:
             check_gguf_packages(f"model.{key}={value!r}")
             continue
         if value and where.is_file():
-            raise ConfigError(f"model.{key}={value!r} is a file; give the model's folder (config.json, weights, "
-                              "tokenizer files), a .gguf file or a hub id (org/name).")  # fmt: skip
+            raise ConfigError(
+                f"model.{key}={value!r} is a file; give the model's folder (config.json, weights, "
+                "tokenizer files), a .gguf file or a hub id (org/name)."
+            )
         if value and where.is_dir() and not any((where / f).is_file() for f in _MODEL_FILES):
-            raise ConfigError(f"model.{key}={value!r} is a folder with no config.json, no tokenizer files and no .gguf "
-                              "file; give the model's folder (a Hugging Face save_pretrained folder) or a hub id "
-                              "(org/name).")  # fmt: skip
+            raise ConfigError(
+                f"model.{key}={value!r} is a folder with no config.json, no tokenizer files and no .gguf "
+                "file; give the model's folder (a Hugging Face save_pretrained folder) or a hub id "
+                "(org/name)."
+            )
     if cfg.gguf_file and not cfg.path:
         raise ConfigError("model.gguf_file is set but model.path is empty: set model.path to the folder that holds it.")
     check_attn_implementation(cfg.attn_implementation)
@@ -144,8 +152,9 @@ def auto_class(config):
     return AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
 
 
-def build_model(cfg: Config, device: str | torch.device = "cpu", *, skeleton: bool = False,
-                notes: list | None = None) -> torch.nn.Module:  # fmt: skip
+def build_model(
+    cfg: Config, device: str | torch.device = "cpu", *, skeleton: bool = False, notes: list | None = None
+) -> torch.nn.Module:
     """The module to train: model.path's model (:func:`load_model`; None when model.path is empty) given to
     model.builder when set, then model.init_checkpoint's weights loaded into it. ``notes``: lines for the run log."""
     m = cfg.model
@@ -163,9 +172,17 @@ def build_model(cfg: Config, device: str | torch.device = "cpu", *, skeleton: bo
         model.train()
         if notes is not None:
             n = sum(p.numel() for p in model.parameters())
-            notes.append(f"model.builder: {m.builder} built {type(model).__name__} ({n:,} parameters)"
-                         + ("" if has_fast_path(model) else "; it has no get_decoder()/get_output_embeddings(): "
-                            "the loss computes full logits (slower, more memory; see the README)"))  # fmt: skip
+            notes.append(
+                f"model.builder: {m.builder} built {type(model).__name__} ({n:,} parameters)"
+                + (
+                    ""
+                    if has_fast_path(model)
+                    else (
+                        "; it has no get_decoder()/get_output_embeddings(): "
+                        "the loss computes full logits (slower, more memory; see docs/custom-models.md)"
+                    )
+                )
+            )
     if m.init_checkpoint:
         line = load_init_checkpoint(model, m.init_checkpoint, m.init_checkpoint_strict)
         if notes is not None:
@@ -179,8 +196,10 @@ def _builder_parts(spec: str) -> tuple[str, str]:
     if not sep or not target or not name.isidentifier():
         raise ConfigError(f"model.builder={spec!r}: expected package.module:function or path/to/file.py:function.")
     if _is_file_form(target) and not Path(target).expanduser().is_file():
-        raise ConfigError(f"model.builder={spec!r}: {Path(target).expanduser()} is not a file (relative paths start "
-                          "at the current folder).")  # fmt: skip
+        raise ConfigError(
+            f"model.builder={spec!r}: {Path(target).expanduser()} is not a file (relative paths start "
+            "at the current folder)."
+        )
     return target, name
 
 
@@ -258,8 +277,10 @@ def load_init_checkpoint(model: torch.nn.Module, path: str, strict: bool = True)
         f"in the file but not in the model: {shown(unexpected)}"
     ] * bool(unexpected)
     if problems and strict:
-        raise ConfigError(f"model.init_checkpoint={path!r}: {'; '.join(problems)}. Fix the names, or set "
-                          "model.init_checkpoint_strict=false to load what matches.")  # fmt: skip
+        raise ConfigError(
+            f"model.init_checkpoint={path!r}: {'; '.join(problems)}. Fix the names, or set "
+            "model.init_checkpoint_strict=false to load what matches."
+        )
     line = f"model.init_checkpoint: {len(sd) - len(unexpected):,} tensors loaded from {path}"
     return line + (f" (warning: {'; '.join(problems)})" if problems else "")
 
@@ -317,6 +338,20 @@ def compute_dtype(dtype: str) -> torch.dtype:
     return torch.bfloat16 if dtype == "bf16" else torch.float32
 
 
-__all__ = ["auto_class", "build_model", "import_builder", "is_vision_language",
-           "load_init_checkpoint", "read_state_dict", "autocast", "check_attn_implementation", "check_model_options", "compute_dtype", "enable_tf32", "has_weights",
-           "load_model", "resolve_dtype", "with_dtype"]  # fmt: skip
+__all__ = [
+    "auto_class",
+    "build_model",
+    "import_builder",
+    "is_vision_language",
+    "load_init_checkpoint",
+    "read_state_dict",
+    "autocast",
+    "check_attn_implementation",
+    "check_model_options",
+    "compute_dtype",
+    "enable_tf32",
+    "has_weights",
+    "load_model",
+    "resolve_dtype",
+    "with_dtype",
+]

@@ -30,23 +30,30 @@ def gguf_location(path: str, gguf_file: str = "", key: str = "model.path") -> tu
     p = Path(path).expanduser()
     if p.suffix.lower() == ".gguf" and not p.is_dir():
         if gguf_file and gguf_file != p.name:
-            raise ConfigError(f"{key}={path!r} names a .gguf file and model.gguf_file={gguf_file!r} another: set only "
-                              "one of them.")  # fmt: skip
+            raise ConfigError(
+                f"{key}={path!r} names a .gguf file and model.gguf_file={gguf_file!r} another: set only one of them."
+            )
         return str(p.parent), p.name
     if not p.is_dir() or ((p / "config.json").is_file() and not gguf_file):
         if gguf_file:
-            raise ConfigError(f"model.gguf_file={gguf_file!r} is set but {key}={path!r} is not a local folder; give "
-                              "the folder that holds the .gguf file, or the file itself.")  # fmt: skip
+            raise ConfigError(
+                f"model.gguf_file={gguf_file!r} is set but {key}={path!r} is not a local folder; give "
+                "the folder that holds the .gguf file, or the file itself."
+            )
         return None
     found = gguf_files(p)
     if gguf_file:
         if gguf_file not in found:
-            raise ConfigError(f"model.gguf_file={gguf_file!r} is not in {key}={path!r} (.gguf files there: "
-                              f"{', '.join(found) or 'none'}).")  # fmt: skip
+            raise ConfigError(
+                f"model.gguf_file={gguf_file!r} is not in {key}={path!r} (.gguf files there: "
+                f"{', '.join(found) or 'none'})."
+            )
         return str(p), gguf_file
     if len(found) > 1:
-        raise ConfigError(f"{key}={path!r} holds {len(found)} .gguf files ({', '.join(found)}): pick one with "
-                          "model.gguf_file=NAME or name the file in the path.")  # fmt: skip
+        raise ConfigError(
+            f"{key}={path!r} holds {len(found)} .gguf files ({', '.join(found)}): pick one with "
+            "model.gguf_file=NAME or name the file in the path."
+        )
     return (str(p), found[0]) if found else None
 
 
@@ -57,8 +64,10 @@ def missing_gguf_packages() -> list[str]:
 def check_gguf_packages(what: str) -> None:
     missing = missing_gguf_packages()
     if missing:
-        raise ConfigError(f"{what} is a GGUF file: reading it needs the package{'s' if len(missing) > 1 else ''} "
-                          f"{' and '.join(missing)}, not installed. Install them: {GGUF_INSTALL}.")  # fmt: skip
+        raise ConfigError(
+            f"{what} is a GGUF file: reading it needs the package{'s' if len(missing) > 1 else ''} "
+            f"{' and '.join(missing)}, not installed. Install them: {GGUF_INSTALL}."
+        )
 
 
 def pretrained_args(path: str, gguf_file: str = "", key: str = "model.path") -> tuple[str, dict]:

@@ -100,7 +100,7 @@ class MicroBatch:
             {
                 k: v if k in HOST_KEYS else [mv(x) for x in v] if isinstance(v, list) else mv(v)
                 for k, v in self.extra.items()
-            },  # fmt: skip
+            },
             mv(index),
         )
 
@@ -162,8 +162,10 @@ def _with_images(mb: MicroBatch, samples: Sequence[Any], rows: list[list[int]], 
     """A micro-batch whose samples have images: 3-D rotary positions per sample (each restarting at 0, as when the
     sample runs alone), ``pixel_values`` and ``image_grid_thw`` of its images in row order (vision.py)."""
     if vision is None:
-        raise ValueError("a micro-batch with images needs the model's vision settings: collate(..., vision=...) "
-                         "(sftforge.vision.load_vision).")  # fmt: skip
+        raise ValueError(
+            "a micro-batch with images needs the model's vision settings: collate(..., vision=...) "
+            "(sftforge.vision.load_vision)."
+        )
     images = [im for s in samples for im in _images(s) or ()]
     pos = torch.zeros((3, *mb.input_ids.shape), dtype=torch.long)
     for r, members in enumerate(rows):
@@ -186,16 +188,19 @@ def _parents(sample: Any) -> list[int] | None:
     return getattr(sample, "parents", None)
 
 
-def pack_trees(samples: Sequence[Any], attn_implementation: str, mask_dtype: torch.dtype,
-               tree_attention: str = "mask") -> MicroBatch:  # fmt: skip
+def pack_trees(
+    samples: Sequence[Any], attn_implementation: str, mask_dtype: torch.dtype, tree_attention: str = "mask"
+) -> MicroBatch:
     """One row of prefix-tree samples (prefix_tree.py) and plain ones: each token at the position it has in its own
     sequence (its depth), attending to exactly its ancestors, its target the trained child's token. sdpa: per
     sample, a tree under its [l, l] bool ancestor mask (``tree_attention=mask``) or, with ``flex``, the row's
     ``packed_tree_ends`` (each token's subtree end: one block-sparse flex_attention call, attention.flex_row);
     eager: one additive [1, 1, L, L] mask."""
     if attn_implementation not in ("sdpa", "eager"):
-        raise ValueError(f"prefix-tree samples (data.reasoning_history=per_turn) need sdpa or eager attention, not "
-                         f"{attn_implementation}.")  # fmt: skip
+        raise ValueError(
+            f"prefix-tree samples (data.reasoning_history=per_turn) need sdpa or eager attention, not "
+            f"{attn_implementation}."
+        )
     # sdpa: each sample's attention on its own (attention.py), a tree's under its [l, l] ancestor mask; eager: one
     # [1, 1, L, L] additive mask of the row
     ids: list[int] = []
@@ -219,8 +224,10 @@ def pack_trees(samples: Sequence[Any], attn_implementation: str, mask_dtype: tor
             blocks.append(prefix_tree.ancestors(parents) if tree or attn_implementation == "eager" else None)
     t = lambda v: torch.tensor(v, dtype=torch.long)[None]  # noqa: E731
     if flex:
-        extra = {"packed_cu_seqlens": torch.tensor(boundaries(lens), dtype=torch.int64),
-                 "packed_tree_ends": torch.tensor(ends, dtype=torch.int32)}  # fmt: skip
+        extra = {
+            "packed_cu_seqlens": torch.tensor(boundaries(lens), dtype=torch.int64),
+            "packed_tree_ends": torch.tensor(ends, dtype=torch.int32),
+        }
         return MicroBatch(t(ids), t(labels), t(pos), None, lens, extra)
     if attn_implementation == "sdpa":  # chains: None (causal)
         extra = {"packed_cu_seqlens": torch.tensor(boundaries(lens), dtype=torch.int64), "packed_tree_masks": blocks}
@@ -231,21 +238,26 @@ def pack_trees(samples: Sequence[Any], attn_implementation: str, mask_dtype: tor
 
 
 def pack(
-    samples: Sequence[Any], attn_implementation: str = "sdpa", mask_dtype: torch.dtype = torch.float32, vision=None,
+    samples: Sequence[Any],
+    attn_implementation: str = "sdpa",
+    mask_dtype: torch.dtype = torch.float32,
+    vision=None,
     tree_attention: str = "mask",
-) -> MicroBatch:  # fmt: skip
+) -> MicroBatch:
     """Concatenate samples into one row; positions restart per sample; attention never crosses samples.
     ``tree_attention``: mask | flex, how prefix-tree samples attend (model.tree_attention, resolved)."""
     if any(_images(s) for s in samples):
         if any(_parents(s) is not None for s in samples):
             raise ValueError("prefix-tree samples do not take images.")
-        return _with_images(_pack(samples, attn_implementation, mask_dtype), samples, [list(range(len(samples)))],
-                            vision)  # fmt: skip
+        return _with_images(
+            _pack(samples, attn_implementation, mask_dtype), samples, [list(range(len(samples)))], vision
+        )
     return _pack(samples, attn_implementation, mask_dtype, tree_attention)
 
 
-def _pack(samples: Sequence[Any], attn_implementation: str, mask_dtype: torch.dtype,
-          tree_attention: str = "mask") -> MicroBatch:  # fmt: skip
+def _pack(
+    samples: Sequence[Any], attn_implementation: str, mask_dtype: torch.dtype, tree_attention: str = "mask"
+) -> MicroBatch:
     if any(_parents(s) is not None for s in samples):
         return pack_trees(samples, attn_implementation, mask_dtype, tree_attention)
     ids: list[int] = []

@@ -229,8 +229,9 @@ def to_float(x) -> float:
     return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, device: torch.device, world_size: int, strategy: str,
-                 sp_size: int = 1) -> tuple[torch.nn.Module, list[str]]:  # fmt: skip
+def build_engine(
+    model: torch.nn.Module, cfg: Config, device: torch.device, world_size: int, strategy: str, sp_size: int = 1
+) -> tuple[torch.nn.Module, list[str]]:
     """Everything that changes how ``model`` runs, applied up front in this order, and the lines that say so:
 
     1. sequence parallelism (trainer.sp_size > 1: Ulysses attention over the ``sp`` process group);
@@ -251,10 +252,13 @@ def build_engine(model: torch.nn.Module, cfg: Config, device: torch.device, worl
         attention.select(model)
     if c.model.compile:
         n = compile_layers(model, c.model.compile_backend)
-        notes.append(f"model.compile: {n} decoder layers compiled ({c.model.compile_backend}); the first steps "
-                     "include the compilation")  # fmt: skip
-    engine = parallelize(model, strategy, build_mesh(device, world_size), c.model.dtype, c.trainer.offload,
-                         c.model.loss_chunk_size)  # fmt: skip
+        notes.append(
+            f"model.compile: {n} decoder layers compiled ({c.model.compile_backend}); the first steps "
+            "include the compilation"
+        )
+    engine = parallelize(
+        model, strategy, build_mesh(device, world_size), c.model.dtype, c.trainer.offload, c.model.loss_chunk_size
+    )
     return engine, notes
 
 

@@ -67,8 +67,9 @@ class Live:
 
     def update(self, completed: int, info: str = "", total: int | None = None) -> None:
         if self._progress is not None:
-            self._progress.update(self._task, completed=completed, info=info,
-                                  **({"total": total} if total is not None else {}))  # fmt: skip
+            self._progress.update(
+                self._task, completed=completed, info=info, **({"total": total} if total is not None else {})
+            )
 
     def close(self) -> None:
         if self._progress is not None:
@@ -98,8 +99,11 @@ class Periodic:
         elapsed = now - self.t0
         rate = f", {tokens / elapsed:,.0f} tokens/s" if tokens is not None and elapsed > 0 else ""
         eta = f", ETA {duration(elapsed * (self.total - done) / done)}" if 0 < done < self.total else ""
-        print(f"{self.label}: {done}/{self.total} {self.unit}{rate}, {duration(elapsed)}{eta}", file=sys.stderr,
-              flush=True)  # fmt: skip
+        print(
+            f"{self.label}: {done}/{self.total} {self.unit}{rate}, {duration(elapsed)}{eta}",
+            file=sys.stderr,
+            flush=True,
+        )
         self.lines += 1
 
 

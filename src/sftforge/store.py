@@ -232,8 +232,10 @@ def exclusive(lock_path: Path, timeout_s: float, what: str, key: str = "data.cac
                         "ends, so a crashed writer never blocks a rerun."
                     ) from None
                 if told is None or time.monotonic() - told >= 30:
-                    say(f"info: waiting for {_describe_holder(lock_path)}: {what}; the result is then read from "
-                        f"there (waited {waited:.0f} s of {key}={timeout_s:g})")  # fmt: skip
+                    say(
+                        f"info: waiting for {_describe_holder(lock_path)}: {what}; the result is then read from "
+                        f"there (waited {waited:.0f} s of {key}={timeout_s:g})"
+                    )
                     told = time.monotonic()
                 time.sleep(0.2)
         holder = Holder(fd, what)

@@ -192,8 +192,15 @@ def shard(mb: MicroBatch, sp_size: int | None = None, sp_rank: int | None = None
     cut = slice(rank * k, (rank + 1) * k)
     extra = {key: v for key, v in mb.extra.items() if not key.startswith(("cu_seq_lens", "max_length", "packed_cu"))}
     extra["sp_cu_seqlens"] = torch.tensor(cu, dtype=torch.int64)  # on the host; a tensor: see attention.py
-    return replace(mb, input_ids=ids[:, cut], labels=labels[:, cut], position_ids=pos[:, cut], attention_mask=None,
-                   extra=extra, supervised=None)  # fmt: skip
+    return replace(
+        mb,
+        input_ids=ids[:, cut],
+        labels=labels[:, cut],
+        position_ids=pos[:, cut],
+        attention_mask=None,
+        extra=extra,
+        supervised=None,
+    )
 
 
 # ---- the all-to-all and the attention function ----------------------------------------------------------------------

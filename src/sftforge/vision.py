@@ -46,8 +46,22 @@ from sftforge.config import ConfigError
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")
 """Tokens of the vision placeholders: never trained."""
 _MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
-_SETTINGS = ("patch_size", "merge_size", "temporal_patch_size", "min_pixels", "max_pixels", "image_mean", "image_std",
-             "do_resize", "do_rescale", "do_normalize", "do_convert_rgb", "rescale_factor", "resample", "size")  # fmt: skip
+_SETTINGS = (
+    "patch_size",
+    "merge_size",
+    "temporal_patch_size",
+    "min_pixels",
+    "max_pixels",
+    "image_mean",
+    "image_std",
+    "do_resize",
+    "do_rescale",
+    "do_normalize",
+    "do_convert_rgb",
+    "rescale_factor",
+    "resample",
+    "size",
+)
 
 
 def check_pillow() -> None:
@@ -65,8 +79,10 @@ def _processor_module():
     except ImportError:
         import transformers
 
-        raise ConfigError(f"images need transformers' Qwen2VLImageProcessorPil (Pillow only), which transformers "
-                          f"{transformers.__version__} lacks: pip install -U 'transformers>=5.24,<6'.") from None  # fmt: skip
+        raise ConfigError(
+            f"images need transformers' Qwen2VLImageProcessorPil (Pillow only), which transformers "
+            f"{transformers.__version__} lacks: pip install -U 'transformers>=5.24,<6'."
+        ) from None
     return module
 
 
@@ -86,8 +102,11 @@ def image_bytes(source: Any, base_dir: str | Path | None, what: str) -> bytes:
         _, _, payload = source.partition(",")
         return _b64(payload, what)
     if source.startswith(("http://", "https://")):
-        raise RowError("bad image", f"{what}: {source[:80]} is a web URL; download the images and give their paths "
-                                    "(nothing is fetched during training).")  # fmt: skip
+        raise RowError(
+            "bad image",
+            f"{what}: {source[:80]} is a web URL; download the images and give their paths "
+            "(nothing is fetched during training).",
+        )
     path = _source_path(source, base_dir)
     try:
         return path.read_bytes()
@@ -95,8 +114,9 @@ def image_bytes(source: Any, base_dir: str | Path | None, what: str) -> bytes:
         data = _maybe_b64(source)
         if data is not None:  # not a file: base64 text of an image
             return data
-        raise RowError("bad image", f"{what}: cannot read {path} ({e.strerror or e}); paths are relative to the data "
-                                    "file's folder") from None  # fmt: skip
+        raise RowError(
+            "bad image", f"{what}: cannot read {path} ({e.strerror or e}); paths are relative to the data file's folder"
+        ) from None
 
 
 def _source_path(source: str, base_dir) -> Path:
@@ -204,8 +224,11 @@ class Vision:
         """Each image placeholder token repeated once per merged patch of its image; vision tokens untrained."""
         at = np.flatnonzero(ids == self.image_token_id)
         if len(at) != len(grids):
-            raise RowError("template mismatch", f"the chat template rendered {len(at)} image placeholder(s) "
-                                                f"{self.image_token!r} for {len(grids)} image(s)")  # fmt: skip
+            raise RowError(
+                "template mismatch",
+                f"the chat template rendered {len(at)} image placeholder(s) "
+                f"{self.image_token!r} for {len(grids)} image(s)",
+            )
         if len(at):
             reps = np.ones(len(ids), np.int64)
             reps[at] = [self.tokens(g) for g in grids]
@@ -307,8 +330,10 @@ def load_vision(cfg, tokenizer) -> Vision | None:
     vcfg = model_cfg.get("vision_config") if model_cfg else None
     if not vcfg:
         if cfg.data.image_processor:
-            raise ConfigError(f"data.image_processor={cfg.data.image_processor!r} is set but model.path "
-                              f"({cfg.model.path}) has no vision tower (no vision_config in its config).")  # fmt: skip
+            raise ConfigError(
+                f"data.image_processor={cfg.data.image_processor!r} is set but model.path "
+                f"({cfg.model.path}) has no vision tower (no vision_config in its config)."
+            )
         return None
     candidates = [cfg.data.image_processor] if cfg.data.image_processor else [cfg.model.tokenizer_path, cfg.model.path]
     found = next((f for c in candidates if c for f in [_settings_file(c) or _hub_file(c)] if f), None)
@@ -332,23 +357,33 @@ def load_vision(cfg, tokenizer) -> Vision | None:
     if cfg.data.image_max_pixels:
         settings["max_pixels"] = cfg.data.image_max_pixels
     if settings["min_pixels"] > settings["max_pixels"]:
-        raise ConfigError(f"data.image_min_pixels ({settings['min_pixels']}) > data.image_max_pixels "
-                          f"({settings['max_pixels']}).")  # fmt: skip
+        raise ConfigError(
+            f"data.image_min_pixels ({settings['min_pixels']}) > data.image_max_pixels ({settings['max_pixels']})."
+        )
     merge = int(vcfg.get("spatial_merge_size", settings.get("merge_size", 2)))
     if int(settings.get("merge_size", merge)) != merge:
-        raise ConfigError(f"{found}: merge_size {settings['merge_size']} differs from the model's "
-                          f"vision_config.spatial_merge_size {merge}.")  # fmt: skip
+        raise ConfigError(
+            f"{found}: merge_size {settings['merge_size']} differs from the model's "
+            f"vision_config.spatial_merge_size {merge}."
+        )
     if "patch_size" in vcfg and int(settings.get("patch_size", vcfg["patch_size"])) != int(vcfg["patch_size"]):
-        raise ConfigError(f"{found}: patch_size {settings['patch_size']} differs from the model's "
-                          f"vision_config.patch_size {vcfg['patch_size']}.")  # fmt: skip
+        raise ConfigError(
+            f"{found}: patch_size {settings['patch_size']} differs from the model's "
+            f"vision_config.patch_size {vcfg['patch_size']}."
+        )
     image_id = model_cfg.get("image_token_id", model_cfg.get("image_token_index"))
     if image_id is None:
         raise ConfigError(f"model.path={cfg.model.path!r}: its config has a vision tower but no image_token_id.")
     token = tokenizer.convert_ids_to_tokens(int(image_id))
-    untrained = sorted({int(image_id)} | {
-        int(i) for t in VISION_TOKENS for i in [tokenizer.convert_tokens_to_ids(t)]
-        if i is not None and i != tokenizer.unk_token_id and tokenizer.convert_ids_to_tokens(i) == t
-    })  # fmt: skip
+    untrained = sorted(
+        {int(image_id)}
+        | {
+            int(i)
+            for t in VISION_TOKENS
+            for i in [tokenizer.convert_tokens_to_ids(t)]
+            if i is not None and i != tokenizer.unk_token_id and tokenizer.convert_ids_to_tokens(i) == t
+        }
+    )
     frame = (model_cfg.get("vision_start_token_id"), model_cfg.get("vision_end_token_id"))
     frame_ids = (int(frame[0]), int(frame[1])) if None not in frame else None
     return Vision(settings, token, int(image_id), tuple(untrained), merge, frame_ids, str(found))

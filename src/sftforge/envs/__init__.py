@@ -89,8 +89,14 @@ Policy = Callable[[list[tuple[list[dict], list | None]]], Sequence[Any]]
 """Batched policy: (messages, tools) per active episode -> one action per episode (a str, or an object with .text)."""
 
 
-def rollout(make_env: Callable[[], Env], tasks: Sequence[Task], policy: Policy, max_turns: int = 40,
-            workers: int = 1, on_turn: Callable[[int, int], None] | None = None) -> list[Episode]:  # fmt: skip
+def rollout(
+    make_env: Callable[[], Env],
+    tasks: Sequence[Task],
+    policy: Policy,
+    max_turns: int = 40,
+    workers: int = 1,
+    on_turn: Callable[[int, int], None] | None = None,
+) -> list[Episode]:
     """Run every task to the end (or ``max_turns`` actions), batching the policy over the active episodes; the
     environment steps of one turn (tool calls: sandboxed programs) run ``workers`` at a time, in threads.
     ``on_turn(episodes ended, episodes)`` after every turn (a progress display)."""

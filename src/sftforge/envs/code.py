@@ -68,8 +68,10 @@ def load_code_tasks(rows: Sequence[tuple[str, Any]], data_cfg: DataConfig | None
             last = [m for m in messages if m["role"] == "assistant"]
             answer = last_boxed(str(last[-1].get("content") or "")) if last else None
         if not answer:
-            raise DataError(f"{loc}: a code_math task needs its gold answer: a column ({', '.join(ANSWER_COLUMNS)}) "
-                            "or a \\boxed{...} in the last assistant message.")  # fmt: skip
+            raise DataError(
+                f"{loc}: a code_math task needs its gold answer: a column ({', '.join(ANSWER_COLUMNS)}) "
+                "or a \\boxed{...} in the last assistant message."
+            )
         if not isinstance(question, str) or not question.strip():
             raise DataError(f"{loc}: the first user message (the problem) is empty.")
         system = messages[0]["content"] if messages[0]["role"] == "system" else None
@@ -99,11 +101,19 @@ class CodeEnv:
         try:
             calls = parse_tool_calls(action)
         except ToolCallError as e:
-            return StepResult(f"Error: {e}. Call the tool as <tool_call>{{\"name\": \"{TOOL_NAME}\", \"arguments\": "
-                              "{\"code\": \"...\"}}</tool_call>.", False)  # fmt: skip
+            return StepResult(
+                f'Error: {e}. Call the tool as <tool_call>{{"name": "{TOOL_NAME}", "arguments": '
+                '{"code": "..."}}</tool_call>.',
+                False,
+            )
         if not calls:
-            sample = EvalSample(self.task.id, [], None, {"role": "assistant", "content": self.task.answer},
-                                row={"answer": self.task.answer})  # fmt: skip
+            sample = EvalSample(
+                self.task.id,
+                [],
+                None,
+                {"role": "assistant", "content": self.task.answer},
+                row={"answer": self.task.answer},
+            )
             score = self.scorer(action, sample)
             reward = float(score["score"] if isinstance(score, dict) else score)
             return StepResult("", True, reward, {"tool_calls": self.calls, "limits": self.limits})
