@@ -7,7 +7,7 @@ The reasoning set: the 1,000 TextCraft react episodes (data/textcraft/train_reac
 (which drops the <think> of every assistant turn before the last user message).
 
     python benchmarks/prefix_tree.py                # the tables (~10 minutes on 2 CPU cores)
-    python benchmarks/prefix_tree.py --time-model qwen3-small   # the README's step times (~15 minutes)
+    python benchmarks/prefix_tree.py --time-model qwen3-small   # the step times in docs/data.md (~15 minutes)
     python benchmarks/prefix_tree.py --rows 200 --steps 60
 """
 

@@ -21,3 +21,6 @@ fi
 "$PY" -m pip install -q -e ".[math]" || echo "setup: math-verify could not be installed: the math scorer tests will skip"
 command -v bwrap >/dev/null 2>&1 || "$PY" -m pip install -q -e ".[sandbox]" \
   || echo "setup: bubblewrap could not be installed: the sandbox tests will skip"
+# The documentation site's builder (the docs extra: mkdocs-material), so that tests/test_readme.py builds the docs
+# strictly and a broken link fails the tests; without it that test skips, saying why.
+"$PY" -m pip install -q -e ".[docs]" || echo "setup: mkdocs-material could not be installed: the docs build test will skip"

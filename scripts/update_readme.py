@@ -1,8 +1,12 @@
-"""Rewrite the README's generated blocks (tests/test_readme.py checks they are current):
+"""Rewrite the documentation's generated blocks, each between ``<!-- TAG:start -->`` and ``<!-- TAG:end -->`` in its
+page (tests/test_readme.py checks they are current):
 
-- the config reference, from the dataclasses;
-- the chat-template conformance table, from tests/fixtures/chat_templates/conformance.json (the reviewed matrix
-  that tests/test_chat_families.py checks).
+- ``config-reference`` in docs/config.md: the config reference, from the dataclasses;
+- ``conformance`` in docs/data.md: the chat-template conformance table, from
+  tests/fixtures/chat_templates/conformance.json (the reviewed matrix that tests/test_chat_families.py checks);
+- ``verl-rl-keys`` in docs/verl.md: what each of verl's RL keys becomes here.
+
+A file is written only when its text changes.
 """
 
 import json
@@ -12,7 +16,7 @@ from pathlib import Path
 from sftforge.config import config_reference, verl_rl_table
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 TEMPLATES = ROOT / "tests" / "fixtures" / "chat_templates"
 
 # Why a cell is refused, in a few words; keyed by (family, shape), else by what the refusal says.
@@ -69,12 +73,34 @@ def _replace(text: str, tag: str, body: str) -> str:
     return re.sub(rf"<!-- {tag}:start -->.*?<!-- {tag}:end -->", lambda _: block, text, flags=re.S)
 
 
-def render(text: str) -> str:
-    text = _replace(text, "config-reference", config_reference())
-    text = _replace(text, "verl-rl-keys", verl_rl_table())
-    return _replace(text, "conformance", conformance_table())
+# each generated block: its page, its tag, what writes its body
+BLOCKS = [
+    (DOCS / "config.md", "config-reference", config_reference),
+    (DOCS / "data.md", "conformance", conformance_table),
+    (DOCS / "verl.md", "verl-rl-keys", verl_rl_table),
+]
+
+
+def render(path: Path, text: str) -> str:
+    """``text`` (the text of ``path``) with each of its generated blocks rewritten."""
+    for page, tag, body in BLOCKS:
+        if page == path:
+            if text.count(f"<!-- {tag}:start -->") != 1 or text.count(f"<!-- {tag}:end -->") != 1:
+                raise ValueError(
+                    f"{path.relative_to(ROOT)} needs one <!-- {tag}:start --> ... <!-- {tag}:end --> block"
+                )
+            text = _replace(text, tag, body())
+    return text
+
+
+def main() -> None:
+    for path in dict.fromkeys(page for page, _, _ in BLOCKS):
+        old = path.read_text()
+        new = render(path, old)
+        if new != old:
+            path.write_text(new)
+        print(f"{'updated' if new != old else 'current'}: {path.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
-    README.write_text(render(README.read_text()))
-    print(f"updated {README}")
+    main()

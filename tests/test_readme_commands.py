@@ -1,6 +1,7 @@
-"""The README is the contract: every ```bash block is tagged ``<!-- readme-test: run -->`` (run here, as written) or
-``<!-- readme-test: skip: why -->``; the run blocks execute in a copy of the repository with no ``../shared`` beside
-it, with ``MODEL`` set to a tiny random-init Qwen3 folder (config.json + the real Qwen3 tokenizer), on CPU."""
+"""The README and the docs are the contract: every ```bash block of README.md and docs/*.md is tagged
+``<!-- readme-test: run -->`` (run here, as written) or ``<!-- readme-test: skip: why -->``; the run blocks execute in a
+copy of the repository with no ``../shared`` beside it, with ``MODEL`` set to a tiny random-init Qwen3 folder
+(config.json + the real Qwen3 tokenizer), on CPU, from the repository's root."""
 
 import os
 import re
@@ -15,22 +16,40 @@ ROOT = Path(__file__).resolve().parent.parent
 TAG = re.compile(r"<!-- readme-test: (run|skip: [^>]+?) -->\s*\n```bash\n(.*?)```", re.S)
 
 
-def blocks() -> list[tuple[str, str]]:
-    return [(m.group(1), m.group(2)) for m in TAG.finditer((ROOT / "README.md").read_text())]
+def pages() -> list[Path]:
+    """The README, then the docs pages, by name."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def blocks(page: Path | None = None) -> list[tuple[str, str, str]]:
+    """(page, tag, script) of every tagged ```bash block of ``page``, or of every page."""
+    return [
+        (str(p.relative_to(ROOT)), m.group(1), m.group(2))
+        for p in ([page] if page else pages())
+        for m in TAG.finditer(p.read_text())
+    ]
 
 
 def test_every_bash_block_is_tagged():
-    text = (ROOT / "README.md").read_text()
-    assert text.count("```bash") == len(blocks()), (
-        "tag each ```bash block of the README with <!-- readme-test: run --> or <!-- readme-test: skip: why -->"
-    )
-    assert sum(kind == "run" for kind, _ in blocks()) >= 2
+    for page in pages():
+        assert page.read_text().count("```bash") == len(blocks(page)), (
+            f"tag each ```bash block of {page.relative_to(ROOT)} with <!-- readme-test: run --> or "
+            "<!-- readme-test: skip: why -->"
+        )
+    assert sum(kind == "run" for _, kind, _ in blocks(ROOT / "README.md")) >= 1
+    assert sum(kind == "run" for _, kind, _ in blocks()) >= 2
+
+
+def test_the_walkthrough_is_the_same_in_the_readme_and_the_docs():
+    """The README's walkthrough runs below; docs/getting-started.md shows the same block (tagged skip)."""
+    [walk] = [s for _, kind, s in blocks(ROOT / "README.md") if kind == "run" and "sftforge train" in s]
+    assert walk in [s for _, _, s in blocks(ROOT / "docs" / "getting-started.md")]
 
 
 def _repo_copy(dest: Path) -> Path:
     """The files a clone would have (tracked + untracked-not-ignored: a clean clone of this working tree)."""
-    out = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard"], capture_output=True,
-                         text=True, check=True).stdout.split()  # fmt: skip
+    args = ["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout.split()
     for rel in out:
         src = ROOT / rel
         if src.is_file():
@@ -54,10 +73,16 @@ def copy_env(tmp_path_factory, model_config_dir, tokenizer_dirs):
     bin_dir.mkdir()
     (bin_dir / "sftforge").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m sftforge "$@"\n')
     (bin_dir / "sftforge").chmod(0o755)
-    env = {**os.environ, "MODEL": str(model), "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "2",
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}  # fmt: skip
-    where = subprocess.run([sys.executable, "-c", "import sftforge; print(sftforge.__file__)"], env=env, cwd=repo,
-                           capture_output=True, text=True, check=True).stdout  # fmt: skip
+    env = {
+        **os.environ,
+        "MODEL": str(model),
+        "PYTHONPATH": str(repo / "src"),
+        "OMP_NUM_THREADS": "2",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+    }
+    args = [sys.executable, "-c", "import sftforge; print(sftforge.__file__)"]
+    where = subprocess.run(args, env=env, cwd=repo, capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(repo)), where
     return repo, env
 
@@ -69,11 +94,11 @@ def _run(args, repo, env, timeout=900):
 @pytest.mark.slow
 def test_readme_run_blocks_work_from_a_copy_without_shared(copy_env):
     repo, env = copy_env
-    for i, (kind, script) in enumerate(blocks()):
+    for page, kind, script in blocks():
         if kind != "run":
             continue
         p = _run(["bash", "-euo", "pipefail", "-c", script], repo, env)
-        assert p.returncode == 0, f"README block {i} failed:\n{script}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        assert p.returncode == 0, f"a block of {page} failed:\n{script}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     out = repo / "outputs" / "tc"
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -112,7 +137,7 @@ def test_every_example_plans_and_the_cpu_sized_one_trains(copy_env, model_config
         p = _run(["sftforge", "plan", str(cfg.relative_to(repo)), *extra], repo, env, timeout=300)
         assert p.returncode == 0, f"{cfg.name}: {p.stdout[-2000:]}{p.stderr[-2000:]}"
         assert "memory per GPU" in p.stdout, p.stdout[-2000:]
-    p = _run(["sftforge", "train", "examples/quickstart.yaml", "trainer.max_steps=1", "trainer.output_dir=outputs/q"],
-             repo, env, timeout=300)  # fmt: skip
+    args = ["sftforge", "train", "examples/quickstart.yaml", "trainer.max_steps=1", "trainer.output_dir=outputs/q"]
+    p = _run(args, repo, env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (repo / "outputs" / "q" / "final" / "model.safetensors").is_file()

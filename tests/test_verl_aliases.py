@@ -860,10 +860,10 @@ def test_rl_scripts_train_batch_size_is_prompts_per_step_but_sft_keeps_its_meani
     assert rl.rollout.prompts_per_step == 64 and rl.data.train_batch_size == 64
 
 
-def test_the_readme_has_the_rl_key_table():
+def test_the_docs_have_the_rl_key_table():
     from sftforge.config import verl_rl_table
 
-    assert verl_rl_table() in (ROOT / "README.md").read_text()
+    assert verl_rl_table() in (ROOT / "docs" / "verl.md").read_text()
 
 
 @pytest.mark.parametrize("order", [0, 1])

@@ -9,7 +9,7 @@ to train. Each decoder layer gets a memory read: the layer's output attends over
 mixes it into the residual stream through ``memory_norm``. The fusion starts at zero, so the built model computes
 exactly what the base computes until training moves it.
 
-What sftforge's fast path needs (see the README, "Bring your own model"): ``get_decoder()`` whose forward takes
+What sftforge's fast path needs (see docs/custom-models.md): ``get_decoder()`` whose forward takes
 input_ids / position_ids / attention_mask (and passes any other keyword on to the base's layers: packed attention
 travels that way) and returns ``last_hidden_state``; ``get_output_embeddings()`` (the LM head) and
 ``get_input_embeddings()``. ``forward`` returns logits for generation and for users.

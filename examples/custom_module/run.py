@@ -1,4 +1,4 @@
-"""The ExplicitLM flow on CPU, end to end, from the committed files here (the README's "Bring your own model"):
+"""The ExplicitLM flow on CPU, end to end, from the committed files here (docs/custom-models.md):
 
     python examples/custom_module/run.py [--stage1-steps N] [key=value ...]    # overrides: the SFT stage (5.)
 

@@ -1,4 +1,4 @@
-"""verl's ReTool job in small, on a CPU, with a real pretrained model (the README's "Tool-integrated RL"):
+"""verl's ReTool job in small, on a CPU, with a real pretrained model (docs/tool-rl.md):
 
     python examples/retool_smollm2/run.py [--sft-rows N] [--eval-rows N] [--rl-steps N] [--base FOLDER]
                                           [sft:key=value ...] [rl:key=value ...]

@@ -1,4 +1,4 @@
-"""TextCraft on a real pretrained model, on a CPU, end to end (the README's "A real model: SmolLM2-135M-Instruct"):
+"""TextCraft on a real pretrained model, on a CPU, end to end (docs/real-model.md):
 
     python examples/textcraft_smollm2/run.py [--train-rows N] [--eval-rows N] [--base FOLDER] [key=value ...]
 

@@ -5,12 +5,16 @@
 - scalar collectives (:func:`all_reduce_sum`, :func:`any_rank_max`, :func:`ranks_where`, :func:`broadcast_flag`,
   :func:`barrier`): plain Python numbers in and out, identity without a process group. Their tensors live on
   :func:`collective_device`: the GPU under NCCL (NCCL has no CPU transport), the CPU under gloo.
+- :class:`Lockstep`: a rank's micro-batches stretched to the busiest rank's count, so that every rank runs the same
+  number of forwards (collectives under FSDP2) and backwards (DDP's gradient sync).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
+from typing import Generic, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -68,16 +72,22 @@ def launcher_notes(model_dtype: str, compile_: bool) -> list[str]:
     env, notes = os.environ, []
     mixed = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if mixed == "fp16":
-        raise ConfigError("accelerate launch --mixed_precision fp16: sftforge trains in fp32 or bf16 only (fp16 needs "
-                          "loss scaling it does not do); use --mixed_precision bf16 with model.dtype=bf16.")  # fmt: skip
+        raise ConfigError(
+            "accelerate launch --mixed_precision fp16: sftforge trains in fp32 or bf16 only (fp16 needs "
+            "loss scaling it does not do); use --mixed_precision bf16 with model.dtype=bf16."
+        )
     if mixed == "bf16" and model_dtype != "bf16":
-        raise ConfigError(f"accelerate launch --mixed_precision bf16 but model.dtype={model_dtype}: sftforge's "
-                          "precision is model.dtype; set model.dtype=bf16 (or launch with --mixed_precision no).")  # fmt: skip
+        raise ConfigError(
+            f"accelerate launch --mixed_precision bf16 but model.dtype={model_dtype}: sftforge's "
+            "precision is model.dtype; set model.dtype=bf16 (or launch with --mixed_precision no)."
+        )
     if env.get("ACCELERATE_DYNAMO_BACKEND", "NO").upper() not in ("NO", "") and not compile_:
         notes.append("accelerate launch --dynamo_backend is not read: set model.compile=true to compile the layers")
     if env.get("ACCELERATE_USE_CPU", "").lower() == "true" and int(env.get("WORLD_SIZE", "1")) <= 1:
-        notes.append("accelerate launch --cpu starts one process: for N processes on CPUs use accelerate launch "
-                     "--multi_gpu --num_processes N (gloo) or torchrun --nproc_per_node N")  # fmt: skip
+        notes.append(
+            "accelerate launch --cpu starts one process: for N processes on CPUs use accelerate launch "
+            "--multi_gpu --num_processes N (gloo) or torchrun --nproc_per_node N"
+        )
     return notes
 
 
@@ -126,6 +136,32 @@ def any_rank_max(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+T = TypeVar("T")
+
+
+class Lockstep(Generic[T]):
+    """This rank's ``items`` run in step with the other ranks: iterating yields ``(index, item, real)`` for ``n``
+    indices, ``n`` the largest count over the ranks; past this rank's own items, ``item`` is ``filler()`` and ``real``
+    is False (the caller gives such a repeat weight 0). FSDP2 gathers the weights in every forward, so a forward is a
+    collective, and DDP syncs gradients on the last backward: every rank has to run as many as the busiest one.
+
+    ``ranks``: how many processes run these items side by side; with 1 there is no collective (the count is this
+    rank's own). ``filler`` is called only when a repeat is needed; without one a repeat's ``item`` is None."""
+
+    def __init__(self, items: Sequence[T], ranks: int, filler: Callable[[], T] | None = None):
+        self.items, self.filler = items, filler
+        self.n = any_rank_max(len(items)) if ranks > 1 else len(items)
+
+    def last(self, index: int) -> bool:
+        """``index`` is the last of the ``n`` (where DDP and FSDP2 sync the gradients)."""
+        return index == self.n - 1
+
+    def __iter__(self) -> Iterator[tuple[int, T, bool]]:
+        for k in range(self.n):
+            real = k < len(self.items)
+            yield k, self.items[k] if real else (self.filler() if self.filler is not None else None), real
 
 
 def ranks_where(flag: bool) -> list[int]:
@@ -207,6 +243,7 @@ def destroy() -> None:
 
 
 __all__ = [
+    "Lockstep",
     "all_reduce_sum",
     "any_rank_max",
     "barrier",

@@ -21,7 +21,7 @@ SwanLab: project from $SWANLAB_PROJECT (else $WANDB_PROJECT, which verl's traine
 "sftforge"), experiment name from $SWANLAB_EXP_NAME (else $WANDB_NAME / trainer.experiment_name, else the output
 folder's name); the API key is swanlab's own ($SWANLAB_API_KEY or `swanlab login`), never read here.
 
-Every message and the run config given to wandb and swanlab pass through :func:`sftforge.config.redacted` / ``scrub``: secrets
+Every message and the run config given to wandb and swanlab pass through :func:`sftforge.redact.redacted` / ``scrub``: secrets
 never reach the console or a logger.
 """
 
@@ -34,8 +34,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sftforge.config import ConfigError, redacted, scrub
+from sftforge.config import ConfigError
 from sftforge.progress import Live
+from sftforge.redact import redacted, scrub
 
 LOGGERS = ("console", "jsonl", "tensorboard", "wandb", "swanlab")
 _PIP = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb", "swanlab": "pip install swanlab"}
@@ -131,10 +132,14 @@ class MetricsLogger:
 
             self._swanlab = swanlab.init(
                 project=os.environ.get("SWANLAB_PROJECT") or os.environ.get("WANDB_PROJECT") or "sftforge",
-                experiment_name=os.environ.get("SWANLAB_EXP_NAME") or os.environ.get("WANDB_NAME")
-                or Path(output_dir).resolve().name,
-                config=redacted(run_config or {}), logdir=str(Path(output_dir) / "swanlab"),
-            )  # fmt: skip
+                experiment_name=(
+                    os.environ.get("SWANLAB_EXP_NAME")
+                    or os.environ.get("WANDB_NAME")
+                    or Path(output_dir).resolve().name
+                ),
+                config=redacted(run_config or {}),
+                logdir=str(Path(output_dir) / "swanlab"),
+            )
         if "console" in loggers:
             self._progress = Live("train", total_steps, completed=start_step)
             self._console = self._progress.console

@@ -30,8 +30,9 @@ from typing import Any
 
 import yaml
 
-from sftforge.config import ConfigError, redacted, scrub
+from sftforge.config import ConfigError
 from sftforge.metrics import read_metrics
+from sftforge.redact import redacted, scrub
 
 # (metrics key, title, y-axis label); a curve no run has is left out (and the report says so)
 CURVES = [
@@ -92,8 +93,10 @@ def load_run(path: str | Path, name: str = "") -> RunData:
         raise ConfigError(f"sftforge report: {p} is not a folder; pass a run's trainer.output_dir.")
     metrics = p / "metrics.jsonl"
     if not metrics.is_file():
-        raise ConfigError(f"sftforge report: {p} has no metrics.jsonl; pass a run's trainer.output_dir (with "
-                          "trainer.logger including jsonl, the default).")  # fmt: skip
+        raise ConfigError(
+            f"sftforge report: {p} has no metrics.jsonl; pass a run's trainer.output_dir (with "
+            "trainer.logger including jsonl, the default)."
+        )
     rows = read_metrics(metrics)  # (a run still writing: its half-written last line is left out)
     records = [r for r in rows if "step" in r and "event" not in r]
     end = next((r for r in reversed(rows) if r.get("event") == "end"), None)
@@ -103,14 +106,29 @@ def load_run(path: str | Path, name: str = "") -> RunData:
     checkpoints = []
     steps = sorted((d for d in p.glob("step_*") if d.is_dir() and d.name[5:].isdigit()), key=lambda d: int(d.name[5:]))
     for d in steps + ([p / "final"] if (p / "final").is_dir() else []):
-        checkpoints.append({"name": d.name, "size_mb": round(_size(d) / 2**20, 1),
-                            "huggingface": (d / "huggingface").is_dir() or (d / "config.json").is_file()})  # fmt: skip
+        checkpoints.append(
+            {
+                "name": d.name,
+                "size_mb": round(_size(d) / 2**20, 1),
+                "huggingface": (d / "huggingface").is_dir() or (d / "config.json").is_file(),
+            }
+        )
     evals = sorted(
         (f for f in (p / "eval").glob("step_*.jsonl") if f.stem[5:].isdigit()), key=lambda f: int(f.stem[5:])
     )
     samples = [json.loads(line) for line in evals[-1].read_text().splitlines() if line.strip()] if evals else []
-    return RunData(name or p.resolve().name, p, records, end, config, _json_file(p / "data_report.json"),
-                   _json_file(p / "plan.json"), checkpoints, evals[-1].name if evals else "", samples)  # fmt: skip
+    return RunData(
+        name or p.resolve().name,
+        p,
+        records,
+        end,
+        config,
+        _json_file(p / "data_report.json"),
+        _json_file(p / "plan.json"),
+        checkpoints,
+        evals[-1].name if evals else "",
+        samples,
+    )
 
 
 def _number(v: Any) -> float | None:
@@ -163,8 +181,15 @@ def curve_figure(runs: list[RunData], key: str, title: str, ylabel: str) -> tupl
         fig, ax = _figure()
         for i, run, pts in drawn:
             few = len(pts) <= 30
-            (line,) = ax.plot([s for s, _ in pts], [v for _, v in pts], color=_COLORS[i % len(_COLORS)],
-                              marker="o" if few else None, markersize=3, linewidth=1.4, label=run.name)  # fmt: skip
+            (line,) = ax.plot(
+                [s for s, _ in pts],
+                [v for _, v in pts],
+                color=_COLORS[i % len(_COLORS)],
+                marker="o" if few else None,
+                markersize=3,
+                linewidth=1.4,
+                label=run.name,
+            )
             line.set_gid(f"curve-{key}-{i}")
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("step")
@@ -229,10 +254,19 @@ def _summary_rows(run: RunData) -> list[list[Any]]:
     if end.get("interrupted_by"):
         status = f"interrupted by {end['interrupted_by']}"
     mem = max((v for _, v in series(run, "memory_gb")), default=None)
-    return [[run.name, f"{last.get('step', 0)}/{total}", _fmt(_number(last.get("loss"))),
-             _fmt(min(v for _, v in vals)) if vals else "–", _fmt(evals[-1][1], pct=True) if evals else "–",
-             _fmt(end.get("train_runtime_s")), f"{end['tokens_per_s']:,.0f}" if "tokens_per_s" in end else "–",
-             f"{mem:.2f}" if mem is not None else "–", status]]  # fmt: skip
+    return [
+        [
+            run.name,
+            f"{last.get('step', 0)}/{total}",
+            _fmt(_number(last.get("loss"))),
+            _fmt(min(v for _, v in vals)) if vals else "–",
+            _fmt(evals[-1][1], pct=True) if evals else "–",
+            _fmt(end.get("train_runtime_s")),
+            f"{end['tokens_per_s']:,.0f}" if "tokens_per_s" in end else "–",
+            f"{mem:.2f}" if mem is not None else "–",
+            status,
+        ]
+    ]
 
 
 def _data_section(run: RunData) -> str:
@@ -241,24 +275,33 @@ def _data_section(run: RunData) -> str:
     out = []
     for split, d in run.data.items():
         rep = d.get("report") or {}
-        rows = [("files", d.get("files")), ("rows read", rep.get("rows", "–")), ("samples kept", d["samples"]),
-                ("tokens", f"{d['tokens']:,}")]  # fmt: skip
+        rows = [
+            ("files", d.get("files")),
+            ("rows read", rep.get("rows", "–")),
+            ("samples kept", d["samples"]),
+            ("tokens", f"{d['tokens']:,}"),
+        ]
         if rep:
             share = rep["trained_tokens"] / max(rep["tokens"], 1)
             rows.append(("trained tokens", f"{rep['trained_tokens']:,} ({share:.1%} of all tokens)"))
             for reason, n in sorted((rep.get("skipped") or {}).items()):
                 rows.append((f"skipped: {reason}", n))
-            for key, label in (("over_length", "over data.max_length"), ("truncated", "truncated"),
-                               ("dropped_over_length", "dropped (too long)"),
-                               ("dropped_no_trained_tokens", "dropped (no trained token left)"),
-                               ("images", "images"), ("system_merged", "system merged into first user")):  # fmt: skip
+            for key, label in (
+                ("over_length", "over data.max_length"),
+                ("truncated", "truncated"),
+                ("dropped_over_length", "dropped (too long)"),
+                ("dropped_no_trained_tokens", "dropped (no trained token left)"),
+                ("images", "images"),
+                ("system_merged", "system merged into first user"),
+            ):
                 if rep.get(key):
                     rows.append((label, rep[key]))
             if not rep.get("skipped"):
                 rows.append(("skipped rows", 0))
         ln = d["lengths"]
-        rows.append(("tokens per sample", f"min {ln['min']}, median {ln['median']:g}, mean {ln['mean']:.1f}, "
-                                          f"max {ln['max']}"))  # fmt: skip
+        rows.append(
+            ("tokens per sample", f"min {ln['min']}, median {ln['median']:g}, mean {ln['mean']:.1f}, max {ln['max']}")
+        )
         problems = rep.get("first_problems") or []
         out.append(f"<h4>{html.escape(split)}</h4><div class='row'>{_table(rows)}{histogram_figure(ln)}</div>")
         if problems:
@@ -270,11 +313,21 @@ def _data_section(run: RunData) -> str:
 def _plan_section(run: RunData) -> str:
     if not run.plan:
         return "<p class='note'>no plan.json in this run folder.</p>"
-    labels = {"samples": "training samples", "steps_per_epoch": "steps per epoch", "total_steps": "total steps",
-              "grad_accum": "gradient accumulation", "dropped_per_epoch": "samples left out per epoch (drop_last)",
-              "world_size": "data-parallel size", "dp_size": "data-parallel groups", "sp_size": "sequence parallel",
-              "strategy": "trainer.strategy", "device": "device", "prompts": "prompts (rl)",
-              "prompts_per_step": "rollout.prompts_per_step", "responses_per_prompt": "rollout.n"}  # fmt: skip
+    labels = {
+        "samples": "training samples",
+        "steps_per_epoch": "steps per epoch",
+        "total_steps": "total steps",
+        "grad_accum": "gradient accumulation",
+        "dropped_per_epoch": "samples left out per epoch (drop_last)",
+        "world_size": "data-parallel size",
+        "dp_size": "data-parallel groups",
+        "sp_size": "sequence parallel",
+        "strategy": "trainer.strategy",
+        "device": "device",
+        "prompts": "prompts (rl)",
+        "prompts_per_step": "rollout.prompts_per_step",
+        "responses_per_prompt": "rollout.n",
+    }
     return _table([(labels.get(k, k), v) for k, v in run.plan.items() if k != "rank"])
 
 
@@ -284,8 +337,14 @@ def _eval_section(run: RunData) -> str:
     rows = []
     for r in run.eval_samples[:12]:
         prompt = str(r.get("prompt", ""))
-        rows.append([("…" + prompt[-160:]) if len(prompt) > 160 else prompt, r.get("generation", ""),
-                     r.get("reference", ""), r.get("score", "")])  # fmt: skip
+        rows.append(
+            [
+                ("…" + prompt[-160:]) if len(prompt) > 160 else prompt,
+                r.get("generation", ""),
+                r.get("reference", ""),
+                r.get("score", ""),
+            ]
+        )
     head = f"<h4>eval samples ({html.escape(run.eval_file)}, first {len(rows)} of {len(run.eval_samples)})</h4>"
     return head + _grid(["prompt (end)", "generation", "reference", "score"], rows)
 
@@ -332,30 +391,54 @@ def build_report(run_dirs: list[str | Path], output: str | Path | None = None) -
         png_path = out.with_name(f"{out.stem}_{key}.png")
         png_path.write_bytes(png)
         pngs.append(png_path)
-    hints = {"val_loss": "set data.val_files", "eval_accuracy": "set data.eval_files and trainer.eval_freq",
-             "reward_mean": "sftforge rl runs only"}  # fmt: skip
+    hints = {
+        "val_loss": "set data.val_files",
+        "eval_accuracy": "set data.eval_files and trainer.eval_freq",
+        "reward_mean": "sftforge rl runs only",
+    }
     note = "; ".join(f"{k} ({hints[k]})" for k in missing if k in hints)
-    parts = [f"<h1>sftforge report: {html.escape(', '.join(r.name for r in runs))}</h1>",
-             f"<p class='note'>written {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} from "
-             f"{html.escape(', '.join(str(p) for p in paths))}</p>",
-             "<h2>Runs</h2>", _grid(["run", "step", "last loss", "best val_loss", "last eval accuracy",
-                                     "train runtime (s)", "tokens/s", "peak memory (GiB)", "status"],
-                                    [row for r in runs for row in _summary_rows(r)]),
-             "<h2>Curves</h2>", f"<div class='plots'>{''.join(plots) or '<p>no step recorded yet.</p>'}</div>"]  # fmt: skip
+    parts = [
+        f"<h1>sftforge report: {html.escape(', '.join(r.name for r in runs))}</h1>",
+        f"<p class='note'>written {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} from "
+        f"{html.escape(', '.join(str(p) for p in paths))}</p>",
+        "<h2>Runs</h2>",
+        _grid(
+            [
+                "run",
+                "step",
+                "last loss",
+                "best val_loss",
+                "last eval accuracy",
+                "train runtime (s)",
+                "tokens/s",
+                "peak memory (GiB)",
+                "status",
+            ],
+            [row for r in runs for row in _summary_rows(r)],
+        ),
+        "<h2>Curves</h2>",
+        f"<div class='plots'>{''.join(plots) or '<p>no step recorded yet.</p>'}</div>",
+    ]
     if note:
         parts.append(f"<p class='note'>not in these runs: {html.escape(note)}.</p>")
     for r in runs:
-        parts.append(f"<h2>Run {html.escape(r.name)}</h2><h3>Data</h3>{_data_section(r)}<h3>Plan</h3>"
-                     f"{_plan_section(r)}<h3>Checkpoints</h3>{_checkpoint_section(r)}{_eval_section(r)}")  # fmt: skip
+        parts.append(
+            f"<h2>Run {html.escape(r.name)}</h2><h3>Data</h3>{_data_section(r)}<h3>Plan</h3>"
+            f"{_plan_section(r)}<h3>Checkpoints</h3>{_checkpoint_section(r)}{_eval_section(r)}"
+        )
         if r.config is not None:
             text = yaml.safe_dump(r.config, sort_keys=False)
             parts.append(f"<h3>Resolved config</h3><pre>{html.escape(text)}</pre>")
-    data = {r.name: {"path": str(r.path), "curves": {k: series(r, k) for k, _, _ in CURVES if series(r, k)},
-                     "end": r.end} for r in runs}  # fmt: skip
+    data = {
+        r.name: {"path": str(r.path), "curves": {k: series(r, k) for k, _, _ in CURVES if series(r, k)}, "end": r.end}
+        for r in runs
+    }
     blob = json.dumps(data).replace("</", "<\\/")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>sftforge report</title><style>{_CSS}</style>"
-            f"</head><body>{''.join(parts)}<script type='application/json' id='{DATA_ID}'>{blob}</script>"
-            "</body></html>")  # fmt: skip
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>sftforge report</title><style>{_CSS}</style>"
+        f"</head><body>{''.join(parts)}<script type='application/json' id='{DATA_ID}'>{blob}</script>"
+        "</body></html>"
+    )
     out.write_text(scrub(page), encoding="utf-8")
     return out, pngs
 

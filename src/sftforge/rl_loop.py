@@ -41,7 +41,7 @@ from sftforge.batching import epoch_order
 from sftforge.chat import RowError, end_of_turn_token_ids, render_prompt, template_markers
 from sftforge.config import Config, ConfigError
 from sftforge.data import load_tokenizer, read_rows, resolve_files, tokenize_row
-from sftforge.distributed import all_reduce_sum, any_rank_max
+from sftforge.distributed import Lockstep, all_reduce_sum
 from sftforge.envs import rollout
 from sftforge.evaluation import (
     count_metrics,
@@ -59,9 +59,9 @@ from sftforge.loss import supervised_logprobs
 from sftforge.metrics import check_loggers
 from sftforge.model import autocast, compute_dtype, load_model
 from sftforge.optim import lr_at, set_lr
-from sftforge.packing import collate, split_to_budget
+from sftforge.packing import MicroBatch, collate, split_to_budget
 from sftforge.parallel import grad_scale, no_grad_sync, prepare_reference
-from sftforge.run import NonFiniteGuard, Run, Signals, check_paths, clip_gradients, data_fingerprint
+from sftforge.run import NonFiniteGuard, Run, Signals, Validator, check_paths, clip_gradients, data_fingerprint
 from sftforge.scorers import ENV_TASKS, as_score, get_scorer
 
 ROLLOUT_BACKENDS = ("hf",)
@@ -121,10 +121,12 @@ def load_prompts(cfg: Config, tokenizer) -> tuple[list[Prompt], dict[str, int]]:
 def check_rl_config(cfg: Config, world_size: int = 1) -> None:
     r, a = cfg.rollout, cfg.algorithm
     if r.backend not in ROLLOUT_BACKENDS:
-        raise ConfigError(f"rollout.backend={r.backend!r}: supported today: {' | '.join(ROLLOUT_BACKENDS)} (the model "
-                          "in memory; its engine keeps each episode's KV cache across turns). vLLM rollouts with "
-                          "weights synced from the trainer are not wired into `sftforge rl` yet; `sftforge eval "
-                          "--backend vllm` evaluates a saved model with vLLM.")  # fmt: skip
+        raise ConfigError(
+            f"rollout.backend={r.backend!r}: supported today: {' | '.join(ROLLOUT_BACKENDS)} (the model "
+            "in memory; its engine keeps each episode's KV cache across turns). vLLM rollouts with "
+            "weights synced from the trainer are not wired into `sftforge rl` yet; `sftforge eval "
+            "--backend vllm` evaluates a saved model with vLLM."
+        )
     if r.n < 2:
         raise ConfigError(f"rollout.n={r.n}: group-relative advantages need at least 2 responses per prompt.")
 
@@ -146,12 +148,16 @@ def check_rl_config(cfg: Config, world_size: int = 1) -> None:
     if a.clip_ratio_low < 0 or a.clip_ratio_high < 0 or a.clip_ratio_low >= 1:
         raise ConfigError("algorithm.clip_ratio_low must be in [0, 1) and algorithm.clip_ratio_high >= 0.")
     if r.val_n > 1 and r.val_temperature == 0:
-        raise ConfigError(f"rollout.val_n={r.val_n} answers per validation prompt need sampling: set "
-                          "rollout.val_temperature > 0 (e.g. 1.0; verl's val_kwargs.temperature), or rollout.val_n=1.")  # fmt: skip
+        raise ConfigError(
+            f"rollout.val_n={r.val_n} answers per validation prompt need sampling: set "
+            "rollout.val_temperature > 0 (e.g. 1.0; verl's val_kwargs.temperature), or rollout.val_n=1."
+        )
     t = cfg.trainer
     if (t.test_freq > 0 or t.val_before_train) and not cfg.data.val_files:
-        raise ConfigError("trainer.test_freq / trainer.val_before_train validate on data.val_files, which is empty: set "
-                          "data.val_files (prompts with their answers, e.g. verl's RL parquet), or trainer.test_freq=0.")  # fmt: skip
+        raise ConfigError(
+            "trainer.test_freq / trainer.val_before_train validate on data.val_files, which is empty: set "
+            "data.val_files (prompts with their answers, e.g. verl's RL parquet), or trainer.test_freq=0."
+        )
 
 
 def my_groups(k: int, mini_batches: int, world_size: int, rank: int) -> list[int]:
@@ -181,9 +187,12 @@ class Sampler:
         self.backend = HFBackend(model, pad, cfg.model.dtype, cfg.rollout.kv_cache)
         r = cfg.rollout
         self.opts = GenerationOptions(
-            max_new_tokens=r.max_response_length, temperature=r.temperature, top_p=r.top_p, do_sample=True,
+            max_new_tokens=r.max_response_length,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            do_sample=True,
             batch_size=max(1, r.n * r.prompts_per_step),
-        )  # fmt: skip
+        )
         self.stop_ids = end_of_turn_token_ids(tokenizer, cfg.data.chat_template_kwargs)
 
     def sample(self, prompts: list[Prompt], seeds: list[int]) -> list[list[tuple[list[int], str, bool]]]:
@@ -213,8 +222,10 @@ def score_groups(groups, prompts: list[Prompt], cfg: Config, scorer) -> list[lis
         for ids, text, truncated in group:
             reward = as_score(scorer(text, prompt.sample))["score"]
             if a.overlong_buffer > 0:
-                reward += float(overlong_penalty(torch.tensor([len(ids)]), r.max_response_length, a.overlong_buffer,
-                                                 a.overlong_penalty)[0])  # fmt: skip
+                length = torch.tensor([len(ids)])
+                reward += float(
+                    overlong_penalty(length, r.max_response_length, a.overlong_buffer, a.overlong_penalty)[0]
+                )
             mask = [0] * len(prompt.ids) + [1] * len(ids)
             scored.append(Response(prompt.ids + ids, mask, reward, len(ids), truncated))
         out.append(scored)
@@ -256,8 +267,13 @@ class EpisodeSampler:
 
         r = cfg.rollout
         pad = pad_token(tokenizer)
-        opts = GenerationOptions(max_new_tokens=r.max_response_length, temperature=r.temperature, top_p=r.top_p,
-                                 do_sample=True, batch_size=max(1, r.n * r.prompts_per_step))  # fmt: skip
+        opts = GenerationOptions(
+            max_new_tokens=r.max_response_length,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            do_sample=True,
+            batch_size=max(1, r.n * r.prompts_per_step),
+        )
         self.generator = Generator(
             HFBackend(model, pad, cfg.model.dtype, cfg.rollout.kv_cache), tokenizer, opts, cfg.data.chat_template_kwargs
         )
@@ -274,8 +290,13 @@ class EpisodeSampler:
         for task, seed in zip(tasks, seeds):
             self.generator.opts.seed = seed
             with torch.random.fork_rng(devices=[]):  # the environment's own draws, if any
-                episodes = rollout(self.make_env, [task] * n, self.generator.chat, max_turns=self.cfg.rollout.max_turns,
-                                   workers=self.workers)  # fmt: skip
+                episodes = rollout(
+                    self.make_env,
+                    [task] * n,
+                    self.generator.chat,
+                    max_turns=self.cfg.rollout.max_turns,
+                    workers=self.workers,
+                )
             group = []
             for ep in episodes:
                 resp = episode_response(ep, self.tokenizer, self.cfg, self.markers)
@@ -319,57 +340,135 @@ class RolloutWeights:
 
 
 @torch.no_grad()
-def _logprobs(forward, micro_batches, n_calls: int, dummy) -> list[torch.Tensor]:
-    """log π at the trained positions of each micro-batch. ``n_calls`` >= len(micro_batches): processes with fewer
-    micro-batches run the ``dummy`` one (FSDP2's forward is a collective, so every process runs as many)."""
-    return [forward(micro_batches[k] if k < len(micro_batches) else dummy)[0] for k in range(n_calls)][
-        : len(micro_batches)
-    ]
+def _logprobs(forward, micro_batches, ranks: int, dummy) -> list[torch.Tensor]:
+    """log π at the trained positions of each micro-batch. ``ranks`` processes run them in lockstep (FSDP2's forward
+    is a collective): a process with fewer micro-batches runs the ``dummy`` one until the busiest is done."""
+    return [forward(mb)[0] for _, mb, _ in Lockstep(micro_batches, ranks, lambda: dummy)][: len(micro_batches)]
 
 
-def rl_step(engine, model, optimizer, ref_model, groups: list[list[Response]], group_ids: list[int], cfg: Config,
-            pad_id: int, lr: float, world_size: int = 1, guard: NonFiniteGuard | None = None,
-            step: int = 0) -> dict[str, Any]:  # fmt: skip
-    """Advantages, dynamic sampling and algorithm.mini_batches optimizer steps on this process's groups (global
-    indices ``group_ids``); returns the step's metrics over all processes. ``engine`` is the model under its
-    strategy (parallel.parallelize: behaviour log-probs and the loss); ``model`` the HF module under it (gradient
-    clipping); ``ref_model`` an unwrapped copy in eval mode (reference log-probs for the KL term) or None.
-    ``guard`` (run.NonFiniteGuard) decides what a non-finite update does (trainer.nan_policy); without one it is
-    skipped. ``step``: the 0-based RL step (messages, fault injection)."""
+@dataclass
+class StepContext:
+    """What every RL step trains with: ``engine`` is the model under its strategy (parallel.build_engine: behaviour
+    log-probs and the loss), ``model`` the HF module under it (gradient clipping), ``ref_model`` an unwrapped copy in
+    eval mode (reference log-probs for the KL term) or None; ``guard`` (run.NonFiniteGuard) decides what a non-finite
+    update does (trainer.nan_policy), without one it is skipped. The rest is derived once: the device, the factor on
+    the loss, and the weight-0 micro-batch of a process with fewer micro-batches than the busiest."""
 
-    a, d = cfg.algorithm, cfg.data
-    device = next(model.parameters()).device
+    engine: torch.nn.Module
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ref_model: torch.nn.Module | None
+    cfg: Config
+    pad_id: int
+    world_size: int = 1
+    guard: NonFiniteGuard | None = None
+
+    def __post_init__(self):
+        c = self.cfg
+        self.device = next(self.model.parameters()).device
+        self.scale = grad_scale(self.engine, self.world_size)  # the wrappers average over processes; the loss sums
+        self.mask_dtype = compute_dtype(c.model.dtype)
+        pad = self.pad_id
+        self.dummy = collate([([pad, pad], [0, 1])], c.data.packing, c.model.attn_implementation, pad, self.mask_dtype)
+        self.dummy = self.dummy.to(self.device)
+
+    def batch(self, seqs: list[tuple]) -> MicroBatch:
+        """One micro-batch of (input_ids, loss_mask, advantage) sequences, on the device."""
+        c = self.cfg
+        pairs = [(s[0], s[1]) for s in seqs]
+        return collate(pairs, c.data.packing, c.model.attn_implementation, self.pad_id, self.mask_dtype).to(self.device)
+
+
+@dataclass
+class MiniBatch:
+    """One optimizer step's share of this process: its micro-batches as sequences (input_ids, loss_mask, advantage)
+    and collated, the trained-token count of all processes, and the log-probs of the behaviour policy (``old``) and of
+    the reference model (``ref``, None without the KL term) per micro-batch."""
+
+    micro: list[list[tuple]]
+    batches: list[MicroBatch]
+    n_tok: float
+    old: list[torch.Tensor]
+    ref: list[torch.Tensor] | None
+
+
+@dataclass
+class StepTotals:
+    """This process's sums over the updates of a step, reduced over processes by :meth:`metrics`."""
+
+    loss: float = 0.0
+    tokens: int = 0
+    clipped: int = 0
+    entropy: float = 0.0
+    kl: float = 0.0
+    grad_norm: float = 0.0  # the largest of the step's updates
+    updates: int = 0
+    calls: int = 0  # micro-batches run so far (fault injection's index)
+
+    def metrics(self) -> dict[str, Any]:
+        loss, tokens, clipped, ent, kl = all_reduce_sum(self.loss, self.tokens, self.clipped, self.entropy, self.kl)
+        t = max(tokens, 1)
+        out = {
+            "loss": loss / t,
+            "grad_norm": self.grad_norm,
+            "clip_fraction": clipped / t,
+            "entropy": ent / t,
+            "kl": kl / t,
+            "trained_tokens": int(tokens),
+            "updates": self.updates,
+        }
+        if self.updates == 0:
+            out["skipped"] = True
+        return out
+
+
+def reward_metrics(groups: list[list[Response]], cfg: Config) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(advantages, keep, metrics): the group-relative advantages, the groups dynamic sampling keeps (those whose
+    rewards differ) and the reward statistics over all processes."""
+    a = cfg.algorithm
     rewards = torch.tensor([[resp.reward for resp in g] for g in groups], dtype=torch.float32).reshape(len(groups), -1)
     adv = group_advantages(rewards, a.scale_by_std) if len(groups) else rewards
-    keep = (
-        informative_groups(rewards) if a.dynamic_sampling and len(groups) else torch.ones(len(groups), dtype=torch.bool)
-    )
+    keep = torch.ones(len(groups), dtype=torch.bool)
+    if a.dynamic_sampling and len(groups):
+        keep = informative_groups(rewards)
     r_sum, r_sq, n_resp, solved, kept, gen, cut = all_reduce_sum(
-        float(rewards.sum()), float((rewards**2).sum()), float(rewards.numel()),
-        float((rewards.max(dim=1).values >= 1.0).sum()) if len(groups) else 0.0, float(keep.sum()),
-        float(sum(r.generated for g in groups for r in g)), float(sum(r.truncated for g in groups for r in g)),
-    )  # fmt: skip
+        float(rewards.sum()),
+        float((rewards**2).sum()),
+        float(rewards.numel()),
+        float((rewards.max(dim=1).values >= 1.0).sum()) if len(groups) else 0.0,
+        float(keep.sum()),
+        float(sum(r.generated for g in groups for r in g)),
+        float(sum(r.truncated for g in groups for r in g)),
+    )
     n_groups = n_resp / max(cfg.rollout.n, 1)
     mean = r_sum / max(n_resp, 1)
     metrics: dict[str, Any] = {
-        "reward_mean": mean, "reward_std": math.sqrt(max(r_sq / max(n_resp, 1) - mean * mean, 0.0)),
-        "solved_groups": solved / max(n_groups, 1), "kept_groups": int(kept), "response_length": gen / max(n_resp, 1),
+        "reward_mean": mean,
+        "reward_std": math.sqrt(max(r_sq / max(n_resp, 1) - mean * mean, 0.0)),
+        "solved_groups": solved / max(n_groups, 1),
+        "kept_groups": int(kept),
+        "response_length": gen / max(n_resp, 1),
         "truncated_responses": int(cut),
-    }  # fmt: skip
-    set_lr(optimizer, lr)
-    scale = grad_scale(engine, world_size)  # the wrappers average over processes; the loss needs the sum
-    chunk = cfg.model.loss_chunk_size
-    mask_dtype = compute_dtype(cfg.model.dtype)
-    dummy = collate([([pad_id, pad_id], [0, 1])], d.packing, cfg.model.attn_implementation, pad_id, mask_dtype)
-    totals = {"loss": 0.0, "tokens": 0, "clipped": 0, "entropy": 0.0, "kl": 0.0, "grad_norm": 0.0, "updates": 0}
-    # Every mini-batch's sequences and the behaviour policy's log-probs (the weights that sampled them), all BEFORE
-    # the first update of the step: later mini-batches are off-policy and the clipped ratio keeps them close.
+    }
+    return adv, keep, metrics
+
+
+def plan_mini_batches(ctx: StepContext, groups, group_ids: list[int], adv, keep) -> list[MiniBatch]:
+    """The step's algorithm.mini_batches mini-batches: mini-batch m trains the kept groups g with g % M == m, as
+    micro-batches of data.micro_batch_size_per_gpu sequences (split further under data.max_tokens_per_micro_batch);
+    one whose groups were all dropped, on every process, is left out. The behaviour log-probs are taken here, all
+    BEFORE the first update of the step: later mini-batches are off-policy and the clipped ratio keeps them close."""
+    a, d = ctx.cfg.algorithm, ctx.cfg.data
     plan = []
     for m in range(a.mini_batches):
-        seqs = [(resp.input_ids, resp.loss_mask, float(adv[i, j]))
-                for i, g in enumerate(group_ids) if g % a.mini_batches == m and bool(keep[i])
-                for j, resp in enumerate(groups[i]) if any(resp.loss_mask[1:])]  # fmt: skip
-        micro = []  # micro-batches of data.micro_batch_size_per_gpu, split further under data.max_tokens_per_micro_batch
+        seqs = [
+            (resp.input_ids, resp.loss_mask, float(adv[i, j]))
+            for i, g in enumerate(group_ids)
+            if g % a.mini_batches == m and bool(keep[i])
+            for j, resp in enumerate(groups[i])
+            if any(resp.loss_mask[1:])
+        ]
+        micro = []
         for k in range(0, len(seqs), d.micro_batch_size_per_gpu):
             part = seqs[k : k + d.micro_batch_size_per_gpu]
             for group in split_to_budget([len(x[0]) for x in part], d.max_tokens_per_micro_batch, d.packing):
@@ -377,67 +476,91 @@ def rl_step(engine, model, optimizer, ref_model, groups: list[list[Response]], g
         (n_tok,) = all_reduce_sum(float(sum(sum(s[1][1:]) for s in seqs)))  # trained positions of all processes
         if n_tok == 0:
             continue  # every group of this mini-batch was dropped, on every process
-        mbs = [collate([(s[0], s[1]) for s in mb], d.packing, cfg.model.attn_implementation, pad_id, mask_dtype)
-               .to(device) for mb in micro]  # fmt: skip
-        n_calls = any_rank_max(len(mbs)) if world_size > 1 else len(mbs)
-        was = engine.training
-        engine.eval()
-        try:
-            with autocast(cfg.model.dtype, device):
-                old = _logprobs(lambda mb: engine(mb, logprobs=True), mbs, n_calls, dummy.to(device))
-                ref = None
-                if ref_model is not None:  # a plain copy on every process: no collective, no dummy needed
-                    ref = _logprobs(lambda mb: supervised_logprobs(ref_model, mb, chunk), mbs, len(mbs), None)
-        finally:
-            engine.train(was)
-        plan.append((micro, mbs, n_tok, old, ref))
-    calls = 0
-    for micro, mbs, n_tok, old, ref in plan:
-        optimizer.zero_grad(set_to_none=True)
-        n_micro = any_rank_max(len(mbs)) if world_size > 1 else len(mbs)
-        update_loss = 0.0
-        for k in range(n_micro):
-            faults.before_micro_batch(step + 1, calls)
-            calls += 1
-            real = k < len(mbs)
-            mb = mbs[k] if real else dummy.to(device)  # a process with fewer micro-batches runs a weight-0 one
-            with no_grad_sync(engine, sync=k == n_micro - 1), autocast(cfg.model.dtype, device):
-                logp, entropy = engine(mb, logprobs=True)
-                if real:
-                    adv_tok = token_advantages(
-                        torch.tensor([s[2] for s in micro[k]]), [sum(s[1][1:]) for s in micro[k]]
-                    )
-                    loss, st = policy_loss_sum(logp, old[k], adv_tok.to(device), a.clip_ratio_low, a.clip_ratio_high,
-                                               a.kl_coef, ref[k] if ref is not None else None, a.clip_ratio_c)  # fmt: skip
-                else:
-                    loss = logp.sum() * 0.0
-                (loss * scale / n_tok).backward()
+        batches = [ctx.batch(mb) for mb in micro]
+        plan.append(MiniBatch(micro, batches, n_tok, *behaviour_logprobs(ctx, batches)))
+    return plan
+
+
+def behaviour_logprobs(
+    ctx: StepContext, batches: list[MicroBatch]
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """(old, ref): the log-probs of the policy as it sampled (the engine in eval mode; a collective under FSDP2) and of
+    the reference model (None without one)."""
+    engine, chunk = ctx.engine, ctx.cfg.model.loss_chunk_size
+    was = engine.training
+    engine.eval()
+    try:
+        with autocast(ctx.cfg.model.dtype, ctx.device):
+            old = _logprobs(lambda mb: engine(mb, logprobs=True), batches, ctx.world_size, ctx.dummy)
+            ref = None
+            if ctx.ref_model is not None:  # a plain copy on every process: no collective, no dummy needed
+                ref = _logprobs(lambda mb: supervised_logprobs(ctx.ref_model, mb, chunk), batches, 1, None)
+    finally:
+        engine.train(was)
+    return old, ref
+
+
+def policy_update(ctx: StepContext, mini: MiniBatch, step: int, totals: StepTotals) -> None:
+    """One optimizer step on ``mini`` (every process runs as many micro-batches as the busiest, the extra ones with
+    weight 0); applied when its loss and gradient norm are finite on every process, else trainer.nan_policy decides."""
+    a, cfg, engine = ctx.cfg.algorithm, ctx.cfg, ctx.engine
+    ctx.optimizer.zero_grad(set_to_none=True)
+    update_loss = 0.0
+    steps = Lockstep(mini.batches, ctx.world_size, lambda: ctx.dummy)
+    for k, mb, real in steps:
+        faults.before_micro_batch(step + 1, totals.calls)
+        totals.calls += 1
+        with no_grad_sync(engine, sync=steps.last(k)), autocast(cfg.model.dtype, ctx.device):
+            logp, entropy = engine(mb, logprobs=True)
             if real:
-                update_loss += float(loss.detach())
-                totals["loss"] += float(loss.detach())
-                totals["tokens"] += st.tokens
-                totals["clipped"] += st.clipped_tokens
-                totals["entropy"] += float(entropy.detach().sum())
-                totals["kl"] += st.kl_sum
-        norm = clip_gradients(model, cfg.optim.clip_grad)
-        totals["grad_norm"] = max(totals["grad_norm"], norm)
-        # an update is applied when loss and norm are finite on every rank; else trainer.nan_policy decides
-        ok = (
-            guard.ok(step, update_loss / n_tok, norm, can_save=totals["updates"] == 0) if guard else math.isfinite(norm)
-        )
-        if ok:
-            optimizer.step()
-            totals["updates"] += 1
-        optimizer.zero_grad(set_to_none=True)
-    loss_s, tokens, clipped, ent, kl = all_reduce_sum(totals["loss"], totals["tokens"], totals["clipped"],
-                                                      totals["entropy"], totals["kl"])  # fmt: skip
-    t = max(tokens, 1)
-    metrics.update(
-        loss=loss_s / t, grad_norm=totals["grad_norm"], clip_fraction=clipped / t, entropy=ent / t, kl=kl / t,
-        trained_tokens=int(tokens), updates=totals["updates"],
-    )  # fmt: skip
-    if totals["updates"] == 0:
-        metrics["skipped"] = True
+                seqs = mini.micro[k]
+                adv_tok = token_advantages(torch.tensor([s[2] for s in seqs]), [sum(s[1][1:]) for s in seqs])
+                ref = mini.ref[k] if mini.ref is not None else None
+                loss, st = policy_loss_sum(
+                    logp,
+                    mini.old[k],
+                    adv_tok.to(ctx.device),
+                    a.clip_ratio_low,
+                    a.clip_ratio_high,
+                    a.kl_coef,
+                    ref,
+                    a.clip_ratio_c,
+                )
+            else:
+                loss = logp.sum() * 0.0
+            (loss * ctx.scale / mini.n_tok).backward()
+        if real:
+            update_loss += float(loss.detach())
+            totals.loss += float(loss.detach())
+            totals.tokens += st.tokens
+            totals.clipped += st.clipped_tokens
+            totals.entropy += float(entropy.detach().sum())
+            totals.kl += st.kl_sum
+    norm = clip_gradients(ctx.model, cfg.optim.clip_grad)
+    totals.grad_norm = max(totals.grad_norm, norm)
+    if ctx.guard is not None:  # the model still holds the state after ``step`` steps until an update is applied
+        ok = ctx.guard.ok(step, update_loss / mini.n_tok, norm, can_save=totals.updates == 0)
+    else:
+        ok = math.isfinite(norm)
+    if ok:
+        ctx.optimizer.step()
+        totals.updates += 1
+    ctx.optimizer.zero_grad(set_to_none=True)
+
+
+def rl_step(
+    ctx: StepContext, groups: list[list[Response]], group_ids: list[int], lr: float, step: int = 0
+) -> dict[str, Any]:
+    """Advantages, dynamic sampling and algorithm.mini_batches optimizer steps on this process's groups (global
+    indices ``group_ids``); returns the step's metrics over all processes. ``step``: the 0-based RL step (messages,
+    fault injection)."""
+    adv, keep, metrics = reward_metrics(groups, ctx.cfg)
+    set_lr(ctx.optimizer, lr)
+    plan = plan_mini_batches(ctx, groups, group_ids, adv, keep)
+    totals = StepTotals()
+    for mini in plan:
+        policy_update(ctx, mini, step, totals)
+    metrics.update(totals.metrics())
     return metrics
 
 
@@ -455,19 +578,25 @@ def evaluate_policy(model, tokenizer, prompts: list[Prompt], cfg: Config, scorer
     return total / max(len(prompts), 1)
 
 
-def validate(model, tokenizer, cfg: Config, rows: list[tuple], step: int, rank: int = 0,
-             world_size: int = 1) -> dict[str, float]:  # fmt: skip
+def validate(
+    model, tokenizer, cfg: Config, rows: list[tuple], step: int, rank: int = 0, world_size: int = 1
+) -> dict[str, float]:
     """Score the policy on data.val_files: rollout.val_n answers per prompt (greedy, or sampled at
     rollout.val_temperature, seeded by step), single-turn or episodes in the environment; each process takes its
     share of the prompts and the per-prompt sums are added over processes. Returns ``val_score`` (the mean), mean@K /
     pass@k when rollout.val_n > 1 and the same per data_source, all prefixed ``val_``."""
     r, k = cfg.rollout, cfg.rollout.val_n
     mine = list(range(rank, len(rows), world_size))
-    opts = GenerationOptions(max_new_tokens=r.max_response_length, temperature=r.val_temperature or 1.0,
-                             top_p=r.val_top_p, do_sample=r.val_temperature > 0, batch_size=64,
-                             seed=cfg.trainer.seed * 1_000_003 + step * 1_009 + rank)  # fmt: skip
-    generator = Generator(HFBackend(model, pad_token(tokenizer), cfg.model.dtype, cfg.rollout.kv_cache), tokenizer, opts,
-                          cfg.data.chat_template_kwargs)  # fmt: skip
+    opts = GenerationOptions(
+        max_new_tokens=r.max_response_length,
+        temperature=r.val_temperature or 1.0,
+        top_p=r.val_top_p,
+        do_sample=r.val_temperature > 0,
+        batch_size=64,
+        seed=cfg.trainer.seed * 1_000_003 + step * 1_009 + rank,
+    )
+    backend = HFBackend(model, pad_token(tokenizer), cfg.model.dtype, cfg.rollout.kv_cache)
+    generator = Generator(backend, tokenizer, opts, cfg.data.chat_template_kwargs)
     sums, rights = [0.0] * len(rows), [0.0] * len(rows)
     if mine:
         share = [rows[i] for i in mine]
@@ -497,10 +626,99 @@ def validate(model, tokenizer, cfg: Config, rows: list[tuple], step: int, rank: 
     return out
 
 
+class RolloutValidator(Validator):
+    """rl's validation: the policy's answers to data.val_files scored (:func:`validate`, with the rollout weights
+    synced first), each validation a line and an event of its own in metrics.jsonl. The loop asks after the step's
+    record is logged and its checkpoint saved (an interrupted run stops without validating)."""
+
+    digits = 3  # of val_s
+
+    def __init__(self, run: Run, total: int, policy: RolloutWeights, model, tokenizer, rows: list[tuple]):
+        super().__init__(run, total, bool(rows))
+        self.policy, self.model, self.tokenizer, self.rows = policy, model, tokenizer, rows
+
+    def measure(self, done: int) -> dict[str, Any]:
+        r = self.run
+        self.policy.sync(self.model)  # FSDP2: the weights after step ``done`` (collective)
+        return validate(self.policy.module, self.tokenizer, r.cfg, self.rows, done, r.rank, r.world_size)
+
+    def report(self, done: int, numbers: dict[str, Any], record: dict[str, Any] | None) -> None:
+        shown = "  ".join(
+            f"{k.removeprefix('val_')} {v:.3f}" for k, v in numbers.items() if k != "val_s" and k.count("_") <= 1
+        )
+        self.run.log.log_validation(
+            done,
+            numbers,
+            f"validation {'before step 1' if done == 0 else f'after step {done}'}"
+            f" ({len(self.rows)} prompts × {self.run.cfg.rollout.val_n}): {shown}",
+        )
+
+
 def rl(cfg: Config, *, model=None, tokenizer=None) -> dict[str, Any]:
     """Run GRPO/DAPO per ``cfg`` (one process, or several under torchrun); returns a summary."""
     with Run(cfg) as run:
         return _rl(run, model, tokenizer)
+
+
+@dataclass
+class RLData:
+    """What `sftforge rl` trains and validates on: ``prompts`` (single-turn prompts; environment tasks when
+    rollout.max_turns > 1, with ``env`` = (make_env, workers) for :class:`EpisodeSampler`), their ``counts`` (rows,
+    truncated, dropped) and the rows of data.val_files (checked now: a bad row is said before training, not after the
+    first trainer.test_freq steps)."""
+
+    prompts: list
+    counts: dict[str, int]
+    env: tuple | None
+    val_rows: list[tuple]
+
+
+def load_rl_data(cfg: Config, tokenizer) -> RLData:
+    """The prompts or environment tasks of data.train_files and the rows of data.val_files (:class:`RLData`)."""
+    multi_turn, env = cfg.rollout.max_turns > 1, None
+    if multi_turn:
+        prompts, make_env, workers = load_env_tasks(cfg)
+        env = (make_env, workers)
+        counts = {"rows": len(prompts), "over_max_length": 0, "truncated": 0, "dropped": 0}
+    else:
+        prompts, counts = load_prompts(cfg, tokenizer)
+    val_rows = file_rows(cfg.data.val_files, "data.val_files") if cfg.data.val_files else []
+    if val_rows and multi_turn:
+        environment(cfg.algorithm.reward, val_rows, cfg)
+    elif val_rows:
+        samples_from_rows(val_rows, cfg.data)
+    return RLData(prompts, counts, env, val_rows)
+
+
+def _plan_json(run: Run, prompts: int, per_epoch: int, total: int, strategy: str) -> dict[str, Any]:
+    """plan.json of an RL run: its prompts, steps and layout."""
+    r = run.cfg.rollout
+    return {
+        "prompts": prompts,
+        "steps_per_epoch": per_epoch,
+        "total_steps": total,
+        "prompts_per_step": r.prompts_per_step,
+        "responses_per_prompt": r.n,
+        "world_size": run.world_size,
+        "strategy": strategy,
+        "device": str(run.device),
+    }
+
+
+def _record(run: Run, done: int, epoch: int, lr: float, metrics, gen_tokens: float, rollout_s, train_s) -> dict:
+    """The record of RL step ``done``: the step's metrics and its rollout / training throughput and times."""
+    return {
+        "step": done,
+        "epoch": epoch,
+        "lr": lr,
+        **metrics,
+        "rollout_tokens_per_s": gen_tokens / max(rollout_s, 1e-9),
+        "train_tokens_per_s": metrics["trained_tokens"] / max(train_s, 1e-9),
+        "tokens_per_s": metrics["trained_tokens"] / max(train_s, 1e-9),
+        "rollout_s": round(rollout_s, 4),
+        "train_s": round(train_s, 4),
+        "elapsed_s": round(run.elapsed(), 4),
+    }
 
 
 def _rl(run: Run, model, tokenizer) -> dict[str, Any]:
@@ -516,22 +734,12 @@ def _rl(run: Run, model, tokenizer) -> dict[str, Any]:
     multi_turn = cfg.rollout.max_turns > 1
     scorer = None if multi_turn else get_scorer(cfg.algorithm.reward)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
-    if multi_turn:
-        prompts, make_env, workers = load_env_tasks(cfg)
-        counts = {"rows": len(prompts), "over_max_length": 0, "truncated": 0, "dropped": 0}
-    else:
-        prompts, counts = load_prompts(cfg, tokenizer)
-    val_rows = file_rows(cfg.data.val_files, "data.val_files") if cfg.data.val_files else []
-    if val_rows and multi_turn:  # a bad validation row is said now, not after the first test_freq steps
-        environment(cfg.algorithm.reward, val_rows, cfg)
-    elif val_rows:
-        samples_from_rows(val_rows, cfg.data)
+    data = load_rl_data(cfg, tokenizer)
+    prompts, counts, val_rows = data.prompts, data.counts, data.val_rows
     per_epoch = max(1, len(prompts) // cfg.rollout.prompts_per_step)
     total = t.max_steps if t.max_steps > 0 else t.total_epochs * per_epoch
     run.prepare_output()
-    run.write_json("plan.json", {"prompts": len(prompts), "steps_per_epoch": per_epoch, "total_steps": total,
-                                 "prompts_per_step": cfg.rollout.prompts_per_step, "responses_per_prompt": cfg.rollout.n,
-                                 "world_size": run.world_size, "strategy": strategy, "device": str(run.device)})  # fmt: skip
+    run.write_json("plan.json", _plan_json(run, len(prompts), per_epoch, total, strategy))
     rollout_copy: list[RolloutWeights] = []
     keep_copy = lambda m: rollout_copy.append(RolloutWeights(m, strategy == "fsdp2", compute_dtype(cfg.model.dtype)))  # noqa: E731
     model, engine, optimizer = run.build(model, before_engine=keep_copy, console=False)
@@ -539,33 +747,27 @@ def _rl(run: Run, model, tokenizer) -> dict[str, Any]:
     ref_model = None
     if cfg.algorithm.kl_coef > 0:
         ref_model = prepare_reference(load_model(cfg.model, run.device), cfg)
-    pad_id = pad_token(tokenizer)
-    checkpointer = run.checkpointer(lambda done: {"epoch": (done - 1) // per_epoch,
-                                                  "index_in_epoch": (done - 1) % per_epoch + 1}, tokenizer)  # fmt: skip
+    ctx = StepContext(engine, model, optimizer, ref_model, cfg, pad_token(tokenizer), run.world_size, run.guard)
+    checkpointer = run.checkpointer(
+        lambda done: {"epoch": (done - 1) // per_epoch, "index_in_epoch": (done - 1) % per_epoch + 1}, tokenizer
+    )
     start = run.resume(checkpointer, data_fingerprint(prompts))
     stop = run.stop_step(start, total)
-    run.open_log(total, start,
+    run.open_log(
+        total,
+        start,
         f"sftforge rl: {len(prompts)} prompts ({counts['truncated']} truncated, {counts['dropped']} dropped by "
         f"data.truncation), {total} steps of {cfg.rollout.prompts_per_step} prompts × {cfg.rollout.n} responses, "
-        f"{run.world_size} process(es) (trainer.strategy={strategy})")  # fmt: skip
-    sampler = (EpisodeSampler(policy.module, tokenizer, cfg, make_env, workers) if multi_turn
-               else Sampler(policy.module, tokenizer, cfg))  # fmt: skip
+        f"{run.world_size} process(es) (trainer.strategy={strategy})",
+    )
+    if multi_turn:
+        sampler = EpisodeSampler(policy.module, tokenizer, cfg, *data.env)
+    else:
+        sampler = Sampler(policy.module, tokenizer, cfg)
     mine = my_groups(cfg.rollout.prompts_per_step, cfg.algorithm.mini_batches, run.world_size, run.rank)
-    record, interrupted, val = {}, 0, {}
-
-    def validation(done: int) -> dict[str, float]:
-        t0 = time.perf_counter()
-        policy.sync(model)
-        out = validate(policy.module, tokenizer, cfg, val_rows, done, run.rank, run.world_size)
-        out["val_s"] = round(time.perf_counter() - t0, 3)
-        shown = "  ".join(f"{k.removeprefix('val_')} {v:.3f}" for k, v in out.items() if k != "val_s" and
-                          k.count("_") <= 1)  # fmt: skip
-        run.log.log_validation(done, out, f"validation {'before step 1' if done == 0 else f'after step {done}'}"
-                                          f" ({len(val_rows)} prompts × {cfg.rollout.val_n}): {shown}")  # fmt: skip
-        return out
-
-    if val_rows and t.val_before_train:
-        val = validation(start)
+    record, interrupted = {}, 0
+    validator = RolloutValidator(run, total, policy, model, tokenizer, val_rows)
+    validator.before_train(start)
     with Signals() as signals:
         for step in range(start, stop):
             batch = step_prompts(prompts, step, cfg)
@@ -574,36 +776,65 @@ def _rl(run: Run, model, tokenizer) -> dict[str, Any]:
             seeds = [(t.seed * 1_000_003 + step) * 1_009 + g for g in ids]  # per group: the same on any layout
             r0 = time.perf_counter()
             policy.sync(model)  # FSDP2: the rollout copy takes the weights of the last update (or of the resume)
-            groups = sampler.sample(local, seeds) if multi_turn else score_groups(sampler.sample(local, seeds), local,
-                                                                                  cfg, scorer)  # fmt: skip
+            groups = (
+                sampler.sample(local, seeds)
+                if multi_turn
+                else score_groups(sampler.sample(local, seeds), local, cfg, scorer)
+            )
             rollout_s = time.perf_counter() - r0
             t1 = time.perf_counter()
             lr = lr_at(step, total, cfg.optim)
-            metrics = rl_step(engine, model, optimizer, ref_model, groups, ids, cfg, pad_id, lr, run.world_size,
-                              guard=run.guard, step=step)  # fmt: skip
+            metrics = rl_step(ctx, groups, ids, lr, step)
             train_s = time.perf_counter() - t1
             (gen_tokens,) = all_reduce_sum(float(sum(r.generated for g in groups for r in g)))
             done = step + 1
-            record = {"step": done, "epoch": step // per_epoch, "lr": lr, **metrics,
-                      "rollout_tokens_per_s": gen_tokens / max(rollout_s, 1e-9),
-                      "train_tokens_per_s": metrics["trained_tokens"] / max(train_s, 1e-9),
-                      "tokens_per_s": metrics["trained_tokens"] / max(train_s, 1e-9),
-                      "rollout_s": round(rollout_s, 4), "train_s": round(train_s, 4),
-                      "elapsed_s": round(run.elapsed(), 4)}  # fmt: skip
+            record = _record(run, done, step // per_epoch, lr, metrics, gen_tokens, rollout_s, train_s)
             interrupted = run.end_step(record, signals, checkpointer, done, stop)
             if interrupted:
                 stop = done
                 break
-            if val_rows and ((t.test_freq > 0 and done % t.test_freq == 0) or done == total):
-                val = validation(done)
+            validator.after_step(done, record)  # after the step's record and checkpoint
     end: dict[str, Any] = {"train_runtime_s": round(run.runtime(), 4)}
     if interrupted:
         end["interrupted_by"] = signal.Signals(interrupted).name
     final_dir = run.finish(tokenizer, stop == total, end)
-    return {"step": stop, "total_steps": total, "metrics": record, "validation": val, "output_dir": str(run.out),
-            "final_dir": str(final_dir) if final_dir else None, "prompts": counts, "interrupted": interrupted,
-            "skipped_steps": run.guard.skipped}  # fmt: skip
+    return {
+        "step": stop,
+        "total_steps": total,
+        "metrics": record,
+        "validation": validator.last,
+        "output_dir": str(run.out),
+        "final_dir": str(final_dir) if final_dir else None,
+        "prompts": counts,
+        "interrupted": interrupted,
+        "skipped_steps": run.guard.skipped,
+    }
 
 
-__all__ = ["my_groups", "EpisodeSampler", "RolloutWeights", "Prompt", "Response", "Sampler", "episode_response", "load_env_tasks", "check_rl_config", "evaluate_policy", "load_prompts", "rl",
-           "rl_step", "score_groups", "step_prompts"]  # fmt: skip
+__all__ = [
+    "EpisodeSampler",
+    "MiniBatch",
+    "Prompt",
+    "Response",
+    "RolloutValidator",
+    "RLData",
+    "RolloutWeights",
+    "Sampler",
+    "StepContext",
+    "StepTotals",
+    "behaviour_logprobs",
+    "check_rl_config",
+    "episode_response",
+    "evaluate_policy",
+    "load_env_tasks",
+    "load_prompts",
+    "load_rl_data",
+    "my_groups",
+    "plan_mini_batches",
+    "policy_update",
+    "reward_metrics",
+    "rl",
+    "rl_step",
+    "score_groups",
+    "step_prompts",
+]

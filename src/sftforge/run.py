@@ -9,7 +9,7 @@ A run, in order (both entry points call these; only their step differs):
 3. :meth:`Run.build`: model → adapters (LoRA / freezing) → the parallel engine (parallel.build_engine) → optimizer.
 4. :meth:`Run.resume`: the newest complete checkpoint (trainer.resume), with a warning for every key that changes
    the data order or the schedule, and for training data that differs from the checkpoint's (its fingerprint).
-5. the loop, written by the caller, asks three components whether to act:
+5. the loop, written by the caller, asks components whether to act:
    - :class:`NonFiniteGuard` (before the optimizer step): loss or gradient norm not finite on any rank →
      trainer.nan_policy=error saves the last good state and raises :class:`NonFiniteError`; skip_step drops the
      update and counts it.
@@ -17,6 +17,9 @@ A run, in order (both entry points call these; only their step differs):
      (single-process safetensors or DCP shards), then keeps the newest trainer.max_ckpt_to_keep.
    - :class:`Signals`: the first SIGTERM/SIGINT finishes the current step, saves and ends the run (exit code
      128 + signal); the same command resumes exactly. A second signal stops at once.
+   - :class:`Validator` (before the first step, after a step): validation on data.val_files before training
+     (trainer.val_before_train), every trainer.test_freq steps and after the last step, timed; each trainer says
+     what it measures and where the numbers go.
 6. :meth:`Run.finish`: gather FSDP2 shards, export ``final/`` (LoRA: merged, adapter beside), close the metrics.
 """
 
@@ -47,7 +50,7 @@ from sftforge.checkpoint import (
     save_checkpoint,
     save_distributed_checkpoint,
 )
-from sftforge.config import Config, ConfigError, redacted, to_dict
+from sftforge.config import Config, ConfigError, to_dict
 from sftforge.data import check_data_paths
 from sftforge.distributed import (
     any_rank_max,
@@ -71,6 +74,7 @@ from sftforge.model import build_model, check_model_options, compute_dtype, enab
 from sftforge.optim import build_optimizer
 from sftforge.parallel import build_engine, is_fsdp, materialize_from_rank0, resolve_strategy, to_float
 from sftforge.progress import quiet_libraries
+from sftforge.redact import redacted
 from sftforge.ulysses import disabled as disabled_sp
 from sftforge.ulysses import restore as restore_attention
 from sftforge.vision import load_vision
@@ -79,9 +83,20 @@ LOCK_NAME = "run.lock"
 
 # Keys that decide which samples make up step N or the learning rate of step N: changing them between a checkpoint
 # and its resume silently changes the run, so the resume says so.
-RESUME_KEYS = ("data.train_batch_size", "data.shuffle", "trainer.seed", "trainer.max_steps", "trainer.total_epochs",
-               "optim.lr", "optim.lr_scheduler", "optim.warmup_steps", "optim.warmup_ratio", "optim.min_lr_ratio",
-               "rollout.prompts_per_step", "rollout.n")  # fmt: skip
+RESUME_KEYS = (
+    "data.train_batch_size",
+    "data.shuffle",
+    "trainer.seed",
+    "trainer.max_steps",
+    "trainer.total_epochs",
+    "optim.lr",
+    "optim.lr_scheduler",
+    "optim.warmup_steps",
+    "optim.warmup_ratio",
+    "optim.min_lr_ratio",
+    "rollout.prompts_per_step",
+    "rollout.n",
+)
 
 
 class NonFiniteError(FloatingPointError):
@@ -118,8 +133,10 @@ class OutputLock:
                 holder = self._holder()
                 pid, host = holder.get("pid"), holder.get("host")
                 if host == me["host"] and isinstance(pid, int) and pid != me["pid"] and not _alive(pid):
-                    self.note = (f"took over {self.path}: its holder (pid {pid}, started {holder.get('started')}) is "
-                                 "no longer running")  # fmt: skip
+                    self.note = (
+                        f"took over {self.path}: its holder (pid {pid}, started {holder.get('started')}) is "
+                        "no longer running"
+                    )
                     self.path.unlink(missing_ok=True)
                     continue
                 where = f"pid {pid} on host {host}" if pid else "an unreadable lock file"
@@ -224,6 +241,49 @@ class Signals:
             signal.signal(sig, old)
 
 
+class Validator:
+    """When the loop validates on data.val_files, and how long it takes: before the first step of this process
+    (trainer.val_before_train), after every trainer.test_freq-th step and after the run's last step. Each validation's
+    numbers end with ``val_s`` (its seconds, rounded to :attr:`digits`); :attr:`last` holds the latest ones ({}: none
+    yet). Each trainer's subclass says what a validation measures (:meth:`measure`) and where its numbers go
+    (:meth:`report`)."""
+
+    digits = 4  # of val_s
+
+    def __init__(self, run: Run, total: int, enabled: bool):
+        # total: the run's last step (not trainer.stop_at_step); enabled: there is validation data
+        self.run, self.total, self.enabled = run, total, enabled
+        self.last: dict[str, Any] = {}
+
+    def due(self, done: int) -> bool:
+        """Validate after step ``done``?"""
+        freq = self.run.cfg.trainer.test_freq
+        return self.enabled and ((freq > 0 and done % freq == 0) or done == self.total)
+
+    def before_train(self, start: int) -> None:
+        if self.enabled and self.run.cfg.trainer.val_before_train:
+            self.report(start, self._validate(start), None)
+
+    def after_step(self, done: int, record: dict[str, Any]) -> None:
+        if self.due(done):
+            self.report(done, self._validate(done), record)
+
+    def _validate(self, done: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        numbers = self.measure(done)
+        numbers["val_s"] = round(time.perf_counter() - t0, self.digits)
+        self.last = numbers
+        return numbers
+
+    def measure(self, done: int) -> dict[str, Any]:
+        """The numbers of a validation after ``done`` steps (``val_*`` keys)."""
+        raise NotImplementedError
+
+    def report(self, done: int, numbers: dict[str, Any], record: dict[str, Any] | None) -> None:
+        """Where ``numbers`` go; ``record``: the record of step ``done`` (None before training)."""
+        raise NotImplementedError
+
+
 class Checkpointer:
     """When and how to save: ``step_<N>`` after trainer.save_freq steps, after the last step of the run and after an
     interrupt; one process writes safetensors, several write DCP shards (collective); then keep-last-N."""
@@ -250,8 +310,12 @@ class Checkpointer:
     def save(self, done: int) -> None:
         """step_<done>: the state after ``done`` steps. Collective with several processes."""
         r = self.run
-        state = {**self.position(done), "elapsed_s": r.elapsed(), "skipped_steps": r.guard.skipped,
-                 "data_fingerprint": r.fingerprint}  # fmt: skip
+        state = {
+            **self.position(done),
+            "elapsed_s": r.elapsed(),
+            "skipped_steps": r.guard.skipped,
+            "data_fingerprint": r.fingerprint,
+        }
         extra = self._hf_writer() if r.cfg.trainer.save_hf else None
         if r.world_size > 1 or is_fsdp(r.engine):  # FSDP2 in one process too: its parameters are shards
             save_distributed_checkpoint(r.out, done, self.model, self.optimizer, state, r.saved_config, extra)
@@ -270,15 +334,8 @@ class Checkpointer:
         full = gather_full_state_dict(self.model) if is_fsdp(r.engine) else None
 
         def write(folder: Path) -> None:
-            c = r.cfg
             with disabled_sp(self.model):  # the saved config names the model's own attention
-                export_model(
-                    self.model, folder / "huggingface", self.tokenizer,
-                    generation_eos_ids(self.tokenizer, c.data.chat_template_kwargs) if self.tokenizer else None,
-                    compute_dtype(c.model.dtype), adapter_dir=folder / "huggingface" / "adapter",
-                    base_path=c.model.path, state_dict=full,
-                    vision=load_vision(c, self.tokenizer) if self.tokenizer else None, run_config=r.saved_config,
-                )  # fmt: skip
+                r.export(self.model, folder / "huggingface", self.tokenizer, full)
 
         return write
 
@@ -350,8 +407,9 @@ def check_output_paths(cfg: Config) -> None:
     if not parent.is_dir():
         raise ConfigError(f"{key} cannot be created: {parent} is a file. Choose another trainer.output_dir.")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key} cannot be written: {parent} is not writable for this user. Choose another "
-                          "trainer.output_dir.")  # fmt: skip
+        raise ConfigError(
+            f"{key} cannot be written: {parent} is not writable for this user. Choose another trainer.output_dir."
+        )
     if cfg.trainer.resume not in ("auto", "never"):
         resolve_resume(cfg.trainer.resume, out)
 
@@ -462,13 +520,16 @@ class Run:
         from_rank0 = model is None and before_engine is None and self.strategy() == "fsdp2" and self.world_size > 1
         from_rank0 = from_rank0 and not c.model.builder  # (a built module: every rank builds it, seeded alike)
         if model is None:
-            model = build_model(c, "cpu" if from_rank0 else self.device, skeleton=from_rank0 and not self.main,
-                                notes=self.lines)  # fmt: skip
+            model = build_model(
+                c, "cpu" if from_rank0 else self.device, skeleton=from_rank0 and not self.main, notes=self.lines
+            )
         if not has_fast_path(model) and c.data.packing:
-            raise ConfigError(f"{type(model).__name__} has no get_decoder()/get_output_embeddings(), so the loss "
-                              "computes full logits from model(input_ids, attention_mask, position_ids), which cannot "
-                              "keep packed samples apart: set data.packing=false (or give the module those two "
-                              "methods; see the README's \"Bring your own model\").")  # fmt: skip
+            raise ConfigError(
+                f"{type(model).__name__} has no get_decoder()/get_output_embeddings(), so the loss "
+                "computes full logits from model(input_ids, attention_mask, position_ids), which cannot "
+                "keep packed samples apart: set data.packing=false (or give the module those two "
+                "methods; see docs/custom-models.md)."
+            )
         model = prepare_model(model, c.model, console=Console() if console and self.main else None)
         full = dict(model.state_dict()) if from_rank0 and self.main else {}  # rank 0's weights, kept for the copy
         torch.manual_seed(c.trainer.seed)  # dropout (e.g. LoRA's); a resume restores the checkpoint's RNG instead
@@ -542,8 +603,10 @@ class Run:
         sig = signals.any_rank()
         if not sig or done >= stop:
             return 0  # a signal during the last step: the run is complete anyway
-        self.print(f"{signal.Signals(sig).name}: stopped after step {done} with a checkpoint in "
-                   f"{self.out / f'step_{done}'}; run the same command again to resume.")  # fmt: skip
+        self.print(
+            f"{signal.Signals(sig).name}: stopped after step {done} with a checkpoint in "
+            f"{self.out / f'step_{done}'}; run the same command again to resume."
+        )
         return sig
 
     # -- 6. the end
@@ -555,19 +618,31 @@ class Run:
             # FSDP2: every rank takes part in the gather; rank 0 ends up with the full weights (LoRA: merged from them)
             full = gather_full_state_dict(self.model) if is_fsdp(self.engine) else None
             if self.main:
-                c = self.cfg
-                final_dir = export_model(
-                    self.model, self.out / "final", tokenizer,
-                    generation_eos_ids(tokenizer, c.data.chat_template_kwargs), compute_dtype(c.model.dtype),
-                    adapter_dir=self.out / "final" / "adapter", base_path=c.model.path, state_dict=full,
-                    vision=load_vision(c, tokenizer) if tokenizer else None, run_config=self.saved_config,
-                )  # fmt: skip
+                final_dir = self.export(self.model, self.out / "final", tokenizer, full)
             barrier()
         if self.guard.skipped:
             end["skipped_steps"] = self.guard.skipped
         if self.log is not None:
             self.log.close(end)
         return final_dir
+
+    def export(self, model, folder: Path, tokenizer, state_dict: dict | None) -> Path:
+        """The trained ``model`` as a Hugging Face folder (``final/``, or a checkpoint's ``huggingface/`` under
+        trainer.save_hf): safetensors, config, tokenizer, generation config (it stops at the template's end of turn);
+        LoRA merged, the adapter in ``folder/adapter``. ``state_dict``: FSDP2's full weights, gathered beforehand."""
+        c = self.cfg
+        return export_model(
+            model,
+            folder,
+            tokenizer,
+            generation_eos_ids(tokenizer, c.data.chat_template_kwargs),  # [] without a tokenizer: no eos is written
+            compute_dtype(c.model.dtype),
+            adapter_dir=folder / "adapter",
+            base_path=c.model.path,
+            state_dict=state_dict,
+            vision=load_vision(c, tokenizer) if tokenizer else None,
+            run_config=self.saved_config,
+        )
 
 
 __all__ = [
@@ -579,6 +654,7 @@ __all__ = [
     "OutputLock",
     "Run",
     "Signals",
+    "Validator",
     "check_output_paths",
     "check_paths",
     "clip_gradients",

@@ -16,6 +16,10 @@ with an error naming the step and rank after saving the last good state, skip_st
 
 Epochs: the order of an epoch is a permutation seeded with trainer.seed + epoch (batching.py; the same on every rank
 and on resume); an incomplete last batch of an epoch is dropped (drop_last) — the number is printed at the start.
+
+Validation and the generation eval: the loop asks :class:`LossValidator` (run.Validator's schedule: trainer.test_freq,
+trainer.val_before_train, the last step) and :class:`GenerationEval` (trainer.eval_freq, the last step) after each
+step; each decides whether it runs, and its numbers join the step's record.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from sftforge.attention import resolve_tree_attention
 from sftforge.batching import Plan, grad_accum_steps, make_plan, micro_batch_groups, step_micro_batches
 from sftforge.config import Config, ConfigError
 from sftforge.data import build_dataset, load_tokenizer
-from sftforge.distributed import all_reduce_sum, any_rank_max
+from sftforge.distributed import Lockstep, all_reduce_sum
 from sftforge.evaluation import TrainingEval
 from sftforge.generation import pad_id
 from sftforge.metrics import check_loggers
@@ -42,7 +46,7 @@ from sftforge.optim import lr_at, set_lr
 from sftforge.packing import collate, padded_tokens
 from sftforge.parallel import grad_scale, no_grad_sync, unsharded
 from sftforge.progress import peak_memory_gb
-from sftforge.run import NonFiniteError, Run, Signals, check_paths, clip_gradients, data_fingerprint
+from sftforge.run import NonFiniteError, Run, Signals, Validator, check_paths, clip_gradients, data_fingerprint
 from sftforge.ulysses import sp_group_layout
 from sftforge.vision import load_vision
 
@@ -63,23 +67,29 @@ class Runner:
         c = self.cfg
         if self.vision is not None and self.world_size > 1 and not any(getattr(s, "images", None) for s in samples):
             samples = [*samples, self.vision.blank_sample()]  # every rank runs the vision tower (vision.py)
-        mb = collate(samples, c.data.packing, c.model.attn_implementation, self.pad_id, self.mask_dtype, self.vision,
-                     self.tree_attention)  # fmt: skip
+        mb = collate(
+            samples,
+            c.data.packing,
+            c.model.attn_implementation,
+            self.pad_id,
+            self.mask_dtype,
+            self.vision,
+            self.tree_attention,
+        )
         mb = ulysses.shard(mb).to(self.device)  # this rank's slice of the row under sequence parallelism, on the host
         with autocast(c.model.dtype, self.device):
             return self.model(mb)
 
     def forward_backward(self, step: int, micro: list[list], n_sup: int) -> float:
         """Backward of every micro-batch of this rank; returns the loss of the whole global batch (every rank)."""
-        # every rank runs as many micro-batches as the busiest one (FSDP2 gathers weights in each forward; DDP
-        # syncs on the last backward only); the extra ones are a repeat with weight 0
-        n_micro = any_rank_max(len(micro)) if self.world_size > 1 else len(micro)
         sums = []  # on the device: read once after the last backward, not after each (a host sync per micro-batch)
-        for m in range(n_micro):
+        # as many micro-batches as the busiest rank (a forward is a collective under FSDP2, DDP syncs on the last
+        # backward); a repeat of the first one, with weight 0, fills up
+        steps = Lockstep(micro, self.world_size, lambda: micro[0])
+        for m, samples, real in steps:
             faults.before_micro_batch(step + 1, m)
-            real = m < len(micro)
-            with no_grad_sync(self.model, sync=m == n_micro - 1):
-                s, _ = self.loss(micro[m] if real else micro[0])
+            with no_grad_sync(self.model, sync=steps.last(m)):
+                s, _ = self.loss(samples)
                 # divided by the GLOBAL supervised count of the step; × world size undoes the wrappers' average
                 (s * (self.scale if real else 0.0) / max(n_sup, 1)).backward()
             if real:
@@ -97,14 +107,59 @@ class Runner:
         lengths = [own[i] for i in mine] if own is not None else [len(dataset[i].input_ids) for i in mine]
         groups = micro_batch_groups(lengths, d.micro_batch_size_per_gpu, d.max_tokens_per_micro_batch, d.packing)
         total, count = 0.0, 0
-        for k in range(any_rank_max(len(groups)) if dp_size > 1 else len(groups)):
-            # FSDP2 gathers weights in every forward: every rank runs as many as the busiest (extra ones count 0)
-            s, n = self.loss([dataset[mine[j]] for j in groups[k]] if k < len(groups) else [dataset[0]])
-            if k < len(groups):
+        for _, group, real in Lockstep(groups, dp_size):  # a repeat (a rank with fewer groups) counts 0
+            s, n = self.loss([dataset[mine[j]] for j in group] if real else [dataset[0]])
+            if real:
                 total, count = total + float(s), count + n
         total, count = all_reduce_sum(total, count)  # token-weighted over all ranks
         self.model.train()
         return total / max(count, 1)
+
+
+class LossValidator(Validator):
+    """SFT's validation: the token-weighted loss on data.val_files (:meth:`Runner.validate`); after a step it goes
+    into the step's record (``val_loss``, ``val_s``), before training into a validation event of its own."""
+
+    def __init__(self, run: Run, total: int, runner: Runner, dataset, dp_size: int, dp_rank: int):
+        super().__init__(run, total, dataset is not None)
+        self.runner, self.dataset, self.dp_size, self.dp_rank = runner, dataset, dp_size, dp_rank
+
+    def measure(self, done: int) -> dict[str, Any]:
+        return {"val_loss": self.runner.validate(self.dataset, self.dp_size, self.dp_rank)}
+
+    def report(self, done: int, numbers: dict[str, Any], record: dict[str, Any] | None) -> None:
+        if record is not None:
+            record.update(numbers)
+        else:
+            self.run.log.log_validation(
+                done, numbers, f"validation before step {done + 1}: val_loss {numbers['val_loss']:.4f}"
+            )
+
+
+class GenerationEval:
+    """The generation eval on data.eval_files (evaluation.TrainingEval) every trainer.eval_freq steps and after the
+    last step (none when trainer.eval_freq is 0): it generates with the HF model under the engine, with sequence
+    parallelism off and FSDP2's weights gathered, so that every rank runs its own full sequences; its numbers and
+    ``eval_s`` go into the step's record, every sample's result into eval/step_<N>.jsonl (rank 0), its accuracy to
+    the console."""
+
+    def __init__(self, run: Run, total: int, model, engine, tokenizer):
+        self.run, self.total, self.model, self.engine = run, total, model, engine
+        self.freq = run.cfg.trainer.eval_freq
+        self.evaluate = TrainingEval(run.cfg, tokenizer) if self.freq > 0 else None
+
+    def due(self, done: int) -> bool:
+        return self.evaluate is not None and (done % self.freq == 0 or done == self.total)
+
+    def after_step(self, done: int, record: dict[str, Any]) -> None:
+        if not self.due(done):
+            return
+        r = self.run
+        t0 = time.perf_counter()
+        with ulysses.disabled(self.model), unsharded(self.engine):  # generation: every rank on its own sequences
+            record.update(self.evaluate(self.model, r.out / "eval" / f"step_{done}.jsonl" if r.main else None))
+        record["eval_s"] = round(time.perf_counter() - t0, 4)
+        r.log.print(f"step {done}: eval {self.evaluate.task} accuracy {record['eval_accuracy']:.1%} on data.eval_files")
 
 
 def load_data(cfg: Config, tokenizer, train_dataset, val_dataset):
@@ -140,33 +195,34 @@ def _train(run: Run, model, tokenizer, train_dataset, val_dataset) -> dict[str, 
     strategy = run.strategy()
     tokenizer, train_ds, val_ds, vision = load_data(cfg, tokenizer, train_dataset, val_dataset)
     if vision is not None and sp_size > 1:
-        raise ConfigError(f"trainer.sp_size={sp_size}: sequence parallelism does not split a vision-language model's "
-                          "3-D positions and images yet; set trainer.sp_size=1.")  # fmt: skip
+        raise ConfigError(
+            f"trainer.sp_size={sp_size}: sequence parallelism does not split a vision-language model's "
+            "3-D positions and images yet; set trainer.sp_size=1."
+        )
     plan = make_plan(cfg, len(train_ds), dp_size, dp_rank)
     run.lines.extend(getattr(getattr(train_ds, "report", None), "lines", list)())
     if hasattr(train_ds, "describe"):
         run.lines.append(train_ds.describe())
     run.prepare_output()
     run.write_json("data_report.json", data_summary(train_ds, val_ds, cfg))
-    run.write_json("plan.json", {**dataclasses.asdict(plan), "samples": len(train_ds), "dp_size": dp_size,
-                                 "sp_size": sp_size, "strategy": strategy, "device": str(run.device)})  # fmt: skip
+    run.write_json("plan.json", _plan_json(run, plan, len(train_ds), dp_size, sp_size, strategy))
     model, engine, optimizer = run.build(model, sp_size=sp_size)
     runner = Runner(cfg, engine, run.device, pad_id(tokenizer), run.world_size, vision)
-    evaluator = TrainingEval(cfg, tokenizer) if t.eval_freq > 0 else None  # generation eval on data.eval_files
+    evaluator = GenerationEval(run, plan.total_steps, model, engine, tokenizer)
     checkpointer = run.checkpointer(lambda done: _position(done, plan), tokenizer)
     start = run.resume(checkpointer, data_fingerprint(train_ds))
     stop = run.stop_step(start, plan.total_steps)
     sp = f" = dp {dp_size} × sp {sp_size}" if sp_size > 1 else ""
-    log = run.open_log(plan.total_steps, start,
+    run.open_log(
+        plan.total_steps,
+        start,
         f"{len(train_ds)} samples, {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, grad accumulation "
         f"{plan.grad_accum}, world size {run.world_size}{sp} (trainer.strategy={strategy}); drop_last leaves out "
-        f"{plan.dropped_per_epoch} samples per epoch")  # fmt: skip
-    run_tokens, record, val_loss, interrupted = 0, {}, None, 0
-    if val_ds is not None and t.val_before_train:
-        t0 = time.perf_counter()
-        val_loss = runner.validate(val_ds, dp_size, dp_rank)
-        log.log_validation(start, {"val_loss": val_loss, "val_s": round(time.perf_counter() - t0, 4)},
-                           f"validation before step {start + 1}: val_loss {val_loss:.4f}")  # fmt: skip
+        f"{plan.dropped_per_epoch} samples per epoch",
+    )
+    validator = LossValidator(run, plan.total_steps, runner, val_ds, dp_size, dp_rank)
+    validator.before_train(start)
+    run_tokens, record, interrupted = 0, {}, 0
     with Signals() as signals:
         for step in range(start, stop):
             epoch, _, micro, n_sup, n_tok = step_micro_batches(train_ds, step, cfg, plan)
@@ -183,16 +239,8 @@ def _train(run: Run, model, tokenizer, train_dataset, val_dataset) -> dict[str, 
             record = _record(done, epoch, loss, lr, grad_norm, micro, n_sup, n_tok, run, run_tokens, cfg)
             if not applied:
                 record.update(skipped=True, skipped_steps=run.guard.skipped)
-            if val_ds is not None and ((t.test_freq > 0 and done % t.test_freq == 0) or done == plan.total_steps):
-                t0 = time.perf_counter()
-                val_loss = record["val_loss"] = runner.validate(val_ds, dp_size, dp_rank)
-                record["val_s"] = round(time.perf_counter() - t0, 4)
-            if evaluator is not None and (done % t.eval_freq == 0 or done == plan.total_steps):
-                t0 = time.perf_counter()
-                with ulysses.disabled(model), unsharded(engine):  # generation: every rank on its own full sequences
-                    record.update(evaluator(model, run.out / "eval" / f"step_{done}.jsonl" if run.main else None))
-                record["eval_s"] = round(time.perf_counter() - t0, 4)
-                log.print(f"step {done}: eval {t.eval_task} accuracy {record['eval_accuracy']:.1%} on data.eval_files")
+            validator.after_step(done, record)
+            evaluator.after_step(done, record)
             interrupted = run.end_step(record, signals, checkpointer, done, stop)
             if interrupted:
                 stop = done
@@ -203,10 +251,25 @@ def _train(run: Run, model, tokenizer, train_dataset, val_dataset) -> dict[str, 
     if interrupted:
         end["interrupted_by"] = signal.Signals(interrupted).name
     final_dir = run.finish(tokenizer, finished, end)
-    return {"step": stop, "total_steps": plan.total_steps, "loss": record.get("loss"), "val_loss": val_loss,
-            "stopped_early": not finished, "interrupted": interrupted, "skipped_steps": run.guard.skipped,
-            "output_dir": str(run.out), "final_dir": str(final_dir) if final_dir else None,
-            "plan": dataclasses.asdict(plan), **end}  # fmt: skip
+    return {
+        "step": stop,
+        "total_steps": plan.total_steps,
+        "loss": record.get("loss"),
+        "val_loss": validator.last.get("val_loss"),
+        "stopped_early": not finished,
+        "interrupted": interrupted,
+        "skipped_steps": run.guard.skipped,
+        "output_dir": str(run.out),
+        "final_dir": str(final_dir) if final_dir else None,
+        "plan": dataclasses.asdict(plan),
+        **end,
+    }
+
+
+def _plan_json(run: Run, plan: Plan, samples: int, dp_size: int, sp_size: int, strategy: str) -> dict[str, Any]:
+    """plan.json of an SFT run: batching.Plan, the sample count and the layout."""
+    layout = {"dp_size": dp_size, "sp_size": sp_size, "strategy": strategy, "device": str(run.device)}
+    return {**dataclasses.asdict(plan), "samples": samples, **layout}
 
 
 def _position(done: int, plan: Plan) -> dict[str, int]:
@@ -217,9 +280,19 @@ def _position(done: int, plan: Plan) -> dict[str, int]:
 def _record(done, epoch, loss, lr, grad_norm, micro, n_sup, n_tok, run: Run, run_tokens, cfg) -> dict[str, Any]:
     lens = [[len(s.input_ids) for s in samples] for samples in micro]  # this rank's
     padding = 1 - sum(map(sum, lens)) / max(sum(padded_tokens(x, cfg.data.packing) for x in lens), 1)
-    return {"step": done, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tok,
-            "supervised_tokens": n_sup, "padding_fraction": round(padding, 4), "elapsed_s": round(run.elapsed(), 4),
-            "tokens_per_s": run_tokens / max(run.runtime(), 1e-9), "memory_gb": round(peak_memory_gb(run.device), 3)}  # fmt: skip
+    return {
+        "step": done,
+        "epoch": epoch,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens": n_tok,
+        "supervised_tokens": n_sup,
+        "padding_fraction": round(padding, 4),
+        "elapsed_s": round(run.elapsed(), 4),
+        "tokens_per_s": run_tokens / max(run.runtime(), 1e-9),
+        "memory_gb": round(peak_memory_gb(run.device), 3),
+    }
 
 
 def data_summary(train_ds, val_ds, cfg: Config) -> dict[str, Any]:
@@ -233,12 +306,20 @@ def data_summary(train_ds, val_ds, cfg: Config) -> dict[str, Any]:
         lengths = np.asarray(ds.lengths if hasattr(ds, "lengths") else [len(s.input_ids) for s in ds], np.int64)
         counts, edges = np.histogram(lengths, bins=min(20, max(1, len(np.unique(lengths)))))
         out[name] = {
-            "files": files, "report": dataclasses.asdict(report) if dataclasses.is_dataclass(report) else None,
-            "samples": int(len(lengths)), "tokens": int(lengths.sum()),
-            "lengths": {"min": int(lengths.min()), "median": float(np.median(lengths)), "max": int(lengths.max()),
-                        "mean": float(lengths.mean()), "counts": counts.tolist(), "edges": edges.tolist()},
-        }  # fmt: skip
+            "files": files,
+            "report": dataclasses.asdict(report) if dataclasses.is_dataclass(report) else None,
+            "samples": int(len(lengths)),
+            "tokens": int(lengths.sum()),
+            "lengths": {
+                "min": int(lengths.min()),
+                "median": float(np.median(lengths)),
+                "max": int(lengths.max()),
+                "mean": float(lengths.mean()),
+                "counts": counts.tolist(),
+                "edges": edges.tolist(),
+            },
+        }
     return out
 
 
-__all__ = ["NonFiniteError", "Runner", "load_data", "train"]
+__all__ = ["GenerationEval", "LossValidator", "NonFiniteError", "Runner", "load_data", "train"]

@@ -1,581 +1,22 @@
-"""Typed configuration: nested dataclasses, YAML + dotted ``key=value`` overrides, validation.
-
-The string literal written under a field is its help text (read back with :func:`field_docs`), so the
-README's config reference and ``--help`` come from this one file.
+"""verl compatibility: the keys of verl's SFT trainers and of its RL scripts (main_ppo, main_dapo), translated to
+sftforge's before the dataclasses see them. Owns :data:`VERL_ALIASES` (every verl key: what it becomes and its
+converter), :func:`apply_verl_aliases` (the translation, one info line per key) and :func:`verl_rl_table` (the
+table of the RL keys in docs/verl.md).
 """
 
 from __future__ import annotations
 
-import ast
-import copy
-import dataclasses
-import difflib
-import functools
-import inspect
 import os
 import re
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from sftforge.config.schema import ConfigError, RolloutConfig, coerce
 from sftforge.progress import say
 
-
-class ConfigError(ValueError):
-    """A problem with the user's configuration; the message says what to change."""
-
-
-@dataclass
-class LoraConfig:
-    rank: int = 0
-    """LoRA rank through peft (0 = off: full fine-tuning). With LoRA only the adapter weights are trained."""
-    alpha: float = 16.0
-    """LoRA scaling numerator: the update is (alpha / rank) × B A."""
-    dropout: float = 0.0
-    """Dropout on the LoRA input."""
-    target_modules: list = field(default_factory=lambda: ["all-linear"])
-    """Module names to adapt (e.g. [q_proj, v_proj]); all-linear = every linear layer except the LM head."""
-
-
-@dataclass
-class ModelConfig:
-    path: str = ""
-    """Hugging Face model: a local folder, a hub id, a .gguf file (or a folder holding one; needs the gguf extra),
-    or a folder with only config.json + tokenizer files (random init, see model.init_seed)."""
-    tokenizer_path: str = ""
-    """Tokenizer folder or hub id; empty means model.path."""
-    gguf_file: str = ""
-    """model.path is a folder with several .gguf files: the one to load (model.path may also name the .gguf file
-    itself). GGUF weights are dequantized to fp32, trained like any model, exported as safetensors."""
-    dtype: str = "auto"
-    """auto | bf16 | fp32. bf16: bf16 compute, fp32 master weights and optimizer state. auto: bf16 on a GPU that
-    supports it, fp32 on the CPU. fp32 on a GPU computes matmuls in TF32."""
-    attn_implementation: str = "sdpa"
-    """sdpa | eager | flash_attention_2 (needs flash-attn installed)."""
-    tree_attention: str = "auto"
-    """data.reasoning_history=per_turn with sdpa: how a prefix tree attends to its ancestors. mask: each tree under
-    its own [l, l] ancestor mask (any device); flex: one flex_attention call per packed row, block-sparse, from each
-    token's subtree end (CUDA only: torch's flex_attention has no backward on CPU); auto: flex on CUDA, else mask."""
-    trust_remote_code: bool = False
-    """Run Python code shipped with a hub model. Off unless you trust the model's author."""
-    init_seed: int = 0
-    """Seed of the random initialization when model.path holds no weights."""
-    enable_gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
-    compile: bool = False
-    """torch.compile every decoder layer (in place, dynamic shapes; the first steps pay the compilation)."""
-    compile_backend: str = "inductor"
-    """torch.compile backend for model.compile (inductor needs a C/C++ compiler on CPU; aot_eager for debugging)."""
-    loss_chunk_size: int = 4096
-    """Supervised positions per chunk when computing the LM head + cross-entropy (0 = all at once); bounds the
-    memory of the logits to chunk × vocabulary."""
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    """LoRA adapters (model.lora.rank > 0 turns them on)."""
-    trainable: list = field(default_factory=list)
-    """Regex patterns over parameter names (re.search): train only the matching parameters, freeze the rest."""
-    frozen: list = field(default_factory=list)
-    """Regex patterns over parameter names (re.search): freeze the matching parameters (not with model.trainable)."""
-    builder: str = ""
-    """Your own model: package.module:function or path/to/file.py:function, called as function(model, cfg) with the
-    model loaded from model.path (None when model.path is empty) and the resolved config; it returns the
-    torch.nn.Module to train. Imported only because this key names it. See the README's "Bring your own model"."""
-    init_checkpoint: str = ""
-    """Weights loaded into the (built) model before training: a .safetensors file, or a .pt/.pth state dict read
-    with torch.load(weights_only=True) (a pickle that needs code is refused)."""
-    init_checkpoint_strict: bool = True
-    """Missing or unexpected keys in model.init_checkpoint are an error (false: listed as a warning)."""
-
-
-@dataclass
-class DataConfig:
-    train_files: Any = None
-    """Training data: a path, a glob, a list of paths, or a verl-style string "['a.parquet','b.parquet']"."""
-    val_files: Any = None
-    """Validation data, same forms as data.train_files; empty means no validation. sftforge rl: prompts (verl's RL
-    parquet as is) scored with algorithm.reward, see trainer.test_freq."""
-    eval_files: Any = None
-    """Generation-eval data scored every trainer.eval_freq steps with trainer.eval_task (same forms as
-    data.train_files); the prompt is each row minus its last assistant turn, that turn is the reference."""
-    format: str = "auto"
-    """auto | messages | sharegpt | alpaca | prompt_response. auto detects it from each row's keys."""
-    messages_key: str = "messages"
-    """Column holding OpenAI-style messages (list of {role, content, tool_calls?}) or its JSON string."""
-    tools_key: str = "tools"
-    """Column holding the tools schema (list or JSON string) passed to the chat template."""
-    images_key: str = "images"
-    """Column of a row's images (paths relative to the data file, bytes, base64 or data URLs), placed where its
-    messages say <image> (the verl / LLaMA-Factory form). Messages may instead hold image parts ({"type": "image",
-    "image": ...} or OpenAI's image_url); both are detected."""
-    image_processor: str = ""
-    """Image processor settings of a vision-language model: a preprocessor_config.json or its folder; empty: the
-    one beside the tokenizer or the model."""
-    image_min_pixels: int = 0
-    """Smallest image area (pixels) after resizing; 0 = the image processor's min_pixels."""
-    image_max_pixels: int = 0
-    """Largest image area (pixels) after resizing (fewer image tokens, less memory); 0 = the processor's."""
-    prompt_key: str = "prompt"
-    """Column of the prompt for the prompt_response format (a string or a list of messages)."""
-    response_key: str = "response"
-    """Column of the response for the prompt_response format."""
-    chat_template: str = ""
-    """Override the tokenizer's chat template: a path to a .jinja file or an inline Jinja string."""
-    chat_template_kwargs: dict = field(default_factory=dict)
-    """Extra variables for the chat template, e.g. {enable_thinking: false}."""
-    system_into_first_user: bool = False
-    """For chat templates without a system role (Gemma 1/2, ...): prepend the system text to the first user message
-    (counted in the data report). Off: such rows are refused with this hint."""
-    train_on: str = "assistant"
-    """assistant | last_assistant | all: which tokens get loss. A message's own "train"/"loss_mask" wins."""
-    reasoning_history: str = "template"
-    """template | per_turn. template: one render of the whole conversation (earlier turns as the template shows
-    history: Qwen3 drops their <think>). per_turn: every trained assistant turn in its own inference context (the
-    render of the conversation before it + the turn as generated), the K contexts merged into one prefix tree (shared
-    prefixes once). Needs data.packing=true, sdpa or eager, data.train_on=assistant, trainer.sp_size=1."""
-    max_length: int = 4096
-    """Maximum tokens per sample; longer samples follow data.truncation."""
-    truncation: str = "error"
-    """error | left | right | drop, applied to samples longer than data.max_length, decided before training."""
-    bad_rows: str = "error"
-    """error: stop at the first malformed row; skip: drop it and report counts per reason."""
-    empty_assistant_turns: str = "error"
-    """error | keep. An assistant message with no content and no tool calls teaches the model to end its turn at
-    once. error: such a row is a bad row (data.bad_rows: refused, or skipped and counted); keep: train it as it is
-    (counted in the data report)."""
-    num_proc: str = "auto"
-    """Processes used to tokenize: a number, or auto (the usable cores; one per 4 MiB of input for small files)."""
-    cache_dir: str = ""
-    """Tokenization cache folder; empty means $SFTFORGE_CACHE or ~/.cache/sftforge; "none" disables it (the
-    samples then go to a temporary store for this run only)."""
-    cache_wait_s: int = 3600
-    """Seconds to wait for another process writing the same cache entry (another rank of this job, or another job)
-    before failing with a message that names it."""
-    train_batch_size: int = 8
-    """GLOBAL number of sequences per optimizer step (all micro-batches, all ranks)."""
-    micro_batch_size_per_gpu: int = 1
-    """Sequences per forward pass on one device."""
-    packing: bool = True
-    """Padding-free packing of the micro-batch's sequences into one row with per-sample attention."""
-    max_tokens_per_micro_batch: int = 0
-    """Upper bound on tokens in one packed micro-batch (0 = no bound)."""
-    shuffle: bool = True
-    """Shuffle training samples every epoch with trainer.seed."""
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-5
-    """Peak learning rate."""
-    betas: list = field(default_factory=lambda: [0.9, 0.95])
-    """AdamW betas."""
-    weight_decay: float = 0.01
-    """AdamW weight decay; never applied to norms, biases or tied embeddings."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    warmup_ratio: float = 0.0
-    """Warmup steps as a share of total steps (ignored when optim.warmup_steps > 0)."""
-    warmup_steps: int = 0
-    """Warmup steps; overrides optim.warmup_ratio when > 0."""
-    lr_scheduler: str = "cosine"
-    """cosine | linear | constant | wsd."""
-    min_lr_ratio: float = 0.0
-    """Final learning rate as a share of optim.lr."""
-    decay_ratio: float = 0.1
-    """wsd only: share of total steps spent in the final decay."""
-    clip_grad: float = 1.0
-    """Clip the global gradient norm to this value (0 = no clipping)."""
-    implementation: str = "auto"
-    """AdamW kernel: auto | fused | foreach | for_loop. auto = fused (one kernel over all parameters, same math)
-    where torch supports it for the parameters' device, else foreach."""
-
-
-@dataclass
-class TrainerConfig:
-    output_dir: str = "outputs/run"
-    """Where metrics.jsonl, config.yaml, step_<N>/ checkpoints and final/ go."""
-    total_epochs: int = 1
-    """Passes over the training data (ignored when trainer.max_steps > 0)."""
-    max_steps: int = 0
-    """Total optimizer steps; overrides trainer.total_epochs when > 0."""
-    seed: int = 42
-    """Seed of data order and dropout."""
-    save_freq: int = 0
-    """Save a checkpoint every N steps (0 = only at the end)."""
-    test_freq: int = 0
-    """Validate every N steps (0 = only at the end). sftforge rl: generate on data.val_files' prompts and score them
-    with algorithm.reward (rollout.val_n answers each)."""
-    val_before_train: bool = False
-    """Validate once before the first step as well (verl's trainer.val_before_train): sftforge train's val_loss,
-    sftforge rl's scores on data.val_files."""
-    eval_freq: int = 0
-    """Generate on data.eval_files and score with trainer.eval_task every N steps and at the end (0 = never); logs
-    eval_accuracy in metrics.jsonl. Greedy, up to 256 new tokens."""
-    eval_task: str = "exact"
-    """Scorer of trainer.eval_freq: exact | gsm8k | math | mcq | tool_call | textcraft | code_math | module:function."""
-    log_freq: int = 1
-    """Print one summary line every N steps."""
-    resume: str = "auto"
-    """auto (newest complete checkpoint in output_dir) | never | PATH to a step_<N> folder."""
-    max_ckpt_to_keep: int = 0
-    """Keep only the newest N complete step_<N> checkpoints in trainer.output_dir, counting those of earlier runs
-    there (0 = keep all). The newest complete checkpoint is never deleted."""
-    save_hf: bool = False
-    """Each step_<N>/ checkpoint also holds huggingface/: the model as final/ has it (safetensors, config, tokenizer,
-    generation config; LoRA: merged, the adapter in huggingface/adapter), written and pruned with the checkpoint, so
-    that model.path=OUTPUT/step_<N>/huggingface starts RL or eval from step N (verl's layout)."""
-    nan_policy: str = "error"
-    """error: stop before the optimizer step when the loss or gradient norm is not finite (NaN/inf), naming the step
-    (the last good state is saved); skip_step: drop that step's update, count it and log it in metrics.jsonl."""
-    stop_at_step: int = 0
-    """End the run after this step as if interrupted (checkpoint written, schedule unchanged). Ignored by a run that
-    resumes at or after this step, so rerunning the same command continues to the end."""
-    logger: list = field(default_factory=lambda: ["console", "jsonl"])
-    """Any of console | jsonl | tensorboard | wandb | swanlab (wandb and swanlab: optional packages). metrics.jsonl is
-    written whatever this says (it is the run's record, read by sftforge report and a resume); jsonl is accepted."""
-    device: str = "auto"
-    """auto | cpu | cuda."""
-    n_gpus_per_node: int = 0
-    """GPUs per node (0 = every visible GPU, 1 on CPU). World size = trainer.n_gpus_per_node × trainer.nnodes, used by
-    `sftforge plan` and trainer.preset (a torchrun launch uses its own world size)."""
-    nnodes: int = 1
-    """Number of nodes (see trainer.n_gpus_per_node)."""
-    preset: str = "none"
-    """none | auto. auto picks data.micro_batch_size_per_gpu and model.enable_gradient_checkpointing to fit the GPU
-    memory with the highest estimated throughput; `sftforge plan` explains the choice."""
-    gpu_memory: str = ""
-    """Memory per GPU for trainer.preset=auto and `sftforge plan`, e.g. 80GB; empty = the visible GPU's."""
-    strategy: str = "auto"
-    """auto | none | ddp | fsdp2. How several processes (torchrun) share the work: fsdp2 shards weights, gradients and
-    optimizer state (FSDP2 fully_shard), ddp replicates them. auto: none for one process, fsdp2 on GPUs, ddp on CPU."""
-    offload: bool = False
-    """Keep FSDP2 shards of parameters, gradients and optimizer state in CPU memory (trainer.strategy=fsdp2 only)."""
-    sp_size: int = 1
-    """Ulysses sequence parallelism: ranks in groups of sp_size share each packed micro-batch, each holding 1/sp_size
-    of its tokens (attention all-to-all over the group). Data-parallel size = world size / sp_size. Needs
-    data.packing=true and heads divisible by sp_size."""
-
-
-@dataclass
-class RolloutConfig:
-    """`sftforge rl` only: how responses are sampled from the policy."""
-
-    n: int = 8
-    """Responses per prompt (one group)."""
-    prompts_per_step: int = 8
-    """Prompts per RL step; the step trains on prompts_per_step × n responses."""
-    temperature: float = 1.0
-    """Sampling temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold."""
-    max_response_length: int = 256
-    """New tokens per response (per turn in multi-turn episodes)."""
-    max_turns: int = 1
-    """1 = single-turn; > 1 = episodes in the environment named by algorithm.reward (textcraft, code_math)."""
-    backend: str = "hf"
-    """hf: the model in memory, CPU and GPU: sftforge's engine (each episode's KV cache kept across turns, a prompt's
-    rollout.n samples prefilled once, continuous batching; sftforge.engine) where the model allows it, else
-    transformers generate. (vllm is not yet wired into `sftforge rl`.)"""
-    kv_cache: bool = True
-    """true: the engine keeps each episode's KV cache across turns (see rollout.backend); false: transformers generate
-    re-prefills the whole conversation every turn (the path before it: for comparisons, or a model it mis-serves)."""
-    val_n: int = 1
-    """Answers per validation prompt (data.val_files, every trainer.test_freq steps): > 1 logs mean@K and pass@k with
-    intervals, per data_source (verl's val_kwargs.n; needs rollout.val_temperature > 0)."""
-    val_temperature: float = 0.0
-    """Validation sampling temperature; 0 = greedy."""
-    val_top_p: float = 1.0
-    """Validation nucleus sampling threshold (with rollout.val_temperature > 0)."""
-
-
-@dataclass
-class AlgorithmConfig:
-    """`sftforge rl` only: the GRPO / DAPO objective."""
-
-    reward: str = "exact"
-    """Scorer: exact | gsm8k | math (math-verify: \\boxed{}, equivalence) | mcq | tool_call | module:function; or an
-    environment (multi-turn; success is the reward): textcraft | code_math (math with a sandboxed code_interpreter)."""
-    clip_ratio_low: float = 0.2
-    """Lower clip of the policy ratio: 1 - clip_ratio_low."""
-    clip_ratio_high: float = 0.28
-    """Upper clip of the policy ratio: 1 + clip_ratio_high (DAPO's clip-higher)."""
-    clip_ratio_c: float = 0.0
-    """Dual clip (> 1; 0 = off): a token with a negative advantage A loses at most -clip_ratio_c·A (verl's
-    clip_ratio_c: 3 by default there, 10 in its DAPO scripts)."""
-    kl_coef: float = 0.0
-    """Weight of the k3 KL to the initial (reference) model; 0 = no reference model is loaded."""
-    scale_by_std: bool = True
-    """Divide advantages by the group's reward standard deviation (GRPO); false = mean-centred only (Dr. GRPO)."""
-    dynamic_sampling: bool = True
-    """Drop groups whose rewards are all equal (no learning signal), DAPO-style."""
-    mini_batches: int = 1
-    """Optimizer steps per rollout batch (the later ones are off-policy; the clipped ratio keeps them close)."""
-    overlong_buffer: int = 0
-    """DAPO soft overlong penalty: the last N tokens before rollout.max_response_length ramp the reward down by up
-    to algorithm.overlong_penalty (0 = off)."""
-    overlong_penalty: float = 1.0
-    """Largest overlong penalty subtracted from the reward."""
-
-
-@dataclass
-class SandboxConfig:
-    """Where a model's code runs: the code_interpreter tool of `sftforge rl` / `sftforge eval`, and `sftforge sandbox
-    run`. Every limit applies to one call (one program)."""
-
-    backend: str = "bwrap"
-    """bwrap (bubblewrap: namespaces + limits; no network, no view of your files) | rlimits_only (NO isolation: only
-    the limits, a scratch folder and an empty environment; warns on every run; for machines without user namespaces)
-    | fusion (a SandboxFusion server at sandbox.fusion_url, as verl's ReTool uses: its isolation is the server's)."""
-    fusion_url: str = ""
-    """sandbox.backend=fusion: the server's run_code endpoint, e.g. http://sandbox:8080/run_code (verl's
-    ``sandbox_fusion_url``). It gets wall_time_s as run_timeout and memory_mb as memory_limit_MB; the other limits
-    are the server's."""
-    interpreter: str = "/usr/bin/python3"
-    """The Python that runs the code, inside the sandbox (its /usr is mounted read-only: what it has installed, e.g.
-    sympy or numpy, the code may import)."""
-    wall_time_s: float = 10.0
-    """Seconds from start to kill, children included."""
-    cpu_time_s: int = 10
-    """CPU seconds of the program (SIGXCPU, then SIGKILL a second later)."""
-    memory_mb: int = 1024
-    """Address space of each process, in MiB."""
-    max_processes: int = 16
-    """Processes and threads the program may run at once (bwrap only: without namespaces it cannot be counted)."""
-    scratch_mb: int = 64
-    """Size of the one folder the program may write, in MiB: /sandbox (its working directory, /tmp and TMPDIR), in
-    memory, private to the call and gone with it."""
-    max_output_bytes: int = 65536
-    """stdout + stderr read; past it the program is killed (the output limit)."""
-    observation_chars: int = 1024
-    """Characters of output a tool observation shows the model; the cut is said in the text."""
-    max_concurrent: int = 0
-    """Tool calls of one rollout turn run at once; 0 = the number of CPU cores."""
-
-
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
-
-
-CHOICES = {
-    "model.dtype": ("auto", "fp32", "bf16"),
-    "data.format": ("auto", "messages", "sharegpt", "alpaca", "prompt_response"),
-    "data.train_on": ("assistant", "last_assistant", "all"),
-    "data.reasoning_history": ("template", "per_turn"),
-    "data.truncation": ("error", "left", "right", "drop"),
-    "data.bad_rows": ("error", "skip"),
-    "data.empty_assistant_turns": ("error", "keep"),
-    "optim.lr_scheduler": ("cosine", "linear", "constant", "wsd"),
-    "optim.implementation": ("auto", "fused", "foreach", "for_loop"),
-    "trainer.device": ("auto", "cpu", "cuda"),
-    "trainer.preset": ("none", "auto"),
-    "trainer.nan_policy": ("error", "skip_step"),
-    "trainer.strategy": ("auto", "none", "ddp", "fsdp2"),
-    "sandbox.backend": ("bwrap", "rlimits_only", "fusion"),
-}
-
-
-# Numeric keys: (lowest, highest) allowed, None = unbounded; a bound in a 1-tuple is exclusive: (0,) means > 0.
-RANGES: dict[str, tuple] = {
-    "model.init_seed": (0, None), "model.loss_chunk_size": (0, None), "model.lora.rank": (0, None),
-    "model.lora.alpha": ((0,), None), "model.lora.dropout": (0, (1,)),
-    "data.image_min_pixels": (0, None), "data.image_max_pixels": (0, None), "data.max_length": (1, None),
-    "data.cache_wait_s": (0, None), "data.train_batch_size": (1, None), "data.micro_batch_size_per_gpu": (1, None),
-    "data.max_tokens_per_micro_batch": (0, None),
-    "optim.lr": (0, None), "optim.weight_decay": (0, None), "optim.eps": ((0,), None),
-    "optim.warmup_ratio": (0, 1), "optim.warmup_steps": (0, None), "optim.min_lr_ratio": (0, 1),
-    "optim.decay_ratio": (0, 1), "optim.clip_grad": (0, None),
-    "trainer.total_epochs": (1, None), "trainer.max_steps": (0, None), "trainer.seed": (0, None),
-    "trainer.save_freq": (0, None), "trainer.test_freq": (0, None), "trainer.eval_freq": (0, None),
-    "trainer.log_freq": (1, None), "trainer.max_ckpt_to_keep": (0, None), "trainer.stop_at_step": (0, None),
-    "trainer.n_gpus_per_node": (0, None), "trainer.nnodes": (1, None), "trainer.sp_size": (1, None),
-    "rollout.n": (1, None), "rollout.prompts_per_step": (1, None), "rollout.temperature": ((0,), None),
-    "rollout.top_p": ((0,), 1), "rollout.max_response_length": (1, None), "rollout.max_turns": (1, None),
-    "rollout.val_n": (1, None), "rollout.val_temperature": (0, None), "rollout.val_top_p": ((0,), 1),
-    "algorithm.clip_ratio_low": (0, (1,)), "algorithm.clip_ratio_high": (0, None), "algorithm.kl_coef": (0, None),
-    "algorithm.clip_ratio_c": (0, None),
-    "algorithm.mini_batches": (1, None), "algorithm.overlong_buffer": (0, None), "algorithm.overlong_penalty": (0, None),
-    "sandbox.wall_time_s": ((0,), None), "sandbox.cpu_time_s": (1, None), "sandbox.memory_mb": (64, None),
-    "sandbox.max_processes": (1, None), "sandbox.scratch_mb": (1, None), "sandbox.max_output_bytes": (1, None),
-    "sandbox.observation_chars": (1, None), "sandbox.max_concurrent": (0, None),
-}  # fmt: skip
-
-
-def _out_of_range(key: str, value: float) -> str:
-    """'' when ``value`` is within RANGES[key]; else the sentence that says what is allowed."""
-    low, high = RANGES[key]
-    ok_low = low is None or (value > low[0] if isinstance(low, tuple) else value >= low)
-    ok_high = high is None or (value < high[0] if isinstance(high, tuple) else value <= high)
-    if ok_low and ok_high:
-        return ""
-    parts = []
-    if low is not None:
-        parts.append(f"> {low[0]}" if isinstance(low, tuple) else f">= {low}")
-    if high is not None:
-        parts.append(f"< {high[0]}" if isinstance(high, tuple) else f"<= {high}")
-    doc = field_docs(type(_section(Config(), key))).get(key.rsplit(".", 1)[-1], "")
-    return f"{key} must be {' and '.join(parts)}, got {value}." + (f" ({doc})" if doc else "")
-
-
-def _section(cfg: Any, key: str) -> Any:
-    for part in key.split(".")[:-1]:
-        cfg = getattr(cfg, part)
-    return cfg
-
-
-def parse_memory(text: str | float | int | None, key: str = "--gpu-memory") -> int | None:
-    """'80GB', '80G', '80GiB', '24000MB', '80' (GB) -> bytes. GB and GiB both mean 2**30, as GPU tools print them."""
-    if text is None or text == "":
-        return None
-    if isinstance(text, (int, float)):
-        return int(float(text) * (1 << 30))
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), flags=re.I)
-    if not m:
-        raise ConfigError(f"{key} {text!r}: write it like 80GB, 24GiB or 40000MB.")
-    unit = {"": 1 << 30, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
-    return int(float(m.group(1)) * unit)
-
-
-@functools.cache
-def field_docs(cls: type) -> dict[str, str]:
-    """Help text of each field: the string literal written right under it in the class body."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def _suggest(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
-
-
-def all_keys(cls: type = None, prefix: str = "") -> list[str]:
-    """Every dotted key of the config (model.path, ..., algorithm.overlong_penalty)."""
-    out = []
-    for f in dataclasses.fields(cls or Config):
-        sub = typing.get_type_hints(cls or Config)[f.name]
-        out += all_keys(sub, f"{prefix}{f.name}.") if dataclasses.is_dataclass(sub) else [f"{prefix}{f.name}"]
-    return out
-
-
-def _suggest_key(key: str) -> str:
-    """The key a user most likely meant by an unknown dotted ``key``: the same name in another section first
-    (data.max_response_length -> rollout.max_response_length), then a close spelling in the same section, then one
-    anywhere (ours and verl's names, which are accepted too)."""
-    keys = all_keys()
-    *section, leaf = key.split(".")
-    same_name = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
-    if same_name:
-        return f" Did you mean '{same_name[0]}'?"
-    prefix = ".".join(section) + "." if section else ""
-    near = difflib.get_close_matches(leaf, [k[len(prefix) :] for k in keys if k.startswith(prefix)], n=1, cutoff=0.6)
-    if near and prefix:
-        return f" Did you mean '{prefix}{near[0]}'?"
-    verl = [k for k in VERL_ALIASES if not k.endswith("*") and "." in k]
-    near = difflib.get_close_matches(key, keys + verl, n=1, cutoff=0.6)
-    return f" Did you mean '{near[0]}'?" if near else ""
-
-
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Convert ``value`` (from YAML or a command-line string) to the field's type, or explain why not."""
-    if typ is Any:
-        return value
-    if isinstance(typ, str):  # postponed annotations
-        typ = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict, "Any": Any}[typ]
-        if typ is Any:
-            return value
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-    elif typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif typ is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        if value is None:
-            return ""
-    elif typ is list:
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        if isinstance(value, str):
-            return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
-    elif typ is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        if value is None:
-            return {}
-    name = getattr(typ, "__name__", str(typ))
-    shown = REDACTED if is_secret_key(key.rsplit(".", 1)[-1]) else repr(value)
-    raise ConfigError(f"{key} must be {name}, got {shown} ({type(value).__name__}).")
-
-
-def _apply(obj: Any, values: dict, prefix: str) -> None:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {values!r}.")
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for k, v in values.items():
-        key = f"{prefix}{k}"
-        if k not in names:
-            raise ConfigError(f"Unknown config key '{key}'.{_suggest_key(key)} (`sftforge config` lists every key.)")
-        cur = getattr(obj, k)
-        if dataclasses.is_dataclass(cur):
-            _apply(cur, v if v is not None else {}, f"{key}.")
-        else:
-            setattr(obj, k, _coerce(v, hints[k], key))
-
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"Override '{item}' must look like section.key=value, e.g. optim.lr=1e-5.")
-    key, raw = item.split("=", 1)
-    key = key.strip().lstrip("+")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# verl compatibility: the keys of verl's SFT trainers (verl.trainer.fsdp_sft_trainer with sft_trainer.yaml, and
+# The keys of verl's SFT trainers (verl.trainer.fsdp_sft_trainer with sft_trainer.yaml, and
 # verl.trainer.sft_trainer with sft_trainer_engine.yaml and its engine/model/optim groups) are handled before the
 # dataclasses see them, in YAML and overrides alike. Each verl key is mapped to ours (one "info: verl key K=V -> ..."
 # line on stderr), accepted and ignored when it changes nothing that matters here (one "info: verl key K=V ignored:
@@ -610,10 +51,11 @@ def _given(ctx: Any, dotted: str) -> bool:
 
 
 def _truthy(value: Any, key: str = "data.multiturn.enable") -> bool:
-    return _coerce(value, bool, key)
+    return coerce(value, bool, key)
 
 
-def _unset(value: Any) -> bool:
+def is_unset(value: Any) -> bool:
+    """verl's ways of leaving a key empty: null (None or the string), "", [] and {}."""
     return value is None or value in ("", [], {}) or (isinstance(value, str) and value.lower() in ("null", "none"))
 
 
@@ -670,7 +112,7 @@ def _sp_size(ctx: Any) -> int:
     for key in ("trainer.sp_size", "engine.ulysses_sequence_parallel_size", "ulysses_sequence_parallel_size"):
         value = _lookup(ctx, key)
         if value is not _MISSING and value is not None:
-            return max(1, _coerce(value, int, key))
+            return max(1, coerce(value, int, key))
     return 1
 
 
@@ -743,7 +185,7 @@ def _max_token_len(value: Any, ctx: Any):
     ):
         return "verl reads it only with data.use_dynamic_bsz=true (the token budget here is data.max_tokens_per_micro_batch)"
     sp = _sp_size(ctx)
-    tokens = _coerce(value, int, "data.max_token_len_per_gpu") * sp
+    tokens = coerce(value, int, "data.max_token_len_per_gpu") * sp
     note = "tokens per GPU"
     if sp > 1:
         note += f" × sequence-parallel size {sp}, the tokens of a whole packed micro-batch here"
@@ -797,7 +239,7 @@ def _keep(value: Any) -> Any:
 
 
 def _logger(value: Any) -> Any:
-    names = _coerce(value, list, "trainer.logger")
+    names = coerce(value, list, "trainer.logger")
     if "file" not in names:
         return value
     return ["jsonl" if n == "file" else n for n in names]  # verl's file logger: metrics as jsonl
@@ -815,9 +257,9 @@ def _resume_mode(value: Any, ctx: Any):
     if mode == "disable":
         return [("trainer.resume", "never")]
     if mode == "auto":
-        return [("trainer.resume", "auto" if _unset(path) else path)]
+        return [("trainer.resume", "auto" if is_unset(path) else path)]
     if mode == "resume_path":
-        if _unset(path):
+        if is_unset(path):
             raise _Refused(
                 "resume_path needs trainer.resume_from_path (here: trainer.resume=PATH to a step_<N> folder)."
             )
@@ -826,7 +268,7 @@ def _resume_mode(value: Any, ctx: Any):
 
 
 def _resume_from_path(value: Any, ctx: Any):
-    if _unset(value):
+    if is_unset(value):
         return "no path: trainer.resume (verl's resume_mode) decides"
     if str(_lookup(ctx, "trainer.resume_mode", "auto")).lower() == "disable":
         return "trainer.resume_mode=disable wins (trainer.resume=never)"
@@ -839,7 +281,7 @@ _CKPT_PARTS = {"model", "optimizer", "extra", "hf_model"}
 def _save_contents(value: Any, ctx: Any):
     if isinstance(value, str) and "${" in value:
         return "a reference to another key"
-    parts = set(_coerce(value, list, "save_contents"))
+    parts = set(coerce(value, list, "save_contents"))
     unknown = parts - _CKPT_PARTS
     if unknown:
         raise _Refused(f"unknown part(s) {sorted(unknown)}; verl's parts are model, optimizer, extra, hf_model.")
@@ -854,7 +296,7 @@ def _save_contents(value: Any, ctx: Any):
 def _load_contents(value: Any, ctx: Any):
     if isinstance(value, str) and "${" in value:
         return "a reference to another key (a resume loads the whole checkpoint here)"
-    parts = set(_coerce(value, list, "load_contents"))
+    parts = set(coerce(value, list, "load_contents"))
     if {"model", "optimizer", "extra"} <= parts:
         return "a resume loads the whole checkpoint here"
     raise _Refused(
@@ -877,11 +319,11 @@ def _output_dir(value: Any, ctx: Any):
 
 
 def _warmup_steps(value: Any) -> Any:
-    return 0 if value is None or _coerce(value, int, "optim.lr_warmup_steps") < 0 else value  # verl's -1: the ratio
+    return 0 if value is None or coerce(value, int, "optim.lr_warmup_steps") < 0 else value  # verl's -1: the ratio
 
 
 def _scheduler(value: Any, ctx: Any):
-    if _unset(value):
+    if is_unset(value):
         return "null: optim.lr_scheduler decides"
     return [("optim.lr_scheduler", str(value).lower())]
 
@@ -890,7 +332,7 @@ def _target_modules(value: Any) -> Any:
     return [value] if isinstance(value, str) and not value.strip().startswith("[") else value
 
 
-_NULL = _unset
+_NULL = is_unset
 _FALSE = lambda v: not _truthy(v, "flag")  # noqa: E731
 _HYDRA_TARGET = "hydra's class path of verl's config object"
 _NO_TRAINER_SAMPLES = (
@@ -904,7 +346,7 @@ _PERF = "a verl speed/memory option with no effect on the result; sftforge has i
 _ENABLE_THINKING_KEY = (
     "ignored (default column name) or refused",
     _ignore_unless(
-        lambda v: _unset(v) or v == "enable_thinking",
+        lambda v: is_unset(v) or v == "enable_thinking",
         "a per-row enable_thinking column is not read; data.chat_template_kwargs={enable_thinking: ...} sets it "
         "for every row",
         "a per-row enable_thinking column is not read: set data.chat_template_kwargs={enable_thinking: true} (or "
@@ -1049,7 +491,7 @@ VERL_ALIASES: dict[str, tuple[str, Any]] = {
     ),
     "model.custom_chat_template": (
         "data.chat_template",
-        lambda v, ctx: "null: the tokenizer's template" if _unset(v) else [("data.chat_template", v)],
+        lambda v, ctx: "null: the tokenizer's template" if is_unset(v) else [("data.chat_template", v)],
     ),
     "model.override_config": (
         "refused unless empty",
@@ -1181,7 +623,9 @@ VERL_ALIASES: dict[str, tuple[str, Any]] = {
     "trainer.default_hdfs_dir": (
         "ignored",
         lambda v, ctx: (
-            "null: no HDFS copy" if _unset(v) else "checkpoints stay in trainer.output_dir; copy them to HDFS yourself"
+            "null: no HDFS copy"
+            if is_unset(v)
+            else "checkpoints stay in trainer.output_dir; copy them to HDFS yourself"
         ),
     ),
     "trainer.total_training_steps": (
@@ -1229,8 +673,10 @@ only to a string value."""
 # verl-recipe): each maps to ours, is ignored saying why, or is refused saying what to do instead.
 
 _RL_ENGINE = "a vLLM/SGLang engine setting; rollouts run with transformers generate on the trained weights here"
-_NO_CRITIC = ("PPO with a critic (algorithm.adv_estimator=gae) is not implemented: use algorithm.adv_estimator=grpo "
-              "(group-relative advantages, no critic), which is what sftforge rl trains.")  # fmt: skip
+_NO_CRITIC = (
+    "PPO with a critic (algorithm.adv_estimator=gae) is not implemented: use algorithm.adv_estimator=grpo "
+    "(group-relative advantages, no critic), which is what sftforge rl trains."
+)
 _RAY = "processes are started by torchrun here, not Ray"
 
 
@@ -1249,18 +695,20 @@ def _mini_batch(value: Any, ctx: Any):
     prompts = _lookup(ctx, "rollout.prompts_per_step", None) or _lookup(ctx, "data.train_batch_size", None)
     if prompts is None:
         prompts = RolloutConfig.prompts_per_step
-    mini, prompts = _coerce(value, int, "ppo_mini_batch_size"), _coerce(prompts, int, "data.train_batch_size")
+    mini, prompts = coerce(value, int, "ppo_mini_batch_size"), coerce(prompts, int, "data.train_batch_size")
     if mini < 1 or prompts % mini:
-        raise _Refused(f"the prompts per step ({prompts}) must be a multiple of it: each optimizer step trains "
-                       "ppo_mini_batch_size whole groups here (algorithm.mini_batches = prompts per step / it).")  # fmt: skip
+        raise _Refused(
+            f"the prompts per step ({prompts}) must be a multiple of it: each optimizer step trains "
+            "ppo_mini_batch_size whole groups here (algorithm.mini_batches = prompts per step / it)."
+        )
     return [("algorithm.mini_batches", prompts // mini)], f"{prompts} prompts per step / {mini} per optimizer step"
 
 
 def _max_prompt_length(value: Any, ctx: Any):
-    length = _coerce(value, int, "data.max_prompt_length")
+    length = coerce(value, int, "data.max_prompt_length")
     if _truthy(_lookup(ctx, "actor_rollout_ref.rollout.multi_turn.enable", False), "multi_turn.enable"):
         response = _lookup(ctx, "data.max_response_length", None) or 0
-        return [("data.max_length", length + _coerce(response, int, "data.max_response_length"))], (
+        return [("data.max_length", length + coerce(response, int, "data.max_response_length"))], (
             "multi-turn: data.max_length caps a whole episode here, prompt + responses + tool outputs"
         )
     return [("data.max_length", length)], "sftforge rl refuses (or truncates, data.truncation) longer prompts"
@@ -1279,15 +727,19 @@ def _adv_estimator(value: Any, ctx: Any):
         return "group-relative advantages here too (÷ the group's std unless algorithm.scale_by_std=false)"
     if str(value).lower() == "gae":
         raise _Refused(_NO_CRITIC)
-    raise _Refused("only grpo (group-relative advantages; algorithm.scale_by_std=false gives Dr. GRPO's mean-centred "
-                   "form) is implemented: set algorithm.adv_estimator=grpo.")  # fmt: skip
+    raise _Refused(
+        "only grpo (group-relative advantages; algorithm.scale_by_std=false gives Dr. GRPO's mean-centred "
+        "form) is implemented: set algorithm.adv_estimator=grpo."
+    )
 
 
 def _kl_in_reward(value: Any, ctx: Any):
     if not _truthy(value, "algorithm.use_kl_in_reward"):
         return "no KL penalty in the reward (a KL loss term is algorithm.kl_coef)"
-    raise _Refused("the KL to the reference is a loss term here, not a reward penalty: set algorithm.kl_coef=C "
-                   "(verl's actor.use_kl_loss=true with kl_loss_coef=C).")  # fmt: skip
+    raise _Refused(
+        "the KL to the reference is a loss term here, not a reward penalty: set algorithm.kl_coef=C "
+        "(verl's actor.use_kl_loss=true with kl_loss_coef=C)."
+    )
 
 
 def _use_kl_loss(value: Any, ctx: Any):
@@ -1304,8 +756,11 @@ def _kl_loss_coef(value: Any, ctx: Any):
 
 
 def _clip_ratio(value: Any, ctx: Any):
-    pairs = [(f"algorithm.clip_ratio_{side}", value) for side in ("low", "high")
-             if not _given(ctx, f"actor_rollout_ref.actor.clip_ratio_{side}")]  # fmt: skip
+    pairs = [
+        (f"algorithm.clip_ratio_{side}", value)
+        for side in ("low", "high")
+        if not _given(ctx, f"actor_rollout_ref.actor.clip_ratio_{side}")
+    ]
     return pairs or "clip_ratio_low / clip_ratio_high, given too, decide"
 
 
@@ -1331,7 +786,7 @@ def _val_do_sample(value: Any, ctx: Any):
     if _truthy(value, "val_kwargs.do_sample"):
         return "validation samples at rollout.val_temperature (val_kwargs.temperature)"
     n = _lookup(ctx, "actor_rollout_ref.rollout.val_kwargs.n", 1)
-    if n is not None and _coerce(n, int, "val_kwargs.n") > 1:
+    if n is not None and coerce(n, int, "val_kwargs.n") > 1:
         return "val_kwargs.n > 1 samples anyway, at val_kwargs.temperature (as verl's async rollouts of ReTool do)"
     return [("rollout.val_temperature", 0.0)], "greedy validation"
 
@@ -1341,22 +796,31 @@ def _tool_config(value: Any, ctx: Any):
     try:
         tools = (yaml.safe_load(open(str(value), encoding="utf-8")) or {}).get("tools") or []
     except (OSError, yaml.YAMLError, AttributeError) as e:
-        raise _Refused(f"cannot read the tool config ({type(e).__name__}): give its path, or drop the key and set "
-                       "algorithm.reward=code_math with sandbox.* keys for the code_interpreter tool.") from None  # fmt: skip
+        raise _Refused(
+            f"cannot read the tool config ({type(e).__name__}): give its path, or drop the key and set "
+            "algorithm.reward=code_math with sandbox.* keys for the code_interpreter tool."
+        ) from None
     for tool in tools:
         schema = ((tool or {}).get("tool_schema") or {}).get("function") or {}
         conf = (tool or {}).get("config") or {}
         if schema.get("name") != "code_interpreter":
-            raise _Refused(f"tool {schema.get('name')!r}: the one tool environment here is code_interpreter "
-                           "(algorithm.reward=code_math); remove the others from the tool config.")  # fmt: skip
+            raise _Refused(
+                f"tool {schema.get('name')!r}: the one tool environment here is code_interpreter "
+                "(algorithm.reward=code_math); remove the others from the tool config."
+            )
         pairs: list[tuple[str, Any]] = []
         if conf.get("sandbox_fusion_url"):
             pairs += [("sandbox.backend", "fusion"), ("sandbox.fusion_url", conf["sandbox_fusion_url"])]
         elif "sandbox_fusion" in str(tool.get("class_name", "")).lower() or "daytona" in str(tool.get("class_name")):
-            raise _Refused(f"{tool.get('class_name')} needs a sandbox_fusion_url (Daytona is not supported); or drop "
-                           "the key: algorithm.reward=code_math runs the code in bubblewrap here.")  # fmt: skip
-        for theirs, ours in (("default_timeout", "sandbox.wall_time_s"), ("memory_limit_mb", "sandbox.memory_mb"),
-                             ("rate_limit", "sandbox.max_concurrent")):  # fmt: skip
+            raise _Refused(
+                f"{tool.get('class_name')} needs a sandbox_fusion_url (Daytona is not supported); or drop "
+                "the key: algorithm.reward=code_math runs the code in bubblewrap here."
+            )
+        for theirs, ours in (
+            ("default_timeout", "sandbox.wall_time_s"),
+            ("memory_limit_mb", "sandbox.memory_mb"),
+            ("rate_limit", "sandbox.max_concurrent"),
+        ):
             if conf.get(theirs) is not None:
                 pairs.append((ours, conf[theirs]))
         if not _given(ctx, "algorithm.reward"):
@@ -1386,26 +850,30 @@ def _overlong(part: str, prefix: str):
 def _reward_manager(value: Any, ctx: Any):
     name = str(value.get("name") if isinstance(value, dict) else value).lower()
     if name in ("naive", "dapo", "none"):
-        return ("algorithm.reward scores each response (dapo's overlong penalty: algorithm.overlong_buffer, "
-                "dynamic sampling: algorithm.dynamic_sampling)")  # fmt: skip
+        return (
+            "algorithm.reward scores each response (dapo's overlong penalty: algorithm.overlong_buffer, "
+            "dynamic sampling: algorithm.dynamic_sampling)"
+        )
     raise _Refused(f"reward manager {name!r} has no equivalent: the reward is algorithm.reward's score of each answer.")
 
 
 def _custom_reward(value: Any, ctx: Any):
-    if _unset(value):
+    if is_unset(value):
         return "null: algorithm.reward decides"
     if Path(str(value)).name == "retool.py":
         return [("algorithm.reward", "code_math")], (
             "ReTool's compute_score (math_dapo on the last \\boxed{}) is code_math's math-verify check here; its "
             "penalty on wrong answers by turn count is not applied"
         )
-    raise _Refused("verl's compute_score(data_source, solution_str, ground_truth, extra_info) files are not loaded: "
-                   "write fn(generation, sample) -> float (sample.reference is the ground truth, sample.row the row "
-                   "with data_source and extra_info) and set algorithm.reward=package.module:fn.")  # fmt: skip
+    raise _Refused(
+        "verl's compute_score(data_source, solution_str, ground_truth, extra_info) files are not loaded: "
+        "write fn(generation, sample) -> float (sample.reference is the ground truth, sample.row the row "
+        "with data_source and extra_info) and set algorithm.reward=package.module:fn."
+    )
 
 
 def _ppo_epochs(value: Any, ctx: Any):
-    if _coerce(value, int, "ppo_epochs") == 1:
+    if coerce(value, int, "ppo_epochs") == 1:
         return "each rollout batch is trained once, in algorithm.mini_batches optimizer steps"
     raise _Refused("each rollout batch is trained once here: use algorithm.mini_batches for more optimizer steps.")
 
@@ -1415,10 +883,17 @@ _VERL_RL: dict[str, tuple[str, Any]] = {
     "data.train_batch_size": ("data.train_batch_size; verl's RL: rollout.prompts_per_step", _train_batch_size),
     "data.max_prompt_length": ("data.max_length (multi-turn: + data.max_response_length)", _max_prompt_length),
     "data.max_response_length": ("rollout.max_response_length (per turn)", _rename("rollout.max_response_length")),
-    "data.gen_batch_size": ("ignored", _ignore(
-                                "dynamic sampling here drops the groups whose rewards are all equal from the step; "
-                                "it does not generate more batches to refill it (kept_groups is logged)")),
-    "data.return_raw_chat": ("ignored", _ignore("prompts are always rendered from the messages by the chat template here")),
+    "data.gen_batch_size": (
+        "ignored",
+        _ignore(
+            "dynamic sampling here drops the groups whose rewards are all equal from the step; "
+            "it does not generate more batches to refill it (kept_groups is logged)"
+        ),
+    ),
+    "data.return_raw_chat": (
+        "ignored",
+        _ignore("prompts are always rendered from the messages by the chat template here"),
+    ),
     "data.filter_overlong_prompts": ("data.truncation=drop when true", _filter_overlong),
     "data.val_batch_size": ("ignored", _ignore("validation generates in batches of 64")),
     "data.dataloader_num_workers": ("ignored", _ignore("prompts are read and rendered once, before the first step")),
@@ -1427,32 +902,51 @@ _VERL_RL: dict[str, tuple[str, Any]] = {
     "algorithm.norm_adv_by_std_in_grpo": ("algorithm.scale_by_std", _rename("algorithm.scale_by_std")),
     "algorithm.use_kl_in_reward": ("ignored when false; refused (use algorithm.kl_coef)", _kl_in_reward),
     "algorithm.kl_penalty": ("ignored", _ignore("the in-reward KL's estimator; the KL loss here is k3")),
-    "algorithm.kl_ctrl.*": ("ignored: the in-reward KL (use_kl_in_reward=false)",
-                            _ignore("the in-reward KL controller, used only with use_kl_in_reward=true")),
+    "algorithm.kl_ctrl.*": (
+        "ignored: the in-reward KL (use_kl_in_reward=false)",
+        _ignore("the in-reward KL controller, used only with use_kl_in_reward=true"),
+    ),
     "algorithm.gamma": ("ignored", _ignore("GAE's discount: no critic here (grpo)")),
     "algorithm.lam": ("ignored", _ignore("GAE's lambda: no critic here (grpo)")),
     "algorithm.filter_groups.enable": ("algorithm.dynamic_sampling", _rename("algorithm.dynamic_sampling")),
-    "algorithm.filter_groups.metric": ("ignored", _ignore("groups are filtered on the reward (algorithm.reward's score)")),
-    "algorithm.filter_groups.max_num_gen_batches": ("ignored", _ignore(
-        "no refill: dropped groups are not replaced by more generation batches")),
+    "algorithm.filter_groups.metric": (
+        "ignored",
+        _ignore("groups are filtered on the reward (algorithm.reward's score)"),
+    ),
+    "algorithm.filter_groups.max_num_gen_batches": (
+        "ignored",
+        _ignore("no refill: dropped groups are not replaced by more generation batches"),
+    ),
     "algorithm.filter_groups.max_inflight_gen_batches": ("ignored", _ignore("no refill batches here")),
-    "algorithm.rollout_correction.*": ("ignored", _ignore(
-        "old log-probs are recomputed by the trained model itself here: no rollout/training mismatch to correct")),
+    "algorithm.rollout_correction.*": (
+        "ignored",
+        _ignore(
+            "old log-probs are recomputed by the trained model itself here: no rollout/training mismatch to correct"
+        ),
+    ),
     # --- actor_rollout_ref.model ---
     "actor_rollout_ref.model.path": ("model.path", _rename("model.path")),
     "actor_rollout_ref.model.tokenizer_path": ("model.tokenizer_path", _rename("model.tokenizer_path")),
     "actor_rollout_ref.model.use_remove_padding": ("data.packing", _remove_padding),
     "actor_rollout_ref.model.enable_gradient_checkpointing": (
-        "model.enable_gradient_checkpointing", _rename("model.enable_gradient_checkpointing")),
+        "model.enable_gradient_checkpointing",
+        _rename("model.enable_gradient_checkpointing"),
+    ),
     "actor_rollout_ref.model.trust_remote_code": ("model.trust_remote_code", _rename("model.trust_remote_code")),
     "actor_rollout_ref.model.lora_rank": ("model.lora.rank", _rename("model.lora.rank")),
     "actor_rollout_ref.model.lora_alpha": ("model.lora.alpha", _rename("model.lora.alpha")),
-    "actor_rollout_ref.model.target_modules": ("model.lora.target_modules",
-                                               _rename("model.lora.target_modules", _target_modules)),
+    "actor_rollout_ref.model.target_modules": (
+        "model.lora.target_modules",
+        _rename("model.lora.target_modules", _target_modules),
+    ),
     "actor_rollout_ref.model.custom_chat_template": VERL_ALIASES["model.custom_chat_template"],
-    "actor_rollout_ref.model.override_config.*": ("refused", _refuse(
-        "model config overrides are not applied: edit config.json in a copy of the model folder and set model.path "
-        "to it.")),
+    "actor_rollout_ref.model.override_config.*": (
+        "refused",
+        _refuse(
+            "model config overrides are not applied: edit config.json in a copy of the model folder and set model.path "
+            "to it."
+        ),
+    ),
     "actor_rollout_ref.model.external_lib": VERL_ALIASES["model.external_lib"],
     "actor_rollout_ref.model.use_fused_kernels": VERL_ALIASES["model.use_fused_kernels"],
     "actor_rollout_ref.model.use_shm": VERL_ALIASES["model.use_shm"],
@@ -1465,19 +959,32 @@ _VERL_RL: dict[str, tuple[str, Any]] = {
     "actor_rollout_ref.actor.clip_ratio_c": ("algorithm.clip_ratio_c (dual clip)", _rename("algorithm.clip_ratio_c")),
     "actor_rollout_ref.actor.use_kl_loss": ("algorithm.kl_coef (= kl_loss_coef) when true", _use_kl_loss),
     "actor_rollout_ref.actor.kl_loss_coef": ("algorithm.kl_coef, with use_kl_loss=true", _kl_loss_coef),
-    "actor_rollout_ref.actor.kl_loss_type": ("ignored for low_var_kl / k3, else refused", _ignore_unless(
-        lambda v: str(v).lower() in ("low_var_kl", "k3"), "the k3 estimator (verl's low_var_kl) here",
-        "the KL loss is the k3 estimator (verl's low_var_kl): drop the key.")),
-    "actor_rollout_ref.actor.loss_agg_mode": ("ignored for token-mean, else refused", _ignore_unless(
-        lambda v: str(v).lower() == "token-mean",
-        "token-mean here: the loss is divided by the trained tokens of the whole step, over all processes",
-        "the loss is token-mean over the whole step here (DAPO's choice): drop the key.")),
-    "actor_rollout_ref.actor.entropy_coeff": ("ignored when 0, else refused", _ignore_unless(
-        lambda v: float(v) == 0, "0: no entropy bonus", "there is no entropy bonus here: set it to 0.")),
+    "actor_rollout_ref.actor.kl_loss_type": (
+        "ignored for low_var_kl / k3, else refused",
+        _ignore_unless(
+            lambda v: str(v).lower() in ("low_var_kl", "k3"),
+            "the k3 estimator (verl's low_var_kl) here",
+            "the KL loss is the k3 estimator (verl's low_var_kl): drop the key.",
+        ),
+    ),
+    "actor_rollout_ref.actor.loss_agg_mode": (
+        "ignored for token-mean, else refused",
+        _ignore_unless(
+            lambda v: str(v).lower() == "token-mean",
+            "token-mean here: the loss is divided by the trained tokens of the whole step, over all processes",
+            "the loss is token-mean over the whole step here (DAPO's choice): drop the key.",
+        ),
+    ),
+    "actor_rollout_ref.actor.entropy_coeff": (
+        "ignored when 0, else refused",
+        _ignore_unless(lambda v: float(v) == 0, "0: no entropy bonus", "there is no entropy bonus here: set it to 0."),
+    ),
     "actor_rollout_ref.actor.grad_clip": ("optim.clip_grad", _rename("optim.clip_grad")),
     "actor_rollout_ref.actor.ppo_mini_batch_size": ("algorithm.mini_batches = prompts per step / it", _mini_batch),
     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": (
-        "data.micro_batch_size_per_gpu", _rename("data.micro_batch_size_per_gpu")),
+        "data.micro_batch_size_per_gpu",
+        _rename("data.micro_batch_size_per_gpu"),
+    ),
     "actor_rollout_ref.actor.ppo_micro_batch_size": VERL_ALIASES["data.micro_batch_size"],
     "actor_rollout_ref.actor.use_dynamic_bsz": ("data.max_tokens_per_micro_batch", _actor_dynamic_bsz),
     "actor_rollout_ref.actor.ppo_max_token_len_per_gpu": ("data.max_tokens_per_micro_batch", _actor_token_len),
@@ -1495,50 +1002,89 @@ _VERL_RL: dict[str, tuple[str, Any]] = {
     "actor_rollout_ref.actor.megatron.*": ("refused", _refuse(_NO_MEGATRON)),
     "actor_rollout_ref.actor.*": ("refused", _refuse("not a verl actor option sftforge knows: remove it.")),
     # --- actor_rollout_ref.ref: the reference model ---
-    "actor_rollout_ref.ref.*": ("ignored", _ignore(
-        "the reference model (loaded when algorithm.kl_coef > 0) is the initial policy, batched like the actor")),
+    "actor_rollout_ref.ref.*": (
+        "ignored",
+        _ignore(
+            "the reference model (loaded when algorithm.kl_coef > 0) is the initial policy, batched like the actor"
+        ),
+    ),
     # --- actor_rollout_ref.rollout ---
     "actor_rollout_ref.rollout.name": ("ignored: rollout.backend=hf", _rollout_name),
     "actor_rollout_ref.rollout.n": ("rollout.n", _rename("rollout.n")),
     "actor_rollout_ref.rollout.temperature": ("rollout.temperature", _rename("rollout.temperature")),
     "actor_rollout_ref.rollout.top_p": ("rollout.top_p", _rename("rollout.top_p")),
-    "actor_rollout_ref.rollout.top_k": ("ignored when -1 or 0, else refused", _ignore_unless(
-        lambda v: int(v) <= 0, "no top-k here", "there is no top-k sampling here: use rollout.top_p.")),
-    "actor_rollout_ref.rollout.do_sample": ("ignored when true, else refused", _ignore_unless(
-        _truthy, "rollouts sample (rollout.temperature)", "GRPO needs sampled responses: drop the key.")),
-    "actor_rollout_ref.rollout.response_length": ("rollout.max_response_length", _rename("rollout.max_response_length")),
+    "actor_rollout_ref.rollout.top_k": (
+        "ignored when -1 or 0, else refused",
+        _ignore_unless(lambda v: int(v) <= 0, "no top-k here", "there is no top-k sampling here: use rollout.top_p."),
+    ),
+    "actor_rollout_ref.rollout.do_sample": (
+        "ignored when true, else refused",
+        _ignore_unless(_truthy, "rollouts sample (rollout.temperature)", "GRPO needs sampled responses: drop the key."),
+    ),
+    "actor_rollout_ref.rollout.response_length": (
+        "rollout.max_response_length",
+        _rename("rollout.max_response_length"),
+    ),
     "actor_rollout_ref.rollout.prompt_length": ("ignored", _ignore("data.max_length bounds the prompts")),
-    "actor_rollout_ref.rollout.ignore_eos": ("ignored when false, else refused", _ignore_unless(
-        _FALSE, "responses end at the end-of-turn token", "responses always end at the end-of-turn token here.")),
+    "actor_rollout_ref.rollout.ignore_eos": (
+        "ignored when false, else refused",
+        _ignore_unless(
+            _FALSE, "responses end at the end-of-turn token", "responses always end at the end-of-turn token here."
+        ),
+    ),
     "actor_rollout_ref.rollout.val_kwargs.n": ("rollout.val_n", _rename("rollout.val_n")),
     "actor_rollout_ref.rollout.val_kwargs.temperature": ("rollout.val_temperature", _rename("rollout.val_temperature")),
     "actor_rollout_ref.rollout.val_kwargs.top_p": ("rollout.val_top_p", _rename("rollout.val_top_p")),
     "actor_rollout_ref.rollout.val_kwargs.do_sample": ("rollout.val_temperature=0 when false (n = 1)", _val_do_sample),
-    "actor_rollout_ref.rollout.multi_turn.enable": ("ignored: rollout.max_turns > 1 with an environment", _ignore(
-        "episodes run when rollout.max_turns > 1 and algorithm.reward is an environment (code_math, textcraft)")),
+    "actor_rollout_ref.rollout.multi_turn.enable": (
+        "ignored: rollout.max_turns > 1 with an environment",
+        _ignore(
+            "episodes run when rollout.max_turns > 1 and algorithm.reward is an environment (code_math, textcraft)"
+        ),
+    ),
     "actor_rollout_ref.rollout.multi_turn.max_assistant_turns": ("rollout.max_turns", _rename("rollout.max_turns")),
-    "actor_rollout_ref.rollout.multi_turn.max_user_turns": ("ignored", _ignore(
-        "an episode ends after rollout.max_turns assistant turns (each tool output is the turn between)")),
+    "actor_rollout_ref.rollout.multi_turn.max_user_turns": (
+        "ignored",
+        _ignore("an episode ends after rollout.max_turns assistant turns (each tool output is the turn between)"),
+    ),
     "actor_rollout_ref.rollout.multi_turn.tool_config_path": (
-        "algorithm.reward=code_math; SandboxFusion: sandbox.backend=fusion, sandbox.fusion_url, limits", _tool_config),
-    "actor_rollout_ref.rollout.multi_turn.format": ("ignored for hermes, else refused", _ignore_unless(
-        lambda v: str(v).lower() == "hermes", "tool calls are read as <tool_call> JSON (hermes) here",
-        "tool calls are read as hermes-style <tool_call> JSON only.")),
-    "actor_rollout_ref.rollout.multi_turn.max_parallel_calls": ("ignored", _ignore(
-        "every call of a turn runs, concurrently (sandbox.max_concurrent)")),
+        "algorithm.reward=code_math; SandboxFusion: sandbox.backend=fusion, sandbox.fusion_url, limits",
+        _tool_config,
+    ),
+    "actor_rollout_ref.rollout.multi_turn.format": (
+        "ignored for hermes, else refused",
+        _ignore_unless(
+            lambda v: str(v).lower() == "hermes",
+            "tool calls are read as <tool_call> JSON (hermes) here",
+            "tool calls are read as hermes-style <tool_call> JSON only.",
+        ),
+    ),
+    "actor_rollout_ref.rollout.multi_turn.max_parallel_calls": (
+        "ignored",
+        _ignore("every call of a turn runs, concurrently (sandbox.max_concurrent)"),
+    ),
     "actor_rollout_ref.rollout.multi_turn.max_tool_response_length": (
-        "sandbox.observation_chars", _rename("sandbox.observation_chars")),
-    "actor_rollout_ref.rollout.multi_turn.tool_response_truncate_side": ("ignored", _ignore(
-        "an observation keeps the start of the output, and says how much was cut")),
+        "sandbox.observation_chars",
+        _rename("sandbox.observation_chars"),
+    ),
+    "actor_rollout_ref.rollout.multi_turn.tool_response_truncate_side": (
+        "ignored",
+        _ignore("an observation keeps the start of the output, and says how much was cut"),
+    ),
     "actor_rollout_ref.rollout.multi_turn.*": ("ignored", _ignore("a verl agent-loop setting with no effect here")),
     "actor_rollout_ref.rollout.agent.*": ("ignored", _ignore("a verl agent-loop setting with no effect here")),
     "actor_rollout_ref.rollout.*": ("ignored", _ignore(_RL_ENGINE)),
     "actor_rollout_ref.hybrid_engine": ("ignored", _ignore("the trained model samples its own rollouts here")),
     "actor_rollout_ref.nccl_timeout": ("ignored", _ignore("torch.distributed's default timeout applies")),
     # --- reward ---
-    "reward_model.enable": ("ignored when false, else refused", _ignore_unless(
-        _FALSE, "no reward model: algorithm.reward scores the answers",
-        "model-based rewards are not supported: algorithm.reward=package.module:fn scores an answer.")),
+    "reward_model.enable": (
+        "ignored when false, else refused",
+        _ignore_unless(
+            _FALSE,
+            "no reward model: algorithm.reward scores the answers",
+            "model-based rewards are not supported: algorithm.reward=package.module:fn scores an answer.",
+        ),
+    ),
     "reward_model.reward_manager": ("ignored for naive / dapo, else refused", _reward_manager),
     "reward.reward_manager.name": ("ignored for naive / dapo, else refused", _reward_manager),
     "custom_reward_function.path": ("algorithm.reward (retool.py: code_math), else refused", _custom_reward),
@@ -1546,31 +1092,48 @@ _VERL_RL: dict[str, tuple[str, Any]] = {
     "custom_reward_function.name": ("ignored", _ignore("read with custom_reward_function.path")),
     "reward.custom_reward_function.name": ("ignored", _ignore("read with custom_reward_function.path")),
     "reward_model.launch_reward_fn_async": ("ignored", _ignore("answers are scored as they are generated")),
-    "reward_model.*": ("refused", _refuse(
-        "not a verl reward option sftforge knows (model-based rewards are not supported: algorithm.reward scores an "
-        "answer): remove it.")),
-    "reward.*": ("refused", _refuse("not a verl reward option sftforge knows (algorithm.reward scores an answer): "
-                                    "remove it.")),
-    "trainer.critic_warmup": ("ignored when 0, else refused", _ignore_unless(
-        lambda v: int(v) == 0, "0: no critic", _NO_CRITIC)),
+    "reward_model.*": (
+        "refused",
+        _refuse(
+            "not a verl reward option sftforge knows (model-based rewards are not supported: algorithm.reward scores an "
+            "answer): remove it."
+        ),
+    ),
+    "reward.*": (
+        "refused",
+        _refuse("not a verl reward option sftforge knows (algorithm.reward scores an answer): remove it."),
+    ),
+    "trainer.critic_warmup": (
+        "ignored when 0, else refused",
+        _ignore_unless(lambda v: int(v) == 0, "0: no critic", _NO_CRITIC),
+    ),
     "critic.*": ("refused", _refuse(_NO_CRITIC)),
     # --- trainer, ray ---
     "trainer.balance_batch": ("ignored", _ignore("micro-batches are packed to data.max_tokens_per_micro_batch")),
-    "trainer.log_val_generations": ("ignored", _ignore(
-        "validation logs its scores; `sftforge eval -o FILE --samples K` writes every answer")),
+    "trainer.log_val_generations": (
+        "ignored",
+        _ignore("validation logs its scores; `sftforge eval -o FILE --samples K` writes every answer"),
+    ),
     "trainer.rollout_data_dir": ("ignored", _ignore("rollouts are not dumped; `sftforge eval -o FILE` writes answers")),
     "trainer.validation_data_dir": ("ignored", _ignore("`sftforge eval -o FILE` writes every validation answer")),
-    "trainer.val_only": ("ignored when false, else refused", _ignore_unless(
-        _FALSE, "false: training", "validation alone is `sftforge eval --task TASK --samples K --do-sample`.")),
+    "trainer.val_only": (
+        "ignored when false, else refused",
+        _ignore_unless(
+            _FALSE, "false: training", "validation alone is `sftforge eval --task TASK --samples K --do-sample`."
+        ),
+    ),
     "trainer.del_local_ckpt_after_load": ("ignored", _ignore("checkpoints are pruned by trainer.max_ckpt_to_keep")),
     "trainer.esi_redundant_time": ("ignored", _ignore("a cluster preemption margin; SIGTERM saves a checkpoint here")),
     "ray_init.*": ("ignored", _ignore(_RAY)),
     "ray_kwargs.*": ("ignored", _ignore(_RAY)),
     "global_profiler.*": ("ignored", _ignore("no profiler here")),
     "transfer_queue.*": ("ignored", _ignore(_RAY)),
-}  # fmt: skip
-for _prefix in ("reward_model.overlong_buffer", "reward_model.reward_kwargs.overlong_buffer_cfg",
-                "reward.reward_kwargs.overlong_buffer_cfg"):  # fmt: skip
+}
+for _prefix in (
+    "reward_model.overlong_buffer",
+    "reward_model.reward_kwargs.overlong_buffer_cfg",
+    "reward.reward_kwargs.overlong_buffer_cfg",
+):
     _VERL_RL[f"{_prefix}.enable"] = ("on: its len and penalty_factor; off: ignored", _overlong("enable", _prefix))
     _VERL_RL[f"{_prefix}.len"] = ("algorithm.overlong_buffer (with enable=true)", _overlong("len", _prefix))
     _VERL_RL[f"{_prefix}.penalty_factor"] = (
@@ -1582,8 +1145,17 @@ for _key in ("reward_model.reward_kwargs.max_resp_len", "reward.reward_kwargs.ma
     _VERL_RL[_key] = ("ignored", _ignore("the ramp ends at rollout.max_response_length"))
 for _name in ("lr", "weight_decay", "betas", "eps", "min_lr_ratio", "clip_grad"):
     _VERL_RL[f"actor_rollout_ref.actor.optim.{_name}"] = (f"optim.{_name}", _rename(f"optim.{_name}"))
-for _name in ("lr_warmup_steps", "lr_warmup_steps_ratio", "warmup_style", "lr_scheduler_type", "total_training_steps",
-              "optimizer", "optimizer_impl", "num_cycles", "override_optimizer_config"):  # fmt: skip
+for _name in (
+    "lr_warmup_steps",
+    "lr_warmup_steps_ratio",
+    "warmup_style",
+    "lr_scheduler_type",
+    "total_training_steps",
+    "optimizer",
+    "optimizer_impl",
+    "num_cycles",
+    "override_optimizer_config",
+):
     _VERL_RL[f"actor_rollout_ref.actor.optim.{_name}"] = VERL_ALIASES[f"optim.{_name}"]
 _VERL_RL["actor_rollout_ref.rollout.val_kwargs.top_k"] = _VERL_RL["actor_rollout_ref.rollout.top_k"]
 _VERL_RL["actor_rollout_ref.actor.optim.*"] = (
@@ -1592,12 +1164,12 @@ _VERL_RL["actor_rollout_ref.actor.optim.*"] = (
 )
 _VERL_RL["actor_rollout_ref.actor.*"] = _VERL_RL.pop("actor_rollout_ref.actor.*")  # after the sections under it
 VERL_RL_KEYS = tuple(_VERL_RL)
-"""verl's RL keys, in the README's table order (:func:`verl_rl_table`)."""
+"""verl's RL keys, in the table order of docs/verl.md (:func:`verl_rl_table`)."""
 VERL_ALIASES.update(_VERL_RL)
 
 
 def verl_rl_table() -> str:
-    """The README's table of verl's RL keys: what each becomes here, or why it is ignored or refused."""
+    """The table of verl's RL keys in docs/verl.md: what each becomes here, or why it is ignored or refused."""
     rows = ["| verl key (RL: main_ppo, main_dapo) | here |", "|---|---|"]
     for key, (what, convert) in _VERL_RL.items():
         if what in ("ignored", "refused"):  # the reason, as the info line or the error says it
@@ -1637,13 +1209,13 @@ def _set_path(d: dict, dotted: str, value: Any) -> None:
     node[last] = value
 
 
-def _leaves(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+def dotted_leaves(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
     """Dotted (key, value) of every leaf of a nested mapping (an empty mapping counts as a leaf)."""
     if not isinstance(d, dict) or (not d and prefix):
         return [(prefix, d)]
     out = []
     for k, v in d.items():
-        out += _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+        out += dotted_leaves(v, f"{prefix}.{k}" if prefix else str(k))
     return out
 
 
@@ -1655,14 +1227,14 @@ def _convert(verl_key: str, value: Any, ctx: Any) -> list[tuple[str, Any]] | str
         return entry[1](value, ctx)
     except _Refused as e:
         raise ConfigError(f"verl key {verl_key}={value!r} is not supported: {e}") from None
-    except (ValueError, TypeError) as e:  # a value of the wrong type (ConfigError from _coerce, int("x"), ...)
+    except (ValueError, TypeError) as e:  # a value of the wrong type (ConfigError from coerce, int("x"), ...)
         raise ConfigError(f"verl key {verl_key}={value!r}: wrong type of value ({e}).") from None
 
 
 def _matches(raw: dict) -> list[tuple[str, Any]]:
     """The (verl key, value) pairs of ``raw`` that VERL_ALIASES handles, in the table's order."""
     found: list[tuple[str, Any]] = []
-    leaves = dict(_leaves(raw))
+    leaves = dict(dotted_leaves(raw))
     for verl_key in VERL_ALIASES:
         if verl_key.endswith(".*"):
             section = verl_key[:-1]
@@ -1705,225 +1277,18 @@ def apply_verl_aliases(raw: dict, log=None, ctx: Any = None) -> dict:
     return raw
 
 
-def _override_tree(item: str) -> dict:
-    parts, value = _parse_override(item)
-    return _dotted_tree(".".join(parts), value)
-
-
-def _dotted_tree(key: str, value: Any) -> dict:
-    """``optim.lr``, 1e-5 -> {"optim": {"lr": 1e-5}}."""
-    nested: Any = value
-    for part in reversed(key.lstrip("+").split(".")):
-        nested = {part: nested}
-    return nested
-
-
-def _merge(into: dict, new: dict) -> dict:
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _merge(into[k], v)
-        else:
-            into[k] = copy.deepcopy(v)
-    return into
-
-
-def names_model(overrides: list[str]) -> bool:
-    """Whether ``overrides`` set a non-empty model path under any spelling: ``model.path``, ``+model.path``,
-    ``model={path: ...}`` or a verl alias of it (``model.partial_pretrain``). Prints nothing; the last one wins."""
-    spellings = {"model.path"} | {k for k, (ours, _) in VERL_ALIASES.items() if ours == "model.path"}
-    named = False
-    for item in overrides or []:
-        try:
-            leaves = _leaves(_override_tree(item))
-        except ConfigError:
-            continue
-        for key, value in leaves:
-            if key in spellings:
-                named = not _unset(value)
-    return named
-
-
-def load_config(
-    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None, **sections: dict[str, Any]
-) -> Config:
-    """Build a validated :class:`Config`: the YAML file at ``path`` (optional), then ``sections`` (a mapping per
-    section, as in the YAML: ``model={"path": "Qwen/Qwen3-0.6B"}``), then ``overrides``: ``key=value`` strings parsed
-    as on the command line (``["optim.lr=1e-5"]``) or a mapping of dotted keys to values (``{"optim.lr": 1e-5}``).
-    verl's keys are accepted everywhere, as on the command line."""
-    cfg = Config()
-    raw: Any = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"Config file {p} does not exist.")
-        if p.suffix.lower() in (".parquet", ".jsonl", ".arrow", ".csv", ".gguf", ".safetensors"):
-            what = "a model" if p.suffix.lower() in (".gguf", ".safetensors") else "a data"
-            key = "model.path" if what == "a model" else "data.train_files"
-            raise ConfigError(f"{p} is {what} file, not a config (the first argument is a YAML config): give it as "
-                              f"{key}={p}.")  # fmt: skip
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"Config file {p} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"Config file {p} holds a {type(raw).__name__}, not a mapping of sections (model:, "
-                              "data:, optim:, trainer:, ...).")  # fmt: skip
-    if isinstance(overrides, dict):
-        trees = [_dotted_tree(str(k), v) for k, v in overrides.items()]
-    else:
-        trees = [_override_tree(item) for item in overrides or []]
-    trees = [{name: copy.deepcopy(value)} for name, value in sections.items()] + trees
-    ctx: dict = _merge({}, raw) if isinstance(raw, dict) else {}
-    for tree in trees:
-        _merge(ctx, tree)
-    if path:
-        _apply(cfg, apply_verl_aliases(raw, ctx=ctx), "")
-    for tree in trees:
-        _apply(cfg, apply_verl_aliases(tree, ctx=ctx), "")
-    if _truthy(_lookup(ctx, "data.filter_overlong_prompts", False), "data.filter_overlong_prompts"):
-        cfg.data.truncation = "drop"  # verl filters before its data.truncation applies: whatever order the keys have
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: Config) -> None:
-    """Check every choice-valued and range-bounded field; report all problems at once."""
-    problems = []
-    for dotted, choices in CHOICES.items():
-        section, name = dotted.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            problems.append(
-                f"{dotted} must be one of {' | '.join(choices)}, got {value!r}.{_suggest(str(value), choices)}"
-            )
-    n_proc = str(cfg.data.num_proc)
-    if n_proc != "auto" and not (n_proc.isdigit() and int(n_proc) >= 1):
-        problems.append(f"data.num_proc must be auto or a number >= 1, got {cfg.data.num_proc!r}.")
-    for dotted in RANGES:
-        problems.append(_out_of_range(dotted, getattr(_section(cfg, dotted), dotted.rsplit(".", 1)[-1])))
-    betas = cfg.optim.betas
-    if not (len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
-                                    for b in betas)):  # fmt: skip
-        problems.append(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {betas!r}.")
-    try:
-        parse_memory(cfg.trainer.gpu_memory, "trainer.gpu_memory")
-    except ConfigError as e:
-        problems.append(str(e))
-    if cfg.trainer.eval_freq > 0 and not cfg.data.eval_files:
-        problems.append(
-            f"trainer.eval_freq={cfg.trainer.eval_freq} needs data.eval_files (or set trainer.eval_freq=0)."
-        )
-    if not isinstance(cfg.data.chat_template_kwargs, dict):
-        problems.append("data.chat_template_kwargs must be a mapping, e.g. {enable_thinking: false}.")
-    if cfg.data.reasoning_history == "per_turn":
-        needs = [(cfg.data.packing, "data.packing=true"), (cfg.model.attn_implementation in ("sdpa", "eager"),
-                 "model.attn_implementation=sdpa or eager"), (cfg.data.train_on == "assistant", "data.train_on=assistant"),
-                 (cfg.trainer.sp_size <= 1, "trainer.sp_size=1")]  # fmt: skip
-        missing = [what for ok, what in needs if not ok]
-        if missing:
-            problems.append(f"data.reasoning_history=per_turn (prefix-tree packing) needs {', '.join(missing)}.")
-    if cfg.model.tree_attention not in ("auto", "mask", "flex"):
-        problems.append(f"model.tree_attention must be auto | mask | flex, got {cfg.model.tree_attention!r}.")
-    problems = [p for p in problems if p]
-    if problems:
-        raise ConfigError("\n".join(problems))
-
-
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Secrets: never printed, logged or saved.
-
-REDACTED = "***"
-SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-"""Always treated as secrets; any other environment variable whose name looks secret (see is_secret_key) too."""
-_SECRET_NAME = re.compile(
-    r"(^|[_\-.])(token|secret|password|passwd|api[_\-]?key|access[_\-]?key|secret[_\-]?key|private[_\-]?key|"
-    r"auth|credentials?)$|^(key|secret)$",
-    re.IGNORECASE,
-)
-_NOT_SECRET = re.compile(r"^(bos|eos|pad|unk|sep|cls|mask)_token$", re.IGNORECASE)  # template kwargs, not secrets
-_seen_secrets: set[str] = set()
-
-
-def is_secret_key(name: str) -> bool:
-    """True for names like hf_token, WANDB_API_KEY, secret, db_password; False for tokenizer_path, messages_key."""
-    return bool(_SECRET_NAME.search(str(name))) and not _NOT_SECRET.match(str(name))
-
-
-def _secret_values() -> list[str]:
-    env = [v for k, v in os.environ.items() if (k in SECRET_ENV or is_secret_key(k)) and len(v) >= 8]
-    return sorted({*env, *_seen_secrets}, key=len, reverse=True)
-
-
-def scrub(text: str) -> str:
-    """``text`` with every known secret value (secret-looking environment variables and config values) replaced."""
-    for value in _secret_values():
-        text = text.replace(value, REDACTED)
-    return text
-
-
-def redacted(obj: Any) -> Any:
-    """A copy of a config dict (nested dicts/lists) safe to print, log or save: values under secret-looking keys
-    become ``***`` and known secret values inside any string are replaced. Use it for everything that shows a config.
-    """
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            if is_secret_key(k) and v not in (None, "", [], {}):
-                if isinstance(v, str) and len(v) >= 6:
-                    _seen_secrets.add(v)
-                out[k] = REDACTED
-            else:
-                out[k] = redacted(v)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [redacted(v) for v in obj]
-    if isinstance(obj, str):
-        return scrub(obj)
-    return obj
-
-
-def config_reference() -> str:
-    """Markdown table of every key, its default and its help text."""
-    lines = ["| key | default | meaning |", "|---|---|---|"]
-    for section in dataclasses.fields(Config):
-        cls = section.default_factory  # type: ignore[misc]
-        inst = cls()
-        lines += _reference_rows(cls, inst, section.name)
-    return "\n".join(lines)
-
-
-def _reference_rows(cls: type, inst: Any, prefix: str) -> list[str]:
-    docs, rows = field_docs(cls), []
-    for f in dataclasses.fields(cls):
-        default = getattr(inst, f.name)
-        if dataclasses.is_dataclass(default):  # a nested section (model.lora): its own keys
-            rows += _reference_rows(type(default), default, f"{prefix}.{f.name}")
-            continue
-        text = docs.get(f.name, "").replace("|", "\\|")
-        rows.append(f"| `{prefix}.{f.name}` | `{default!r}` | {text} |")
-    return rows
+def drops_overlong_prompts(ctx: Any) -> bool:
+    """verl's data.filter_overlong_prompts=true is given in ``ctx``: it means data.truncation=drop whatever order the
+    keys have, since verl filters before its data.truncation applies."""
+    return _truthy(_lookup(ctx, "data.filter_overlong_prompts", False), "data.filter_overlong_prompts")
 
 
 __all__ = [
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "LoraConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "TrainerConfig",
     "VERL_ALIASES",
+    "VERL_RL_KEYS",
     "apply_verl_aliases",
-    "names_model",
-    "config_reference",
-    "field_docs",
-    "is_secret_key",
-    "load_config",
-    "redacted",
-    "scrub",
-    "to_dict",
+    "dotted_leaves",
+    "drops_overlong_prompts",
+    "is_unset",
+    "verl_rl_table",
 ]
